@@ -1,0 +1,228 @@
+"""Budget questions: the noise a target epsilon needs, the steps a budget allows, and the
+epsilon a training configuration would spend.
+
+Calibrations land on the conservative side: the returned noise multiplier or step count
+never spends more than the target under the chosen accountant, and the noise multiplier
+spends at least `(1 - rtol)` of it (so noise is not wasted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+from .accountants import DEFAULT_ACCOUNTANT, _check_delta, check_accountant, epsilon
+from .errors import InvalidParameterError
+from .events import Event, PoissonGaussian
+
+__all__ = ["epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps"]
+
+_SIGMA_RANGE = (1e-2, 1e4)  # noise multipliers outside this range are never useful
+
+
+def _check_target(target_epsilon: float) -> None:
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
+            math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise InvalidParameterError(f"Expected a finite target_epsilon > 0, got target_epsilon={target_epsilon!r}")
+
+
+def sample_rate_and_steps(*, batch_size: int, dataset_size: int, epochs: float) -> tuple[float, int]:
+    """Poisson sample rate q = B/N and the number of steps for `epochs` passes (ceil(epochs*N/B)).
+
+    >>> sample_rate_and_steps(batch_size=4096, dataset_size=50000, epochs=10)
+    (0.08192, 123)
+    """
+    for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidParameterError(f"Expected a positive integer {name}, got {name}={value!r}")
+    if batch_size > dataset_size:
+        raise InvalidParameterError(f"Expected {batch_size=} <= {dataset_size=}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (
+            math.isfinite(epochs) and epochs >= 0):
+        raise InvalidParameterError(f"Expected a finite epochs >= 0, got epochs={epochs!r}")
+    q = batch_size / dataset_size
+    return q, math.ceil(epochs * dataset_size / batch_size - 1e-9)
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Event] = ()) -> float:
+    """Epsilon a DP-SGD configuration spends (composed after `prior` events, if any).
+
+    >>> round(epsilon_for(noise_multiplier=10.0, sample_rate=0.08192, steps=875, delta=1e-5,
+    ...                   accountant="rdp"), 3)
+    0.988
+    """
+    event = PoissonGaussian(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
+    return epsilon([*prior, event], delta=delta, accountant=accountant)
+
+
+def _gdp_sigma_guess(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Starting point from the CLT / mu-GDP approximation (Bu, Dong et al. 2020); only a guess."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def gdp_delta(mu: float) -> float:
+        e = target_epsilon
+        return norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta
+
+    try:
+        mu = brentq(gdp_delta, 1e-6, 100.0)
+        ratio = (mu / sample_rate) ** 2 / max(steps, 1)
+        return min(max(1 / math.sqrt(math.log1p(ratio)), _SIGMA_RANGE[0]), _SIGMA_RANGE[1])
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return 1.0
+
+
+def _search(g: Callable[[float], float], x0: float, slope: float, lo_bound: float, hi_bound: float,
+            done: Callable[[float, float, float, float], bool]) -> tuple[float, float]:
+    """Bracket and narrow the root of an increasing g(x) = log(eps(x)) - log(aim).
+
+    Newton-like steps with the expected `slope` (then secant slopes) find a bracket; the
+    Illinois variant of regula falsi narrows it. log-epsilon is close to linear in
+    log-sigma and log-steps, so a handful of evaluations suffice. Returns (lo, hi) with
+    g(lo) <= 0 < g(hi), stopping early when `done(lo, g_lo, hi, g_hi)` is true (lo may then
+    be -inf, hi +inf when only one side was seen).
+    """
+    lo, g_lo, hi, g_hi = -math.inf, -math.inf, math.inf, math.inf
+    x, gx = x0, g(x0)
+    while True:
+        if gx <= 0:
+            lo, g_lo = x, gx
+        else:
+            hi, g_hi = x, gx
+        if done(lo, g_lo, hi, g_hi):
+            return lo, hi
+        if math.isfinite(lo) and math.isfinite(hi):
+            break
+        if (gx <= 0 and x >= hi_bound) or (gx > 0 and x <= lo_bound):
+            raise InvalidParameterError("the target lies outside the searchable range")
+        # Newton step with the expected slope, overshooting a little so that we bracket.
+        x_new = x - 1.1 * gx / slope - math.copysign(1e-3, gx)
+        x = min(max(x_new, lo_bound), hi_bound)
+        gx = g(x)
+    side = 0
+    for _ in range(100):
+        x = hi - g_hi * (hi - lo) / (g_hi - g_lo)
+        if not lo < x < hi:
+            x = (lo + hi) / 2
+        gx = g(x)
+        if gx <= 0:
+            lo, g_lo = x, gx
+            if side == -1:
+                g_hi /= 2  # Illinois: stop one end from sticking
+            side = -1
+        else:
+            hi, g_hi = x, gx
+            if side == 1:
+                g_lo /= 2
+            side = 1
+        if done(lo, g_lo, hi, g_hi):
+            break
+    return lo, hi
+
+
+def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                         accountant: str = DEFAULT_ACCOUNTANT, rtol: float = 0.01,
+                         prior: Sequence[Event] = ()) -> float:
+    """Noise multiplier whose run spends at most `target_epsilon`, and at least (1 - rtol) of it.
+
+    epsilon falls as sigma grows, close to linearly in log-log; we search log(sigma) with a
+    handful of accountant calls (each is the expensive part), starting from the mu-GDP
+    approximation.
+
+    Args:
+        target_epsilon: the epsilon to spend, > 0.
+        delta: in (0, 1).
+        sample_rate: Poisson rate q in (0, 1].
+        steps: number of DP-SGD steps, >= 1.
+        accountant: "prv" (default), "rdp" or "pld".
+        rtol: how far below the target the result may land.
+        prior: events already spent (e.g. a dataset's ledger); the run composes with them.
+
+    Raises:
+        InvalidParameterError: bad inputs, or a target that no sigma in [1e-2, 1e4] meets
+            (e.g. `prior` already spends more than the target).
+
+    >>> s = noise_multiplier_for(target_epsilon=1.0, delta=1e-5, sample_rate=0.08192, steps=875,
+    ...                          accountant="rdp")
+    >>> 0.99 <= epsilon_for(noise_multiplier=s, sample_rate=0.08192, steps=875, delta=1e-5,
+    ...                     accountant="rdp") <= 1.0
+    True
+    """
+    _check_target(target_epsilon)
+    _check_delta(delta)
+    check_accountant(accountant)
+    PoissonGaussian(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)  # validates
+    if steps < 1:
+        raise InvalidParameterError(f"Expected steps >= 1 to calibrate noise, got {steps=}")
+    if not 0 < rtol < 1:
+        raise InvalidParameterError(f"Expected 0 < rtol < 1, got {rtol=}")
+    aim = math.log(target_epsilon * (1 - rtol / 2))  # the middle of the accepted band
+
+    def g(neg_log_sigma: float) -> float:  # increasing in -log(sigma)
+        eps = epsilon_for(noise_multiplier=math.exp(-neg_log_sigma), sample_rate=sample_rate,
+                          steps=steps, delta=delta, accountant=accountant, prior=prior)
+        return math.log(max(eps, 1e-300)) - aim
+
+    band = math.log(1 - rtol / 2), math.log((1 - rtol) / (1 - rtol / 2))
+    done = lambda lo, g_lo, hi, g_hi: g_lo >= band[1] or hi - lo < 1e-12  # noqa: E731
+    x0 = -math.log(_gdp_sigma_guess(target_epsilon, delta, sample_rate, steps))
+    try:
+        lo, _ = _search(g, x0, slope=1.0, lo_bound=-math.log(_SIGMA_RANGE[1]),
+                        hi_bound=-math.log(_SIGMA_RANGE[0]), done=done)
+    except InvalidParameterError:
+        raise InvalidParameterError(
+            f"No noise multiplier in {_SIGMA_RANGE} spends {target_epsilon=} at {delta=}, "
+            f"{sample_rate=}, {steps=} (prior events: {len(prior)})") from None
+    return math.exp(-lo)  # lo spends at most the target: the conservative side
+
+
+def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float,
+              accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Event] = ()) -> int:
+    """Largest number of steps whose run spends at most `target_epsilon` (0 if not even one).
+
+    >>> steps_for(target_epsilon=1.0, delta=1e-5, noise_multiplier=10.0, sample_rate=0.08192,
+    ...           accountant="rdp")
+    886
+    """
+    _check_target(target_epsilon)
+    _check_delta(delta)
+    check_accountant(accountant)
+    PoissonGaussian(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=0)  # validates
+    aim = math.log(target_epsilon)
+    values: dict[int, float] = {}
+
+    def eps(n: int) -> float:
+        if n not in values:
+            values[n] = epsilon_for(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=n,
+                                    delta=delta, accountant=accountant, prior=prior)
+        return values[n]
+
+    if eps(0) > target_epsilon or eps(1) > target_epsilon:
+        return 0
+
+    def g(log_n: float) -> float:  # increasing in log(steps); ties broken towards "fits"
+        n = max(1, round(math.exp(log_n)))
+        return math.log(max(eps(n), 1e-300)) - aim
+
+    def done(lo, g_lo, hi, g_hi) -> bool:
+        n_lo = max(1, round(math.exp(lo))) if math.isfinite(lo) else None
+        n_hi = round(math.exp(hi)) if math.isfinite(hi) else None
+        return n_lo is not None and n_hi is not None and n_hi - n_lo <= 1
+
+    guess = _gdp_sigma_guess(target_epsilon, delta, sample_rate, 1)
+    start = math.expm1(1 / guess**2) / math.expm1(1 / noise_multiplier**2)
+    try:
+        lo, _ = _search(g, math.log(min(max(start, 1.0), 1e9)), slope=0.5, lo_bound=0.0,
+                        hi_bound=math.log(1e9), done=done)
+    except InvalidParameterError:
+        raise InvalidParameterError(
+            f"The budget allows more than 1e9 steps at {noise_multiplier=}, {sample_rate=}; "
+            "check the inputs") from None
+    # The continuous search works on rounded steps: settle the last integer exactly.
+    n = max(1, round(math.exp(lo)))
+    while eps(n) > target_epsilon:
+        n -= 1
+    while eps(n + 1) <= target_epsilon:
+        n += 1
+    return n

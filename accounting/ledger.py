@@ -1,0 +1,525 @@
+"""A persistent privacy ledger: every private run on a dataset, across processes and sessions.
+
+The ledger is an SQLite file (WAL mode, full sync). It stores mechanism events, never
+epsilons, and recomputes a dataset's epsilon by composing the events of all its runs
+(design rule 6). It is conservative: a run reserves its whole planned spend before it
+touches data, and the reservation counts in full until the run commits what it actually
+spent, so a crash can over-count but never under-count.
+
+Run life cycle::
+
+    reserve(planned)  ->  status "reserved": counts `planned`
+    progress(spent)   ->  still "reserved": counts `planned`; `spent` recorded so far
+    commit(spent)     ->  status "committed": counts `spent`
+    release(reason)   ->  status "released": counts the `spent` recorded so far (often none)
+
+A dataset is a name bound to a fingerprint of its contents (`fingerprint(labels)`), so
+two different datasets under one name are never mixed up: reserving under a name bound to
+another fingerprint is refused. Budgets are checked inside an immediate (write-locking)
+transaction, so concurrent reservations are serialised and can never pass the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from . import accountants as _accountants
+from .accountants import DEFAULT_ACCOUNTANT, _check_delta, check_accountant, epsilon
+from .errors import (BudgetExceededError, DatasetMismatchError, InvalidParameterError, LedgerCorruptError,
+                     LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
+from .events import Event, events_from_json_list, merge
+
+__all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "default_ledger_path",
+           "LEDGER_ENV", "TIMEOUT_ENV"]
+
+LEDGER_ENV = "DPWA_LEDGER"
+TIMEOUT_ENV = "DPWA_LEDGER_TIMEOUT"
+SCHEMA_VERSION = 1
+_APPLICATION_ID = 0x64707761  # "dpwa": marks the SQLite file as ours
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT,                -- NULL until the first run binds it
+    size INTEGER,                    -- number of examples, when known
+    budget_epsilon REAL,             -- NULL: no budget
+    budget_delta REAL,
+    accountant TEXT NOT NULL,        -- the accountant budgets are enforced with
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL REFERENCES datasets(name),
+    config_hash TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('reserved', 'committed', 'released')),
+    planned TEXT NOT NULL,           -- JSON list of events reserved before the first step
+    spent TEXT NOT NULL,             -- JSON list of events actually taken (so far)
+    reason TEXT,                     -- why a reservation was released
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset);
+"""
+
+
+def default_ledger_path() -> Path:
+    """`$DPWA_LEDGER` if set, else `~/.dpwa/ledger.sqlite`."""
+    env = os.environ.get(LEDGER_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".dpwa" / "ledger.sqlite"
+
+
+def fingerprint(labels: Iterable[int]) -> str:
+    """Identify a dataset by its size and a hash of its labels, in order.
+
+    Cheap (labels only), stable across processes and machines, and different for a
+    different subset, order or relabelling of the data.
+
+    >>> fingerprint([0, 1, 1, 2])
+    'n4-55e1d83fc56d2c2b'
+    """
+    values = [int(v) for v in labels]
+    digest = hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()[:16]
+    return f"n{len(values)}-{digest}"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _dump(events: Sequence[Event]) -> str:
+    return json.dumps([e.to_dict() for e in events], sort_keys=True)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as stored; `counted` is what it contributes to its dataset's spend."""
+
+    run_id: str
+    dataset: str
+    config_hash: str
+    status: str
+    planned: tuple[Event, ...]
+    spent: tuple[Event, ...]
+    reason: Optional[str]
+    created_at: str
+    updated_at: str
+
+    @property
+    def counted(self) -> tuple[Event, ...]:
+        return self.planned if self.status == "reserved" else self.spent
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "dataset": self.dataset, "config_hash": self.config_hash,
+                "status": self.status, "planned": [e.to_dict() for e in self.planned],
+                "spent": [e.to_dict() for e in self.spent], "reason": self.reason,
+                "created_at": self.created_at, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    name: str
+    fingerprint: Optional[str]
+    size: Optional[int]
+    budget_epsilon: Optional[float]
+    budget_delta: Optional[float]
+    accountant: str
+    created_at: str
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Ledger:
+    """The privacy ledger stored at `path` (see the module docstring for the model).
+
+    Args:
+        path: the SQLite file; default `default_ledger_path()`.
+        timeout: seconds to wait for another process's write lock; default
+            `$DPWA_LEDGER_TIMEOUT` or 30.
+        create: create the file if missing. Read-only callers pass False and get an
+            empty view instead of a new file.
+
+    Raises:
+        LedgerCorruptError: the file is not a dpwa ledger or is damaged (it is not touched).
+        LedgerLockedError: another process holds the lock for longer than `timeout`.
+    """
+
+    def __init__(self, path: Optional[os.PathLike | str] = None, *, timeout: Optional[float] = None,
+                 create: bool = True) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_ledger_path()
+        if timeout is None:
+            raw = os.environ.get(TIMEOUT_ENV, "30")
+            try:
+                timeout = float(raw)
+            except ValueError:
+                raise InvalidParameterError(f"Expected a number of seconds in ${TIMEOUT_ENV}, got {raw!r}") from None
+        if not timeout >= 0:
+            raise InvalidParameterError(f"Expected a lock timeout >= 0 seconds, got {timeout=}")
+        self.timeout = timeout
+        self._conn: Optional[sqlite3.Connection] = None
+        if self.path.exists():
+            if self.path.is_dir():
+                raise LedgerError(f"Ledger path {self.path} is a directory, expected an SQLite file")
+            self._open()
+        elif create:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LedgerError(f"Cannot create the ledger folder {self.path.parent}: {e}") from None
+            self._open()
+
+    # ------------------------------------------------------------------ connection
+
+    def _open(self) -> None:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        except sqlite3.Error as e:
+            raise LedgerError(f"Cannot open the ledger {self.path}: {e}") from None
+        self._conn = conn
+        try:
+            with self._locked_errors():
+                conn.execute("PRAGMA foreign_keys = ON")
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if app_id not in (0, _APPLICATION_ID) or (tables and "runs" not in tables):
+                    raise LedgerCorruptError(f"{self.path} is an SQLite file but not a dpwa ledger; "
+                                             "point --ledger or $DPWA_LEDGER elsewhere")
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                if not tables:
+                    with self._transaction():
+                        for statement in _SCHEMA.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+                        conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                                     (str(SCHEMA_VERSION),))
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if row is None or row[0] != str(SCHEMA_VERSION):
+                    raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "
+                                             f"this dpwa reads version {SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _locked_errors(self) -> Iterator[None]:
+        """Translate SQLite errors into messages that name the file and what to do."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise LedgerLockedError(
+                    f"Ledger {self.path} is locked by another process (waited {self.timeout:g}s); "
+                    f"retry, or raise the wait with ${TIMEOUT_ENV}") from None
+            if "readonly" in str(e) or "unable to open" in str(e) or "disk" in str(e):
+                raise LedgerError(f"Cannot write the ledger {self.path}: {e}") from None
+            raise LedgerCorruptError(f"Ledger {self.path} is damaged ({e}); it was not modified") from None
+        except sqlite3.DatabaseError as e:
+            raise LedgerCorruptError(f"Ledger {self.path} is not a readable SQLite file ({e}); "
+                                     "it was not modified") from None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the lock up front (BEGIN IMMEDIATE), so that a
+        budget check and the insert it guards cannot interleave with another process."""
+        conn = self._require_conn()
+        with self._locked_errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _require_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._open()
+        assert self._conn is not None
+        return self._conn
+
+    # ------------------------------------------------------------------ reading
+
+    def _dataset_row(self, conn: sqlite3.Connection, name: str) -> Optional[DatasetRecord]:
+        row = conn.execute("SELECT name, fingerprint, size, budget_epsilon, budget_delta, accountant, "
+                           "created_at, updated_at FROM datasets WHERE name=?", (name,)).fetchone()
+        return DatasetRecord(*row) if row else None
+
+    def _runs(self, conn: sqlite3.Connection, dataset: Optional[str] = None,
+              run_id: Optional[str] = None) -> list[RunRecord]:
+        query = ("SELECT run_id, dataset, config_hash, status, planned, spent, reason, created_at, "
+                 "updated_at FROM runs")
+        if run_id is not None:
+            rows = conn.execute(query + " WHERE run_id=?", (run_id,)).fetchall()
+        elif dataset is not None:
+            rows = conn.execute(query + " WHERE dataset=? ORDER BY created_at, run_id", (dataset,)).fetchall()
+        else:
+            rows = conn.execute(query + " ORDER BY dataset, created_at, run_id").fetchall()
+        out = []
+        for r in rows:
+            try:
+                planned = tuple(events_from_json_list(json.loads(r[4])))
+                spent = tuple(events_from_json_list(json.loads(r[5])))
+            except (ValueError, TypeError) as e:
+                raise LedgerCorruptError(f"Ledger {self.path}: run {r[0]!r} has unreadable events ({e})") from None
+            if r[3] not in ("reserved", "committed", "released"):
+                raise LedgerCorruptError(f"Ledger {self.path}: run {r[0]!r} has unknown status {r[3]!r}")
+            out.append(RunRecord(r[0], r[1], r[2], r[3], planned, spent, r[6], r[7], r[8]))
+        return out
+
+    def datasets(self) -> list[DatasetRecord]:
+        if self._conn is None:
+            return []
+        with self._locked_errors():
+            rows = self._conn.execute("SELECT name FROM datasets ORDER BY name").fetchall()
+            return [self._dataset_row(self._conn, r[0]) for r in rows]  # type: ignore[misc]
+
+    def dataset(self, name: str) -> DatasetRecord:
+        """Raises: LedgerError naming the known datasets when `name` is unknown."""
+        record = None
+        if self._conn is not None:
+            with self._locked_errors():
+                record = self._dataset_row(self._conn, name)
+        if record is None:
+            known = [d.name for d in self.datasets()]
+            raise LedgerError(f"Unknown dataset {name!r} in ledger {self.path}; known datasets: {known}")
+        return record
+
+    def runs(self, dataset: Optional[str] = None) -> list[RunRecord]:
+        if self._conn is None:
+            return []
+        with self._locked_errors():
+            return self._runs(self._conn, dataset=dataset)
+
+    def run(self, run_id: str) -> RunRecord:
+        found = []
+        if self._conn is not None:
+            with self._locked_errors():
+                found = self._runs(self._conn, run_id=run_id)
+        if not found:
+            raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
+        return found[0]
+
+    def counted_events(self, dataset: str) -> list[Event]:
+        """Every event that counts towards `dataset`'s spend (reservations in full)."""
+        return merge(e for r in self.runs(dataset) for e in r.counted)
+
+    def spent(self, dataset: str, *, delta: Optional[float] = None,
+              accountant: Optional[str] = None) -> float:
+        """Epsilon spent on `dataset`, composing all its counted events.
+
+        Defaults to the dataset's budget delta and accountant."""
+        record = self.dataset(dataset)
+        delta, accountant = self._delta_and_accountant(record, delta, accountant)
+        return epsilon(self.counted_events(dataset), delta=delta, accountant=accountant)
+
+    def remaining(self, dataset: str) -> float:
+        """Budget epsilon minus spent epsilon (at the budget's delta), never below 0.
+
+        Raises: LedgerError when the dataset has no budget."""
+        record = self.dataset(dataset)
+        if record.budget_epsilon is None:
+            raise LedgerError(f"Dataset {dataset!r} has no budget; set one with `dpwa ledger set-budget`")
+        return max(record.budget_epsilon - self.spent(dataset), 0.0)
+
+    @staticmethod
+    def _delta_and_accountant(record: DatasetRecord, delta: Optional[float],
+                              accountant: Optional[str]) -> tuple[float, str]:
+        if delta is None:
+            if record.budget_delta is None:
+                raise LedgerError(f"Dataset {record.name!r} has no budget delta; pass a delta")
+            delta = record.budget_delta
+        return delta, check_accountant(accountant or record.accountant)
+
+    def export(self) -> dict[str, Any]:
+        """Everything in the ledger as plain JSON-able data."""
+        return {"ledger": str(self.path), "schema_version": SCHEMA_VERSION,
+                "datasets": [{**d.to_dict(), "runs": [r.to_dict() for r in self.runs(d.name)]}
+                             for d in self.datasets()]}
+
+    # ------------------------------------------------------------------ writing
+
+    def set_budget(self, dataset: str, *, epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT,
+                   size: Optional[int] = None, force: bool = False) -> DatasetRecord:
+        """Set (or change) a dataset's budget, creating the dataset entry if needed.
+
+        Raises:
+            InvalidParameterError: epsilon <= 0, delta outside (0, 1), unknown accountant.
+            BudgetExceededError: the dataset already spent more than `epsilon` (unless
+                `force`, which freezes the dataset: every later reservation is refused).
+        """
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (
+                math.isfinite(epsilon) and epsilon > 0):
+            raise InvalidParameterError(f"Expected a finite budget epsilon > 0, got epsilon={epsilon!r}")
+        _check_delta(delta)
+        check_accountant(accountant)
+        _check_name(dataset)
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+            raise InvalidParameterError(f"Expected a positive dataset size, got size={size!r}")
+        with self._transaction() as conn:
+            record = self._dataset_row(conn, dataset)
+            now = _now()
+            if record is None:
+                conn.execute("INSERT INTO datasets VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
+                             (dataset, size, epsilon, delta, accountant, now, now))
+            else:
+                runs = self._runs(conn, dataset=dataset)
+                counted = [e for r in runs for e in r.counted]
+                spent = _accountants.epsilon(counted, delta=delta, accountant=accountant)
+                if spent > epsilon and not force:
+                    raise BudgetExceededError(
+                        f"Dataset {dataset!r} has already spent epsilon={spent:.4f} at delta={delta:g} "
+                        f"({accountant}), more than the new budget epsilon={epsilon:g}; pass --force to "
+                        "set it anyway (every later run on it will then be refused)")
+                if size is not None and record.size is not None and size != record.size:
+                    raise DatasetMismatchError(f"Dataset {dataset!r} has {record.size} examples, not {size}")
+                conn.execute("UPDATE datasets SET budget_epsilon=?, budget_delta=?, accountant=?, "
+                             "size=COALESCE(size, ?), updated_at=? WHERE name=?",
+                             (epsilon, delta, accountant, size, now, dataset))
+            record = self._dataset_row(conn, dataset)
+        assert record is not None
+        _warn_large_delta(record)
+        return record
+
+    def reserve(self, *, run_id: str, dataset: str, fingerprint: str, events: Sequence[Event],
+                config_hash: str = "", size: Optional[int] = None) -> RunRecord:
+        """Reserve a run's whole planned spend; call before the run touches any data.
+
+        Args:
+            run_id: unique id of the run.
+            dataset: dataset name; created on first use (without a budget).
+            fingerprint: `fingerprint(labels)` of the data the run will read.
+            events: every mechanism the run plans to apply.
+            config_hash: hash of the run's resolved config, for the record.
+            size: number of examples (checks delta < 1/N; recorded on first use).
+
+        Raises:
+            BudgetExceededError: the reservation would take the dataset past its budget.
+            DatasetMismatchError: `dataset` is bound to another fingerprint.
+            RunStateError: `run_id` is already recorded.
+        """
+        _check_name(dataset)
+        _check_name(run_id, what="run id")
+        events = merge(events)
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                raise RunStateError(f"Run {run_id!r} is already in ledger {self.path}; use a new run id "
+                                    "(a resumed run keeps its reservation)")
+            record = self._dataset_row(conn, dataset)
+            now = _now()
+            if record is None:
+                conn.execute("INSERT INTO datasets VALUES (?, ?, ?, NULL, NULL, ?, ?, ?)",
+                             (dataset, fingerprint, size, DEFAULT_ACCOUNTANT, now, now))
+            elif record.fingerprint is None:
+                conn.execute("UPDATE datasets SET fingerprint=?, size=COALESCE(size, ?), updated_at=? WHERE name=?",
+                             (fingerprint, size, now, dataset))
+            elif record.fingerprint != fingerprint:
+                raise DatasetMismatchError(
+                    f"Dataset name {dataset!r} is bound to data with fingerprint {record.fingerprint} in "
+                    f"ledger {self.path}, but this run's data has fingerprint {fingerprint}. If it is other "
+                    "data, give it another name; if it is the same people (e.g. a subset), account it under "
+                    "the original name with the original data's fingerprint")
+            record = self._dataset_row(conn, dataset)
+            assert record is not None
+            if record.budget_epsilon is not None:
+                counted = [e for r in self._runs(conn, dataset=dataset) for e in r.counted]
+                before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
+                after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
+                if after > record.budget_epsilon:
+                    raise BudgetExceededError(
+                        f"Run {run_id!r} would take dataset {dataset!r} to epsilon={after:.4f} at "
+                        f"delta={record.budget_delta:g} ({record.accountant}), past its budget "
+                        f"epsilon={record.budget_epsilon:g} (already spent or reserved: {before:.4f}); "
+                        "nothing was reserved")
+            conn.execute("INSERT INTO runs VALUES (?, ?, ?, 'reserved', ?, '[]', NULL, ?, ?)",
+                         (run_id, dataset, config_hash, _dump(events), now, now))
+            run = self._runs(conn, run_id=run_id)[0]
+        _warn_large_delta(record)
+        return run
+
+    def progress(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
+        """Record what a reserved run has spent so far (it still counts its full plan)."""
+        return self._update_spent(run_id, spent, new_status="reserved")
+
+    def commit(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
+        """Finish a run: from now on it counts what it actually spent, not its plan."""
+        return self._update_spent(run_id, spent, new_status="committed")
+
+    def _update_spent(self, run_id: str, spent: Sequence[Event], *, new_status: str) -> RunRecord:
+        spent = merge(spent)
+        with self._transaction() as conn:
+            found = self._runs(conn, run_id=run_id)
+            if not found:
+                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
+            run = found[0]
+            if run.status != "reserved":
+                raise RunStateError(f"Run {run_id!r} is {run.status}; only a reserved run can record spend")
+            _check_within(run, spent)
+            conn.execute("UPDATE runs SET spent=?, status=?, updated_at=? WHERE run_id=?",
+                         (_dump(spent), new_status, _now(), run_id))
+            return self._runs(conn, run_id=run_id)[0]
+
+    def release(self, run_id: str, *, reason: str) -> RunRecord:
+        """Give back the unspent part of a reservation (e.g. a run that failed before its
+        first step). Steps the run recorded with `progress` still count."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidParameterError("Releasing a reservation needs a reason (e.g. --reason 'crashed at start')")
+        with self._transaction() as conn:
+            found = self._runs(conn, run_id=run_id)
+            if not found:
+                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
+            if found[0].status != "reserved":
+                raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run can be released")
+            conn.execute("UPDATE runs SET status='released', reason=?, updated_at=? WHERE run_id=?",
+                         (reason.strip(), _now(), run_id))
+            return self._runs(conn, run_id=run_id)[0]
+
+
+def _check_name(name: str, what: str = "dataset name") -> None:
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise InvalidParameterError(f"Expected a non-empty {what} without surrounding spaces, got {name!r}")
+
+
+def _check_within(run: RunRecord, spent: Sequence[Event]) -> None:
+    """Spend must be part of the reservation: same mechanisms, no more steps."""
+    planned = {e.with_count(0): e.count for e in run.planned}
+    for e in spent:
+        allowed = planned.get(e.with_count(0))
+        if allowed is None or e.count > allowed:
+            raise RunStateError(
+                f"Run {run.run_id!r} cannot record {e} : its reservation is "
+                f"{list(run.planned)}; reserve a new run for more spend")
+
+
+def _warn_large_delta(record: DatasetRecord) -> None:
+    if record.size and record.budget_delta is not None and record.budget_delta >= 1 / record.size:
+        warnings.warn(f"Dataset {record.name!r}: delta={record.budget_delta:g} is not below 1/N = "
+                      f"{1 / record.size:g}; such a delta allows leaking whole examples", stacklevel=3)

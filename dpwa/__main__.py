@@ -1,0 +1,3 @@
+from dpwa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""The `dpwa` command: one module per verb, each with `add_parser(subparsers)` and `run(args)`.
+
+Exit codes: 0 success; 1 a refusal or failure at run time (budget exceeded, locked or
+corrupt ledger); 2 bad input (argparse's convention). Errors print one clear line on
+stderr and change nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from accounting.errors import AccountingError, InvalidParameterError
+
+from . import budget, ledger
+
+__all__ = ["main", "build_parser"]
+
+_VERBS = (budget, ledger)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: usage line + message, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(2, f"dpwa: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dpwa", description=__doc__.splitlines()[0] if __doc__ else None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from dpwa import __version__
+
+    parser.add_argument("--version", action="version", version=f"dpwa {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for verb in _VERBS:
+        verb.add_parser(sub)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"dpwa: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
+    try:
+        return int(args.run(args) or 0)
+    except InvalidParameterError as e:
+        print(f"dpwa: error: {e}", file=sys.stderr)
+        return 2
+    except AccountingError as e:
+        print(f"dpwa: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `dpwa ledger export | head`
+        return 0

@@ -1,0 +1,134 @@
+"""`dpwa budget`: answer a budget question; leave out the one quantity you want.
+
+Of noise multiplier (--sigma), steps (--steps or --epochs), --epsilon and --delta, give
+three and get the fourth. The sample rate comes from --sample-rate or from
+--batch-size/--dataset-size (q = B/N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import warnings
+
+from accounting import accountants, calibrate
+from accounting.errors import InvalidParameterError
+from accounting.events import PoissonGaussian
+
+from ._format import fmt, print_json, print_table
+
+EXAMPLES = """examples:
+  # epsilon of De et al.'s CIFAR-10 setting
+  dpwa budget --sigma 3 --sample-rate 0.08192 --steps 2468 --delta 1e-5
+  # the noise that epsilon 8 needs for 3000 steps
+  dpwa budget --epsilon 8 --delta 1e-5 --sample-rate 0.08192 --steps 3000
+  # how many steps epsilon 8 allows at sigma 3
+  dpwa budget --epsilon 8 --sigma 3 --delta 1e-5 --batch-size 4096 --dataset-size 50000
+  # delta at epsilon 8, with batch size, dataset size and epochs, RDP accountant
+  dpwa budget --epsilon 8 --sigma 3 --batch-size 4096 --dataset-size 50000 --epochs 200 --accountant rdp
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("budget", help="epsilon, noise, steps or delta of a DP-SGD configuration",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, help="noise multiplier")
+    p.add_argument("--epsilon", type=float, help="target or budget epsilon")
+    p.add_argument("--delta", type=float, help="delta, below 1/N")
+    p.add_argument("--steps", type=int, help="number of DP-SGD steps")
+    p.add_argument("--sample-rate", type=float, help="Poisson sample rate q in (0, 1]")
+    p.add_argument("--batch-size", type=int, help="expected logical batch size B (with --dataset-size)")
+    p.add_argument("--dataset-size", type=int, help="number of training examples N")
+    p.add_argument("--epochs", type=float, help="passes over the data, in place of --steps")
+    p.add_argument("--accountant", default=accountants.DEFAULT_ACCOUNTANT, choices=sorted(accountants.ACCOUNTANTS),
+                   help="privacy accountant (default: %(default)s, upper bound)")
+    p.add_argument("--rtol", type=float, default=0.01, help="noise calibration lands in [(1-rtol)eps, eps]")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(run=run)
+
+
+def _sample_rate(a: argparse.Namespace) -> tuple[float, int | None]:
+    """q, and the number of steps if --epochs was given."""
+    by_batch = a.batch_size is not None or a.dataset_size is not None
+    if a.sample_rate is not None and by_batch:
+        raise InvalidParameterError("Give either --sample-rate or --batch-size with --dataset-size, not both")
+    if a.epochs is not None and a.steps is not None:
+        raise InvalidParameterError("Give either --steps or --epochs, not both")
+    if a.epochs is not None and not (a.batch_size and a.dataset_size):
+        raise InvalidParameterError("--epochs needs --batch-size and --dataset-size to count steps")
+    if by_batch:
+        if a.batch_size is None or a.dataset_size is None:
+            raise InvalidParameterError("--batch-size and --dataset-size go together (q = B/N)")
+        q, steps = calibrate.sample_rate_and_steps(batch_size=a.batch_size, dataset_size=a.dataset_size,
+                                                   epochs=a.epochs if a.epochs is not None else 0)
+        return q, steps if a.epochs is not None else None
+    if a.sample_rate is None:
+        raise InvalidParameterError("Give the sample rate: --sample-rate Q, or --batch-size B --dataset-size N")
+    return a.sample_rate, None
+
+
+def run(a: argparse.Namespace) -> int:
+    q, epoch_steps = _sample_rate(a)
+    steps = a.steps if a.steps is not None else epoch_steps
+    known = {"sigma": a.sigma, "steps": steps, "epsilon": a.epsilon, "delta": a.delta}
+    missing = [k for k, v in known.items() if v is None]
+    if len(missing) != 1:
+        hint = "leave out exactly one" if not missing else f"missing: {', '.join(missing)}"
+        raise InvalidParameterError(
+            f"Give three of --sigma, --steps/--epochs, --epsilon, --delta and dpwa computes the fourth ({hint})")
+    # Validate every given value up front, with its name in the message.
+    PoissonGaussian(noise_multiplier=a.sigma if a.sigma is not None else 1.0, sample_rate=q,
+                    steps=steps if steps is not None else 0)
+    if a.delta is not None:
+        accountants._check_delta(a.delta)
+        if a.dataset_size and a.delta >= 1 / a.dataset_size:
+            warnings.warn(f"delta={a.delta:g} is not below 1/N = {1 / a.dataset_size:g}")
+    if a.epsilon is not None:
+        calibrate._check_target(a.epsilon)
+
+    solve = missing[0]
+    acc = a.accountant
+    if solve == "epsilon":
+        known["epsilon"] = calibrate.epsilon_for(noise_multiplier=a.sigma, sample_rate=q, steps=steps,
+                                                 delta=a.delta, accountant=acc)
+    elif solve == "sigma":
+        if steps < 1:
+            raise InvalidParameterError(f"Expected steps >= 1 to calibrate noise, got {steps=}")
+        known["sigma"] = calibrate.noise_multiplier_for(target_epsilon=a.epsilon, delta=a.delta, sample_rate=q,
+                                                        steps=steps, accountant=acc, rtol=a.rtol)
+    elif solve == "steps":
+        known["steps"] = calibrate.steps_for(target_epsilon=a.epsilon, delta=a.delta, noise_multiplier=a.sigma,
+                                             sample_rate=q, accountant=acc)
+    else:
+        known["delta"] = accountants.delta([PoissonGaussian(noise_multiplier=a.sigma, sample_rate=q, steps=steps)],
+                                           epsilon=a.epsilon, accountant=acc)
+    spent = None
+    if solve in ("sigma", "steps"):  # what the answer actually spends, <= the target
+        spent = calibrate.epsilon_for(noise_multiplier=known["sigma"], sample_rate=q, steps=known["steps"],
+                                      delta=known["delta"], accountant=acc)
+    epochs = known["steps"] * q if a.dataset_size else None
+
+    result = {"solved_for": {"sigma": "noise_multiplier"}.get(solve, solve), "accountant": acc,
+              "noise_multiplier": known["sigma"], "sample_rate": q, "steps": known["steps"],
+              "epochs": epochs, "epsilon": known["epsilon"], "delta": known["delta"]}
+    if spent is not None:
+        result["epsilon_spent"] = spent
+    if a.json:
+        print_json(result)
+        return 0
+    label = {"prv": "prv (upper bound)", "rdp": "rdp", "pld": "pld"}[acc]
+    rows = [("accountant", label, ""),
+            ("noise multiplier", fmt(known["sigma"]), ""),
+            ("sample rate", fmt(q), ""),
+            ("steps", fmt(known["steps"]), ""),
+            ("epochs", fmt(epochs), "") if epochs is not None else None,
+            ("delta", fmt(known["delta"]), ""),
+            ("epsilon", fmt(known["epsilon"]), "")]
+    rows = [list(r) for r in rows if r is not None]
+    for r in rows:
+        if r[0].replace("noise multiplier", "sigma") == solve or (solve == "sigma" and r[0] == "noise multiplier"):
+            r[2] = "<- computed"
+    if spent is not None:
+        rows.append(["epsilon spent", fmt(spent), f"(<= {fmt(a.epsilon)})"])
+    print_table(rows)
+    return 0

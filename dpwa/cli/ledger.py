@@ -1,0 +1,285 @@
+"""`dpwa ledger`: what every private run has spent on each dataset, and budgets.
+
+The ledger file is `--ledger PATH`, else `$DPWA_LEDGER`, else `~/.dpwa/ledger.sqlite`.
+Epsilons are recomputed from the stored mechanism events at the dataset's budget delta
+(or `--delta`), with the dataset's accountant (or `--accountant`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from accounting import accountants, calibrate
+from accounting.errors import InvalidParameterError, LedgerError
+from accounting.events import Event, Gaussian, PoissonGaussian
+from accounting.ledger import TIMEOUT_ENV, Ledger, RunRecord
+
+from ._format import fmt, print_json, print_table
+
+EXAMPLES = """examples:
+  dpwa ledger set-budget --dataset cifar10 --epsilon 8 --delta 1e-5 --dataset-size 50000
+  dpwa ledger show
+  dpwa ledger show --dataset cifar10 --json
+  dpwa ledger remaining --dataset cifar10
+  dpwa ledger remaining --dataset cifar10 --sigma 3 --sample-rate 0.08192   # steps still allowed
+  dpwa ledger record --dataset cifar10 --labels train.npz --run-id opacus-1 --sigma 1.1 --sample-rate 0.02 --steps 600
+  dpwa ledger release RUN_ID --reason "crashed before the first step"
+  dpwa ledger export --output ledger.json
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ledger", type=Path, default=None,
+                        help="ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)")
+    common.add_argument("--lock-timeout", type=float, default=None,
+                        help=f"seconds to wait for another process's lock (default: ${TIMEOUT_ENV} or 30)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    p = sub.add_parser("ledger", help="privacy spent per dataset; budgets; releasing reservations",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="ledger_verb", metavar="ACTION", parser_class=type(p))
+    verbs.required = True
+
+    show = verbs.add_parser("show", parents=[common], help="datasets, their spend and their runs",
+                            epilog="example: dpwa ledger show --dataset cifar10")
+    show.add_argument("--dataset", help="only this dataset")
+    show.add_argument("--delta", type=float, help="report epsilon at this delta (default: the budget's)")
+    show.add_argument("--accountant", choices=sorted(accountants.ACCOUNTANTS),
+                      help="accountant (default: the dataset's)")
+    show.set_defaults(run=_show)
+
+    sb = verbs.add_parser("set-budget", parents=[common], help="set a dataset's (epsilon, delta) budget",
+                          epilog="example: dpwa ledger set-budget --dataset cifar10 --epsilon 8 --delta 1e-5")
+    sb.add_argument("--dataset", required=True)
+    sb.add_argument("--epsilon", type=float, required=True)
+    sb.add_argument("--delta", type=float, required=True)
+    sb.add_argument("--accountant", default=accountants.DEFAULT_ACCOUNTANT, choices=sorted(accountants.ACCOUNTANTS),
+                    help="accountant that enforces the budget (default: %(default)s)")
+    sb.add_argument("--dataset-size", type=int, help="number of examples (to check delta < 1/N)")
+    sb.add_argument("--force", action="store_true", help="set a budget below what is already spent")
+    sb.set_defaults(run=_set_budget)
+
+    rem = verbs.add_parser("remaining", parents=[common], help="budget left on a dataset",
+                           epilog="example: dpwa ledger remaining --dataset cifar10 --sigma 3 --sample-rate 0.08192")
+    rem.add_argument("--dataset", required=True)
+    rem.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float,
+                     help="with --sample-rate: how many more DP-SGD steps the budget allows")
+    rem.add_argument("--sample-rate", type=float)
+    rem.set_defaults(run=_remaining)
+
+    ex = verbs.add_parser("export", parents=[common], help="the whole ledger as JSON",
+                          epilog="example: dpwa ledger export --output ledger.json")
+    ex.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    ex.set_defaults(run=_export)
+
+    rec = verbs.add_parser(
+        "record", parents=[common], help="charge a run made outside dpwa (e.g. plain Opacus)",
+        epilog="example: dpwa ledger record --dataset cifar10 --labels train.npz --run-id opacus-baseline "
+               "--sigma 1.1 --sample-rate 0.02048 --steps 635")
+    rec.add_argument("--dataset", required=True)
+    fp = rec.add_mutually_exclusive_group(required=True)
+    fp.add_argument("--labels", type=Path, help=".npz (array 'y') or .npy file of the dataset's labels, in order")
+    fp.add_argument("--fingerprint", help="the dataset's fingerprint, as `dpwa ledger show` prints it")
+    rec.add_argument("--run-id", required=True)
+    rec.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, required=True)
+    rec.add_argument("--sample-rate", type=float, required=True)
+    rec.add_argument("--steps", type=int, required=True)
+    rec.set_defaults(run=_record)
+
+    rel = verbs.add_parser("release", parents=[common], help="give back a reservation that will not be used",
+                           epilog='example: dpwa ledger release 20261125-cifar10-a1b2 --reason "OOM before step 1"')
+    rel.add_argument("run_id")
+    rel.add_argument("--reason", required=True, help="why (kept in the ledger)")
+    rel.set_defaults(run=_release)
+
+
+def _open(a: argparse.Namespace, *, create: bool) -> Ledger:
+    path = a.ledger
+    if path is not None and not str(path).strip():
+        raise InvalidParameterError("--ledger is empty; give a file path")
+    return Ledger(path, timeout=a.lock_timeout, create=create)
+
+
+def _describe(events: tuple[Event, ...] | list[Event]) -> str:
+    parts = []
+    for e in events:
+        if isinstance(e, PoissonGaussian):
+            parts.append(f"{e.steps} steps @ sigma {fmt(float(e.noise_multiplier))}, q {fmt(float(e.sample_rate))}")
+        elif isinstance(e, Gaussian):
+            parts.append(f"{e.count} x gaussian @ sigma {fmt(float(e.noise_multiplier))}")
+    return "; ".join(parts) or "nothing"
+
+
+def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant: str | None) -> dict:
+    record = ledger.dataset(name)
+    d = delta if delta is not None else record.budget_delta
+    acc = accountant or record.accountant
+    runs = ledger.runs(name)
+    spent = None
+    if d is not None:
+        spent = accountants.epsilon([e for r in runs for e in r.counted], delta=d, accountant=acc)
+    remaining = None
+    if record.budget_epsilon is not None and spent is not None:
+        remaining = max(record.budget_epsilon - spent, 0.0)
+    return {**record.to_dict(), "delta_reported": d, "accountant_reported": acc, "epsilon_spent": spent,
+            "epsilon_remaining": remaining, "runs": [_run_summary(r, d, acc) for r in runs]}
+
+
+def _run_summary(run: RunRecord, delta: float | None, accountant: str) -> dict:
+    out = run.to_dict()
+    out["epsilon_counted"] = (accountants.epsilon(run.counted, delta=delta, accountant=accountant)
+                              if delta is not None else None)
+    return out
+
+
+def _show(a: argparse.Namespace) -> int:
+    if a.delta is not None:
+        accountants._check_delta(a.delta)
+    ledger = _open(a, create=False)
+    names = [a.dataset] if a.dataset else [d.name for d in ledger.datasets()]
+    summaries = [_dataset_summary(ledger, n, a.delta, a.accountant) for n in names]
+    if a.json:
+        print_json({"ledger": str(ledger.path), "datasets": summaries})
+        return 0
+    if not summaries:
+        print(f"ledger {ledger.path}: no datasets yet")
+        return 0
+    print(f"ledger {ledger.path}")
+    for s in summaries:
+        budget = (f"epsilon {fmt(s['budget_epsilon'])} at delta {fmt(s['budget_delta'])}"
+                  if s["budget_epsilon"] is not None else "none")
+        spent = (f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
+                 if s["epsilon_spent"] is not None else "(no delta: pass --delta)")
+        print()
+        print_table([("dataset", s["name"]), ("fingerprint", s["fingerprint"] or "-"), ("size", fmt(s["size"])),
+                     ("budget", budget), ("spent", spent), ("remaining", fmt(s["epsilon_remaining"]))])
+        if s["runs"]:
+            print()
+            print_table([(r["run_id"], r["status"], fmt(r["epsilon_counted"]),
+                          _describe(RunRecordView(r).counted), r["created_at"][:19].replace("T", " "),
+                          r["reason"] or "")
+                         for r in s["runs"]],
+                        header=("run", "status", "epsilon", "counted", "created (UTC)", "reason"))
+    return 0
+
+
+class RunRecordView:
+    """The counted events of a run summary dict (for printing)."""
+
+    def __init__(self, summary: dict) -> None:
+        from accounting.events import events_from_json_list
+
+        key = "planned" if summary["status"] == "reserved" else "spent"
+        self.counted = events_from_json_list(summary[key])
+
+
+def _set_budget(a: argparse.Namespace) -> int:
+    # Validate before opening (and so before creating) the ledger file.
+    accountants._check_delta(a.delta)
+    calibrate._check_target(a.epsilon)
+    ledger = _open(a, create=True)
+    record = ledger.set_budget(a.dataset, epsilon=a.epsilon, delta=a.delta, accountant=a.accountant,
+                               size=a.dataset_size, force=a.force)
+    if a.json:
+        print_json(record.to_dict())
+    else:
+        print(f"budget of {record.name!r}: epsilon {fmt(record.budget_epsilon)} at delta "
+              f"{fmt(record.budget_delta)} ({record.accountant}); ledger {ledger.path}")
+    return 0
+
+
+def _remaining(a: argparse.Namespace) -> int:
+    if (a.sigma is None) != (a.sample_rate is None):
+        raise InvalidParameterError("--sigma and --sample-rate go together")
+    if a.sigma is not None:
+        PoissonGaussian(noise_multiplier=a.sigma, sample_rate=a.sample_rate, steps=0)  # validates
+    ledger = _open(a, create=False)
+    record = ledger.dataset(a.dataset)
+    if record.budget_epsilon is None:
+        raise LedgerError(f"Dataset {a.dataset!r} has no budget; set one with `dpwa ledger set-budget`")
+    spent = ledger.spent(a.dataset)
+    result = {"dataset": a.dataset, "budget_epsilon": record.budget_epsilon, "budget_delta": record.budget_delta,
+              "accountant": record.accountant, "epsilon_spent": spent,
+              "epsilon_remaining": max(record.budget_epsilon - spent, 0.0)}
+    if a.sigma is not None:
+        result["noise_multiplier"] = a.sigma
+        result["sample_rate"] = a.sample_rate
+        result["steps_allowed"] = calibrate.steps_for(
+            target_epsilon=record.budget_epsilon, delta=record.budget_delta, noise_multiplier=a.sigma,
+            sample_rate=a.sample_rate, accountant=record.accountant, prior=ledger.counted_events(a.dataset))
+    if a.json:
+        print_json(result)
+        return 0
+    rows = [("dataset", a.dataset),
+            ("budget", f"epsilon {fmt(record.budget_epsilon)} at delta {fmt(record.budget_delta)} ({record.accountant})"),
+            ("spent", fmt(spent)), ("remaining", fmt(result["epsilon_remaining"]))]
+    if a.sigma is not None:
+        rows.append(("steps allowed", f"{result['steps_allowed']} at sigma {fmt(a.sigma)}, q {fmt(a.sample_rate)}"))
+    print_table(rows)
+    return 0
+
+
+def _export(a: argparse.Namespace) -> int:
+    ledger = _open(a, create=False)
+    data = ledger.export()
+    if a.output is None:
+        print_json(data)
+        return 0
+    tmp = a.output.with_name(a.output.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, a.output)
+    except OSError as e:
+        raise LedgerError(f"Cannot write {a.output}: {e}") from None
+    if not a.json:
+        print(f"wrote {sum(len(d['runs']) for d in data['datasets'])} runs on {len(data['datasets'])} "
+              f"datasets to {a.output}", file=sys.stderr)
+    return 0
+
+
+def _labels(path: Path) -> list[int]:
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+        labels = data["y"] if isinstance(data, np.lib.npyio.NpzFile) else data
+        return [int(v) for v in np.asarray(labels).reshape(-1)]
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidParameterError(f"Cannot read labels from {path}: {e}") from None
+
+
+def _record(a: argparse.Namespace) -> int:
+    from accounting.ledger import fingerprint
+
+    event = PoissonGaussian(noise_multiplier=a.sigma, sample_rate=a.sample_rate, steps=a.steps)  # validates
+    labels = _labels(a.labels) if a.labels is not None else None
+    fp = fingerprint(labels) if labels is not None else a.fingerprint
+    ledger = _open(a, create=True)
+    ledger.reserve(run_id=a.run_id, dataset=a.dataset, fingerprint=fp, events=[event],
+                   config_hash="external", size=len(labels) if labels is not None else None)
+    run = ledger.commit(a.run_id, [event])
+    if a.json:
+        print_json(run.to_dict())
+    else:
+        print(f"recorded {run.run_id!r} on {run.dataset!r}: {_describe(run.spent)}")
+    return 0
+
+
+def _release(a: argparse.Namespace) -> int:
+    ledger = _open(a, create=False)
+    if ledger._conn is None:
+        raise LedgerError(f"No ledger at {ledger.path}")
+    run = ledger.release(a.run_id, reason=a.reason)
+    if a.json:
+        print_json(run.to_dict())
+    else:
+        print(f"released {run.run_id!r} on {run.dataset!r}: it now counts {_describe(run.spent)}")
+    return 0
