@@ -183,7 +183,7 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
 
     >>> steps_for(target_epsilon=1.0, delta=1e-5, noise_multiplier=10.0, sample_rate=0.08192,
     ...           accountant="rdp")
-    886
+    895
     """
     _check_target(target_epsilon)
     _check_delta(delta)

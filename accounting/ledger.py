@@ -87,7 +87,7 @@ def fingerprint(labels: Iterable[int]) -> str:
     different subset, order or relabelling of the data.
 
     >>> fingerprint([0, 1, 1, 2])
-    'n4-55e1d83fc56d2c2b'
+    'n4-1d1df338d5e69e88'
     """
     values = [int(v) for v in labels]
     digest = hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()[:16]
@@ -451,9 +451,9 @@ class Ledger:
             assert record is not None
             if record.budget_epsilon is not None:
                 counted = [e for r in self._runs(conn, dataset=dataset) for e in r.counted]
-                before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
                 after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
                 if after > record.budget_epsilon:
+                    before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
                     raise BudgetExceededError(
                         f"Run {run_id!r} would take dataset {dataset!r} to epsilon={after:.4f} at "
                         f"delta={record.budget_delta:g} ({record.accountant}), past its budget "

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-dpwa() { .venv/bin/dpwa "$@"; }
+PATH="$PWD/.venv/bin:$PATH"
 export DPWA_LEDGER="$(mktemp -d)/ledger.sqlite"
 set -x
 dpwa budget --sigma 3 --sample-rate 0.08192 --steps 2468 --delta 1e-5

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Query times of the accounting package: epsilon of a 10-run heterogeneous ledger, and
+calibrations, under each accountant. Prints a markdown table (and writes it with --out).
+
+    python experiments/bench_accounting.py --out experiments/results/bench_accounting.md
+
+"first" is the first call in this process, after imports (no RDP curve cached); "median" is
+over --repeats later calls (per-mechanism RDP curves cached, as in a long-lived process).
+"CLI" is the wall time of the whole command in a new process, imports included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from accounting import (Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for,  # noqa: E402
+                        steps_for)
+
+DELTA = 1e-5
+
+
+def ten_runs(seed: int = 0) -> list[PoissonGaussian]:
+    rng = np.random.default_rng(seed)
+    return [PoissonGaussian(noise_multiplier=float(s), sample_rate=float(q), steps=int(n))
+            for s, q, n in zip(rng.uniform(2, 10, 10), rng.uniform(0.005, 0.08, 10), rng.integers(200, 3000, 10))]
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    t = time.perf_counter()
+    value = fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times), value
+
+
+def cli_time(args: list[str], env: dict) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dpwa", *args], check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, **env})
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+
+    import dp_accounting.pld  # noqa: F401  (imports are timed by the CLI column, not here)
+    import dp_accounting.rdp  # noqa: F401
+    import prv_accountant  # noqa: F401
+
+    runs = ten_runs()
+    tmp = Path(tempfile.mkdtemp())
+    ledger_path = tmp / "ledger.sqlite"
+    ledger = Ledger(ledger_path)
+    for i, ev in enumerate(runs):
+        ledger.reserve(run_id=f"run{i}", dataset="bench", fingerprint=fingerprint(range(50000)), events=[ev])
+    env = {"DPWA_LEDGER": str(ledger_path)}
+
+    rows = []
+    for acc in ("prv", "rdp", "pld"):
+        first, med, eps = timed(lambda: ledger.spent("bench", delta=DELTA, accountant=acc), a.repeats)
+        cli = cli_time(["ledger", "show", "--accountant", acc, "--delta", str(DELTA)], env)
+        rows.append((f"epsilon of a 10-run heterogeneous ledger", acc, f"{eps:.4f}", first, med, cli))
+        first, med, sigma = timed(lambda: noise_multiplier_for(target_epsilon=8.0, delta=DELTA, sample_rate=0.08192,
+                                                               steps=2468, accountant=acc), a.repeats)
+        cli = cli_time(["budget", "--epsilon", "8", "--delta", str(DELTA), "--sample-rate", "0.08192", "--steps",
+                        "2468", "--accountant", acc], env)
+        rows.append(("noise for epsilon 8 (q 0.08192, 2468 steps)", acc, f"sigma {sigma:.4f}", first, med, cli))
+        first, med, n = timed(lambda: steps_for(target_epsilon=8.0, delta=DELTA, noise_multiplier=3.0,
+                                                sample_rate=0.08192, accountant=acc), a.repeats)
+        cli = cli_time(["budget", "--epsilon", "8", "--delta", str(DELTA), "--sample-rate", "0.08192", "--sigma",
+                        "3", "--accountant", acc], env)
+        rows.append(("steps for epsilon 8 (sigma 3, q 0.08192)", acc, f"{n} steps", first, med, cli))
+
+    lines = [f"Accounting query times ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"python {platform.python_version()}); command: `python experiments/bench_accounting.py`", "",
+             "| query | accountant | answer | first call (s) | median of later calls (s) | CLI wall, imports incl. (s) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {q} | {acc} | {ans} | {f:.3f} | {m:.3f} | {c:.2f} |" for q, acc, ans, f, m, c in rows]
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

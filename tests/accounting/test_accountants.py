@@ -1,0 +1,163 @@
+"""Accountants: golden values (design.md section 5), cross-checks against Opacus and
+dp-accounting, and the PRV composition checked against prv-accountant's own classes."""
+
+import math
+
+import numpy as np
+import pytest
+
+from accounting import Gaussian, InvalidParameterError, PoissonGaussian, delta, epsilon
+from accounting import accountants as acc
+
+Q, DELTA = 0.08192, 1e-5
+
+
+def dpsgd(sigma, steps, q=Q):
+    return PoissonGaussian(noise_multiplier=sigma, sample_rate=q, steps=steps)
+
+
+# Golden values, measured with dp-accounting 0.6.0 and Opacus 1.6.0 (design.md, section 5).
+@pytest.mark.parametrize("sigma, steps, name, expected, tol", [
+    (3, 2468, "rdp", 7.046, 5e-4),
+    (3, 2468, "prv", 6.540, 5e-4),
+    (3, 2468, "pld", 6.529, 5e-4),
+    (10, 875, "rdp", 0.988, 5e-4),
+    (10, 875, "prv", 0.913, 5e-4),
+    (10, 875, "pld", 0.903, 5e-4),
+    (6, 1125, "rdp", 2.000, 5e-4),
+    (6, 1125, "prv", 1.847, 5e-4),
+    (6, 1125, "pld", 1.836, 5e-4),
+])
+def test_golden_values(sigma, steps, name, expected, tol):
+    assert epsilon([dpsgd(sigma, steps)], delta=DELTA, accountant=name) == pytest.approx(expected, abs=tol)
+
+
+def test_prv_is_the_default_and_an_upper_bound():
+    ev = [dpsgd(3, 2468)]
+    assert epsilon(ev, delta=DELTA) == epsilon(ev, delta=DELTA, accountant="prv")
+    # PRV upper bound sits above the tight PLD estimate and below the RDP bound.
+    assert epsilon(ev, delta=DELTA, accountant="pld") < epsilon(ev, delta=DELTA) < epsilon(
+        ev, delta=DELTA, accountant="rdp")
+
+
+@pytest.mark.parametrize("history", [
+    [(3.0, Q, 2468)],
+    [(10.0, Q, 875)],
+    [(1.1, 0.02048, 635), (3.0, Q, 400)],            # heterogeneous
+    [(2.0, 0.01, 300), (6.0, 0.2, 50), (0.9, 0.004, 1000)],
+])
+def test_matches_opacus_accountants(history):
+    pytest.importorskip("opacus")
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    events = [dpsgd(s, n, q) for s, q, n in history]
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert epsilon(events, delta=DELTA, accountant="rdp") == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-5)
+    prv = PRVAccountant()
+    prv.history = list(history)
+    assert epsilon(events, delta=DELTA, accountant="prv") == pytest.approx(prv.get_epsilon(DELTA), rel=1e-4)
+
+
+def test_pld_matches_dp_accounting():
+    import dp_accounting as dpa
+    from dp_accounting.pld import PLDAccountant
+
+    a = PLDAccountant()
+    a.compose(dpa.ComposedDpEvent([
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.01, dpa.GaussianDpEvent(1.5)), 500),
+        dpa.GaussianDpEvent(40.0)]))
+    ours = epsilon([dpsgd(1.5, 500, 0.01), Gaussian(noise_multiplier=40.0)], delta=DELTA, accountant="pld")
+    assert ours == pytest.approx(a.get_epsilon(DELTA), rel=1e-9)
+
+
+def test_prv_matches_prv_accountant_library():
+    """Our one-pass Fourier composition equals prv-accountant's PRVAccountant (convolution
+    tree) on a heterogeneous composition with a plain Gaussian release."""
+    from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+
+    history = [(2.0, 0.05, 120), (4.0, 0.02, 300)]
+    prvs = [PoissonSubsampledGaussianMechanism(noise_multiplier=s, sampling_probability=q) for s, q, _ in history]
+    prvs.append(GaussianMechanism(noise_multiplier=30.0))
+    counts = [n for *_, n in history] + [1]
+    lib = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=acc.PRV_EPS_ERROR,
+                        delta_error=DELTA / 1000)
+    _, _, upper = lib.compute_epsilon(delta=DELTA, num_self_compositions=counts)
+    ours = epsilon([dpsgd(s, n, q) for s, q, n in history] + [Gaussian(noise_multiplier=30.0)], delta=DELTA)
+    assert ours == pytest.approx(upper, rel=1e-4)
+
+
+@pytest.mark.parametrize("event", [dpsgd(3.0, 500), dpsgd(1.0, 50, 0.1), Gaussian(noise_multiplier=5.0, count=20)])
+def test_fast_discretisation_equals_prv_accountant(event):
+    from prv_accountant.discretisers import CellCentred
+    from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
+
+    prv = acc._prv(event)
+    mesh = 0.01 / np.sqrt(event.count / 2 * np.log(12 / 1e-8))
+    domain = acc._fast_domain(acc._safe_domain_size([event], 0.01, 1e-8), mesh)
+    reference = CellCentred().discretise(PrivacyRandomVariableTruncated(prv, domain.t_min(), domain.t_max()), domain)
+    ours = acc._discretise(prv, domain)
+    np.testing.assert_array_equal(np.asarray(ours.pmf), np.asarray(reference.pmf))
+    assert ours.domain == reference.domain
+
+
+def test_safe_domain_size_equals_prv_accountant():
+    from prv_accountant.accountant import compute_safe_domain_size
+
+    events = [dpsgd(2.0, 100, 0.05), dpsgd(5.0, 1000, 0.1), Gaussian(noise_multiplier=10.0, count=2)]
+    ours = acc._safe_domain_size(events, 0.01, 1e-8)
+    theirs = compute_safe_domain_size([acc._prv(e) for e in events], [e.count for e in events], 0.01, 1e-8)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
+def test_heterogeneous_composition_is_order_free_and_exceeds_parts(name):
+    a, b = dpsgd(2.0, 300, 0.05), dpsgd(8.0, 1000, Q)
+    ab = epsilon([a, b], delta=DELTA, accountant=name)
+    assert ab == pytest.approx(epsilon([b, a], delta=DELTA, accountant=name), rel=1e-9)
+    assert ab > max(epsilon([a], delta=DELTA, accountant=name), epsilon([b], delta=DELTA, accountant=name))
+    # Splitting one run into two identical halves changes nothing.
+    assert epsilon([b.with_count(400), b.with_count(600)], delta=DELTA, accountant=name) == pytest.approx(
+        epsilon([b], delta=DELTA, accountant=name), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
+def test_plain_gaussian_release(name):
+    # One Gaussian release with sigma 2: the exact (analytic) epsilon at 1e-5 is about 2.0
+    # (Balle & Wang 2018); RDP is looser.
+    eps = epsilon([Gaussian(noise_multiplier=2.0)], delta=DELTA, accountant=name)
+    assert 1.95 < eps < (2.3 if name == "rdp" else 2.05)
+    assert epsilon([dpsgd(2.0, 1, 1.0)], delta=DELTA, accountant=name) == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
+def test_delta_and_epsilon_are_consistent(name):
+    ev = [dpsgd(3.0, 2468)]
+    eps = epsilon(ev, delta=DELTA, accountant=name)
+    d = delta(ev, epsilon=eps, accountant=name)
+    assert d <= DELTA * 1.01
+    assert delta(ev, epsilon=eps * 0.8, accountant=name) > DELTA
+    assert delta(ev, epsilon=eps * 1.2, accountant=name) < DELTA
+
+
+def test_no_events_cost_nothing():
+    assert epsilon([], delta=DELTA) == 0.0
+    assert epsilon([dpsgd(1.0, 0)], delta=DELTA) == 0.0
+    assert delta([], epsilon=1.0) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(delta=0.0), "delta=0.0"), (dict(delta=1.0), "delta=1.0"), (dict(delta=-1e-5), "delta=-1e-05"),
+    (dict(delta=1e-5, accountant="moments"), "'moments'"),
+])
+def test_epsilon_bad_input(kwargs, needle):
+    with pytest.raises(InvalidParameterError) as info:
+        epsilon([dpsgd(1.0, 10)], **kwargs)
+    assert needle in str(info.value)
+
+
+def test_delta_bad_input():
+    with pytest.raises(InvalidParameterError, match="epsilon=-1"):
+        delta([dpsgd(1.0, 10)], epsilon=-1.0)
+    with pytest.raises(InvalidParameterError, match="epsilon=inf"):
+        delta([dpsgd(1.0, 10)], epsilon=math.inf)

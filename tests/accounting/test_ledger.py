@@ -1,0 +1,228 @@
+import hashlib
+import multiprocessing as mp
+import sqlite3
+
+import pytest
+
+from accounting import (BudgetExceededError, DatasetMismatchError, Gaussian, InvalidParameterError, Ledger,
+                        LedgerCorruptError, LedgerLockedError, PoissonGaussian, RunStateError, UnknownRunError,
+                        epsilon, fingerprint)
+
+Q, DELTA = 0.08192, 1e-5
+FP = fingerprint(range(1000))
+
+
+def ev(sigma=3.0, steps=100, q=Q):
+    return PoissonGaussian(noise_multiplier=sigma, sample_rate=q, steps=steps)
+
+
+def digest(path):
+    """Content of every table, to prove that a refused request wrote nothing."""
+    with sqlite3.connect(path) as conn:
+        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("meta", "datasets", "runs")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_fingerprint_depends_on_size_order_and_values():
+    assert fingerprint([0, 1, 2]) != fingerprint([0, 1])
+    assert fingerprint([0, 1, 2]) != fingerprint([2, 1, 0])
+    assert fingerprint([0, 1, 2]) == fingerprint(iter([0, 1, 2]))
+    assert fingerprint(range(5)).startswith("n5-")
+
+
+def test_run_life_cycle(ledger_path):
+    ledger = Ledger(ledger_path)
+    plan = ev(steps=1000)
+    run = ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[plan], config_hash="abc")
+    assert run.status == "reserved" and run.counted == (plan,) and run.spent == ()
+    ledger.progress("r1", [ev(steps=300)])
+    assert ledger.run("r1").counted == (plan,)  # the reservation still counts in full
+    ledger.commit("r1", [ev(steps=600)])
+    assert ledger.run("r1").status == "committed" and ledger.run("r1").counted == (ev(steps=600),)
+    with pytest.raises(RunStateError, match="committed"):
+        ledger.commit("r1", [ev(steps=700)])
+    with pytest.raises(RunStateError, match="committed"):
+        ledger.release("r1", reason="oops")
+    assert ledger.spent("d", delta=DELTA) == pytest.approx(epsilon([ev(steps=600)], delta=DELTA))
+
+
+def test_spend_cannot_exceed_the_reservation(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=100)])
+    with pytest.raises(RunStateError, match="reservation"):
+        ledger.progress("r1", [ev(steps=101)])
+    with pytest.raises(RunStateError, match="reservation"):
+        ledger.commit("r1", [ev(sigma=2.0, steps=10)])
+    with pytest.raises(UnknownRunError, match="'nope'"):
+        ledger.commit("nope", [])
+
+
+def test_release_keeps_recorded_progress(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=1000)])
+    ledger.progress("r1", [ev(steps=50)])
+    with pytest.raises(InvalidParameterError, match="reason"):
+        ledger.release("r1", reason="  ")
+    run = ledger.release("r1", reason="diverged")
+    assert run.status == "released" and run.reason == "diverged" and run.counted == (ev(steps=50),)
+
+
+def test_ledger_composition_equals_one_accountant(ledger_path):
+    """Two runs recorded in the ledger give the same epsilon as one accountant fed both events."""
+    a, b = ev(sigma=10.0, steps=875), PoissonGaussian(noise_multiplier=1.1, sample_rate=0.02048, steps=600)
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="a", dataset="d", fingerprint=FP, events=[a])
+    ledger.commit("a", [a])
+    ledger.reserve(run_id="b", dataset="d", fingerprint=FP, events=[b])
+    for name in ("prv", "rdp", "pld"):
+        assert ledger.spent("d", delta=DELTA, accountant=name) == pytest.approx(
+            epsilon([a, b], delta=DELTA, accountant=name), rel=1e-12)
+
+
+def test_persists_across_instances(ledger_path):
+    Ledger(ledger_path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    again = Ledger(ledger_path)
+    assert [r.run_id for r in again.runs("d")] == ["r1"]
+    assert again.dataset("d").fingerprint == FP
+
+
+def test_budget_refuses_a_run_before_it_starts(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.set_budget("d", epsilon=2.0, delta=DELTA)
+    ledger.reserve(run_id="ok", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
+    before = digest(ledger_path)
+    with pytest.raises(BudgetExceededError, match=r"'big'.*past its budget epsilon=2"):
+        ledger.reserve(run_id="big", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
+    assert digest(ledger_path) == before
+    # Committing less than planned frees budget for the next run.
+    ledger.commit("ok", [ev(sigma=6.0, steps=10)])
+    ledger.reserve(run_id="big", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
+    assert ledger.remaining("d") >= 0
+
+
+def test_set_budget_below_spend_needs_force(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(sigma=3.0, steps=2468)])
+    before = digest(ledger_path)
+    with pytest.raises(BudgetExceededError, match="already spent epsilon=6.5"):
+        ledger.set_budget("d", epsilon=1.0, delta=DELTA)
+    assert digest(ledger_path) == before
+    ledger.set_budget("d", epsilon=1.0, delta=DELTA, force=True)
+    assert ledger.remaining("d") == 0.0
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[Gaussian(noise_multiplier=100.0)])
+
+
+def test_one_name_one_dataset(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="cifar10", fingerprint=FP, events=[ev()])
+    before = digest(ledger_path)
+    with pytest.raises(DatasetMismatchError, match="fingerprint"):
+        ledger.reserve(run_id="r2", dataset="cifar10", fingerprint=fingerprint(range(999)), events=[ev()])
+    assert digest(ledger_path) == before
+
+
+def test_budget_set_before_first_run_binds_on_first_run(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.set_budget("d", epsilon=8.0, delta=DELTA, size=1000)
+    assert ledger.dataset("d").fingerprint is None
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    assert ledger.dataset("d").fingerprint == FP
+
+
+def test_duplicate_run_id_is_refused(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    with pytest.raises(RunStateError, match="already"):
+        ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+
+
+def test_large_delta_warns(ledger_path):
+    with pytest.warns(UserWarning, match="1/N"):
+        Ledger(ledger_path).set_budget("tiny", epsilon=1.0, delta=0.01, size=1000)
+
+
+def test_read_only_open_creates_nothing(tmp_path):
+    path = tmp_path / "sub" / "ledger.sqlite"
+    ledger = Ledger(path, create=False)
+    assert ledger.datasets() == [] and ledger.runs() == []
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_garbage_file_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    before = path.read_bytes()
+    with pytest.raises(LedgerCorruptError, match=str(path)):
+        Ledger(path)
+    assert path.read_bytes() == before
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE photos (id INTEGER)")
+    with pytest.raises(LedgerCorruptError, match="not a dpwa ledger"):
+        Ledger(path)
+
+
+def test_damaged_row_is_reported(ledger_path):
+    Ledger(ledger_path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("UPDATE runs SET planned='{not json' WHERE run_id='r1'")
+    with pytest.raises(LedgerCorruptError, match="'r1'"):
+        Ledger(ledger_path).runs()
+
+
+def test_locked_ledger_times_out_with_a_clear_error_and_loses_nothing(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    holder = sqlite3.connect(ledger_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerLockedError, match="locked by another process"):
+            Ledger(ledger_path, timeout=0.2).reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev()])
+        # Readers are not blocked (WAL): the existing entry is still visible.
+        assert [r.run_id for r in Ledger(ledger_path, timeout=0.2).runs()] == ["r1"]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [r.run_id for r in Ledger(ledger_path).runs()] == ["r1"]
+
+
+def _charge(args):
+    path, worker, n_runs, sigma = args
+    ledger = Ledger(path, timeout=120)
+    ok = refused = 0
+    for k in range(n_runs):
+        try:
+            ledger.reserve(run_id=f"w{worker}-{k}", dataset="d", fingerprint=FP,
+                           events=[PoissonGaussian(noise_multiplier=sigma, sample_rate=0.01, steps=100)])
+            ok += 1
+        except BudgetExceededError:
+            refused += 1
+    return ok, refused
+
+
+def test_eight_processes_lose_nothing(ledger_path):
+    Ledger(ledger_path).set_budget("d", epsilon=1e6, delta=DELTA, accountant="rdp")  # no binding budget
+    with mp.get_context("spawn").Pool(8) as pool:
+        results = pool.map(_charge, [(str(ledger_path), w, 10, 20.0) for w in range(8)])
+    assert sum(ok for ok, _ in results) == 80
+    runs = Ledger(ledger_path).runs("d")
+    assert len(runs) == 80 and len({r.run_id for r in runs}) == 80
+
+
+def test_eight_processes_never_pass_the_budget(ledger_path):
+    # Each run spends the same; the budget admits a known number of them.
+    one = PoissonGaussian(noise_multiplier=2.0, sample_rate=0.01, steps=100)
+    per_run = [epsilon([one] * k, delta=DELTA, accountant="rdp") for k in range(1, 40)]
+    budget = (per_run[10] + per_run[11]) / 2  # admits exactly 11 runs
+    Ledger(ledger_path).set_budget("d", epsilon=budget, delta=DELTA, accountant="rdp")
+    with mp.get_context("spawn").Pool(8) as pool:
+        results = pool.map(_charge, [(str(ledger_path), w, 3, 2.0) for w in range(8)])
+    assert sum(ok for ok, _ in results) == 11
+    assert sum(refused for _, refused in results) == 24 - 11
+    ledger = Ledger(ledger_path)
+    assert len(ledger.runs("d")) == 11
+    assert ledger.spent("d") <= budget

@@ -1,0 +1,147 @@
+"""Bad input to `dpwa budget` and `dpwa ledger`: a clear message naming the value, a
+non-zero exit code, and no change to the ledger."""
+
+import hashlib
+import sqlite3
+
+import pytest
+
+from accounting import Ledger, PoissonGaussian, fingerprint
+from dpwa.cli import main
+from tests.conftest import run_dpwa
+
+FP = fingerprint(range(1000))
+BASE = ["--sigma", "3", "--sample-rate", "0.08192", "--steps", "100", "--delta", "1e-5"]
+
+
+def replace(args, flag, value):
+    out = list(args)
+    i = out.index(flag)
+    if value is None:
+        del out[i:i + 2]
+    else:
+        out[i + 1] = value
+    return out
+
+
+@pytest.fixture
+def ledger(ledger_path):
+    led = Ledger(ledger_path)
+    led.set_budget("d", epsilon=2.0, delta=1e-5, size=1000)
+    ev = PoissonGaussian(noise_multiplier=6.0, sample_rate=0.01, steps=500)
+    led.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev])
+    led.commit("r1", [ev])
+    led.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev])
+    return ledger_path
+
+
+def snapshot(path):
+    with sqlite3.connect(path) as conn:
+        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("meta", "datasets", "runs")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def call(args, capsys):
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+CASES = [
+    # (id, argv, expected code, text the message must contain)
+    ("delta zero", ["budget", *replace(BASE, "--delta", "0")], 2, "delta=0.0"),
+    ("delta one", ["budget", *replace(BASE, "--delta", "1")], 2, "delta=1.0"),
+    ("delta negative", ["budget", *replace(BASE, "--delta", "-0.00001")], 2, "delta=-1e-05"),
+    ("sample rate zero", ["budget", *replace(BASE, "--sample-rate", "0")], 2, "sample_rate=0.0"),
+    ("sample rate above one", ["budget", *replace(BASE, "--sample-rate", "1.01")], 2, "sample_rate=1.01"),
+    ("noise zero", ["budget", *replace(BASE, "--sigma", "0")], 2, "noise_multiplier=0.0"),
+    ("noise negative", ["budget", *replace(BASE, "--sigma", "-2")], 2, "noise_multiplier=-2.0"),
+    ("noise nan", ["budget", *replace(BASE, "--sigma", "nan")], 2, "noise_multiplier=nan"),
+    ("steps negative", ["budget", *replace(BASE, "--steps", "-5")], 2, "steps=-5"),
+    ("steps not an integer", ["budget", *replace(BASE, "--steps", "2.5")], 2, "'2.5'"),
+    ("unknown accountant", ["budget", *BASE, "--accountant", "moments"], 2, "'moments'"),
+    ("epsilon negative", ["budget", *replace(BASE, "--sigma", None), "--epsilon", "-1"], 2, "target_epsilon=-1.0"),
+    ("two unknowns", ["budget", *replace(replace(BASE, "--sigma", None), "--delta", None), "--epsilon", "1"], 2,
+     "missing: sigma, delta"),
+    ("no unknown", ["budget", *BASE, "--epsilon", "1"], 2, "leave out exactly one"),
+    ("no sample rate", ["budget", *replace(BASE, "--sample-rate", None)], 2, "--sample-rate"),
+    ("sample rate twice", ["budget", *BASE, "--batch-size", "10", "--dataset-size", "100"], 2, "not both"),
+    ("batch above dataset", ["budget", *replace(BASE, "--sample-rate", None), "--batch-size", "200",
+                             "--dataset-size", "100"], 2, "batch_size=200 <= dataset_size=100"),
+    ("epochs without sizes", ["budget", *replace(BASE, "--steps", None), "--epochs", "3"], 2, "--epochs needs"),
+    ("unknown flag", ["budget", *BASE, "--sigma-x", "3"], 2, "unrecognized arguments"),
+    ("budget exceeded", ["ledger", "set-budget", "--dataset", "d", "--epsilon", "0.1", "--delta", "1e-5"], 1,
+     "already spent"),
+    ("budget epsilon zero", ["ledger", "set-budget", "--dataset", "d", "--epsilon", "0", "--delta", "1e-5"], 2,
+     "epsilon=0.0"),
+    ("budget delta one", ["ledger", "set-budget", "--dataset", "d", "--epsilon", "1", "--delta", "1"], 2,
+     "delta=1.0"),
+    ("budget unknown accountant", ["ledger", "set-budget", "--dataset", "d", "--epsilon", "1", "--delta", "1e-5",
+                                   "--accountant", "x"], 2, "invalid choice"),
+    ("record over budget", ["ledger", "record", "--dataset", "d", "--fingerprint", FP, "--run-id", "r3",
+                            "--sigma", "1", "--sample-rate", "0.1", "--steps", "1000"], 1, "past its budget"),
+    ("record other data", ["ledger", "record", "--dataset", "d", "--fingerprint", "n5-x", "--run-id", "r3",
+                           "--sigma", "50", "--sample-rate", "0.1", "--steps", "1"], 1, "fingerprint"),
+    ("record duplicate run", ["ledger", "record", "--dataset", "d", "--fingerprint", FP, "--run-id", "r1",
+                              "--sigma", "50", "--sample-rate", "0.1", "--steps", "1"], 1, "already"),
+    ("record bad noise", ["ledger", "record", "--dataset", "d", "--fingerprint", FP, "--run-id", "r3",
+                          "--sigma", "-1", "--sample-rate", "0.1", "--steps", "1"], 2, "noise_multiplier=-1.0"),
+    ("record missing labels", ["ledger", "record", "--dataset", "d", "--labels", "/nonexistent/y.npz", "--run-id",
+                               "r3", "--sigma", "5", "--sample-rate", "0.1", "--steps", "1"], 2, "/nonexistent/y.npz"),
+    ("release unknown run", ["ledger", "release", "nope", "--reason", "x"], 1, "'nope'"),
+    ("release committed run", ["ledger", "release", "r1", "--reason", "x"], 1, "committed"),
+    ("release without reason", ["ledger", "release", "r2", "--reason", " "], 2, "reason"),
+    ("remaining unknown dataset", ["ledger", "remaining", "--dataset", "nope"], 1, "Unknown dataset 'nope'"),
+    ("remaining sigma alone", ["ledger", "remaining", "--dataset", "d", "--sigma", "3"], 2, "go together"),
+    ("show bad delta", ["ledger", "show", "--delta", "2"], 2, "delta=2.0"),
+    ("show unknown dataset", ["ledger", "show", "--dataset", "nope"], 1, "Unknown dataset 'nope'"),
+    ("no verb", ["ledger"], 2, "required"),
+]
+
+
+@pytest.mark.parametrize("argv, code, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(ledger, capsys, argv, code, needle):
+    before = snapshot(ledger)
+    got, err = call(argv, capsys)
+    assert got == code, err
+    assert needle in err
+    assert "Traceback" not in err
+    assert snapshot(ledger) == before
+
+
+def test_corrupt_ledger_file(tmp_path, capsys):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"\x00garbage" * 500)
+    before = path.read_bytes()
+    for argv in (["ledger", "show"], ["ledger", "set-budget", "--dataset", "d", "--epsilon", "1", "--delta", "1e-5"],
+                 ["ledger", "release", "r", "--reason", "x"], ["ledger", "export"]):
+        code, err = call([*argv, "--ledger", str(path)], capsys)
+        assert code == 1 and str(path) in err and "not a readable SQLite file" in err
+    assert path.read_bytes() == before
+
+
+def test_locked_ledger(ledger, capsys):
+    holder = sqlite3.connect(ledger, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        code, err = call(["ledger", "set-budget", "--dataset", "d", "--epsilon", "5", "--delta", "1e-5",
+                          "--lock-timeout", "0.2"], capsys)
+        assert code == 1 and "locked by another process" in err
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert Ledger(ledger).dataset("d").budget_epsilon == 2.0
+
+
+def test_ledger_path_is_a_directory(tmp_path, capsys):
+    code, err = call(["ledger", "show", "--ledger", str(tmp_path)], capsys)
+    assert code == 1 and "is a directory" in err
+
+
+def test_exit_codes_from_a_real_process(ledger):
+    bad = run_dpwa("budget", *replace(BASE, "--delta", "0"))
+    assert bad.returncode == 2 and "delta=0.0" in bad.stderr and bad.stdout == ""
+    refused = run_dpwa("ledger", "set-budget", "--dataset", "d", "--epsilon", "0.1", "--delta", "1e-5")
+    assert refused.returncode == 1 and "already spent" in refused.stderr

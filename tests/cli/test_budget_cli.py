@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from dpwa.cli import main
+
+Q = "0.08192"
+
+
+def run_json(capsys, *args):
+    assert main(["budget", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_epsilon(capsys):
+    out = run_json(capsys, "--sigma", "3", "--sample-rate", Q, "--steps", "2468", "--delta", "1e-5")
+    assert out["solved_for"] == "epsilon" and out["accountant"] == "prv"
+    assert out["epsilon"] == pytest.approx(6.540, abs=5e-4)
+
+
+@pytest.mark.parametrize("accountant, expected", [("rdp", 7.046), ("pld", 6.529)])
+def test_epsilon_other_accountants(capsys, accountant, expected):
+    out = run_json(capsys, "--sigma", "3", "--sample-rate", Q, "--steps", "2468", "--delta", "1e-5",
+                   "--accountant", accountant)
+    assert out["epsilon"] == pytest.approx(expected, abs=5e-4)
+
+
+def test_noise_multiplier(capsys):
+    out = run_json(capsys, "--epsilon", "8", "--delta", "1e-5", "--sample-rate", Q, "--steps", "3000")
+    assert out["solved_for"] == "noise_multiplier"
+    assert 0.99 * 8 <= out["epsilon_spent"] <= 8
+
+
+def test_steps_from_batch_and_dataset_size(capsys):
+    out = run_json(capsys, "--epsilon", "1", "--sigma", "10", "--delta", "1e-5", "--batch-size", "4096",
+                   "--dataset-size", "50000", "--accountant", "rdp")
+    assert out["solved_for"] == "steps" and out["sample_rate"] == pytest.approx(0.08192)
+    assert out["steps"] == 895 and out["epsilon_spent"] <= 1
+    assert out["epochs"] == pytest.approx(895 * 0.08192)
+
+
+def test_epochs_in_place_of_steps(capsys):
+    out = run_json(capsys, "--sigma", "3", "--delta", "1e-5", "--batch-size", "4096", "--dataset-size", "50000",
+                   "--epochs", "200", "--accountant", "rdp")
+    assert out["steps"] == 2442
+
+
+def test_delta(capsys):
+    out = run_json(capsys, "--sigma", "3", "--sample-rate", Q, "--steps", "2468", "--epsilon", "7.046",
+                   "--accountant", "rdp")
+    assert out["solved_for"] == "delta" and out["delta"] <= 1e-5
+
+
+def test_human_output(capsys):
+    assert main(["budget", "--sigma", "3", "--sample-rate", Q, "--steps", "2468", "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "prv (upper bound)" in out and "6.5396" in out and "<- computed" in out
+
+
+def test_large_delta_warns(capsys):
+    assert main(["budget", "--sigma", "3", "--batch-size", "10", "--dataset-size", "100", "--steps", "10",
+                 "--delta", "0.05", "--accountant", "rdp"]) == 0
+    assert "not below 1/N" in capsys.readouterr().err
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["budget", "--help"])
+    assert "examples:" in capsys.readouterr().out

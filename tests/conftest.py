@@ -1,0 +1,31 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def ledger_path(tmp_path, monkeypatch):
+    """A fresh ledger location; $DPWA_LEDGER points at it so nothing touches ~/.dpwa."""
+    path = tmp_path / "ledger.sqlite"
+    monkeypatch.setenv("DPWA_LEDGER", str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_home_ledger(tmp_path_factory, monkeypatch):
+    """Never let a test write the user's real ledger."""
+    if "DPWA_LEDGER" not in os.environ:
+        monkeypatch.setenv("DPWA_LEDGER", str(tmp_path_factory.mktemp("home") / "ledger.sqlite"))
+
+
+def run_dpwa(*args, env=None, timeout=120):
+    """Run the real `dpwa` command in a subprocess (exit codes, stderr, imports)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dpwa", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=full_env, timeout=timeout)
