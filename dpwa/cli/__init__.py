@@ -14,11 +14,13 @@ from typing import Optional, Sequence
 
 from accounting.errors import AccountingError, InvalidParameterError
 
-from . import budget, ledger
+from dpwa.config import ConfigError
+
+from . import budget, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (budget, ledger)
+_VERBS = (train, budget, ledger)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)
-    except InvalidParameterError as e:
+    except (InvalidParameterError, ConfigError) as e:
         print(f"dpwa: error: {e}", file=sys.stderr)
         return 2
     except AccountingError as e:

@@ -1,0 +1,64 @@
+"""`dpwa train CONFIG [key=value ...]`: private training from a YAML config.
+
+The run folder (`out_dir/RUN_ID`) receives config.yaml (resolved), run.json, metrics.jsonl,
+checkpoint.pt (atomic) and report.json. The run reserves its whole privacy spend in the
+ledger before its first step; `--resume RUN_DIR` continues a killed run from its last
+checkpoint under the same reservation (no second charge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._format import print_json
+
+EXAMPLES = """examples:
+  dpwa train configs/quickstart.yaml
+  dpwa train configs/cifar10_wrn16_4_eps8.yaml optim.lr=4 augmult.k=8
+  dpwa train configs/quickstart.yaml privacy.epsilon=1 train.steps=300 out_dir=/tmp/runs
+  dpwa train --resume runs/quickstart-20261125-101500-ab12
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a classifier with DP-SGD", description=__doc__, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2 augmult.k=4")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--ledger", help="ledger file (default: privacy.ledger, $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from accounting.errors import InvalidParameterError
+    from dpwa.config import load_config
+
+    if a.resume is not None:
+        if a.config is not None or a.overrides:
+            raise InvalidParameterError("--resume takes the run folder only: its config.yaml is the config")
+        cfg = None
+    else:
+        if a.config is None:
+            raise InvalidParameterError("Give a config file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        cfg = load_config(a.config, a.overrides)
+    from dpwa.train import train  # imports torch: only here, not for budget/ledger verbs
+
+    report = train(cfg, resume=a.resume, ledger_path=a.ledger, progress=not a.no_progress)
+    if a.json:
+        print_json(report)
+        return 0
+    split = report["eval_split"]
+    print(f"run {report['run_id']}: epsilon {report['epsilon']:.3f} at delta {report['delta']:g} "
+          f"({report['accountant']}), {report['steps']} steps, sigma {report['noise_multiplier']:.4g}")
+    for name in ("raw", "ema", "polyak"):
+        r = report[f"{split}_{name}"]
+        print(f"  {split} accuracy {name:<6} {100 * r['accuracy']:.2f}%   loss {r['loss']:.4f}")
+    print(f"  {report['per_example_gradient_evaluations']} per-example gradient evaluations, "
+          f"{report['train_time_s']:.1f}s training, {report['images_per_s']:.0f} img/s")
+    print(f"  report: {Path(report['run_dir']) / 'report.json'}")
+    return 0

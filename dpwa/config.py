@@ -1,0 +1,235 @@
+"""Run configuration: a tree of frozen, typed dataclasses; YAML holds values only.
+
+`load_config(path, overrides)` merges the dataclass defaults, a YAML file and dotted
+overrides (`optim.lr=4 augmult.k=8`) with OmegaConf. Unknown keys and wrong types fail
+with the key named; out-of-range values fail in `__post_init__` with the value named.
+The resolved config is what a run folder's `config.yaml` holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
+           "AveragingConfig", "TrainConfig", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the value."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"            # digits | cifar10 | cifar100 | npz
+    root: Optional[str] = None      # torchvision CIFAR folder, or folder with train.npz / test.npz
+    download: bool = True           # let torchvision download CIFAR when it is missing
+    val_size: int = 0               # examples carved from train for validation; never trained on
+    ledger_name: Optional[str] = None  # the dataset's name in the privacy ledger (default: name)
+    # Per-channel normalisation, in [0, 1] units. Public constants, never statistics of the
+    # private data (that would be a release outside the DP mechanism). Default: the published
+    # CIFAR values for cifar10/cifar100, 0.5 / 0.25 otherwise.
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+    def __post_init__(self) -> None:
+        _require(self.std is None or all(s > 0 for s in self.std), f"data.std must be > 0, got {self.std}")
+        _require(self.name in ("digits", "cifar10", "cifar100", "npz"),
+                 f"data.name must be one of digits, cifar10, cifar100, npz; got {self.name!r}")
+        _require(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
+        _require(self.name != "npz" or bool(self.root), "data.name=npz needs data.root (a folder with train.npz)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn_small"         # a name from dpwa.models.MODELS
+    groups: int = 16                # GroupNorm groups (De et al.: 16)
+    weight_standardization: bool = True  # WS convs (Qiao et al. 2019), as De et al.
+
+    def __post_init__(self) -> None:
+        _require(self.groups >= 1, f"model.groups must be >= 1, got {self.groups}")
+
+
+@dataclass(frozen=True)
+class AugmultConfig:
+    k: int = 1                      # views per example; its gradient is the mean over them, clipped once
+    pad: int = 4                    # reflect-pad then random crop back (De et al.: 4); 0 = no crop
+    flip: bool = True               # random horizontal flip
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 1, f"augmult.k must be >= 1, got {self.k}")
+        _require(self.pad >= 0, f"augmult.pad must be >= 0, got {self.pad}")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    epsilon: Optional[float] = None           # target epsilon: the noise is calibrated for it
+    noise_multiplier: Optional[float] = None  # or the noise multiplier itself
+    delta: float = 1e-5                       # below 1/N
+    clip_norm: float = 1.0                    # C: per-example gradients are clipped to this L2 norm
+    rescale_to_unit: bool = False             # divide clipped gradients by C (De et al.)
+    accountant: str = "prv"                   # rdp | prv | pld
+    ledger: Optional[str] = None              # ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)
+    noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise; the run is marked not private
+
+    def __post_init__(self) -> None:
+        _require((self.epsilon is None) != (self.noise_multiplier is None),
+                 "give exactly one of privacy.epsilon (calibrate the noise) and privacy.noise_multiplier; "
+                 f"got epsilon={self.epsilon}, noise_multiplier={self.noise_multiplier}")
+        _require(self.epsilon is None or (math.isfinite(self.epsilon) and self.epsilon > 0),
+                 f"privacy.epsilon must be > 0, got {self.epsilon}")
+        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
+                 f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        _require(self.accountant in ("rdp", "prv", "pld"),
+                 f"privacy.accountant must be one of rdp, prv, pld; got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"      # constant | warmup | cosine (pure functions of the step)
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.0  # cosine decays to lr * this
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.schedule in ("constant", "warmup", "cosine"),
+                 f"optim.schedule must be one of constant, warmup, cosine; got {self.schedule!r}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.final_lr_fraction <= 1,
+                 f"optim.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    ema_decay: float = 0.999        # EMA of the iterates; warm-up decay_t = min(decay, (1+t)/(10+t))
+    ema_warmup: bool = True
+    polyak_start: int = 0           # uniform average of the iterates from this step on
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.ema_decay < 1, f"averaging.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _require(self.polyak_start >= 0, f"averaging.polyak_start must be >= 0, got {self.polyak_start}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 256           # expected logical batch B; Poisson sampling with q = B/N
+    physical_batch_size: int = 64   # examples per forward/backward (x augmult.k views); fits memory
+    steps: Optional[int] = None     # DP-SGD steps; or
+    epochs: Optional[float] = None  # passes over the data: steps = ceil(epochs * N / B)
+    seed: int = 0                   # model init, sampling and augmentation
+    threads: int = 2                # torch CPU threads
+    eval_every: int = 0             # steps between evaluations (0: at the end only)
+    checkpoint_every: int = 50      # steps between checkpoints (and ledger progress)
+    eval_split: str = "test"        # test | val: where accuracy is measured (never private train data)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.physical_batch_size >= 1,
+                 f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}")
+        _require((self.steps is None) != (self.epochs is None),
+                 f"give exactly one of train.steps and train.epochs; got steps={self.steps}, epochs={self.epochs}")
+        _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
+        _require(self.threads >= 1, f"train.threads must be >= 1, got {self.threads}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"               # prefix of the run id and folder
+    out_dir: str = "runs"           # run folders go here
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augmult: AugmultConfig = field(default_factory=AugmultConfig)
+    privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(epsilon=3.0))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()) and "/" not in self.name, f"name must be a plain word, got {self.name!r}")
+        _require(self.train.eval_split != "val" or self.data.val_size > 0,
+                 "train.eval_split=val needs data.val_size > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _merge(sources: Sequence[Any]) -> RunConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *sources)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0] + _where(e)) from None
+    except ValueError as e:  # __post_init__ checks surface through OmegaConf
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _where(e: Any) -> str:
+    key = getattr(e, "full_key", None)
+    return f" (key: {key})" if key else ""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- `key.sub=value` overrides, validated.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types, out-of-range values.
+    """
+    from omegaconf import OmegaConf
+
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError and friends: say which file
+            raise ConfigError(f"Cannot parse {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, type(OmegaConf.create({}))):
+            raise ConfigError(f"{path} must hold a mapping of config keys, not a list")
+        sources.append(loaded)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"Override {item!r} is not of the form key.sub=value")
+    if overrides:
+        try:
+            sources.append(OmegaConf.from_dotlist(list(overrides)))
+        except Exception as e:
+            raise ConfigError(f"Bad override: {str(e).splitlines()[0]}") from None
+    return _merge(sources)
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml_text(text: str) -> RunConfig:
+    from omegaconf import OmegaConf
+
+    return _merge([OmegaConf.create(text)])

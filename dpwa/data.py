@@ -1,0 +1,141 @@
+"""Datasets as in-memory uint8 tensors (N, C, H, W) with labels, plus normalisation.
+
+Small image datasets fit in memory (CIFAR-10 is 150 MB as uint8), so batches are gathered
+by index from tensors: no per-example Python in the DP hot path, and Poisson sampling is
+exact. Sources: scikit-learn's digits (built in, no download: the quickstart), CIFAR-10/100
+through torchvision, and the npz array format (`x` uint8 NHWC, `y`) of ../shared/data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+__all__ = ["Split", "Data", "load_data", "DataError"]
+
+
+class DataError(ConfigError):
+    """The data cannot be found or read; the message names `data.root`."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # uint8 (N, C, H, W)
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Data:
+    name: str
+    train: Split
+    test: Split
+    val: Optional[Split]
+    mean: torch.Tensor   # per channel, in [0, 1] units, computed on the training split
+    std: torch.Tensor
+    num_classes: int
+    source_labels: np.ndarray  # labels of the whole private source (train + val), for the ledger fingerprint
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.x.shape[1]
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., C, H, W) -> float, per-channel standardised."""
+        shape = (1,) * (x_uint8.dim() - 3) + (-1, 1, 1)
+        return (x_uint8.float().div_(255.0) - self.mean.view(shape)) / self.std.view(shape)
+
+
+def _from_nhwc(x: np.ndarray) -> torch.Tensor:
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise DataError(f"Expected images as uint8 (N, H, W, C), got {x.dtype} {x.shape}")
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(d.images * 16, 0, 255).astype(np.uint8)[:, None]  # 0..16 -> 0..255, (N, 1, 8, 8)
+    y = d.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))  # fixed public split: 1497 train, 300 test
+    tr, te = order[300:], order[:300]
+    return (Split(torch.from_numpy(x[tr]), torch.from_numpy(y[tr])),
+            Split(torch.from_numpy(x[te]), torch.from_numpy(y[te])), 10)
+
+
+def _npz(root: str) -> tuple[Split, Split, int]:
+    folder = Path(root).expanduser()
+    out = []
+    for part in ("train", "test"):
+        path = folder / f"{part}.npz"
+        if not path.is_file():
+            raise DataError(f"data.root={root!r}: {path} does not exist (expected train.npz and test.npz with "
+                            "'x' uint8 NHWC and 'y')")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x, y = f["x"], f["y"]
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"data.root={root!r}: cannot read {path}: {e}") from None
+        out.append(Split(_from_nhwc(x), torch.from_numpy(y.astype(np.int64))))
+    num_classes = int(max(out[0].y.max(), out[1].y.max())) + 1
+    return out[0], out[1], num_classes
+
+
+def _cifar(name: str, root: Optional[str], download: bool) -> tuple[Split, Split, int]:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    root_dir = Path(root or "~/.cache/dpwa/data").expanduser()
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root_dir), train=train, download=download)
+        except Exception as e:  # no network, or no files and download=False
+            raise DataError(
+                f"Cannot load {name} from data.root={str(root_dir)!r} ({type(e).__name__}: {e}). Put the "
+                f"torchvision {name} files there, allow a download with data.download=true on a machine with "
+                "a network, or use data.name=npz with a folder of train.npz/test.npz") from None
+        splits.append(Split(_from_nhwc(np.asarray(ds.data)), torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1], 10 if name == "cifar10" else 100
+
+
+_PUBLIC_STATS = {  # published per-channel statistics (public knowledge)
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+def load_data(cfg: DataConfig, *, seed: int = 0) -> Data:
+    """Load, carve the validation split (a fixed function of `seed`), and set the
+    normalisation constants (public ones: see `DataConfig.mean`)."""
+    if cfg.name == "digits":
+        train, test, num_classes = _digits()
+    elif cfg.name == "npz":
+        train, test, num_classes = _npz(cfg.root)  # type: ignore[arg-type]
+    else:
+        train, test, num_classes = _cifar(cfg.name, cfg.root, cfg.download)
+    source_labels = train.y.numpy().copy()
+    val = None
+    if cfg.val_size:
+        if cfg.val_size >= len(train):
+            raise DataError(f"data.val_size={cfg.val_size} must be smaller than the training set ({len(train)})")
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(train), generator=g)
+        v, t = order[: cfg.val_size], order[cfg.val_size:]
+        val, train = Split(train.x[v], train.y[v]), Split(train.x[t], train.y[t])
+    channels = train.x.shape[1]
+    mean = torch.tensor(cfg.mean if cfg.mean is not None else _PUBLIC_STATS.get(cfg.name, ([0.5] * channels,))[0])
+    std = torch.tensor(cfg.std if cfg.std is not None else _PUBLIC_STATS.get(cfg.name, (None, [0.25] * channels))[1])
+    if mean.numel() != channels or std.numel() != channels:
+        raise DataError(f"data.mean / data.std need {channels} values (one per channel), got {mean.tolist()} / "
+                        f"{std.tolist()}")
+    return Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)

@@ -1,0 +1,56 @@
+"""Model registry: `create_model(name, ...)`; `register_model` adds one.
+
+Every model here normalises with GroupNorm: BatchNorm mixes the examples of a batch, which
+breaks per-example gradients and so DP-SGD; `check_dp_compatible` refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from ..config import ConfigError
+
+__all__ = ["MODELS", "register_model", "create_model", "check_dp_compatible", "ModelError"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+class ModelError(ConfigError):
+    """The model cannot be trained with DP-SGD (the message says why and what to use)."""
+
+
+def register_model(name: str):
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"Model {name!r} is registered twice")
+        MODELS[name] = fn
+        return fn
+    return wrap
+
+
+def create_model(name: str, *, in_channels: int, num_classes: int, groups: int = 16,
+                 weight_standardization: bool = True) -> nn.Module:
+    """Build a registered model. Raises ModelError naming the known models for an unknown name."""
+    if name not in MODELS:
+        raise ModelError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
+    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, groups=groups,
+                         weight_standardization=weight_standardization)
+    check_dp_compatible(model)
+    return model
+
+
+def check_dp_compatible(model: nn.Module) -> None:
+    """Refuse layers that mix examples (BatchNorm, InstanceNorm with running stats)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)):
+            raise ModelError(
+                f"Layer {name or type(module).__name__!r} is {type(module).__name__}: BatchNorm mixes the examples "
+                "of a batch, so per-example gradients (and DP-SGD) are wrong with it. Use GroupNorm instead "
+                "(e.g. nn.GroupNorm(16, channels); dpwa's models take model.groups)")
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+            raise ModelError(f"Layer {name!r} tracks running statistics across examples; use GroupNorm")
+
+
+from . import cnn, wrn  # noqa: E402,F401  (register the built-in models)

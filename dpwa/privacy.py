@@ -1,0 +1,131 @@
+"""DP-SGD (Abadi et al. 2016) on Opacus: Poisson sampling, per-example gradients, clipping,
+Gaussian noise, large logical batches in physical chunks.
+
+* Sampling: each example joins a logical batch independently with probability q = B/N
+  (Opacus's `UniformWithReplacementSampler`); q is exactly what the ledger records.
+* Per-example gradients: `torch.func` (vmap of grad over examples) on the whole model. With
+  augmentation multiplicity an example's K views go through the model together and its
+  gradient is the mean over them, so what is clipped is one gradient per example, and
+  per-example gradient memory is B x params, not B x K x params. Weight-standardised convs
+  and GroupNorm are differentiated exactly (through the standardisation, w.r.t. the raw
+  weight).
+* Clipping, noise, scaling: Opacus's `DPOptimizer` (clip to C, add N(0, sigma^2 C^2) once per
+  logical batch, divide by the expected batch size B), accumulated over physical chunks
+  with its skip-step signal.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["poisson_batches", "per_example_grads", "PrivateSGD", "noise_generator"]
+
+
+def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless Poisson-sampled logical batches of indices (each example in with prob. q)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    sampler = UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate,
+                                            generator=generator, steps=1)
+    while True:
+        for indices in sampler:
+            yield torch.as_tensor(indices, dtype=torch.long)
+
+
+def per_example_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradient of each example's loss, the mean cross-entropy over its K views.
+
+    Args:
+        model: any module without cross-example layers (no BatchNorm).
+        views: (B, K, C, H, W) float inputs.
+        labels: (B,) int64.
+
+    Returns:
+        ({param name: (B, *param.shape)}, per-example losses (B,)) for trainable params.
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss_of_one(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (x,))
+        return F.cross_entropy(out, y.expand(x.shape[0]))
+
+    grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0, 0), randomness="different")(
+        params, views, labels)
+    return grads, losses
+
+
+def noise_generator(seed: Optional[int]) -> torch.Generator:
+    """The noise RNG: seeded from OS entropy unless a (test-only) seed is given.
+
+    A known noise seed lets anyone subtract the noise from released weights, so the
+    default seed is drawn from os.urandom and never stored.
+    """
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return g
+
+
+class PrivateSGD:
+    """One DP-SGD step per call to `step`, over a logical batch given as physical chunks.
+
+    Args:
+        model: the model whose trainable parameters are optimised.
+        optimizer: a torch optimizer over those parameters (SGD, with momentum or not).
+        noise_multiplier: sigma; the noise std is sigma * clip_norm.
+        clip_norm: C, the per-example L2 bound.
+        expected_batch_size: B = q N; the noisy sum is divided by it (not by the realised size,
+            which would leak it).
+        rescale_to_unit: divide the update by C (De et al.): noise std sigma, gradients <= 1.
+        generator: noise RNG (see `noise_generator`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+                 clip_norm: float, expected_batch_size: float, rescale_to_unit: bool = False,
+                 generator: Optional[torch.Generator] = None) -> None:
+        from opacus.optimizers import DPOptimizer
+
+        self.model = model
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.clip_norm = clip_norm
+        self.rescale_to_unit = rescale_to_unit
+        self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                              expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.dp.original_optimizer
+
+    def step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Apply one noisy update from the chunks (views (b, K, C, H, W), labels (b,)) of one
+        logical batch. An empty batch still gets its noise (the accountant counts the step).
+
+        Returns local diagnostics over the private batch: not covered by the guarantee.
+        """
+        chunks = list(chunks) or [None]
+        loss_sum, count = 0.0, 0
+        for i, chunk in enumerate(chunks):
+            if chunk is None or len(chunk[1]) == 0:
+                grads = {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}
+            else:
+                grads, losses = per_example_grads(self.model, *chunk)
+                loss_sum += float(losses.sum())
+                count += len(losses)
+            for name, p in self.params.items():
+                p.grad_sample = grads[name]
+            self.dp.signal_skip_step(do_skip=i < len(chunks) - 1)
+            if self.dp.pre_step():
+                if self.rescale_to_unit:
+                    for p in self.params.values():
+                        p.grad /= self.clip_norm
+                self.dp.original_optimizer.step()
+            self.dp.zero_grad(set_to_none=True)
+        return {"private_batch_loss_diagnostic": loss_sum / max(count, 1), "batch_size": count}

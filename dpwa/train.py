@@ -1,0 +1,236 @@
+"""The training loop: private DP-SGD from a `RunConfig`, readable top to bottom.
+
+Order of events, chosen so that bad input costs no privacy and a crash never under-counts:
+load and validate everything (config, data, model, calibration) -> reserve the whole
+planned spend in the ledger -> create the run folder -> train, writing a checkpoint and
+recording progress in the ledger every `checkpoint_every` steps -> commit the steps taken
+-> evaluate raw and averaged weights on the test (or validation) split -> report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import secrets
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for
+from accounting.errors import LedgerError
+
+from .augmult import augmult_views
+from .averaging import EMA, Polyak
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
+from .data import Data, load_data
+from .evaluate import evaluate
+from .models import create_model
+from .privacy import PrivateSGD, noise_generator, poisson_batches
+from .schedules import lr_at
+
+__all__ = ["train", "Plan", "plan_run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a run will do, fixed before it touches data: what the ledger reserves."""
+
+    dataset_size: int
+    sample_rate: float          # q = B / N
+    steps: int
+    noise_multiplier: float
+
+    @property
+    def event(self) -> PoissonGaussian:
+        return PoissonGaussian(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)
+
+
+def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
+    """Sample rate, steps and noise for a config on a dataset of `dataset_size` examples."""
+    b = cfg.train.batch_size
+    if b > dataset_size:
+        raise ConfigError(f"train.batch_size={b} must be <= the training set size N={dataset_size}")
+    q = b / dataset_size
+    steps = cfg.train.steps if cfg.train.steps is not None else math.ceil(cfg.train.epochs * dataset_size / b - 1e-9)
+    if cfg.privacy.noise_multiplier is not None:
+        sigma = float(cfg.privacy.noise_multiplier)
+    else:
+        sigma = noise_multiplier_for(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
+                                     steps=steps, accountant=cfg.privacy.accountant)
+    return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, noise_multiplier=sigma)
+
+
+def _config_hash(cfg: RunConfig) -> str:
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def _chunks(data: Data, idx: torch.Tensor, cfg: RunConfig, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Physical chunks of a logical batch: K augmented, normalised views per example."""
+    a = cfg.augmult
+    for part in idx.split(cfg.train.physical_batch_size):
+        views = augmult_views(data.train.x[part], k=a.k, pad=a.pad, flip=a.flip, generator=gen)
+        yield data.normalize(views), data.train.y[part]
+
+
+def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, ledger_path: Optional[str] = None,
+          progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Train privately; returns the report (also written to RUN_DIR/report.json).
+
+    Args:
+        cfg: the run config (None with `resume`: read from the run folder).
+        resume: a run folder to continue from its last checkpoint, under its reservation.
+        ledger_path: overrides `privacy.ledger`.
+        progress: show a tqdm progress bar.
+        stop_after: stop (as if killed) after this many steps in total; for tests.
+    """
+    wall0 = time.time()
+    if resume is not None:
+        run_dir = Path(resume)
+        meta_path = run_dir / "run.json"
+        if not meta_path.is_file() or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a dpwa run folder (no run.json / config.yaml)")
+        cfg = config_from_yaml_text((run_dir / "config.yaml").read_text())
+        meta = json.loads(meta_path.read_text())
+        run_id = meta["run_id"]
+    else:
+        assert cfg is not None
+        run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        run_dir = Path(cfg.out_dir) / run_id
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+
+    # 1. Validate everything before any privacy is spent.
+    data = load_data(cfg.data, seed=cfg.train.seed)
+    plan = plan_run(cfg, len(data.train))
+    model = create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
+                         groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization)
+    n_source = len(data.source_labels)
+    if cfg.privacy.delta >= 1 / n_source:
+        warnings.warn(f"privacy.delta={cfg.privacy.delta:g} is not below 1/N = {1 / n_source:g}")
+    dataset = cfg.data.ledger_name or cfg.data.name
+    ledger = Ledger(ledger_path or cfg.privacy.ledger)
+
+    # 2. Reserve the whole plan (or find the reservation of the run being resumed).
+    if resume is not None:
+        run = ledger.run(run_id)
+        if run.status != "reserved":
+            raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
+    else:
+        ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
+                       events=[plan.event], config_hash=_config_hash(cfg), size=n_source)
+        run_dir.mkdir(parents=True, exist_ok=False)
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(run_dir / "run.json", json.dumps({
+            "run_id": run_id, "dataset": dataset, "ledger": str(ledger.path), "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate, "steps": plan.steps, "delta": cfg.privacy.delta,
+            "private": cfg.privacy.noise_seed is None}, indent=2))
+
+    # 3. The training state.
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                weight_decay=o.weight_decay)
+    sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
+                     expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
+                     generator=(noise := noise_generator(cfg.privacy.noise_seed)))
+    ema = EMA(model, decay=cfg.averaging.ema_decay, warmup=cfg.averaging.ema_warmup)
+    polyak = Polyak(model, start=cfg.averaging.polyak_start)
+    sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
+    start, seen, train_time = 0, 0, 0.0
+    ckpt_path = run_dir / "checkpoint.pt"
+    if resume is not None and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        polyak.load_state_dict(state["polyak"])
+        sample_gen.set_state(state["sample_rng"])
+        aug_gen.set_state(state["augment_rng"])
+        if "noise_rng" in state:  # only in test runs with a fixed noise seed
+            noise.set_state(state["noise_rng"])
+        start, seen, train_time = state["step"], state["examples_seen"], state["train_time_s"]
+
+    def checkpoint(step: int) -> None:
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+                 "polyak": polyak.state_dict(), "sample_rng": sample_gen.get_state(),
+                 "augment_rng": aug_gen.get_state(), "step": step, "examples_seen": seen,
+                 "train_time_s": train_time}
+        if cfg.privacy.noise_seed is not None:
+            state["noise_rng"] = noise.get_state()  # never for private runs: it would reveal the noise
+        save_checkpoint(state, ckpt_path)
+        ledger.progress(run_id, [plan.event.with_count(step)])
+
+    def eps_at(step: int) -> float:
+        return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+
+    eval_split = data.test if cfg.train.eval_split == "test" else data.val
+    metrics = open(run_dir / "metrics.jsonl", "a")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
+    batches = poisson_batches(len(data.train), plan.sample_rate, sample_gen)
+    eps_now = eps_at(start) if start else 0.0
+
+    # 4. Train.
+    for step in range(start, plan.steps):
+        if stop_after is not None and step >= stop_after:
+            metrics.close()
+            if bar:
+                bar.close()
+            return {"stopped_at": step, "run_dir": str(run_dir), "run_id": run_id}
+        t0 = time.time()
+        lr = lr_at(o.schedule, step, lr=o.lr, total_steps=plan.steps, warmup_steps=o.warmup_steps,
+                   final_fraction=o.final_lr_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = next(batches)
+        stats = sgd.step(_chunks(data, idx, cfg, aug_gen))
+        ema.update(model)
+        polyak.update(model, step)
+        seen += len(idx)
+        train_time += time.time() - t0
+        done = step + 1
+        row: dict[str, Any] = {"step": done, "lr": lr, **stats,
+                               "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
+        if done % cfg.train.checkpoint_every == 0 or done == plan.steps:
+            checkpoint(done)
+            eps_now = eps_at(done)
+            row["epsilon"] = eps_now
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
+            for name, m in (("raw", model), ("ema", ema.model), ("polyak", polyak.model)):
+                row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        if bar:
+            bar.set_postfix(loss=f"{stats['private_batch_loss_diagnostic']:.3f}", eps=f"{eps_now:.2f}",
+                            img_s=f"{row['images_per_s']:.0f}")
+            bar.update(1)
+    if bar:
+        bar.close()
+    metrics.close()
+
+    # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
+    ledger.commit(run_id, [plan.event])
+    results = {name: evaluate(m, eval_split, data) for name, m in
+               (("raw", model), ("ema", ema.model), ("polyak", polyak.model))}
+    report = {
+        "run_id": run_id, "dataset": dataset, "private": cfg.privacy.noise_seed is None,
+        "epsilon": eps_at(plan.steps), "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+        "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
+        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+        "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
+        **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
+        "examples_seen": seen, "per_example_gradient_evaluations": seen * cfg.augmult.k,
+        "train_time_s": train_time, "wall_time_s": time.time() - wall0,
+        "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9),
+    }
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    return {**report, "run_dir": str(run_dir)}

@@ -1,0 +1,154 @@
+"""DP-SGD against slow, obviously correct references (loops over single examples)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpwa.models import ModelError, check_dp_compatible, create_model
+from dpwa.models.wrn import WideResNet
+from dpwa.models.ws import WSConv2d, standardize
+from dpwa.privacy import PrivateSGD, noise_generator, per_example_grads, poisson_batches
+
+
+def reference_grads(model, views, labels):
+    """Loop: for each example, the gradient of the mean loss over its K views."""
+    out = {n: [] for n, _ in model.named_parameters()}
+    for x, y in zip(views, labels):
+        model.zero_grad()
+        F.cross_entropy(model(x), y.expand(len(x))).backward()
+        for n, p in model.named_parameters():
+            out[n].append(p.grad.clone())
+    return {n: torch.stack(v) for n, v in out.items()}
+
+
+def assert_close(got, want, rtol=1e-5):
+    for n in want:
+        scale = want[n].abs().max().clamp_min(1e-12)
+        assert (got[n] - want[n]).abs().max() <= rtol * scale + 1e-7, n
+
+
+MODELS = [
+    ("cnn_small_ws_gn", lambda: create_model("cnn_small", in_channels=1, num_classes=10, groups=4)),
+    ("cnn_tanh_ws", lambda: create_model("cnn_tanh", in_channels=1, num_classes=10, groups=4,
+                                         weight_standardization=True)),
+    ("wrn10_1_ws_gn", lambda: WideResNet(10, 1, in_channels=1, num_classes=10, groups=4)),
+]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("name, build", MODELS, ids=[m[0] for m in MODELS])
+def test_per_example_grads_match_single_example_loop(name, build, k):
+    torch.manual_seed(0)
+    model = build()
+    if isinstance(model, WideResNet):  # zero-init head makes most grads zero; perturb it
+        nn.init.normal_(model.head.weight, std=0.1)
+    views, labels = torch.randn(5, k, 1, 8, 8), torch.randint(0, 10, (5,))
+    got, losses = per_example_grads(model, views, labels)
+    assert_close(got, reference_grads(model, views, labels))
+    assert losses.shape == (5,)
+
+
+def test_ws_gradient_is_with_respect_to_the_raw_weight():
+    torch.manual_seed(0)
+    conv = WSConv2d(2, 3, kernel_size=3, padding=1)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 16, 4))
+    views, labels = torch.randn(3, 1, 2, 4, 4), torch.randint(0, 4, (3,))
+    got, _ = per_example_grads(model, views, labels)
+    # Reference by hand: gradient w.r.t. the standardised weight, pulled back through
+    # standardize by autograd, for example 0.
+    w = conv.weight.detach().clone().requires_grad_(True)
+    w_hat = standardize(w, conv.eps)
+    w_hat_leaf = w_hat.detach().requires_grad_(True)
+    out = model[2](model[1](F.conv2d(views[0], w_hat_leaf, conv.bias, padding=1)))
+    F.cross_entropy(out, labels[0].expand(1)).backward()
+    (raw,) = torch.autograd.grad(w_hat, w, w_hat_leaf.grad)
+    assert torch.allclose(got["0.weight"][0], raw, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got["0.weight"][0], w_hat_leaf.grad, rtol=1e-2)  # the test can tell them apart
+
+
+def test_augmult_k1_equals_plain_per_example_gradients():
+    torch.manual_seed(0)
+    model = create_model("cnn_small", in_channels=1, num_classes=10, groups=4)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    got, _ = per_example_grads(model, x[:, None], y)
+    for i in range(4):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            assert torch.allclose(got[n][i], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_noise_no_clipping_equals_plain_sgd():
+    torch.manual_seed(0)
+    model = create_model("cnn_small", in_channels=1, num_classes=10, groups=4)
+    plain = copy.deepcopy(model)
+    views, labels = torch.randn(6, 2, 1, 8, 8), torch.randint(0, 10, (6,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    sgd = PrivateSGD(model, opt, noise_multiplier=0.0, clip_norm=1e12, expected_batch_size=6)
+    sgd.step([(views[:4], labels[:4]), (views[4:], labels[4:])])  # two physical chunks
+    popt = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9)
+    loss = sum(F.cross_entropy(plain(v), y.expand(len(v))) for v, y in zip(views, labels)) / 6
+    loss.backward()
+    popt.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_each_example_moves_the_weights_by_at_most_lr_times_c(k, rescale):
+    """One example per step, no noise, SGD lr 1, B = 1: the update is the clipped gradient
+    (over C if rescaled), so its norm is <= C; augmult views are clipped once, not K times."""
+    torch.manual_seed(0)
+    c = 0.05
+    for i in range(4):
+        model = create_model("cnn_small", in_channels=1, num_classes=10, groups=4)
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, clip_norm=c,
+                         expected_batch_size=1, rescale_to_unit=rescale)
+        views, labels = 3 * torch.randn(1, k, 1, 8, 8), torch.randint(0, 10, (1,))
+        sgd.step([(views, labels)])
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        bound = 1.0 if rescale else c
+        assert (after - before).norm() <= bound * (1 + 1e-4)
+        assert (after - before).norm() >= 0.99 * bound  # the raw gradient is far above C
+
+
+def test_noise_std_is_sigma_c_over_b():
+    """Zero gradients (empty batches): the update is pure noise with std lr * sigma * C / B."""
+    model = nn.Linear(50, 20)
+    sigma, c, b, lr = 2.0, 0.5, 10.0, 1.0
+    sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, clip_norm=c,
+                     expected_batch_size=b, generator=noise_generator(123))
+    deltas = []
+    for _ in range(20):
+        before = model.weight.detach().clone()
+        sgd.step([])
+        deltas.append((model.weight.detach() - before).flatten())
+    std = torch.cat(deltas).std().item()
+    assert std == pytest.approx(lr * sigma * c / b, rel=0.03)  # 20k samples: ~0.5% standard error
+
+
+def test_poisson_sampling_rate():
+    gen = torch.Generator().manual_seed(0)
+    batches = poisson_batches(1000, 0.05, gen)
+    sizes = torch.tensor([len(next(batches)) for _ in range(400)], dtype=torch.float)
+    assert sizes.mean().item() == pytest.approx(50, rel=0.03)  # mean q N, standard error ~0.5%
+    assert sizes.var().item() == pytest.approx(1000 * 0.05 * 0.95, rel=0.25)  # binomial variance
+    first = next(poisson_batches(1000, 0.05, torch.Generator().manual_seed(1)))
+    assert len(set(first.tolist())) == len(first)  # no repeats within a batch
+
+
+def test_noise_generator_default_is_not_reproducible():
+    a, b = noise_generator(None), noise_generator(None)
+    assert not torch.equal(torch.randn(5, generator=a), torch.randn(5, generator=b))
+    assert torch.equal(torch.randn(5, generator=noise_generator(7)), torch.randn(5, generator=noise_generator(7)))
+
+
+def test_batchnorm_is_refused_with_a_pointer_to_groupnorm():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(ModelError, match="GroupNorm"):
+        check_dp_compatible(model)

@@ -1,0 +1,143 @@
+"""End-to-end training: the quickstart, kill-and-resume, and bad input (no ledger charge)."""
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from accounting import Ledger
+from dpwa.cli import main
+from dpwa.config import DataConfig, load_config
+from dpwa.data import DataError, load_data
+from dpwa.models import MODELS, register_model
+from dpwa.train import train
+from tests.conftest import ROOT, SHARED_DATA, run_dpwa
+
+QUICK = ROOT / "configs" / "quickstart.yaml"
+
+
+def tiny(tmp_path, *extra):
+    return load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=12", "train.checkpoint_every=4",
+                               "train.batch_size=64", "train.physical_batch_size=40", "privacy.noise_seed=1",
+                               "augmult.k=2", *extra])
+
+
+def snapshot(path):
+    if not Path(path).exists():
+        return None
+    with sqlite3.connect(path) as conn:
+        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("datasets", "runs")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_quickstart_end_to_end(tmp_path):
+    ledger = tmp_path / "ledger.sqlite"
+    out = run_dpwa("train", QUICK, f"out_dir={tmp_path / 'runs'}", "--no-progress", "--ledger", ledger, timeout=300)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "run.json", "metrics.jsonl", "checkpoint.pt",
+                                                   "report.json"}
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 2.9 < report["epsilon"] <= 3.0 and report["private"] is True
+    assert report["test_ema"]["accuracy"] > 0.8 and report["test_raw"]["accuracy"] > 0.8
+    assert "private_batch_loss_diagnostic" not in json.dumps(report)  # diagnostics stay out of the report
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 150 and "private_batch_loss_diagnostic" in rows[0]
+    runs = Ledger(ledger).runs()
+    assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 150
+    assert runs[0].spent[0].sample_rate == pytest.approx(256 / 1497)  # q = B / N exactly
+    assert report["epsilon"] == pytest.approx(Ledger(ledger).spent("digits", delta=1e-4))
+
+
+def final_weights(run_dir):
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    led_a, led_b = str(tmp_path / "a.sqlite"), str(tmp_path / "b.sqlite")
+    full = train(tiny(tmp_path / "a"), ledger_path=led_a, progress=False)
+    stopped = train(tiny(tmp_path / "b"), ledger_path=led_b, progress=False, stop_after=6)  # "killed" at step 6
+    assert stopped["stopped_at"] == 6
+    (run,) = Ledger(led_b).runs()
+    assert run.status == "reserved" and run.spent[0].steps == 4  # progress at the last checkpoint
+    resumed = train(resume=Path(stopped["run_dir"]), ledger_path=led_b, progress=False)
+    a, b = final_weights(full["run_dir"]), final_weights(resumed["run_dir"])
+    for part in ("model", "ema", "polyak"):
+        sa, sb = (a[part] if part == "model" else a[part]["weights"]), (b[part] if part == "model" else b[part]["weights"])
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (part, k)
+    runs = Ledger(led_b).runs()
+    assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 12  # one charge
+    assert resumed["epsilon"] == pytest.approx(full["epsilon"])
+    assert resumed["test_ema"] == full["test_ema"]
+
+
+def test_resume_of_a_finished_run_is_refused(tmp_path, capsys):
+    led = str(tmp_path / "l.sqlite")
+    r = train(tiny(tmp_path), ledger_path=led, progress=False)
+    before = snapshot(led)
+    assert main(["train", "--resume", r["run_dir"], "--ledger", led, "--no-progress"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
+    assert snapshot(led) == before
+
+
+@register_model("test_batchnorm_cnn")
+def _bn_model(*, in_channels, num_classes, groups, weight_standardization):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+BAD = [
+    (["nonsense.key=1"], 2, "nonsense"),
+    (["optim.lrr=2"], 2, "optim.lrr"),
+    (["privacy.delta=1"], 2, "privacy.delta must be in (0, 1)"),
+    (["train.batch_size=5000"], 2, "train.batch_size=5000 must be <= the training set size N=1497"),
+    (["augmult.k=0"], 2, "augmult.k must be >= 1"),
+    (["optim.lr=-0.5"], 2, "optim.lr must be > 0"),
+    (["data.name=npz", "data.root=/nonexistent/folder"], 2, "data.root='/nonexistent/folder'"),
+    (["model.name=test_batchnorm_cnn"], 2, "GroupNorm"),
+    (["model.name=resnet9000"], 2, "Unknown model 'resnet9000'"),
+]
+
+
+@pytest.mark.parametrize("overrides, code, needle", BAD, ids=[b[2][:30] for b in BAD])
+def test_bad_input_costs_nothing(tmp_path, capsys, overrides, code, needle):
+    led = tmp_path / "l.sqlite"
+    Ledger(led).set_budget("digits", epsilon=10.0, delta=1e-4)
+    before = snapshot(led)
+    got = main(["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", *overrides, "--ledger", str(led),
+                "--no-progress"])
+    err = capsys.readouterr().err
+    assert got == code and needle in err, err
+    assert snapshot(led) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_exhausted_budget_is_refused_before_training(tmp_path, capsys):
+    led = tmp_path / "l.sqlite"
+    Ledger(led).set_budget("digits", epsilon=1.0, delta=1e-4)
+    before = snapshot(led)
+    assert main(["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", "--ledger", str(led), "--no-progress"]) == 1
+    assert "past its budget" in capsys.readouterr().err
+    assert snapshot(led) == before and not (tmp_path / "runs").exists()
+
+
+def test_missing_cifar_names_data_root(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_data(DataConfig(name="cifar10", root=str(tmp_path), download=False))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10" / "train.npz").exists(), reason="../shared/data is absent")
+def test_npz_cifar10_and_validation_split():
+    data = load_data(DataConfig(name="npz", root=str(SHARED_DATA / "cifar10"), val_size=5000))
+    assert data.train.x.shape == (45000, 3, 32, 32) and len(data.val) == 5000 and len(data.test) == 9000
+    assert len(data.source_labels) == 50000 and data.num_classes == 10
+    train_ids = {bytes(x.numpy().tobytes()) for x in data.train.x[:200]}
+    assert not train_ids & {bytes(x.numpy().tobytes()) for x in data.val.x}  # disjoint (on a sample)
+
+
+def test_models_registry_lists_known_names():
+    assert {"cnn_small", "cnn_tanh", "wrn16_4", "wrn40_4", "wrn28_10"} <= set(MODELS)
