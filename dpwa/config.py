@@ -80,7 +80,7 @@ class PrivacyConfig:
     noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise; the run is marked not private
 
     def __post_init__(self) -> None:
-        _require((self.epsilon is None) != (self.noise_multiplier is None),
+        _require(self.epsilon is None or self.noise_multiplier is None,
                  "give exactly one of privacy.epsilon (calibrate the noise) and privacy.noise_multiplier; "
                  f"got epsilon={self.epsilon}, noise_multiplier={self.noise_multiplier}")
         _require(self.epsilon is None or (math.isfinite(self.epsilon) and self.epsilon > 0),
@@ -136,6 +136,7 @@ class TrainConfig:
     eval_every: int = 0             # steps between evaluations (0: at the end only)
     checkpoint_every: int = 50      # steps between checkpoints (and ledger progress)
     eval_split: str = "test"        # test | val: where accuracy is measured (never private train data)
+    device: str = "cpu"             # cpu | cuda | cuda:N | auto (cuda when available)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
@@ -149,6 +150,8 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
+        _require(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
+                 f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augmult: AugmultConfig = field(default_factory=AugmultConfig)
-    privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(epsilon=3.0))
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
 
     def __post_init__(self) -> None:
+        _require(self.privacy.epsilon is not None or self.privacy.noise_multiplier is not None,
+                 "give privacy.epsilon (the noise is calibrated for it) or privacy.noise_multiplier")
         _require(bool(self.name.strip()) and "/" not in self.name, f"name must be a plain word, got {self.name!r}")
         _require(self.train.eval_split != "val" or self.data.val_size > 0,
                  "train.eval_split=val needs data.val_size > 0")

@@ -16,10 +16,11 @@ __all__ = ["evaluate"]
 def evaluate(model: nn.Module, split: Split, data: Data, *, batch_size: int = 1000) -> dict[str, float]:
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct, loss = 0, 0.0
     for i in range(0, len(split), batch_size):
-        x = data.normalize(split.x[i:i + batch_size])
-        y = split.y[i:i + batch_size]
+        x = data.normalize(split.x[i:i + batch_size]).to(device)
+        y = split.y[i:i + batch_size].to(device)
         out = model(x)
         loss += float(F.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())

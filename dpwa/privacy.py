@@ -63,13 +63,14 @@ def per_example_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tenso
     return grads, losses
 
 
-def noise_generator(seed: Optional[int]) -> torch.Generator:
-    """The noise RNG: seeded from OS entropy unless a (test-only) seed is given.
+def noise_generator(seed: Optional[int], device: str | torch.device = "cpu") -> torch.Generator:
+    """The noise RNG (on the parameters' device): seeded from OS entropy unless a
+    (test-only) seed is given.
 
     A known noise seed lets anyone subtract the noise from released weights, so the
     default seed is drawn from os.urandom and never stored.
     """
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
     return g
 

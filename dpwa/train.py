@@ -70,12 +70,22 @@ def _config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def _chunks(data: Data, idx: torch.Tensor, cfg: RunConfig, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Physical chunks of a logical batch: K augmented, normalised views per example."""
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def _chunks(data: Data, idx: torch.Tensor, cfg: RunConfig, gen: torch.Generator,
+            device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Physical chunks of a logical batch: K augmented, normalised views per example.
+    Sampling and augmentation run on the CPU (their RNG state is checkpointed)."""
     a = cfg.augmult
     for part in idx.split(cfg.train.physical_batch_size):
         views = augmult_views(data.train.x[part], k=a.k, pad=a.pad, flip=a.flip, generator=gen)
-        yield data.normalize(views), data.train.y[part]
+        yield data.normalize(views).to(device), data.train.y[part].to(device)
 
 
 def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, ledger_path: Optional[str] = None,
@@ -104,12 +114,13 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         run_dir = Path(cfg.out_dir) / run_id
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
+    device = _device(cfg.train.device)
 
     # 1. Validate everything before any privacy is spent.
     data = load_data(cfg.data, seed=cfg.train.seed)
     plan = plan_run(cfg, len(data.train))
     model = create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                         groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization)
+                         groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization).to(device)
     n_source = len(data.source_labels)
     if cfg.privacy.delta >= 1 / n_source:
         warnings.warn(f"privacy.delta={cfg.privacy.delta:g} is not below 1/N = {1 / n_source:g}")
@@ -137,7 +148,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                                 weight_decay=o.weight_decay)
     sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
                      expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
-                     generator=(noise := noise_generator(cfg.privacy.noise_seed)))
+                     generator=(noise := noise_generator(cfg.privacy.noise_seed, device)))
     ema = EMA(model, decay=cfg.averaging.ema_decay, warmup=cfg.averaging.ema_warmup)
     polyak = Polyak(model, start=cfg.averaging.polyak_start)
     sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -145,7 +156,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     start, seen, train_time = 0, 0, 0.0
     ckpt_path = run_dir / "checkpoint.pt"
     if resume is not None and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path)  # tensors on the CPU; load_state_dict copies them over
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -170,7 +181,12 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
 
     eval_split = data.test if cfg.train.eval_split == "test" else data.val
-    metrics = open(run_dir / "metrics.jsonl", "a")
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume is not None and metrics_path.exists():  # drop rows of steps the resumed run will redo
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    metrics = open(metrics_path, "a")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -192,7 +208,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = next(batches)
-        stats = sgd.step(_chunks(data, idx, cfg, aug_gen))
+        stats = sgd.step(_chunks(data, idx, cfg, aug_gen, device))
         ema.update(model)
         polyak.update(model, step)
         seen += len(idx)

@@ -41,6 +41,13 @@ def test_bad_values_name_the_key(overrides, needle):
     assert needle in str(info.value)
 
 
+def test_privacy_must_be_stated(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {steps: 10}\n")
+    with pytest.raises(ConfigError, match="give privacy.epsilon"):
+        load_config(cfg)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -100,10 +100,13 @@ BAD = [
     (["data.name=npz", "data.root=/nonexistent/folder"], 2, "data.root='/nonexistent/folder'"),
     (["model.name=test_batchnorm_cnn"], 2, "GroupNorm"),
     (["model.name=resnet9000"], 2, "Unknown model 'resnet9000'"),
+    pytest.param(["train.device=cuda"], 2, "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ]
 
 
-@pytest.mark.parametrize("overrides, code, needle", BAD, ids=[b[2][:30] for b in BAD])
+@pytest.mark.parametrize("overrides, code, needle", BAD,
+                         ids=[(b.values[2] if hasattr(b, "values") else b[2])[:30] for b in BAD])
 def test_bad_input_costs_nothing(tmp_path, capsys, overrides, code, needle):
     led = tmp_path / "l.sqlite"
     Ledger(led).set_budget("digits", epsilon=10.0, delta=1e-4)
@@ -141,3 +144,42 @@ def test_npz_cifar10_and_validation_split():
 
 def test_models_registry_lists_known_names():
     assert {"cnn_small", "cnn_tanh", "wrn16_4", "wrn40_4", "wrn28_10"} <= set(MODELS)
+
+
+def test_sigkill_and_resume_from_the_command_line(tmp_path):
+    """A real kill -9 mid-run: resuming from the last checkpoint finishes with the weights of an
+    uninterrupted run (fixed test-only noise seed) and one ledger entry."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [str(QUICK), "train.steps=40", "train.checkpoint_every=5", "train.batch_size=64",
+            "train.physical_batch_size=64", "augmult.k=2", "privacy.noise_seed=3"]
+    led = tmp_path / "l.sqlite"
+    ref = run_dpwa("train", *args, f"out_dir={tmp_path / 'ref'}", "--no-progress", "--ledger", tmp_path / "r.sqlite")
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "dpwa", "train", *args, f"out_dir={tmp_path / 'killed'}",
+                             "--no-progress", "--ledger", str(led)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = list((tmp_path / "killed").glob("*/metrics.jsonl"))
+        if metrics and len(metrics[0].read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert not (run_dir / "report.json").exists()
+    assert Ledger(led).runs()[0].status == "reserved"
+    out = run_dpwa("train", "--resume", run_dir, "--no-progress", "--ledger", led)
+    assert out.returncode == 0, out.stderr
+    (ref_dir,) = (tmp_path / "ref").iterdir()
+    a, b = final_weights(ref_dir)["model"], final_weights(run_dir)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    runs = Ledger(led).runs()
+    assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 40
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # no duplicated rows for the redone steps
