@@ -226,7 +226,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if bar:
-            bar.set_postfix(loss=f"{stats['private_batch_loss_diagnostic']:.3f}", eps=f"{eps_now:.2f}",
+            bar.set_postfix(private_loss=f"{stats['private_batch_loss_diagnostic']:.3f}", eps=f"{eps_now:.2f}",
                             img_s=f"{row['images_per_s']:.0f}")
             bar.update(1)
     if bar:
