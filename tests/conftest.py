@@ -1,4 +1,6 @@
+import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +31,12 @@ def run_dpwa(*args, env=None, timeout=120):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dpwa", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=full_env, timeout=timeout)
+
+
+def ledger_snapshot(path):
+    """A hash of every ledger row (None if there is no file): proves a refusal wrote nothing."""
+    if not Path(path).exists():
+        return None
+    with sqlite3.connect(path) as conn:
+        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("meta", "datasets", "runs")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()

@@ -1,9 +1,9 @@
-import hashlib
 import multiprocessing as mp
 import sqlite3
 
 import pytest
 
+from tests.conftest import ledger_snapshot
 from accounting import (BudgetExceededError, DatasetMismatchError, Gaussian, InvalidParameterError, Ledger,
                         LedgerCorruptError, LedgerLockedError, PoissonGaussian, RunStateError, UnknownRunError,
                         epsilon, fingerprint)
@@ -16,11 +16,6 @@ def ev(sigma=3.0, steps=100, q=Q):
     return PoissonGaussian(noise_multiplier=sigma, sample_rate=q, steps=steps)
 
 
-def digest(path):
-    """Content of every table, to prove that a refused request wrote nothing."""
-    with sqlite3.connect(path) as conn:
-        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("meta", "datasets", "runs")]
-    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def test_fingerprint_depends_on_size_order_and_values():
@@ -90,10 +85,10 @@ def test_budget_refuses_a_run_before_it_starts(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.set_budget("d", epsilon=2.0, delta=DELTA)
     ledger.reserve(run_id="ok", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
-    before = digest(ledger_path)
+    before = ledger_snapshot(ledger_path)
     with pytest.raises(BudgetExceededError, match=r"'big'.*past its budget epsilon=2"):
         ledger.reserve(run_id="big", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
-    assert digest(ledger_path) == before
+    assert ledger_snapshot(ledger_path) == before
     # Committing less than planned frees budget for the next run.
     ledger.commit("ok", [ev(sigma=6.0, steps=10)])
     ledger.reserve(run_id="big", dataset="d", fingerprint=FP, events=[ev(sigma=6.0, steps=1000)])
@@ -103,10 +98,10 @@ def test_budget_refuses_a_run_before_it_starts(ledger_path):
 def test_set_budget_below_spend_needs_force(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(sigma=3.0, steps=2468)])
-    before = digest(ledger_path)
+    before = ledger_snapshot(ledger_path)
     with pytest.raises(BudgetExceededError, match="already spent epsilon=6.5"):
         ledger.set_budget("d", epsilon=1.0, delta=DELTA)
-    assert digest(ledger_path) == before
+    assert ledger_snapshot(ledger_path) == before
     ledger.set_budget("d", epsilon=1.0, delta=DELTA, force=True)
     assert ledger.remaining("d") == 0.0
     with pytest.raises(BudgetExceededError):
@@ -116,10 +111,10 @@ def test_set_budget_below_spend_needs_force(ledger_path):
 def test_one_name_one_dataset(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.reserve(run_id="r1", dataset="cifar10", fingerprint=FP, events=[ev()])
-    before = digest(ledger_path)
+    before = ledger_snapshot(ledger_path)
     with pytest.raises(DatasetMismatchError, match="fingerprint"):
         ledger.reserve(run_id="r2", dataset="cifar10", fingerprint=fingerprint(range(999)), events=[ev()])
-    assert digest(ledger_path) == before
+    assert ledger_snapshot(ledger_path) == before
 
 
 def test_budget_set_before_first_run_binds_on_first_run(ledger_path):

@@ -1,14 +1,13 @@
 """Bad input to `dpwa budget` and `dpwa ledger`: a clear message naming the value, a
 non-zero exit code, and no change to the ledger."""
 
-import hashlib
 import sqlite3
 
 import pytest
 
 from accounting import Ledger, PoissonGaussian, fingerprint
 from dpwa.cli import main
-from tests.conftest import run_dpwa
+from tests.conftest import ledger_snapshot, run_dpwa
 
 FP = fingerprint(range(1000))
 BASE = ["--sigma", "3", "--sample-rate", "0.08192", "--steps", "100", "--delta", "1e-5"]
@@ -35,10 +34,6 @@ def ledger(ledger_path):
     return ledger_path
 
 
-def snapshot(path):
-    with sqlite3.connect(path) as conn:
-        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("meta", "datasets", "runs")]
-    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def call(args, capsys):
@@ -103,12 +98,12 @@ CASES = [
 
 @pytest.mark.parametrize("argv, code, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input(ledger, capsys, argv, code, needle):
-    before = snapshot(ledger)
+    before = ledger_snapshot(ledger)
     got, err = call(argv, capsys)
     assert got == code, err
     assert needle in err
     assert "Traceback" not in err
-    assert snapshot(ledger) == before
+    assert ledger_snapshot(ledger) == before
 
 
 def test_corrupt_ledger_file(tmp_path, capsys):

@@ -1,8 +1,6 @@
 """End-to-end training: the quickstart, kill-and-resume, and bad input (no ledger charge)."""
 
-import hashlib
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from dpwa.config import DataConfig, load_config
 from dpwa.data import DataError, load_data
 from dpwa.models import MODELS, register_model
 from dpwa.train import train
-from tests.conftest import ROOT, SHARED_DATA, run_dpwa
+from tests.conftest import ROOT, SHARED_DATA, ledger_snapshot, run_dpwa
 
 QUICK = ROOT / "configs" / "quickstart.yaml"
 
@@ -26,12 +24,6 @@ def tiny(tmp_path, *extra):
                                "augmult.k=2", *extra])
 
 
-def snapshot(path):
-    if not Path(path).exists():
-        return None
-    with sqlite3.connect(path) as conn:
-        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("datasets", "runs")]
-    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
 def test_quickstart_end_to_end(tmp_path):
@@ -79,10 +71,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_resume_of_a_finished_run_is_refused(tmp_path, capsys):
     led = str(tmp_path / "l.sqlite")
     r = train(tiny(tmp_path), ledger_path=led, progress=False)
-    before = snapshot(led)
+    before = ledger_snapshot(led)
     assert main(["train", "--resume", r["run_dir"], "--ledger", led, "--no-progress"]) == 1
     assert "nothing to resume" in capsys.readouterr().err
-    assert snapshot(led) == before
+    assert ledger_snapshot(led) == before
 
 
 @register_model("test_batchnorm_cnn")
@@ -110,22 +102,22 @@ BAD = [
 def test_bad_input_costs_nothing(tmp_path, capsys, overrides, code, needle):
     led = tmp_path / "l.sqlite"
     Ledger(led).set_budget("digits", epsilon=10.0, delta=1e-4)
-    before = snapshot(led)
+    before = ledger_snapshot(led)
     got = main(["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", *overrides, "--ledger", str(led),
                 "--no-progress"])
     err = capsys.readouterr().err
     assert got == code and needle in err, err
-    assert snapshot(led) == before
+    assert ledger_snapshot(led) == before
     assert not (tmp_path / "runs").exists()
 
 
 def test_exhausted_budget_is_refused_before_training(tmp_path, capsys):
     led = tmp_path / "l.sqlite"
     Ledger(led).set_budget("digits", epsilon=1.0, delta=1e-4)
-    before = snapshot(led)
+    before = ledger_snapshot(led)
     assert main(["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", "--ledger", str(led), "--no-progress"]) == 1
     assert "past its budget" in capsys.readouterr().err
-    assert snapshot(led) == before and not (tmp_path / "runs").exists()
+    assert ledger_snapshot(led) == before and not (tmp_path / "runs").exists()
 
 
 def test_missing_cifar_names_data_root(tmp_path):
