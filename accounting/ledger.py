@@ -328,9 +328,15 @@ class Ledger:
             raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
         return found[0]
 
+    def _counted(self, conn: sqlite3.Connection, dataset: str) -> list[Event]:
+        return merge(e for r in self._runs(conn, dataset=dataset) for e in r.counted)
+
     def counted_events(self, dataset: str) -> list[Event]:
         """Every event that counts towards `dataset`'s spend (reservations in full)."""
-        return merge(e for r in self.runs(dataset) for e in r.counted)
+        if self._conn is None:
+            return []
+        with self._locked_errors():
+            return self._counted(self._conn, dataset)
 
     def spent(self, dataset: str, *, delta: Optional[float] = None,
               accountant: Optional[str] = None) -> float:
@@ -391,8 +397,7 @@ class Ledger:
                 conn.execute("INSERT INTO datasets VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
                              (dataset, size, epsilon, delta, accountant, now, now))
             else:
-                runs = self._runs(conn, dataset=dataset)
-                counted = [e for r in runs for e in r.counted]
+                counted = self._counted(conn, dataset)
                 spent = _accountants.epsilon(counted, delta=delta, accountant=accountant)
                 if spent > epsilon and not force:
                     raise BudgetExceededError(
@@ -450,7 +455,7 @@ class Ledger:
             record = self._dataset_row(conn, dataset)
             assert record is not None
             if record.budget_epsilon is not None:
-                counted = [e for r in self._runs(conn, dataset=dataset) for e in r.counted]
+                counted = self._counted(conn, dataset)
                 after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
                 if after > record.budget_epsilon:
                     before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)

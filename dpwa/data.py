@@ -133,8 +133,9 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Data:
         v, t = order[: cfg.val_size], order[cfg.val_size:]
         val, train = Split(train.x[v], train.y[v]), Split(train.x[t], train.y[t])
     channels = train.x.shape[1]
-    mean = torch.tensor(cfg.mean if cfg.mean is not None else _PUBLIC_STATS.get(cfg.name, ([0.5] * channels,))[0])
-    std = torch.tensor(cfg.std if cfg.std is not None else _PUBLIC_STATS.get(cfg.name, (None, [0.25] * channels))[1])
+    default_mean, default_std = _PUBLIC_STATS.get(cfg.name, ([0.5] * channels, [0.25] * channels))
+    mean = torch.tensor(cfg.mean if cfg.mean is not None else default_mean)
+    std = torch.tensor(cfg.std if cfg.std is not None else default_std)
     if mean.numel() != channels or std.numel() != channels:
         raise DataError(f"data.mean / data.std need {channels} values (one per channel), got {mean.tolist()} / "
                         f"{std.tolist()}")

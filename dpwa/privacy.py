@@ -111,9 +111,13 @@ class PrivateSGD:
 
         Returns local diagnostics over the private batch: not covered by the guarantee.
         """
-        chunks = list(chunks) or [None]
         loss_sum, count = 0.0, 0
-        for i, chunk in enumerate(chunks):
+        # Look one chunk ahead to know which is last (the one that adds noise and steps),
+        # so that only one chunk's augmented views are in memory at a time.
+        pending = iter(chunks)
+        chunk = next(pending, None)
+        while True:
+            following = next(pending, None)
             if chunk is None or len(chunk[1]) == 0:
                 grads = {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}
             else:
@@ -122,11 +126,14 @@ class PrivateSGD:
                 count += len(losses)
             for name, p in self.params.items():
                 p.grad_sample = grads[name]
-            self.dp.signal_skip_step(do_skip=i < len(chunks) - 1)
+            self.dp.signal_skip_step(do_skip=following is not None)
             if self.dp.pre_step():
                 if self.rescale_to_unit:
                     for p in self.params.values():
                         p.grad /= self.clip_norm
                 self.dp.original_optimizer.step()
             self.dp.zero_grad(set_to_none=True)
+            if following is None:
+                break
+            chunk = following
         return {"private_batch_loss_diagnostic": loss_sum / max(count, 1), "batch_size": count}

@@ -181,6 +181,9 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
 
     eval_split = data.test if cfg.train.eval_split == "test" else data.val
+    if cfg.train.eval_split == "val":
+        warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
+                      "covered by the DP guarantee; use it to tune locally, do not publish it")
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None and metrics_path.exists():  # drop rows of steps the resumed run will redo
         kept = [line for line in metrics_path.read_text().splitlines()
@@ -239,7 +242,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                (("raw", model), ("ema", ema.model), ("polyak", polyak.model))}
     report = {
         "run_id": run_id, "dataset": dataset, "private": cfg.privacy.noise_seed is None,
-        "epsilon": eps_at(plan.steps), "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+        "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
         "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
         "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,

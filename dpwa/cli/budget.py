@@ -117,17 +117,11 @@ def run(a: argparse.Namespace) -> int:
         print_json(result)
         return 0
     label = {"prv": "prv (upper bound)", "rdp": "rdp", "pld": "pld"}[acc]
-    rows = [("accountant", label, ""),
-            ("noise multiplier", fmt(known["sigma"]), ""),
-            ("sample rate", fmt(q), ""),
-            ("steps", fmt(known["steps"]), ""),
-            ("epochs", fmt(epochs), "") if epochs is not None else None,
-            ("delta", fmt(known["delta"]), ""),
-            ("epsilon", fmt(known["epsilon"]), "")]
-    rows = [list(r) for r in rows if r is not None]
-    for r in rows:
-        if r[0].replace("noise multiplier", "sigma") == solve or (solve == "sigma" and r[0] == "noise multiplier"):
-            r[2] = "<- computed"
+    computed = {"sigma": "noise multiplier", "steps": "steps", "epsilon": "epsilon", "delta": "delta"}[solve]
+    rows = [["accountant", label], ["noise multiplier", fmt(known["sigma"])], ["sample rate", fmt(q)],
+            ["steps", fmt(known["steps"])], *([["epochs", fmt(epochs)]] if epochs is not None else []),
+            ["delta", fmt(known["delta"])], ["epsilon", fmt(known["epsilon"])]]
+    rows = [[name, value, "<- computed" if name == computed else ""] for name, value in rows]
     if spent is not None:
         rows.append(["epsilon spent", fmt(spent), f"(<= {fmt(a.epsilon)})"])
     print_table(rows)

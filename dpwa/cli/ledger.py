@@ -115,26 +115,21 @@ def _describe(events: tuple[Event, ...] | list[Event]) -> str:
     return "; ".join(parts) or "nothing"
 
 
-def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant: str | None) -> dict:
+def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant: str | None
+                     ) -> tuple[dict, list[RunRecord]]:
     record = ledger.dataset(name)
     d = delta if delta is not None else record.budget_delta
     acc = accountant or record.accountant
     runs = ledger.runs(name)
-    spent = None
-    if d is not None:
-        spent = accountants.epsilon([e for r in runs for e in r.counted], delta=d, accountant=acc)
+    spent = ledger.spent(name, delta=d, accountant=acc) if d is not None else None
     remaining = None
     if record.budget_epsilon is not None and spent is not None:
         remaining = max(record.budget_epsilon - spent, 0.0)
-    return {**record.to_dict(), "delta_reported": d, "accountant_reported": acc, "epsilon_spent": spent,
-            "epsilon_remaining": remaining, "runs": [_run_summary(r, d, acc) for r in runs]}
-
-
-def _run_summary(run: RunRecord, delta: float | None, accountant: str) -> dict:
-    out = run.to_dict()
-    out["epsilon_counted"] = (accountants.epsilon(run.counted, delta=delta, accountant=accountant)
-                              if delta is not None else None)
-    return out
+    summary = {**record.to_dict(), "delta_reported": d, "accountant_reported": acc, "epsilon_spent": spent,
+               "epsilon_remaining": remaining, "runs": [
+                   {**r.to_dict(), "epsilon_counted": accountants.epsilon(r.counted, delta=d, accountant=acc)
+                    if d is not None else None} for r in runs]}
+    return summary, runs
 
 
 def _show(a: argparse.Namespace) -> int:
@@ -142,15 +137,15 @@ def _show(a: argparse.Namespace) -> int:
         accountants._check_delta(a.delta)
     ledger = _open(a, create=False)
     names = [a.dataset] if a.dataset else [d.name for d in ledger.datasets()]
-    summaries = [_dataset_summary(ledger, n, a.delta, a.accountant) for n in names]
+    shown = [_dataset_summary(ledger, n, a.delta, a.accountant) for n in names]
     if a.json:
-        print_json({"ledger": str(ledger.path), "datasets": summaries})
+        print_json({"ledger": str(ledger.path), "datasets": [s for s, _ in shown]})
         return 0
-    if not summaries:
+    if not shown:
         print(f"ledger {ledger.path}: no datasets yet")
         return 0
     print(f"ledger {ledger.path}")
-    for s in summaries:
+    for s, runs in shown:
         budget = (f"epsilon {fmt(s['budget_epsilon'])} at delta {fmt(s['budget_delta'])}"
                   if s["budget_epsilon"] is not None else "none")
         spent = (f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
@@ -158,24 +153,13 @@ def _show(a: argparse.Namespace) -> int:
         print()
         print_table([("dataset", s["name"]), ("fingerprint", s["fingerprint"] or "-"), ("size", fmt(s["size"])),
                      ("budget", budget), ("spent", spent), ("remaining", fmt(s["epsilon_remaining"]))])
-        if s["runs"]:
+        if runs:
             print()
-            print_table([(r["run_id"], r["status"], fmt(r["epsilon_counted"]),
-                          _describe(RunRecordView(r).counted), r["created_at"][:19].replace("T", " "),
-                          r["reason"] or "")
-                         for r in s["runs"]],
+            print_table([(r.run_id, r.status, fmt(row["epsilon_counted"]), _describe(r.counted),
+                          r.created_at[:19].replace("T", " "), r.reason or "")
+                         for r, row in zip(runs, s["runs"])],
                         header=("run", "status", "epsilon", "counted", "created (UTC)", "reason"))
     return 0
-
-
-class RunRecordView:
-    """The counted events of a run summary dict (for printing)."""
-
-    def __init__(self, summary: dict) -> None:
-        from accounting.events import events_from_json_list
-
-        key = "planned" if summary["status"] == "reserved" else "spent"
-        self.counted = events_from_json_list(summary[key])
 
 
 def _set_budget(a: argparse.Namespace) -> int:
@@ -202,7 +186,7 @@ def _remaining(a: argparse.Namespace) -> int:
     record = ledger.dataset(a.dataset)
     if record.budget_epsilon is None:
         raise LedgerError(f"Dataset {a.dataset!r} has no budget; set one with `dpwa ledger set-budget`")
-    spent = ledger.spent(a.dataset)
+    spent = ledger.spent(a.dataset)  # at the budget's delta, with the budget's accountant
     result = {"dataset": a.dataset, "budget_epsilon": record.budget_epsilon, "budget_delta": record.budget_delta,
               "accountant": record.accountant, "epsilon_spent": spent,
               "epsilon_remaining": max(record.budget_epsilon - spent, 0.0)}
