@@ -38,8 +38,13 @@ class DataConfig:
     # CIFAR values for cifar10/cifar100, 0.5 / 0.25 otherwise.
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
+    # Fixed features computed once from the normalised images before training: none, or
+    # scattering (ScatterNet J=2 L=8, Tramer & Boneh 2021; needs augmult.k=1).
+    features: str = "none"
 
     def __post_init__(self) -> None:
+        _require(self.features in ("none", "scattering"),
+                 f"data.features must be none or scattering, got {self.features!r}")
         _require(self.std is None or all(s > 0 for s in self.std), f"data.std must be > 0, got {self.std}")
         _require(self.name in ("digits", "cifar10", "cifar100", "npz"),
                  f"data.name must be one of digits, cifar10, cifar100, npz; got {self.name!r}")
@@ -78,6 +83,9 @@ class PrivacyConfig:
     accountant: str = "prv"                   # rdp | prv | pld
     ledger: Optional[str] = None              # ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)
     noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise; the run is marked not private
+    # Per-example clipping engine (dpwa.engines): dpwa-fast | torch-func | opacus-hooks |
+    # opacus-functorch | opacus-ghost. Same guarantee; they differ in speed and memory.
+    engine: str = "dpwa-fast"
 
     def __post_init__(self) -> None:
         _require(self.epsilon is None or self.noise_multiplier is None,
@@ -89,6 +97,9 @@ class PrivacyConfig:
                  f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
         _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        _require(self.engine in ("dpwa-fast", "torch-func", "opacus-hooks", "opacus-functorch", "opacus-ghost"),
+                 "privacy.engine must be one of dpwa-fast, torch-func, opacus-hooks, opacus-functorch, opacus-ghost; "
+                 f"got {self.engine!r}")
         _require(self.accountant in ("rdp", "prv", "pld"),
                  f"privacy.accountant must be one of rdp, prv, pld; got {self.accountant!r}")
 
@@ -142,8 +153,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.physical_batch_size >= 1,
                  f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}")
-        _require((self.steps is None) != (self.epochs is None),
-                 f"give exactly one of train.steps and train.epochs; got steps={self.steps}, epochs={self.epochs}")
+        _require(self.steps is None or self.epochs is None,
+                 f"give only one of train.steps and train.epochs; got steps={self.steps}, epochs={self.epochs}")
         _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
         _require(self.threads >= 1, f"train.threads must be >= 1, got {self.threads}")
@@ -164,14 +175,22 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
         _require(self.privacy.epsilon is not None or self.privacy.noise_multiplier is not None,
                  "give privacy.epsilon (the noise is calibrated for it) or privacy.noise_multiplier")
+        _require(self.train.steps is not None or self.train.epochs is not None,
+                 "give train.steps (DP-SGD steps) or train.epochs (passes over the data)")
         _require(bool(self.name.strip()) and "/" not in self.name, f"name must be a plain word, got {self.name!r}")
         _require(self.train.eval_split != "val" or self.data.val_size > 0,
                  "train.eval_split=val needs data.val_size > 0")
+        _require(self.privacy.engine != "opacus-ghost" or self.augmult.k == 1,
+                 f"privacy.engine=opacus-ghost clips every augmented view separately, so augmult.k={self.augmult.k} "
+                 "is not allowed with it; use privacy.engine=dpwa-fast")
+        _require(self.data.features == "none" or self.augmult.k == 1,
+                 f"augmult.k={self.augmult.k} with data.features={self.data.features}: features are computed once "
+                 "from the unaugmented images, so augmentation multiplicity is not available; set augmult.k=1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -26,7 +26,7 @@ class DataError(ConfigError):
 
 @dataclass
 class Split:
-    x: torch.Tensor  # uint8 (N, C, H, W)
+    x: torch.Tensor  # uint8 (N, C, H, W); float features with data.features
     y: torch.Tensor  # int64 (N,)
 
     def __len__(self) -> int:
@@ -43,13 +43,16 @@ class Data:
     std: torch.Tensor
     num_classes: int
     source_labels: np.ndarray  # labels of the whole private source (train + val), for the ledger fingerprint
+    features: str = "none"     # with fixed features (dpwa.features), x holds them as float, already normalised
 
     @property
     def in_channels(self) -> int:
         return self.train.x.shape[1]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 (..., C, H, W) -> float, per-channel standardised."""
+        """uint8 (..., C, H, W) -> float, per-channel standardised (features pass through)."""
+        if self.features != "none":
+            return x_uint8
         shape = (1,) * (x_uint8.dim() - 3) + (-1, 1, 1)
         return (x_uint8.float().div_(255.0) - self.mean.view(shape)) / self.std.view(shape)
 
@@ -139,4 +142,12 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Data:
     if mean.numel() != channels or std.numel() != channels:
         raise DataError(f"data.mean / data.std need {channels} values (one per channel), got {mean.tolist()} / "
                         f"{std.tolist()}")
-    return Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
+    data = Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
+    if cfg.features == "scattering":
+        from .features import scattering
+
+        for split in (train, test, val):
+            if split is not None:
+                split.x = scattering(data.normalize(split.x))
+        data.features = cfg.features
+    return data

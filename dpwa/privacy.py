@@ -3,15 +3,14 @@ Gaussian noise, large logical batches in physical chunks.
 
 * Sampling: each example joins a logical batch independently with probability q = B/N
   (Opacus's `UniformWithReplacementSampler`); q is exactly what the ledger records.
-* Per-example gradients: `torch.func` (vmap of grad over examples) on the whole model. With
-  augmentation multiplicity an example's K views go through the model together and its
-  gradient is the mean over them, so what is clipped is one gradient per example, and
-  per-example gradient memory is B x params, not B x K x params. Weight-standardised convs
-  and GroupNorm are differentiated exactly (through the standardisation, w.r.t. the raw
-  weight).
-* Clipping, noise, scaling: Opacus's `DPOptimizer` (clip to C, add N(0, sigma^2 C^2) once per
-  logical batch, divide by the expected batch size B), accumulated over physical chunks
-  with its skip-step signal.
+* Per-example clipping: an engine (`dpwa.engines`) returns, per physical chunk, the sum of the
+  examples' clipped gradients. With augmentation multiplicity an example's gradient is the
+  mean over its K views, clipped once, so the sensitivity stays C. `per_example_grads` below
+  (torch.func vmap over examples of the whole model) is the reference the engines are
+  tested against.
+* Noise, scaling: Opacus's `DPOptimizerFastGradientClipping` (accumulate the clipped sums over
+  the chunks, add N(0, sigma^2 C^2) once per logical batch, divide by the expected batch
+  size B), with its skip-step signal.
 """
 
 from __future__ import annotations
@@ -87,19 +86,26 @@ class PrivateSGD:
             which would leak it).
         rescale_to_unit: divide the update by C (De et al.): noise std sigma, gradients <= 1.
         generator: noise RNG (see `noise_generator`).
+        engine: how per-example clipped sums are computed (`dpwa.engines.ENGINES`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  clip_norm: float, expected_batch_size: float, rescale_to_unit: bool = False,
-                 generator: Optional[torch.Generator] = None) -> None:
-        from opacus.optimizers import DPOptimizer
+                 generator: Optional[torch.Generator] = None, engine: str = "dpwa-fast") -> None:
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+
+        from .engines import make_engine
 
         self.model = model
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip_norm = clip_norm
         self.rescale_to_unit = rescale_to_unit
-        self.dp = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-                              expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
+        self.engine = make_engine(engine, model)
+        # Opacus's optimizer for already-clipped sums: accumulates them over the chunks, adds
+        # N(0, sigma^2 C^2) once per logical batch and divides by the expected batch size.
+        self.dp = DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+            expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -118,18 +124,17 @@ class PrivateSGD:
         chunk = next(pending, None)
         while True:
             following = next(pending, None)
-            if chunk is None or len(chunk[1]) == 0:
-                grads = {n: p.new_zeros((0, *p.shape)) for n, p in self.params.items()}
-            else:
-                grads, losses = per_example_grads(self.model, *chunk)
+            sums: dict = {}
+            if chunk is not None and len(chunk[1]) > 0:
+                sums, losses, _ = self.engine.clipped_sum(*chunk, self.clip_norm)
                 loss_sum += float(losses.sum())
                 count += len(losses)
-            for name, p in self.params.items():
-                p.grad_sample = grads[name]
+            for p in self.params:
+                p.grad = sums[p].detach() if p in sums else torch.zeros_like(p)
             self.dp.signal_skip_step(do_skip=following is not None)
             if self.dp.pre_step():
                 if self.rescale_to_unit:
-                    for p in self.params.values():
+                    for p in self.params:
                         p.grad /= self.clip_norm
                 self.dp.original_optimizer.step()
             self.dp.zero_grad(set_to_none=True)

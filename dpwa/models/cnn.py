@@ -1,5 +1,6 @@
 """Small CNNs for CPU-scale DP training.
 
+`scatter_cnn`: the CNN on ScatterNet features (dpwa.features) of Tramer & Boneh 2021.
 `cnn_tanh`: the end-to-end DP CIFAR CNN of Papernot et al. 2021 ("Tempered sigmoid
 activations") / Tramer & Boneh 2021, with GroupNorm: conv3x3 32,32 -> pool -> 64,64 -> pool
 -> 128,128 -> pool -> linear (0.31M parameters on CIFAR). It is the plain-Opacus baseline's
@@ -43,3 +44,16 @@ def cnn_small(*, in_channels: int, num_classes: int, groups: int = 8, weight_sta
         _conv(in_channels, 16, weight_standardization), _gn(groups, 16), nn.Tanh(), nn.AvgPool2d(2),
         _conv(16, 32, weight_standardization), _gn(groups, 32), nn.Tanh(), nn.AdaptiveAvgPool2d(2),
         nn.Flatten(), nn.Linear(32 * 4, num_classes))
+
+
+@register_model("scatter_cnn")
+def scatter_cnn(*, in_channels: int, num_classes: int, groups: int = 27, weight_standardization: bool = False,
+                width: int = 64) -> nn.Module:
+    """The CNN on ScatterNet features of Tramer & Boneh 2021 (CIFAR-10: 243 x 8 x 8 inputs):
+    GroupNorm without affine parameters on the features (normalisation at no privacy cost),
+    conv3x3 64 -> tanh -> maxpool -> conv3x3 64 -> tanh -> linear (0.19M parameters)."""
+    return nn.Sequential(
+        nn.GroupNorm(min(groups, in_channels), in_channels, affine=False),
+        _conv(in_channels, width, weight_standardization), nn.Tanh(), nn.MaxPool2d(2),
+        _conv(width, width, weight_standardization), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, num_classes))

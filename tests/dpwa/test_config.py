@@ -32,7 +32,9 @@ def test_overrides():
     (["privacy.accountant=moments"], "moments"),
     (["model.groups=0"], "model.groups"),
     (["data.name=imagenet"], "imagenet"),
-    (["train.epochs=3"], "exactly one of train.steps and train.epochs"),
+    (["train.epochs=3"], "only one of train.steps and train.epochs"),
+    (["augmult.k=2", "data.features=scattering"], "augmult.k=2 with data.features=scattering"),
+    (["data.features=sift"], "data.features must be none or scattering, got 'sift'"),
     (["optim.lr"], "key.sub=value"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
@@ -45,6 +47,15 @@ def test_privacy_must_be_stated(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train: {steps: 10}\n")
     with pytest.raises(ConfigError, match="give privacy.epsilon"):
+        load_config(cfg)
+
+
+def test_steps_or_epochs(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {epochs: 2.5}\n")  # epochs alone: no default steps collide
+    assert load_config(cfg).train.epochs == 2.5 and load_config(cfg).train.steps is None
+    cfg.write_text("privacy: {epsilon: 1}\n")
+    with pytest.raises(ConfigError, match="give train.steps"):
         load_config(cfg)
 
 

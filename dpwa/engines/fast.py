@@ -1,0 +1,111 @@
+"""The dpwa-fast engine: per-example clipping from one forward and one backward pass.
+
+Forward hooks record each trainable layer's input and output. One `autograd.grad` call asks
+only for the gradients of those outputs, so autograd skips the weight-gradient work of
+backprop altogether. Each layer's rule (`rules.py`) then turns (input, output gradient)
+into per-example squared norms, by instantiating per-example gradients or by ghost norm,
+whichever is cheaper for its shape; with the clip factors known, each layer's clipped sum
+is one weight-gradient contraction (book-keeping, Bu et al. 2023). Augmentation
+multiplicity costs nothing extra: an example's K views are more positions of the same
+example in every contraction, so memory is per example, never per view.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from .rules import SUPPORTED, Record, rule_for
+
+__all__ = ["FastEngine", "EngineError"]
+
+
+class EngineError(ConfigError):
+    """The model has a layer this engine cannot handle (the message names it and the fix)."""
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED) or type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame")
+
+
+class FastEngine:
+    """Args:
+        model: a model whose trainable parameters all sit directly in supported layers.
+        mode: "auto" (cheaper of ghost norm and instantiation per layer), "ghost" or
+            "instantiate" (all layers; for tests and benchmarks).
+    """
+
+    name = "dpwa-fast"
+
+    def __init__(self, model: nn.Module, *, mode: str = "auto") -> None:
+        if mode not in ("auto", "ghost", "instantiate"):
+            raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
+        self.model, self.mode = model, mode
+        self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
+        for name, module in model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            if not _is_supported(module):
+                raise EngineError(
+                    f"privacy.engine=dpwa-fast has no per-example rule for layer {name!r} ({type(module).__name__}, "
+                    f"trainable {sorted(own)}); use privacy.engine=torch-func, which handles any layer")
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                raise EngineError(f"layer {name!r}: padding_mode={module.padding_mode!r} is not supported by "
+                                  "privacy.engine=dpwa-fast; use privacy.engine=torch-func")
+            self.layers[module] = own
+        self._records: Optional[list[Record]] = None
+        self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self._records is None or not torch.is_grad_enabled():
+            return  # evaluation, EMA copies, non-private forward passes
+        if any(r.module is module for r in self._records):
+            raise EngineError(f"{type(module).__name__} is called twice in one forward pass (shared weights); "
+                              "use privacy.engine=torch-func")
+        x = inputs[0].detach()
+        if getattr(module, "same_pad", False):  # timm's *Same convs pad inside forward (TF "SAME")
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, module.kernel_size, module.stride, module.dilation)
+        self._records.append(Record(module, x, output, output._version))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float
+                    ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Sum over examples of their clipped gradients (the mean over their K views, clipped to
+        `clip_norm`), for views (B, K, ...) and labels (B,).
+
+        Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
+        """
+        b, k = views.shape[:2]
+        self._records = []
+        try:
+            out = self.model(views.flatten(0, 1))
+        finally:
+            records, self._records = self._records, None
+        losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
+        gos = torch.autograd.grad(losses.sum(), [r.out for r in records], allow_unused=True)
+        rules = []
+        for rec, go in zip(records, gos):
+            if rec.out._version != rec.version:
+                raise EngineError(f"the output of {type(rec.module).__name__} is modified in place after the layer "
+                                  "(e.g. ReLU(inplace=True)); make that operation out of place")
+            if go is None:
+                go = torch.zeros_like(rec.out)
+            rules.append(rule_for(rec, go.detach(), b, self.mode))
+        norms = torch.sqrt(torch.clamp(sum(r.norms2() for r in rules), min=0)) if rules else torch.zeros(b)
+        factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip rule
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        for rule, rec in zip(rules, records):
+            for name, value in rule.clipped_sum(factors).items():
+                param = self.layers[rec.module][name]
+                sums[param] = value.reshape(param.shape)
+        return sums, losses.detach(), norms

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""One DP-SGD step against the same non-private step, per model and per-example engine:
+median step time and peak memory, with ratios to non-private. Prints a markdown table.
+
+    python experiments/bench_dp_step.py --out experiments/results/bench_dp_step.md
+    python experiments/bench_dp_step.py --profile wrn16_4     # where dpwa-fast's time goes
+
+Time: all engines of a model live in one process and take turns step by step (A B C D E,
+A B C D E, ...) for --repeats rounds after a warm-up step each, and the table gives
+medians, because these machines' speed drifts up to 2.5x between identical runs.
+Memory: each (model, engine) runs alone in a fresh process; "peak" is the growth of the
+resident set during one step (sampled every millisecond) above what the process holds
+before it (model, batch, optimizer state, after a warm-up step).
+A DP step is `PrivateSGD.step` (per-example clipping, noise, momentum SGD); the non-private
+step is forward, mean loss, backward, momentum SGD on the same views. Every model sees the
+same number of images per step (--images): K=1 uses B=images examples, K=4 and K=16 use
+images/K examples with K views each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ENGINES = ["non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "dpwa-fast"]
+CASES = {  # name -> (model, weight standardisation, K)
+    "cnn_tanh (small CNN)": ("cnn_tanh", False, 1),
+    "WRN-16-4 WS+GN": ("wrn16_4", True, 1),
+    "WRN-16-4 WS+GN, K=4": ("wrn16_4", True, 4),
+    "WRN-16-4 WS+GN, K=16": ("wrn16_4", True, 16),
+}
+
+
+def build(case: str, images: int, seed: int = 0):
+    from dpwa.models import create_model
+
+    name, ws, k = CASES[case]
+    torch.manual_seed(seed)
+    model = create_model(name, in_channels=3, num_classes=10, groups=16 if name.startswith("wrn") else 8,
+                         weight_standardization=ws)
+    for p in model.parameters():  # WRN's zero-init head would make most gradients zero
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+    b = images // k
+    views = torch.randn(b, k, 3, 32, 32)
+    labels = torch.randint(0, 10, (b,))
+    return model, views, labels
+
+
+def make_step(engine: str, model, views, labels):
+    """A callable doing one full optimisation step; None when the engine cannot do this case."""
+    from dpwa.privacy import PrivateSGD
+
+    k = views.shape[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if engine == "non-private":
+        flat, rep = views.flatten(0, 1), labels.repeat_interleave(k)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(flat), rep).backward()
+            opt.step()
+        return step
+    if engine == "opacus-ghost" and k > 1:
+        return None  # clips each view separately: not example-level DP with augmult
+    sgd = PrivateSGD(model, opt, noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=len(labels),
+                     engine=engine)
+    return lambda: sgd.step([(views, labels)])
+
+
+def time_case(case: str, images: int, repeats: int) -> dict[str, list[float]]:
+    import copy
+
+    model, views, labels = build(case, images)
+    steps = {}
+    for engine in ENGINES:
+        step = make_step(engine, copy.deepcopy(model), views, labels)
+        if step is not None:
+            step()  # warm-up
+            steps[engine] = step
+    times: dict[str, list[float]] = {e: [] for e in steps}
+    for r in range(repeats):
+        order = list(steps)[r % len(steps):] + list(steps)[:r % len(steps)]  # rotate who goes first
+        for engine in order:
+            t0 = time.perf_counter()
+            steps[engine]()
+            times[engine].append(time.perf_counter() - t0)
+    return times
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def memory_child(case: str, engine: str, images: int) -> None:
+    """In a fresh process: peak resident-set growth (MB) during one step (after a warm-up
+    step), sampled every millisecond by a thread."""
+    import threading
+
+    model, views, labels = build(case, images)
+    step = make_step(engine, model, views, labels)
+    if step is None:
+        print(json.dumps(None))
+        return
+    step()
+    before, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    step()
+    done.set()
+    sampler.join()
+    print(json.dumps(max(peak[0], _rss_mb()) - before))
+
+
+def memory(case: str, engine: str, images: int, threads: int) -> float | None:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", case, engine, "--images", str(images),
+                          "--threads", str(threads)], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})  # big blocks go back to the OS
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def profile(case: str, images: int) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, views, labels = build(case, images)
+    lines = []
+    for engine in ("non-private", "dpwa-fast"):
+        step = make_step(engine, model, views, labels)
+        step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        lines.append(f"### {engine}\n\n```\n{prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=15)}\n```")
+    return "\n\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
+    p.add_argument("--images", type=int, default=64, help="images (examples x views) per step")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--profile", choices=list(CASES), help="profile non-private vs dpwa-fast on this case")
+    p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.memory_child:
+        memory_child(*a.memory_child, a.images)
+        return
+    if a.profile:
+        print(profile(a.profile, a.images))
+        return
+    header = (f"One step, {a.images} images (examples x views) per step, {a.threads} threads, medians of {a.repeats} "
+              f"interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}.\nCommand: `python experiments/bench_dp_step.py"
+              f"{' --images ' + str(a.images) if a.images != 64 else ''} --repeats {a.repeats}`\n")
+    rows = ["| model | engine | step time (s) | x non-private | peak memory (MB) | x non-private |",
+            "|---|---|---|---|---|---|"]
+    for case in a.cases:
+        times = time_case(case, a.images, a.repeats)
+        base_t = statistics.median(times["non-private"])
+        base_m = memory(case, "non-private", a.images, a.threads)
+        for engine in ENGINES:
+            if engine not in times:
+                rows.append(f"| {case} | {engine} | n/a (clips each view, not each example) | | | |")
+                continue
+            t = statistics.median(times[engine])
+            m = base_m if engine == "non-private" else memory(case, engine, a.images, a.threads)
+            rows.append(f"| {case} | {engine} | {t:.3f} | {t / base_t:.2f} | {m:.0f} | {m / base_m:.2f} |")
+            print(rows[-1], flush=True)
+    text = header + "\n" + "\n".join(rows) + "\n"
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""ScatterNet features: shape, a per-image (batch-independent) transform, and training on them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpwa.features import feature_shape, scattering
+from dpwa.train import train
+from tests.dpwa.test_train import tiny
+
+
+def test_shape_and_per_image():
+    x = torch.rand(3, 3, 16, 16)
+    out = scattering(x, batch_size=2)
+    assert out.shape == (3, *feature_shape(3, 16, 16)) == (3, 243, 4, 4)
+    # Each image's features depend on that image only (no statistics across the batch).
+    assert torch.allclose(out[1:2], scattering(x[1:2]), atol=1e-6)
+    assert torch.allclose(scattering(torch.cat([x[:1], torch.zeros(1, 3, 16, 16)]))[0], out[0], atol=1e-6)
+    assert out[0, 0].mean() > 0  # the order-0 coefficient is a low-pass of a positive image
+
+
+def test_training_on_scattering_features(tmp_path):
+    cfg = tiny(tmp_path, "data.features=scattering", "model.name=scatter_cnn", "model.groups=9", "augmult.k=1",
+               "train.steps=30", "train.batch_size=256", "train.physical_batch_size=256", "optim.lr=2")
+    report = train(cfg, ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    print(report["test_ema"])
+    assert report["augmult_k"] == 1 and report["test_ema"]["accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert "features: scattering" in (tmp_path / "runs" / report["run_id"] / "config.yaml").read_text()
+
+
+def test_features_refuse_augmult():
+    from dpwa.config import ConfigError
+
+    with pytest.raises(ConfigError, match="augmult.k=2 with data.features=scattering"):
+        tiny(Path("/tmp"), "data.features=scattering", "augmult.k=2")
