@@ -92,20 +92,24 @@ class FastEngine:
         finally:
             records, self._records = self._records, None
         losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
-        gos = torch.autograd.grad(losses.sum(), [r.out for r in records], allow_unused=True)
-        rules = []
-        for rec, go in zip(records, gos):
+        gos = list(torch.autograd.grad(losses.sum(), [r.out for r in records], allow_unused=True))
+        rules, norms2 = [], torch.zeros(b, dtype=out.dtype, device=out.device)
+        del out
+        for i, rec in enumerate(records):
             if rec.out._version != rec.version:
                 raise EngineError(f"the output of {type(rec.module).__name__} is modified in place after the layer "
                                   "(e.g. ReLU(inplace=True)); make that operation out of place")
-            if go is None:
-                go = torch.zeros_like(rec.out)
-            rules.append(rule_for(rec, go.detach(), b, self.mode))
-        norms = torch.sqrt(torch.clamp(sum(r.norms2() for r in rules), min=0)) if rules else torch.zeros(b)
+            go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
+            gos[i] = records[i] = None  # from here on the rule holds only what it still needs
+            rule = rule_for(rec, go.detach(), b, self.mode)
+            del go, rec
+            norms2 += rule.norms2()
+            rules.append(rule)
+        norms = torch.sqrt(torch.clamp(norms2, min=0))
         factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip rule
         sums: dict[nn.Parameter, torch.Tensor] = {}
-        for rule, rec in zip(rules, records):
+        for rule in rules:
             for name, value in rule.clipped_sum(factors).items():
-                param = self.layers[rec.module][name]
+                param = self.layers[rule.m][name]
                 sums[param] = value.reshape(param.shape)
         return sums, losses.detach(), norms

@@ -10,9 +10,10 @@ G_b = sum_p go[b, p]^T a[b, p], a contraction over positions. Two ways to get |G
 * ghost norm (Goodfellow 2015; Li et al. 2021, "Large language models can be strong
   differentially private learners"; Bu et al. 2022, mixed ghost clipping):
   |G_b|^2 = sum_{p,q} (a_p . a_q)(go_p . go_q), cost ~ P^2 (d_in + d_out), no per-example
-  gradient in memory.
+  gradient in memory. For a conv, a_p . a_q is read from the Gram matrix of the padded
+  input's pixels (cost ~ U^2 C_in for U pixels) instead of unfolding patches (P^2 C_in k^2).
 
-`DenseRule.plan` picks the cheaper per layer (Bu et al.'s mixed rule). The clipped sum is
+`DenseRule` picks the cheaper per layer from the shapes (Bu et al.'s mixed rule). The clipped sum is
 book-kept (Bu et al. 2023, "Differentially private optimization on large model at small
 cost"): with clip factors c_b known, sum_b c_b G_b = conv/linear weight-gradient of
 (c * go) and a, one pass as in non-private training, no second backward.
@@ -21,8 +22,9 @@ Weight-standardised convs use w_eff = m * w_hat, w_hat = (w - mean) / sqrt(var +
 output channel (m = 1 for WSConv2d, gain * fan_in^-1/2 for ScaledStdConv2d). The per-example
 gradient with respect to the raw w is, per channel, (m/s) (G - mean(G) - w_hat mean(G w_hat)),
 the layer-norm backward; its squared norm is, with n the fan-in, S1 = sum G and
-S2 = sum G w_hat: (m/s)^2 (|G|^2 - S1^2/n - S2^2 (2n - |w_hat|^2)/n^2), and the gain's is
-(S2 / sqrt(n))^2. S2 needs a_p . w_hat_o, which is the layer's own pre-bias output over m.
+S2 = sum G w_hat: (m/s)^2 (|G|^2 - S1^2/n - S2^2 (2n - |w_hat|^2)/n^2), and the gain's
+gradient is scale * S2 (m = gain * scale). The clipped sum, linear in the per-example
+gradients, is pulled back through the standardisation once. S2 needs a_p . w_hat_o, which is the layer's own pre-bias output over m.
 """
 
 from __future__ import annotations
@@ -121,19 +123,38 @@ class DenseRule:
             return go.reshape(n, g, o // g, -1).permute(0, 3, 1, 2).reshape(b, -1, g, o // g)
         return go.reshape(b, -1, 1, go.shape[-1])
 
+    def _instantiate(self) -> torch.Tensor:
+        """(B, g, O/g, din): per-example gradients w.r.t. the effective weight, one batched
+        matmul over (example, group) in channel-major layout (no copy of the patches for K=1)."""
+        m, b, g, go = self.m, self.batch, self.groups, self.go
+        if not self.conv:
+            return (go.reshape(b, -1, go.shape[-1]).transpose(1, 2) @ self.rec.x.reshape(b, -1, self.rec.x.shape[-1])
+                    ).unsqueeze(1)
+        cols = F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        n, d, t = cols.shape
+        k, o = n // b, go.shape[1]
+        cols = cols.view(b, k, g, d // g, t).permute(0, 2, 3, 1, 4).reshape(b, g, d // g, k * t)
+        gos = go.reshape(b, k, g, o // g, t).permute(0, 2, 3, 1, 4).reshape(b, g, o // g, k * t)
+        return gos @ cols.transpose(-1, -2)
+
     def norms2(self) -> torch.Tensor:
-        go = self._go(self.go)
-        total = torch.zeros(self.batch, dtype=go.dtype, device=go.device)
+        """Per-example squared norms (B,). Afterwards the rule keeps only what its clipped sum
+        needs: per-example gradients (instantiated), or input and output gradient (ghost)."""
+        b, go = self.batch, self.go
+        total = torch.zeros(b, dtype=go.dtype, device=go.device)
         if self.m.bias is not None and self.m.bias.requires_grad:
-            gb = go.sum(1).flatten(1)  # (B, O)
+            gb = go.reshape(b, -1, go.shape[1], go[0, 0].numel()).sum((1, 3)) if self.conv else \
+                go.reshape(b, -1, go.shape[-1]).sum(1)                     # (B, O)
             total += _sq_norms(gb)
             self.per_example["bias"] = gb
         if not self.m.weight.requires_grad and not self._gain_trained():
+            self.go = self.rec = None
             return total
         g = self.groups
         scale = None if self.ws is None else (self.ws[1] / self.ws[2]).view(g, -1)  # m/s, (g, O/g)
         if not self.ghost:
-            self.grads = torch.einsum("bpgo,bpgj->bgoj", go, self._a())  # (B, g, O/g, din): wrt w_eff
+            self.grads = self._instantiate()                                  # (B, g, O/g, din)
+            self.go = self.rec = None
             if scale is None:
                 return total + _sq_norms(self.grads)
             sq = (torch.einsum("bgoj,bgoj->bgo", self.grads, self.grads) * scale.square()).sum((1, 2))
@@ -141,14 +162,18 @@ class DenseRule:
             s1 = self.grads.sum(-1)                                          # (B, g, O/g)
             s2 = torch.einsum("bgoj,goj->bgo", self.grads, w_hat)
         else:
+            go = self._go(go)
             gram_a = self._gram_a()
             if scale is None:
                 gram_g = torch.einsum("bpgo,bqgo->bgpq", go, go)
+                self.rec.out = None
                 return total + (gram_a * gram_g).sum((1, 2, 3))
             gs = go * scale
             sq = (gram_a * torch.einsum("bpgo,bqgo->bgpq", gs, gs)).sum((1, 2, 3))  # sum_o (m/s)^2 |G_o|^2
+            del gram_a, gs
             s1 = torch.einsum("bpgo,bpg->bgo", go, self._a_sum())
             s2 = torch.einsum("bpgo,bpgo->bgo", go, self._a_dot_w_hat(self.ws[0], self.ws[1]))
+            self.rec.out = None
         # Through the standardisation: |dL/dw_o|^2 = (m/s)^2 (|G_o|^2 - S1^2/n - S2^2 (2n - |w_hat_o|^2)/n^2).
         w_hat = self.ws[0]
         n = w_hat.shape[1]
