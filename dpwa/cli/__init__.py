@@ -48,7 +48,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow the options (`dpwa train C --no-progress optim.lr=2`).
+    if extra:
+        if not hasattr(args, "overrides") or any(t.startswith("-") or "=" not in t for t in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)

@@ -175,3 +175,17 @@ def test_sigkill_and_resume_from_the_command_line(tmp_path):
     assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 40
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # no duplicated rows for the redone steps
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    led = str(tmp_path / "l.sqlite")
+    got = main(["train", str(QUICK), "--no-progress", "--ledger", led, f"out_dir={tmp_path / 'runs'}",
+                "train.steps=2", "augmult.k=1", "--json"])
+    assert got == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+
+
+def test_unknown_options_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(QUICK), "--no-progress", "--bogus"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
