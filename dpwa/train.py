@@ -29,7 +29,6 @@ from .averaging import EMA, Polyak
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .data import Data, load_data
-from .engines import make_engine
 from .evaluate import evaluate
 from .models import create_model
 from .privacy import PrivateSGD, noise_generator, poisson_batches
@@ -125,7 +124,13 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     plan = plan_run(cfg, len(data.train))
     model = create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
                          groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization).to(device)
-    make_engine(cfg.privacy.engine, model).remove()  # refuses layers the engine cannot clip, before any charge
+    # The optimizer touches no data; its engine refuses layers it cannot clip, before any charge.
+    o = cfg.optim
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                weight_decay=o.weight_decay)
+    sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
+                     expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
+                     generator=(noise := noise_generator(cfg.privacy.noise_seed, device)), engine=cfg.privacy.engine)
     n_source = len(data.source_labels)
     if cfg.privacy.delta >= 1 / n_source:
         warnings.warn(f"privacy.delta={cfg.privacy.delta:g} is not below 1/N = {1 / n_source:g}")
@@ -148,12 +153,6 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
             "private": cfg.privacy.noise_seed is None}, indent=2))
 
     # 3. The training state.
-    o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay)
-    sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
-                     expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
-                     generator=(noise := noise_generator(cfg.privacy.noise_seed, device)), engine=cfg.privacy.engine)
     ema = EMA(model, decay=cfg.averaging.ema_decay, warmup=cfg.averaging.ema_warmup)
     polyak = Polyak(model, start=cfg.averaging.polyak_start)
     sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from .reference import clip_factors
 from .rules import SUPPORTED, Record, rule_for
 
 __all__ = ["FastEngine", "EngineError"]
@@ -106,7 +107,7 @@ class FastEngine:
             norms2 += rule.norms2()
             rules.append(rule)
         norms = torch.sqrt(torch.clamp(norms2, min=0))
-        factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus's clip rule
+        factors = clip_factors(norms, clip_norm)
         sums: dict[nn.Parameter, torch.Tensor] = {}
         for rule in rules:
             for name, value in rule.clipped_sum(factors).items():

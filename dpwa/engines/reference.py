@@ -12,7 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["TorchFuncEngine", "OpacusEngine", "OpacusGhostEngine", "clip_and_sum"]
+__all__ = ["TorchFuncEngine", "OpacusEngine", "OpacusGhostEngine", "clip_and_sum", "clip_factors"]
+
+
+def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
+    """Opacus's clip rule, shared by every engine: c_b = min(1, C / (|g_b| + 1e-6))."""
+    return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
 def clip_and_sum(grads: dict[nn.Parameter, torch.Tensor], clip_norm: float
@@ -20,7 +25,7 @@ def clip_and_sum(grads: dict[nn.Parameter, torch.Tensor], clip_norm: float
     """Per-example gradients {param: (B, *shape)} -> ({param: sum_b c_b g_b}, norms), with
     Opacus's clip factor c_b = min(1, C / (|g_b| + 1e-6))."""
     norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
-    factors = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+    factors = clip_factors(norms, clip_norm)
     return {p: torch.einsum("b,b...->...", factors, g) for p, g in grads.items()}, norms
 
 
