@@ -110,16 +110,26 @@ class OptimConfig:
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
-    schedule: str = "constant"      # constant | warmup | cosine (pure functions of the step)
+    # constant | warmup | cosine | swa | cyclic | sgdr: pure functions of the step (dpwa/schedules.py)
+    schedule: str = "constant"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0  # cosine decays to lr * this
+    min_lr: float = 0.0             # swa: the SWA lr (reached at 0.9 averaging.swa_start); cyclic, sgdr: the cycles' minimum
+    cycle_start: int = 0            # cyclic, sgdr: steps at lr before the first cycle (FGE starts from a trained model)
+    cycle_length: int = 0           # cyclic: steps per triangle (even; minimum at mid-cycle); sgdr: T_0
+    cycle_mult: int = 1             # sgdr: T_mult, cycle i lasts cycle_length * cycle_mult^i steps
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.schedule in ("constant", "warmup", "cosine"),
-                 f"optim.schedule must be one of constant, warmup, cosine; got {self.schedule!r}")
+        _require(self.schedule in ("constant", "warmup", "cosine", "swa", "cyclic", "sgdr"),
+                 f"optim.schedule must be one of constant, warmup, cosine, swa, cyclic, sgdr; got {self.schedule!r}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        _require(self.cycle_start >= 0, f"optim.cycle_start must be >= 0, got {self.cycle_start}")
+        _require(self.cycle_mult >= 1, f"optim.cycle_mult must be >= 1, got {self.cycle_mult}")
+        _require(self.schedule not in ("cyclic", "sgdr") or self.cycle_length >= 1,
+                 f"optim.schedule={self.schedule} needs optim.cycle_length >= 1, got {self.cycle_length}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.final_lr_fraction <= 1,
                  f"optim.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
@@ -127,13 +137,30 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class AveragingConfig:
+    """Averages and ensembles of the iterates (dpwa/averaging.py): all post-processing, free.
+    Iterates are collected by schedule only, never by a metric on private data."""
+
     ema_decay: float = 0.999        # EMA of the iterates; warm-up decay_t = min(decay, (1+t)/(10+t))
     ema_warmup: bool = True
-    polyak_start: int = 0           # uniform average of the iterates from this step on
+    polyak_start: int = 0           # uniform average of the iterates after this many steps
+    swa: bool = False               # SWA: uniform average of the iterates collected after swa_start
+    swag: bool = False              # SWAG: moments of the same iterates (needs no swa: true)
+    swa_start: int = 0              # steps before SWA / SWAG collect
+    swa_every: int = 0              # collect every this many steps; 0: at each lr minimum of a cyclic / sgdr schedule
+    snapshots: bool = False         # FGE / SGDR snapshot ensemble: the iterate at each lr minimum (cyclic / sgdr)
+    swag_rank: int = 20             # K, columns of SWAG's deviation matrix (Maddox et al.: 20)
+    swag_scale: float = 0.5         # samples theta = mean + sqrt(scale) (diag_std z1 + D z2 / sqrt(K - 1))
+    swag_samples: int = 30          # models drawn for Bayesian model averaging at evaluation
 
     def __post_init__(self) -> None:
         _require(0 <= self.ema_decay < 1, f"averaging.ema_decay must be in [0, 1), got {self.ema_decay}")
         _require(self.polyak_start >= 0, f"averaging.polyak_start must be >= 0, got {self.polyak_start}")
+        _require(self.swa_start >= 0, f"averaging.swa_start must be >= 0, got {self.swa_start}")
+        _require(self.swa_every >= 0, f"averaging.swa_every must be >= 0, got {self.swa_every}")
+        _require(self.swag_rank >= 2, f"averaging.swag_rank must be >= 2 (SWAG divides by K - 1), "
+                 f"got {self.swag_rank}")
+        _require(self.swag_scale > 0, f"averaging.swag_scale must be > 0, got {self.swag_scale}")
+        _require(self.swag_samples >= 1, f"averaging.swag_samples must be >= 1, got {self.swag_samples}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +218,14 @@ class RunConfig:
         _require(self.data.features == "none" or self.augmult.k == 1,
                  f"augmult.k={self.augmult.k} with data.features={self.data.features}: features are computed once "
                  "from the unaugmented images, so augmentation multiplicity is not available; set augmult.k=1")
+
+        cyclical = self.optim.schedule in ("cyclic", "sgdr")
+        _require(not self.averaging.snapshots or cyclical,
+                 f"averaging.snapshots takes the iterate at each lr minimum of a cyclic schedule; set "
+                 f"optim.schedule=cyclic (FGE) or sgdr, not {self.optim.schedule!r}")
+        _require(not (self.averaging.swa or self.averaging.swag) or self.averaging.swa_every > 0 or cyclical,
+                 f"averaging.swa_every=0 collects at the lr minima of a cyclic schedule, and optim.schedule="
+                 f"{self.optim.schedule!r} has none: set averaging.swa_every >= 1 or optim.schedule=cyclic / sgdr")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

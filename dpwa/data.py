@@ -17,7 +17,7 @@ import torch
 
 from .config import ConfigError, DataConfig
 
-__all__ = ["Split", "Data", "load_data", "DataError"]
+__all__ = ["Split", "Withheld", "Data", "load_data", "DataError", "PrivateDataAccess"]
 
 
 class DataError(ConfigError):
@@ -31,6 +31,27 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+class PrivateDataAccess(RuntimeError):
+    """Something tried to read private training data where only released iterates may be used."""
+
+
+class Withheld(Split):
+    """Stands in for the private training split where no code may read it (`dpwa eval`):
+    its size is known, any access to its examples or labels raises."""
+
+    def __init__(self, size: int) -> None:  # no dataclass fields set: x and y stay unreadable
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getattribute__(self, name: str):
+        if name in ("x", "y"):
+            raise PrivateDataAccess(f"private training data ({name}) is withheld here: only the released iterates "
+                                    "may be used after training (design rule 1)")
+        return super().__getattribute__(name)
 
 
 @dataclass
@@ -47,7 +68,7 @@ class Data:
 
     @property
     def in_channels(self) -> int:
-        return self.train.x.shape[1]
+        return self.test.x.shape[1]
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) -> float, per-channel standardised (features pass through)."""
@@ -117,9 +138,10 @@ _PUBLIC_STATS = {  # published per-channel statistics (public knowledge)
 }
 
 
-def load_data(cfg: DataConfig, *, seed: int = 0) -> Data:
+def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -> Data:
     """Load, carve the validation split (a fixed function of `seed`), and set the
-    normalisation constants (public ones: see `DataConfig.mean`)."""
+    normalisation constants (public ones: see `DataConfig.mean`). With `withhold_train`
+    the training split is replaced by a `Withheld` stand-in (evaluation after training)."""
     if cfg.name == "digits":
         train, test, num_classes = _digits()
     elif cfg.name == "npz":
@@ -142,11 +164,15 @@ def load_data(cfg: DataConfig, *, seed: int = 0) -> Data:
     if mean.numel() != channels or std.numel() != channels:
         raise DataError(f"data.mean / data.std need {channels} values (one per channel), got {mean.tolist()} / "
                         f"{std.tolist()}")
+    if withhold_train:
+        train = Withheld(len(train))
     data = Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
     if cfg.features == "scattering":
         from .features import scattering
 
         for split in (train, test, val):
+            if isinstance(split, Withheld):
+                continue
             if split is not None:
                 split.x = scattering(data.normalize(split.x))
         data.features = cfg.features

@@ -25,16 +25,16 @@ from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_mult
 from accounting.errors import LedgerError
 
 from .augmult import augmult_views
-from .averaging import EMA, Polyak
+from .averaging import make_averagers, prediction_methods
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .data import Data, load_data
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_members
 from .models import create_model
 from .privacy import PrivateSGD, noise_generator, poisson_batches
-from .schedules import lr_at
+from .schedules import Schedule
 
-__all__ = ["train", "Plan", "plan_run"]
+__all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +64,19 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
         sigma = noise_multiplier_for(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
                                      steps=steps, accountant=cfg.privacy.accountant)
     return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, noise_multiplier=sigma)
+
+
+def build_model(cfg: RunConfig, data: Data) -> torch.nn.Module:
+    return create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
+                        groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization)
+
+
+def evaluate_methods(model: torch.nn.Module, averagers: dict, split: Any, data: Data, cfg: RunConfig,
+                     only: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """Metrics of the last iterate and of every average / ensemble the run kept."""
+    methods = prediction_methods(model, averagers, swag_samples=cfg.averaging.swag_samples, seed=cfg.train.seed)
+    return {name: evaluate_members(members(), split, data) for name, members in methods.items()
+            if only is None or name in only}
 
 
 def _config_hash(cfg: RunConfig) -> str:
@@ -122,8 +135,9 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     # 1. Validate everything before any privacy is spent.
     data = load_data(cfg.data, seed=cfg.train.seed)
     plan = plan_run(cfg, len(data.train))
-    model = create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                         groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization).to(device)
+    model = build_model(cfg, data).to(device)
+    schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
+    averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
     # The optimizer touches no data; its engine refuses layers it cannot clip, before any charge.
     o = cfg.optim
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -153,8 +167,6 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
             "private": cfg.privacy.noise_seed is None}, indent=2))
 
     # 3. The training state.
-    ema = EMA(model, decay=cfg.averaging.ema_decay, warmup=cfg.averaging.ema_warmup)
-    polyak = Polyak(model, start=cfg.averaging.polyak_start)
     sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
     start, seen, train_time = 0, 0, 0.0
@@ -163,8 +175,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         state = load_checkpoint(ckpt_path)  # tensors on the CPU; load_state_dict copies them over
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        polyak.load_state_dict(state["polyak"])
+        for name, avg in averagers.items():
+            avg.load_state_dict(state["averagers"][name])
         sample_gen.set_state(state["sample_rng"])
         aug_gen.set_state(state["augment_rng"])
         if "noise_rng" in state:  # only in test runs with a fixed noise seed
@@ -172,8 +184,9 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         start, seen, train_time = state["step"], state["examples_seen"], state["train_time_s"]
 
     def checkpoint(step: int) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-                 "polyak": polyak.state_dict(), "sample_rng": sample_gen.get_state(),
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "averagers": {name: avg.state_dict() for name, avg in averagers.items()},
+                 "sample_rng": sample_gen.get_state(),
                  "augment_rng": aug_gen.get_state(), "step": step, "examples_seen": seen,
                  "train_time_s": train_time}
         if cfg.privacy.noise_seed is not None:
@@ -210,17 +223,16 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                 bar.close()
             return {"stopped_at": step, "run_dir": str(run_dir), "run_id": run_id}
         t0 = time.time()
-        lr = lr_at(o.schedule, step, lr=o.lr, total_steps=plan.steps, warmup_steps=o.warmup_steps,
-                   final_fraction=o.final_lr_fraction)
+        lr = schedule(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = next(batches)
         stats = sgd.step(_chunks(data, idx, cfg, aug_gen, device))
-        ema.update(model)
-        polyak.update(model, step)
+        done = step + 1
+        for avg in averagers.values():  # post-processing of the released iterate: no data
+            avg.update(model, done)
         seen += len(idx)
         train_time += time.time() - t0
-        done = step + 1
         row: dict[str, Any] = {"step": done, "lr": lr, **stats,
                                "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
         if done % cfg.train.checkpoint_every == 0 or done == plan.steps:
@@ -228,7 +240,9 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
             eps_now = eps_at(done)
             row["epsilon"] = eps_now
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
-            for name, m in (("raw", model), ("ema", ema.model), ("polyak", polyak.model)):
+            cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa")
+                                      and a.count}}
+            for name, m in cheap.items():
                 row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
@@ -242,14 +256,14 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
 
     # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
     ledger.commit(run_id, [plan.event])
-    results = {name: evaluate(m, eval_split, data) for name, m in
-               (("raw", model), ("ema", ema.model), ("polyak", polyak.model))}
+    results = evaluate_methods(model, averagers, eval_split, data, cfg)
     report = {
         "run_id": run_id, "dataset": dataset, "private": cfg.privacy.noise_seed is None,
         "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
         "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
         "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
+        "methods": list(results), "collected": {name: avg.count for name, avg in averagers.items()},
         **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
         "examples_seen": seen, "per_example_gradient_evaluations": seen * cfg.augmult.k,
         "train_time_s": train_time, "wall_time_s": time.time() - wall0,

@@ -16,11 +16,11 @@ from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.config import ConfigError
 
-from . import budget, ledger, train
+from . import budget, eval, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (train, budget, ledger)
+_VERBS = (train, eval, budget, ledger)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -55,9 +55,10 @@ def run(a: argparse.Namespace) -> int:
     split = report["eval_split"]
     print(f"run {report['run_id']}: epsilon {report['epsilon']:.3f} at delta {report['delta']:g} "
           f"({report['accountant']}), {report['steps']} steps, sigma {report['noise_multiplier']:.4g}")
-    for name in ("raw", "ema", "polyak"):
+    for name in report["methods"]:
         r = report[f"{split}_{name}"]
-        print(f"  {split} accuracy {name:<6} {100 * r['accuracy']:.2f}%   loss {r['loss']:.4f}")
+        print(f"  {split} accuracy {name:<9} {100 * r['accuracy']:.2f}%   NLL {r['nll']:.4f}   "
+              f"ECE {100 * r['ece']:.2f}%   Brier {r['brier']:.4f}")
     print(f"  {report['per_example_gradient_evaluations']} per-example gradient evaluations, "
           f"{report['train_time_s']:.1f}s training, {report['images_per_s']:.0f} img/s")
     print(f"  report: {Path(report['run_dir']) / 'report.json'}")

@@ -59,7 +59,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     resumed = train(resume=Path(stopped["run_dir"]), ledger_path=led_b, progress=False)
     a, b = final_weights(full["run_dir"]), final_weights(resumed["run_dir"])
     for part in ("model", "ema", "polyak"):
-        sa, sb = (a[part] if part == "model" else a[part]["weights"]), (b[part] if part == "model" else b[part]["weights"])
+        sa, sb = ((x[part] if part == "model" else x["averagers"][part]["weights"]) for x in (a, b))
         for k in sa:
             assert torch.equal(sa[k], sb[k]), (part, k)
     runs = Ledger(led_b).runs()

@@ -1,0 +1,58 @@
+"""`dpwa eval RUN_DIR [--data test|val]`: accuracy, NLL, ECE and Brier score of the last
+iterate and of every average and ensemble a run kept (EMA, Polyak, SWA, FGE, SWAG,
+SWAG-diagonal); writes RUN_DIR/eval.json and a reliability diagram RUN_DIR/reliability.png.
+
+Evaluation is post-processing of the released iterates: it charges nothing, and the
+private training split is withheld from it (any read raises). It reads the run's last
+checkpoint, so a run still in progress is evaluated as of that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._format import print_json
+
+EXAMPLES = """examples:
+  dpwa eval runs/cifar10-swa-cpu-eps8-20261125-101500-ab12
+  dpwa eval RUN_DIR --methods raw swa swag --swag-samples 10
+  dpwa eval RUN_DIR --data val      # needs data.val_size > 0 in the run's config
+"""
+
+METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's last iterate, averages and ensembles", description=__doc__,
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder of dpwa train")
+    p.add_argument("--data", choices=("test", "val"), default="test",
+                   help="split to evaluate on (never the private training split)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                   help=f"only these ({', '.join(METHODS)}); default: all the run kept")
+    p.add_argument("--swag-samples", type=int, help="models drawn for SWAG (default: averaging.swag_samples)")
+    p.add_argument("--json", action="store_true", help="print eval.json")
+    p.set_defaults(run=run)
+
+
+def run(a: argparse.Namespace) -> int:
+    from accounting.errors import InvalidParameterError
+
+    from dpwa.evaluate_run import evaluate_run
+
+    if a.swag_samples is not None and a.swag_samples < 1:
+        raise InvalidParameterError(f"--swag-samples must be >= 1, got {a.swag_samples}")
+    result = evaluate_run(a.run_dir, split=a.data, methods=a.methods, swag_samples=a.swag_samples)
+    if a.json:
+        print_json(result)
+        return 0
+    print(f"run {result['run_id']} at step {result['step']} of {result['steps']} "
+          f"(epsilon {result['epsilon']:.3f}), {result['split']} split, {result['examples']} examples:")
+    print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}")
+    for name, r in result["methods"].items():
+        print(f"  {name:<10} {r['members']:>7} {100 * r['accuracy']:>8.2f}% {r['nll']:>7.4f} "
+              f"{100 * r['ece']:>6.2f}% {r['brier']:>7.4f}")
+    print(f"  wrote {Path(a.run_dir) / 'eval.json'} and {result['reliability_diagram']}")
+    return 0
