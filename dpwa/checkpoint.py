@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_text"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_text", "save_weights"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,5 +40,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """A model's state dict as safetensors (tensors only, no pickle), atomically: what
+    `model.pretrained` reads back (dpwa/models/nfnet.py)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -28,8 +28,10 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"            # digits | cifar10 | cifar100 | npz
-    root: Optional[str] = None      # torchvision CIFAR folder, or folder with train.npz / test.npz
+    name: str = "digits"            # digits | cifar10 | cifar100 | npz | imagefolder
+    # torchvision CIFAR folder; folder with train.npz / test.npz; or (imagefolder) a folder with
+    # train/<class>/* and val/<class>/* (the ImageNet layout; val is the test split)
+    root: Optional[str] = None
     download: bool = True           # let torchvision download CIFAR when it is missing
     val_size: int = 0               # examples carved from train for validation; never trained on
     ledger_name: Optional[str] = None  # the dataset's name in the privacy ledger (default: name)
@@ -41,25 +43,47 @@ class DataConfig:
     # Fixed features computed once from the normalised images before training: none, or
     # scattering (ScatterNet J=2 L=8, Tramer & Boneh 2021; needs augmult.k=1).
     features: str = "none"
+    image_size: Optional[int] = None  # resize (shorter side) and centre-crop every image to this; imagefolder needs it
+    classes: Optional[list[int]] = None  # keep only these labels, renumbered 0.. in this order (class splits)
+    # A public dataset (no privacy needed) may be trained with privacy.enabled=false, e.g. to
+    # pretrain a model for private fine-tuning. The user declares it; a private one never can.
+    public: bool = False
 
     def __post_init__(self) -> None:
+        _require(self.image_size is None or self.image_size >= 8,
+                 f"data.image_size must be >= 8, got {self.image_size}")
+        _require(self.name != "imagefolder" or (bool(self.root) and self.image_size is not None),
+                 "data.name=imagefolder needs data.root (with train/ and val/ class folders) and data.image_size")
+        _require(self.classes is None or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
+                                          and min(self.classes) >= 0),
+                 f"data.classes must list at least 2 distinct labels >= 0, got {self.classes}")
         _require(self.features in ("none", "scattering"),
                  f"data.features must be none or scattering, got {self.features!r}")
         _require(self.std is None or all(s > 0 for s in self.std), f"data.std must be > 0, got {self.std}")
-        _require(self.name in ("digits", "cifar10", "cifar100", "npz"),
-                 f"data.name must be one of digits, cifar10, cifar100, npz; got {self.name!r}")
+        _require(self.name in ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
+                 f"data.name must be one of digits, cifar10, cifar100, npz, imagefolder; got {self.name!r}")
         _require(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
         _require(self.name != "npz" or bool(self.root), "data.name=npz needs data.root (a folder with train.npz)")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn_small"         # a name from dpwa.models.MODELS
+    name: str = "cnn_small"         # a name from dpwa.models.MODELS, or a timm NF model (dm_nfnet_f0, nf_resnet26, ...)
     groups: int = 16                # GroupNorm groups (De et al.: 16)
     weight_standardization: bool = True  # WS convs (Qiao et al. 2019), as De et al.
+    # NF models only (dpwa/models/nfnet.py): pretrained weights, a .safetensors or torch
+    # state-dict file, or "cache" (timm's local Hugging Face cache; never downloaded). The
+    # classifier head is re-initialised (zero) for the dataset's classes.
+    pretrained: Optional[str] = None
+    trainable: str = "all"          # all | head (private linear probe) | stages (head + last trainable_stages stages)
+    trainable_stages: int = 0
 
     def __post_init__(self) -> None:
         _require(self.groups >= 1, f"model.groups must be >= 1, got {self.groups}")
+        _require(self.trainable in ("all", "head", "stages"),
+                 f"model.trainable must be one of all, head, stages; got {self.trainable!r}")
+        _require(self.trainable != "stages" or self.trainable_stages >= 1,
+                 f"model.trainable=stages needs model.trainable_stages >= 1, got {self.trainable_stages}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,7 @@ class AugmultConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
+    enabled: bool = True                      # false: plain SGD, for data.public datasets only; no ledger
     epsilon: Optional[float] = None           # target epsilon: the noise is calibrated for it
     noise_multiplier: Optional[float] = None  # or the noise multiplier itself
     delta: float = 1e-5                       # below 1/N
@@ -114,7 +139,7 @@ class OptimConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0  # cosine decays to lr * this
-    min_lr: float = 0.0             # swa: the SWA lr (reached at 0.9 averaging.swa_start); cyclic, sgdr: the cycles' minimum
+    min_lr: float = 0.0             # swa: the SWA lr (reached at 0.9 swa_start); cyclic, sgdr: the cycles' minimum
     cycle_start: int = 0            # cyclic, sgdr: steps at lr before the first cycle (FGE starts from a trained model)
     cycle_length: int = 0           # cyclic: steps per triangle (even; minimum at mid-cycle); sgdr: T_0
     cycle_mult: int = 1             # sgdr: T_mult, cycle i lasts cycle_length * cycle_mult^i steps
@@ -205,7 +230,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        _require(self.privacy.epsilon is not None or self.privacy.noise_multiplier is not None,
+        _require(self.privacy.enabled or self.data.public,
+                 f"privacy.enabled=false on data.name={self.data.name!r}, which is not marked public: a private "
+                 "dataset is only ever trained with DP (set data.public=true only for data that needs no privacy)")
+        _require(not self.privacy.enabled or self.privacy.epsilon is not None
+                 or self.privacy.noise_multiplier is not None,
                  "give privacy.epsilon (the noise is calibrated for it) or privacy.noise_multiplier")
         _require(self.train.steps is not None or self.train.epochs is not None,
                  "give train.steps (DP-SGD steps) or train.epochs (passes over the data)")

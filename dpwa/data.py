@@ -3,7 +3,9 @@
 Small image datasets fit in memory (CIFAR-10 is 150 MB as uint8), so batches are gathered
 by index from tensors: no per-example Python in the DP hot path, and Poisson sampling is
 exact. Sources: scikit-learn's digits (built in, no download: the quickstart), CIFAR-10/100
-through torchvision, and the npz array format (`x` uint8 NHWC, `y`) of ../shared/data.
+through torchvision, the npz array format (`x` uint8 NHWC, `y`) of ../shared/data, and
+ImageNet-layout folders (torchvision `ImageFolder`), decoded and resized once. A subset of the
+classes can be kept (`data.classes`), e.g. to split a dataset into a public and a private part.
 """
 
 from __future__ import annotations
@@ -132,6 +134,59 @@ def _cifar(name: str, root: Optional[str], download: bool) -> tuple[Split, Split
     return splits[0], splits[1], 10 if name == "cifar10" else 100
 
 
+def _imagefolder(root: str, size: int) -> tuple[Split, Split, int]:
+    """train/<class>/* and val/<class>/* (torchvision ImageFolder, the ImageNet layout), decoded
+    once, shorter side resized to `size` and centre-cropped, as uint8."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.v2 import functional as TF
+
+    folder = Path(root).expanduser()
+    splits, classes = [], None
+    for part in ("train", "val"):
+        path = folder / part
+        if not path.is_dir():
+            raise DataError(f"data.root={root!r}: {path} does not exist (expected the ImageNet layout: "
+                            "train/<class>/*.JPEG and val/<class>/*.JPEG)")
+        try:
+            ds = ImageFolder(str(path))
+        except (FileNotFoundError, OSError) as e:  # no class folders, or class folders without images
+            raise DataError(f"data.root={root!r}: {path}: {e}") from None
+        if classes is None:
+            classes = ds.classes
+        elif ds.classes != classes:
+            raise DataError(f"data.root={root!r}: val/ has classes {ds.classes[:5]}..., train/ has {classes[:5]}...")
+        xs = []
+        for file, _ in ds.samples:
+            try:
+                img = TF.pil_to_tensor(ds.loader(file))
+            except Exception as e:
+                raise DataError(f"data.root={root!r}: cannot decode {file}: {e}") from None
+            xs.append(TF.center_crop(TF.resize(img, [size], antialias=True), [size, size]))
+        splits.append(Split(torch.stack(xs), torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1], len(classes or ())
+
+
+def _resize(split: Split, size: int) -> Split:
+    """Shorter side to `size`, centre crop (upsampling CIFAR for models pretrained at larger sizes)."""
+    if split.x.shape[-2:] == (size, size):
+        return split
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.cat([TF.center_crop(TF.resize(part, [size], antialias=True), [size, size])
+                   for part in split.x.split(2048)])
+    return Split(x, split.y)
+
+
+def _keep_classes(split: Split, classes: list[int], where: str) -> Split:
+    table = torch.full((int(max(classes + [int(split.y.max())])) + 1,), -1, dtype=torch.int64)
+    table[torch.tensor(classes)] = torch.arange(len(classes))
+    y = table[split.y]
+    keep = y >= 0
+    if not keep.any():
+        raise DataError(f"data.classes={classes}: no example of these labels in the {where} split")
+    return Split(split.x[keep], y[keep])
+
+
 _PUBLIC_STATS = {  # published per-channel statistics (public knowledge)
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
     "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
@@ -146,8 +201,18 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
         train, test, num_classes = _digits()
     elif cfg.name == "npz":
         train, test, num_classes = _npz(cfg.root)  # type: ignore[arg-type]
+    elif cfg.name == "imagefolder":
+        train, test, num_classes = _imagefolder(cfg.root, cfg.image_size)  # type: ignore[arg-type]
     else:
         train, test, num_classes = _cifar(cfg.name, cfg.root, cfg.download)
+    if cfg.classes is not None:
+        missing = [c for c in cfg.classes if c >= num_classes]
+        if missing:
+            raise DataError(f"data.classes={cfg.classes}: labels {missing} do not exist ({num_classes} classes)")
+        train, test = _keep_classes(train, cfg.classes, "train"), _keep_classes(test, cfg.classes, "test")
+        num_classes = len(cfg.classes)
+    if cfg.image_size is not None:
+        train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
     source_labels = train.y.numpy().copy()
     val = None
     if cfg.val_size:

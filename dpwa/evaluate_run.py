@@ -62,7 +62,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     torch.set_num_threads(cfg.train.threads)
     data = load_data(cfg.data, seed=cfg.train.seed, withhold_train=True)
     steps = int(meta["steps"])
-    model = build_model(cfg, data)
+    model = build_model(cfg, data, load_pretrained=False)  # the checkpoint holds the weights
     schedule = Schedule(cfg.optim, steps, swa_start=cfg.averaging.swa_start)
     averagers = make_averagers(cfg.averaging, model, total_steps=steps, is_minimum=schedule.is_minimum)
     try:
@@ -98,12 +98,15 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         probs = predict_proba(counter, target, data)
         bins[name] = reliability_bins(probs, target.y)
         results[name] = {**metrics(probs, target.y), "members": counter.n}
-    event = PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
-                            steps=int(state["step"]))
+    eps: Optional[float] = None  # a non-private run on public data has no epsilon
+    if cfg.privacy.enabled:
+        event = PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
+                                steps=int(state["step"]))
+        eps = epsilon([event], delta=meta["delta"], accountant=cfg.privacy.accountant) if state["step"] else 0.0
     out: dict[str, Any] = {
         "run_id": meta["run_id"], "step": int(state["step"]), "steps": steps, "split": split,
         "examples": len(target), "private": meta.get("private", True),
-        "epsilon": epsilon([event], delta=meta["delta"], accountant=cfg.privacy.accountant) if state["step"] else 0.0,
+        "epsilon": eps,
         "delta": meta["delta"], "collected": counts, "skipped": {k: v for k, v in skipped.items() if k not in wanted},
         "methods": results, "reliability": bins,
     }

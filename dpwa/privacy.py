@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["poisson_batches", "per_example_grads", "PrivateSGD", "noise_generator"]
+__all__ = ["poisson_batches", "per_example_grads", "PrivateSGD", "NonPrivateSGD", "noise_generator"]
 
 
 def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -142,3 +142,32 @@ class PrivateSGD:
                 break
             chunk = following
         return {"private_batch_loss_diagnostic": loss_sum / max(count, 1), "batch_size": count}
+
+
+class NonPrivateSGD:
+    """Plain minibatch SGD with the same interface as `PrivateSGD`, for public data only
+    (`privacy.enabled: false`, which the config allows only with `data.public: true`): the mean
+    over the batch of each example's loss (the mean over its K views). No clipping, no noise."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, count = 0.0, 0
+        for views, labels in chunks:
+            b, k = views.shape[:2]
+            if b == 0:
+                continue
+            out = self.model(views.flatten(0, 1))
+            losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
+            losses.sum().backward()
+            loss_sum += float(losses.detach().sum())
+            count += b
+        if count:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad /= count
+            self.optimizer.step()
+        return {"train_batch_loss": loss_sum / max(count, 1), "batch_size": count}

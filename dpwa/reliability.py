@@ -35,8 +35,9 @@ def draw_reliability(bins: Mapping[str, Sequence[Mapping[str, float]]], scores: 
         width = bins[name][0]["high"] - bins[name][0]["low"]
         ax.bar([x["low"] for x in b], [x["accuracy"] for x in b], width=width, align="edge", edgecolor="black",
                linewidth=0.5, color="tab:blue", label="accuracy")
-        ax.bar([x["low"] for x in b], [x["confidence"] - x["accuracy"] for x in b], bottom=[x["accuracy"] for x in b],
-               width=width, align="edge", color="tab:red", alpha=0.3, label="gap")
+        ax.bar([x["low"] for x in b], [abs(x["confidence"] - x["accuracy"]) for x in b],
+               bottom=[min(x["accuracy"], x["confidence"]) for x in b], width=width, align="edge", fill=False,
+               edgecolor="tab:red", hatch="///", linewidth=0.5, label="gap to confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
                title=f"{name}: acc {100 * scores[name]['accuracy']:.1f}%, ECE {100 * scores[name]['ece']:.1f}%")

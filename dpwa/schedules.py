@@ -133,10 +133,9 @@ class Schedule:
             if ends is not None:
                 raise ConfigError(
                     f"The {o.schedule} schedule must end at an lr minimum ({where}), or its last steps spend privacy "
-                    f"past the last snapshot: {n} train steps after optim.cycle_start={o.cycle_start} do not end "
-                    f"there with optim.cycle_length={o.cycle_length}"
-                    + (f", optim.cycle_mult={o.cycle_mult}" if o.schedule == "sgdr" else "")
-                    + f"; use train.steps={ends} (or change the cycle length)")
+                    f"past the last snapshot: with optim.cycle_start={o.cycle_start} and optim.cycle_length="
+                    f"{o.cycle_length}" + (f", optim.cycle_mult={o.cycle_mult}" if o.schedule == "sgdr" else "")
+                    + f", a {n}-step run does not end at one; use train.steps={ends} (or change the cycles)")
 
     def _ends_at_minimum(self) -> int | None:
         """None if the last step is a minimum, else the nearest run length that ends at one."""

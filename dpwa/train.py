@@ -26,12 +26,12 @@ from accounting.errors import LedgerError
 
 from .augmult import augmult_views
 from .averaging import make_averagers, prediction_methods
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .data import Data, load_data
 from .evaluate import evaluate, evaluate_members
 from .models import create_model
-from .privacy import PrivateSGD, noise_generator, poisson_batches
+from .privacy import NonPrivateSGD, PrivateSGD, noise_generator, poisson_batches
 from .schedules import Schedule
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods"]
@@ -58,7 +58,9 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
         raise ConfigError(f"train.batch_size={b} must be <= the training set size N={dataset_size}")
     q = b / dataset_size
     steps = cfg.train.steps if cfg.train.steps is not None else math.ceil(cfg.train.epochs * dataset_size / b - 1e-9)
-    if cfg.privacy.noise_multiplier is not None:
+    if not cfg.privacy.enabled:
+        sigma = 0.0  # public data, plain SGD (the config refuses this for private data)
+    elif cfg.privacy.noise_multiplier is not None:
         sigma = float(cfg.privacy.noise_multiplier)
     else:
         sigma = noise_multiplier_for(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
@@ -66,9 +68,33 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
     return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, noise_multiplier=sigma)
 
 
-def build_model(cfg: RunConfig, data: Data) -> torch.nn.Module:
-    return create_model(cfg.model.name, in_channels=data.in_channels, num_classes=data.num_classes,
-                        groups=cfg.model.groups, weight_standardization=cfg.model.weight_standardization)
+class _PublicData:
+    """The ledger of a non-private run on public data (`privacy.enabled: false`): there is
+    nothing to charge, so every ledger call is a no-op."""
+
+    path = None
+
+    def run(self, run_id: str) -> Any:
+        return dataclasses.make_dataclass("Run", ["status"])("reserved")
+
+    def reserve(self, **kwargs: Any) -> None: ...
+
+    def progress(self, run_id: str, events: Any) -> None: ...
+
+    def commit(self, run_id: str, events: Any) -> None: ...
+
+    def spent(self, dataset: str, **kwargs: Any) -> None:
+        return None
+
+
+def build_model(cfg: RunConfig, data: Data, *, load_pretrained: bool = True) -> torch.nn.Module:
+    """The config's model; `load_pretrained=False` skips reading pretrained weights (a
+    checkpoint will overwrite them anyway, e.g. in `dpwa eval`)."""
+    m = cfg.model
+    return create_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes, groups=m.groups,
+                        weight_standardization=m.weight_standardization,
+                        pretrained=m.pretrained if load_pretrained else None,
+                        trainable=m.trainable, trainable_stages=m.trainable_stages)
 
 
 def evaluate_methods(model: torch.nn.Module, averagers: dict, split: Any, data: Data, cfg: RunConfig,
@@ -135,21 +161,32 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     # 1. Validate everything before any privacy is spent.
     data = load_data(cfg.data, seed=cfg.train.seed)
     plan = plan_run(cfg, len(data.train))
-    model = build_model(cfg, data).to(device)
+    # A resumed run's checkpoint holds its weights: pretrained weights are read for a new run only.
+    fresh = resume is None or not (run_dir / "checkpoint.pt").is_file()
+    model = build_model(cfg, data, load_pretrained=fresh).to(device)
     schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
     averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
     # The optimizer touches no data; its engine refuses layers it cannot clip, before any charge.
     o = cfg.optim
-    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay)
-    sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
-                     expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
-                     generator=(noise := noise_generator(cfg.privacy.noise_seed, device)), engine=cfg.privacy.engine)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
+                                nesterov=o.nesterov, weight_decay=o.weight_decay)
+    private = cfg.privacy.enabled
+    noise = noise_generator(cfg.privacy.noise_seed, device)
+    sgd: PrivateSGD | NonPrivateSGD
+    if private:
+        sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
+                         expected_batch_size=cfg.train.batch_size, rescale_to_unit=cfg.privacy.rescale_to_unit,
+                         generator=noise, engine=cfg.privacy.engine)
+    else:
+        sgd = NonPrivateSGD(model, optimizer)
     n_source = len(data.source_labels)
-    if cfg.privacy.delta >= 1 / n_source:
+    if private and cfg.privacy.delta >= 1 / n_source:
         warnings.warn(f"privacy.delta={cfg.privacy.delta:g} is not below 1/N = {1 / n_source:g}")
     dataset = cfg.data.ledger_name or cfg.data.name
-    ledger = Ledger(ledger_path or cfg.privacy.ledger)
+    ledger: Ledger | _PublicData = Ledger(ledger_path or cfg.privacy.ledger) if private else _PublicData()
+
+    def spent(steps: int) -> list[PoissonGaussian]:  # the mechanism events of `steps` DP steps
+        return [plan.event.with_count(steps)] if private else []
 
     # 2. Reserve the whole plan (or find the reservation of the run being resumed).
     if resume is not None:
@@ -158,13 +195,13 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
             raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
     else:
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
-                       events=[plan.event], config_hash=_config_hash(cfg), size=n_source)
+                       events=spent(plan.steps), config_hash=_config_hash(cfg), size=n_source)
         run_dir.mkdir(parents=True, exist_ok=False)
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
         atomic_write_text(run_dir / "run.json", json.dumps({
-            "run_id": run_id, "dataset": dataset, "ledger": str(ledger.path), "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate, "steps": plan.steps, "delta": cfg.privacy.delta,
-            "private": cfg.privacy.noise_seed is None}, indent=2))
+            "run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "delta": cfg.privacy.delta, "private": private and cfg.privacy.noise_seed is None}, indent=2))
 
     # 3. The training state.
     sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -192,13 +229,15 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         if cfg.privacy.noise_seed is not None:
             state["noise_rng"] = noise.get_state()  # never for private runs: it would reveal the noise
         save_checkpoint(state, ckpt_path)
-        ledger.progress(run_id, [plan.event.with_count(step)])
+        ledger.progress(run_id, spent(step))
 
-    def eps_at(step: int) -> float:
+    def eps_at(step: int) -> Optional[float]:
+        if not private:
+            return None
         return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
 
     eval_split = data.test if cfg.train.eval_split == "test" else data.val
-    if cfg.train.eval_split == "val":
+    if cfg.train.eval_split == "val" and private:
         warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
                       "covered by the DP guarantee; use it to tune locally, do not publish it")
     metrics_path = run_dir / "metrics.jsonl"
@@ -213,7 +252,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
 
         bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
     batches = poisson_batches(len(data.train), plan.sample_rate, sample_gen)
-    eps_now = eps_at(start) if start else 0.0
+    eps_now = eps_at(start) if start or not private else 0.0
 
     # 4. Train.
     for step in range(start, plan.steps):
@@ -247,18 +286,19 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if bar:
-            bar.set_postfix(private_loss=f"{stats['private_batch_loss_diagnostic']:.3f}", eps=f"{eps_now:.2f}",
-                            img_s=f"{row['images_per_s']:.0f}")
+            shown = ({"private_loss": f"{stats['private_batch_loss_diagnostic']:.3f}", "eps": f"{eps_now:.2f}"}
+                     if private else {"loss": f"{stats['train_batch_loss']:.3f}", "eps": "none (public)"})
+            bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}")
             bar.update(1)
     if bar:
         bar.close()
     metrics.close()
 
     # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
-    ledger.commit(run_id, [plan.event])
+    ledger.commit(run_id, spent(plan.steps))
     results = evaluate_methods(model, averagers, eval_split, data, cfg)
     report = {
-        "run_id": run_id, "dataset": dataset, "private": cfg.privacy.noise_seed is None,
+        "run_id": run_id, "dataset": dataset, "private": private and cfg.privacy.noise_seed is None,
         "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
         "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
         "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
@@ -269,5 +309,6 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         "train_time_s": train_time, "wall_time_s": time.time() - wall0,
         "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9),
     }
+    save_weights(model, run_dir / "weights.safetensors")  # the last iterate: model.pretrained can read it
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
     return {**report, "run_dir": str(run_dir)}

@@ -48,8 +48,9 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print_json(result)
         return 0
-    print(f"run {result['run_id']} at step {result['step']} of {result['steps']} "
-          f"(epsilon {result['epsilon']:.3f}), {result['split']} split, {result['examples']} examples:")
+    eps = "not private" if result["epsilon"] is None else f"epsilon {result['epsilon']:.3f}"
+    print(f"run {result['run_id']} at step {result['step']} of {result['steps']} ({eps}), {result['split']} split, "
+          f"{result['examples']} examples:")
     print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}")
     for name, r in result["methods"].items():
         print(f"  {name:<10} {r['members']:>7} {100 * r['accuracy']:>8.2f}% {r['nll']:>7.4f} "

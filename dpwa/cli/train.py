@@ -22,8 +22,9 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a classifier with DP-SGD", description=__doc__, epilog=EXAMPLES,
+def add_parser(sub: argparse._SubParsersAction, verb: str = "train", help: str = "train a classifier with DP-SGD",
+               description: str = __doc__, epilog: str = EXAMPLES) -> argparse.ArgumentParser:
+    p = sub.add_parser(verb, help=help, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=2 augmult.k=4")
@@ -32,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run)
+    return p
 
 
 def run(a: argparse.Namespace) -> int:
@@ -46,6 +48,9 @@ def run(a: argparse.Namespace) -> int:
         if a.config is None:
             raise InvalidParameterError("Give a config file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(a.config, a.overrides)
+        check = getattr(a, "check_config", None)
+        if check is not None:
+            check(cfg)
     from dpwa.train import train  # imports torch: only here, not for budget/ledger verbs
 
     report = train(cfg, resume=a.resume, ledger_path=a.ledger, progress=not a.no_progress)
@@ -53,8 +58,11 @@ def run(a: argparse.Namespace) -> int:
         print_json(report)
         return 0
     split = report["eval_split"]
-    print(f"run {report['run_id']}: epsilon {report['epsilon']:.3f} at delta {report['delta']:g} "
-          f"({report['accountant']}), {report['steps']} steps, sigma {report['noise_multiplier']:.4g}")
+    if report["epsilon"] is None:
+        print(f"run {report['run_id']}: NOT PRIVATE (privacy.enabled=false on public data), {report['steps']} steps")
+    else:
+        print(f"run {report['run_id']}: epsilon {report['epsilon']:.3f} at delta {report['delta']:g} "
+              f"({report['accountant']}), {report['steps']} steps, sigma {report['noise_multiplier']:.4g}")
     for name in report["methods"]:
         r = report[f"{split}_{name}"]
         print(f"  {split} accuracy {name:<9} {100 * r['accuracy']:.2f}%   NLL {r['nll']:.4f}   "

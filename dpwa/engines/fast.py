@@ -20,17 +20,32 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .reference import clip_factors
-from .rules import SUPPORTED, Record, rule_for
+from .rules import Record, is_supported, rule_for
 
-__all__ = ["FastEngine", "EngineError"]
+__all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
 
 
 class EngineError(ConfigError):
     """The model has a layer this engine cannot handle (the message names it and the fix)."""
 
 
-def _is_supported(module: nn.Module) -> bool:
-    return isinstance(module, SUPPORTED) or type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame")
+def _problem(module: nn.Module) -> Optional[str]:
+    if not is_supported(module):
+        return f"no per-example rule for {type(module).__name__}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    return None
+
+
+def unsupported_parameters(model: nn.Module) -> list[str]:
+    """Every trainable parameter the engine cannot give a per-example gradient, with the reason."""
+    out = []
+    for name, module in model.named_modules():
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        why = _problem(module) if own else None
+        if why:
+            out += [f"{name}.{n} ({why})" if name else f"{n} ({why})" for n in own]
+    return out
 
 
 class FastEngine:
@@ -51,14 +66,12 @@ class FastEngine:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
-            if not _is_supported(module):
-                raise EngineError(
-                    f"privacy.engine=dpwa-fast has no per-example rule for layer {name!r} ({type(module).__name__}, "
-                    f"trainable {sorted(own)}); use privacy.engine=torch-func, which handles any layer")
-            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-                raise EngineError(f"layer {name!r}: padding_mode={module.padding_mode!r} is not supported by "
-                                  "privacy.engine=dpwa-fast; use privacy.engine=torch-func")
             self.layers[module] = own
+        bad = unsupported_parameters(model)
+        if bad:
+            raise EngineError(f"privacy.engine=dpwa-fast cannot give per-example gradients for {len(bad)} trainable "
+                              f"parameter(s): {', '.join(bad)}; use privacy.engine=torch-func, which handles any "
+                              "layer, or freeze them")
         self._records: Optional[list[Record]] = None
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 

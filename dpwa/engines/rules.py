@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Record", "rule_for", "SUPPORTED"]
+__all__ = ["Record", "rule_for", "SUPPORTED", "is_supported"]
 
 
 @dataclass
@@ -294,10 +294,38 @@ class GroupNormRule:
         return {name: c @ value for name, value in self.per_example.items()}
 
 
+class ScalarGainRule:
+    """y = x * g for a scalar g (NF blocks' skip-init gain): example b's gradient is
+    sum over its views and positions of go * x, a (B,) vector."""
+
+    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str) -> None:
+        self.m = rec.module
+        self.per_example = {"gain": (go * rec.x).reshape(batch, -1).sum(1)}
+
+    def norms2(self) -> torch.Tensor:
+        return self.per_example["gain"] ** 2
+
+    def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"gain": c @ self.per_example["gain"]}
+
+
+def _scalar_gain() -> type:
+    from ..models.nfnet import ScalarGain
+
+    return ScalarGain
+
+
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return (isinstance(module, SUPPORTED + (_scalar_gain(),))
+            or type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame"))
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):
     if isinstance(rec.module, nn.GroupNorm):
         return GroupNormRule(rec, go, batch, mode)
+    if isinstance(rec.module, _scalar_gain()):
+        return ScalarGainRule(rec, go, batch, mode)
     return DenseRule(rec, go, batch, mode)

@@ -6,7 +6,8 @@ breaks per-example gradients and so DP-SGD; `check_dp_compatible` refuses it.
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Optional
 
 import torch.nn as nn
 
@@ -31,12 +32,39 @@ def register_model(name: str):
 
 
 def create_model(name: str, *, in_channels: int, num_classes: int, groups: int = 16,
-                 weight_standardization: bool = True) -> nn.Module:
-    """Build a registered model. Raises ModelError naming the known models for an unknown name."""
-    if name not in MODELS:
-        raise ModelError(f"Unknown model {name!r}; known models: {sorted(MODELS)}")
-    model = MODELS[name](in_channels=in_channels, num_classes=num_classes, groups=groups,
-                         weight_standardization=weight_standardization)
+                 weight_standardization: bool = True, pretrained: Optional[str] = None, trainable: str = "all",
+                 trainable_stages: int = 0) -> nn.Module:
+    """Build a registered model, or a timm NF model by its timm name (dpwa/models/nfnet.py).
+
+    Raises:
+        ModelError: an unknown name (the known ones listed), a timm model with BatchNorm,
+            pretrained weights or freezing asked of a model that does not take them.
+    """
+    nf = dict(pretrained=pretrained, trainable=trainable, trainable_stages=trainable_stages)
+    if name in MODELS:
+        fn = MODELS[name]
+        if "pretrained" in inspect.signature(fn).parameters:
+            model = fn(in_channels=in_channels, num_classes=num_classes, groups=groups,
+                       weight_standardization=weight_standardization, **nf)
+        else:
+            if pretrained is not None or trainable != "all":
+                raise ModelError(f"model.pretrained / model.trainable are for NF models (timm's NF family, nf_micro*); "
+                                 f"{name!r} is trained from scratch, all layers")
+            model = fn(in_channels=in_channels, num_classes=num_classes, groups=groups,
+                       weight_standardization=weight_standardization)
+    else:
+        from .nfnet import create_nf
+
+        try:
+            import timm
+
+            known_to_timm = name in timm.list_models()
+        except ImportError:  # pragma: no cover - timm is a dependency of the training side
+            known_to_timm = False
+        if not known_to_timm:
+            raise ModelError(f"Unknown model {name!r}; known models: {sorted(MODELS)}, or a timm NF model "
+                             "(dm_nfnet_f0, nfnet_l0, eca_nfnet_l0, nf_resnet26, nf_regnet_b0, ...)")
+        model = create_nf(name, num_classes=num_classes, in_channels=in_channels, **nf)
     check_dp_compatible(model)
     return model
 
@@ -53,4 +81,4 @@ def check_dp_compatible(model: nn.Module) -> None:
             raise ModelError(f"Layer {name!r} tracks running statistics across examples; use GroupNorm")
 
 
-from . import cnn, wrn  # noqa: E402,F401  (register the built-in models)
+from . import cnn, nfnet, wrn  # noqa: E402,F401  (register the built-in models)

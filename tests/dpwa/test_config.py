@@ -1,8 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 
+from dpwa.averaging import make_averagers
 from dpwa.config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml, load_config
+from dpwa.schedules import Schedule
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
@@ -11,8 +14,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert path.read_text().startswith(f"# dpwa train configs/{path.name}")  # opens with its command
+    first = path.read_text().splitlines()[0]  # opens with its command
+    assert first.startswith((f"# dpwa train configs/{path.name}", f"# dpwa finetune configs/{path.name}")), first
     assert config_from_yaml_text(config_to_yaml(cfg)) == cfg  # the run folder's copy round-trips
+    if cfg.train.steps is not None:  # the checks that need the run length pass too
+        schedule = Schedule(cfg.optim, cfg.train.steps, swa_start=cfg.averaging.swa_start)
+        make_averagers(cfg.averaging, torch.nn.Linear(2, 2), total_steps=cfg.train.steps,
+                       is_minimum=schedule.is_minimum)
 
 
 def test_overrides():

@@ -149,7 +149,8 @@ def test_metrics_against_hand_computation():
     assert m["accuracy"] == 0.75
     assert m["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.38) + math.log(0.7) + math.log(0.55)) / 4)
     assert m["brier"] == pytest.approx((2 * 0.1 ** 2 + 2 * 0.62 ** 2 + 2 * 0.3 ** 2 + 2 * 0.45 ** 2) / 4)
-    # 15 bins (k/15, (k+1)/15]: confidence 0.9 -> bin 13 (right), 0.62 -> 9 (wrong), 0.7 -> 10 (right), 0.55 -> 8 (right)
+    # 15 bins (k/15, (k+1)/15]: confidence 0.9 -> bin 13 (right), 0.62 -> 9 (wrong), 0.7 -> 10 (right),
+    # 0.55 -> 8 (right)
     ece = (abs(1 - 0.9) + abs(0 - 0.62) + abs(1 - 0.7) + abs(1 - 0.55)) / 4
     assert m["ece"] == pytest.approx(ece, rel=1e-6)
     bins = reliability_bins(probs, labels)
