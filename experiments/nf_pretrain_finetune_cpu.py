@@ -12,7 +12,7 @@ class: classes 0-4 play the public pretraining set, classes 5-9 the private set.
 3. the same with `model.trainable=head` (a private linear probe of the pretrained features);
 4. the same from scratch (`model.pretrained=null`): the baseline at the same epsilon.
 Private runs reserve their spend in runs/experiments-ledger.sqlite. Writes
-experiments/results/nf_pretrain_finetune_cpu.md. Test accuracy: the 4,500 test images of
+experiments/results/nf_pretrain_finetune_cpu.md. Test accuracy: the 4,485 test images of
 classes 5-9 in ../shared/data/cifar10 (JPEG q75) for 2-4, of classes 0-4 for 1.
 """
 

@@ -16,11 +16,11 @@ from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.config import ConfigError
 
-from . import budget, eval, finetune, ledger, train
+from . import budget, evaluate, finetune, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (train, finetune, eval, budget, ledger)
+_VERBS = (train, finetune, evaluate, budget, ledger)
 
 
 class _Parser(argparse.ArgumentParser):
