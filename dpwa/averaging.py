@@ -22,6 +22,7 @@ and `state_dict`/`load_state_dict` so that a resumed run continues them exactly.
 
 from __future__ import annotations
 
+import abc
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -82,7 +83,7 @@ def _load_flat(vector: torch.Tensor, model: nn.Module) -> None:
         i += p.numel()
 
 
-class Averager:
+class Averager(abc.ABC):
     """The common interface. `count` is the number of iterates collected so far."""
 
     name = "averager"
@@ -91,8 +92,9 @@ class Averager:
         self.model = _frozen_copy(model)  # the averaged (or sampled) weights, usable as a model
         self.count = 0
 
+    @abc.abstractmethod
     def update(self, model: nn.Module, step: int) -> None:
-        raise NotImplementedError
+        """Take iterate `step` (the number of DP steps done) into account, or not, by rule."""
 
     def members(self, generator: Optional[torch.Generator] = None) -> Iterator[nn.Module]:
         """The models whose mean softmax is this method's prediction (one for an average)."""

@@ -296,7 +296,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
 
     # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
     ledger.commit(run_id, spent(plan.steps))
-    results = evaluate_methods(model, averagers, eval_split, data, cfg)
+    # SWAG's Bayesian model averages cost swag_samples passes each: `dpwa eval` computes them.
+    results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
     report = {
         "run_id": run_id, "dataset": dataset, "private": private and cfg.privacy.noise_seed is None,
         "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,

@@ -70,4 +70,6 @@ def run(a: argparse.Namespace) -> int:
     print(f"  {report['per_example_gradient_evaluations']} per-example gradient evaluations, "
           f"{report['train_time_s']:.1f}s training, {report['images_per_s']:.0f} img/s")
     print(f"  report: {Path(report['run_dir']) / 'report.json'}")
+    if "swag" in report["collected"]:
+        print(f"  SWAG and SWAG-diagonal (Bayesian model averages): dpwa eval {report['run_dir']}")
     return 0

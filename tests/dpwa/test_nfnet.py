@@ -217,3 +217,24 @@ def test_bad_finetune_input_exits_2_without_charge(tmp_path, capsys, args, messa
     assert code == 2
     assert message in capsys.readouterr().err
     assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"{IMAGENETTE} is absent (real images)")
+def test_finetune_end_to_end_on_real_imagefolder(tmp_path, capsys):
+    """`dpwa finetune` on the real ImageNet-layout folder: pretrained weights from a file, the
+    last stage and head trained privately, one ledger charge, weights written for reuse."""
+    torch.manual_seed(0)
+    save_weights(create_model("nf_micro_eca", in_channels=3, num_classes=1000), tmp_path / "pre.safetensors")
+    led = tmp_path / "l.sqlite"
+    code = main(["finetune", str(ROOT / "configs" / "quickstart.yaml"), "--no-progress", "--ledger", str(led),
+                 "--json", f"out_dir={tmp_path / 'runs'}", "data.name=imagefolder", f"data.root={IMAGENETTE}",
+                 "data.image_size=32", "data.ledger_name=imagenette-small", "model.name=nf_micro_eca",
+                 f"model.pretrained={tmp_path / 'pre.safetensors'}", "model.trainable=stages",
+                 "model.trainable_stages=1", "train.steps=3", "train.batch_size=64", "train.physical_batch_size=32",
+                 "augmult.k=2", "augmult.pad=4", "augmult.flip=true", "privacy.delta=1e-4"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 3 and report["sample_rate"] == pytest.approx(64 / 1000)
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.dataset == "imagenette-small"
+    assert (Path(report["run_dir"]) / "weights.safetensors").is_file()
