@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import secrets
 import time
 import warnings
@@ -103,6 +104,14 @@ def evaluate_methods(model: torch.nn.Module, averagers: dict, split: Any, data: 
     methods = prediction_methods(model, averagers, swag_samples=cfg.averaging.swag_samples, seed=cfg.train.seed)
     return {name: evaluate_members(members(), split, data) for name, members in methods.items()
             if only is None or name in only}
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics row; a row torn by a kill mid-write counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _config_hash(cfg: RunConfig) -> str:
@@ -242,8 +251,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                       "covered by the DP guarantee; use it to tune locally, do not publish it")
     metrics_path = run_dir / "metrics.jsonl"
     if resume is not None and metrics_path.exists():  # drop rows of steps the resumed run will redo
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start]
+        kept = [line for line in metrics_path.read_text().splitlines() if _row_step(line) <= start]
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     metrics = open(metrics_path, "a")
     bar = None
@@ -274,8 +282,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         train_time += time.time() - t0
         row: dict[str, Any] = {"step": done, "lr": lr, **stats,
                                "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
-        if done % cfg.train.checkpoint_every == 0 or done == plan.steps:
-            checkpoint(done)
+        at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
+        if at_checkpoint:
             eps_now = eps_at(done)
             row["epsilon"] = eps_now
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
@@ -285,6 +293,9 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                 row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
+        if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
+            os.fsync(metrics.fileno())
+            checkpoint(done)
         if bar:
             shown = ({"private_loss": f"{stats['private_batch_loss_diagnostic']:.3f}", "eps": f"{eps_now:.2f}"}
                      if private else {"loss": f"{stats['train_batch_loss']:.3f}", "eps": "none (public)"})
