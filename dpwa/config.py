@@ -54,6 +54,8 @@ class DataConfig:
                  f"data.image_size must be >= 8, got {self.image_size}")
         _require(self.name != "imagefolder" or (bool(self.root) and self.image_size is not None),
                  "data.name=imagefolder needs data.root (with train/ and val/ class folders) and data.image_size")
+        _require(self.name != "imagefolder" or self.features == "none",
+                 "data.features needs data held in memory; data.name=imagefolder decodes images on demand")
         _require(self.classes is None or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
                                           and min(self.classes) >= 0),
                  f"data.classes must list at least 2 distinct labels >= 0, got {self.classes}")

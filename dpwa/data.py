@@ -4,7 +4,8 @@ Small image datasets fit in memory (CIFAR-10 is 150 MB as uint8), so batches are
 by index from tensors: no per-example Python in the DP hot path, and Poisson sampling is
 exact. Sources: scikit-learn's digits (built in, no download: the quickstart), CIFAR-10/100
 through torchvision, the npz array format (`x` uint8 NHWC, `y`) of ../shared/data, and
-ImageNet-layout folders (torchvision `ImageFolder`), decoded and resized once. A subset of the
+ImageNet-layout folders (torchvision `ImageFolder`), decoded and resized when a batch is drawn
+(they need not fit in memory). A subset of the
 classes can be kept (`data.classes`), e.g. to split a dataset into a public and a private part.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from .config import ConfigError, DataConfig
 
-__all__ = ["Split", "Withheld", "Data", "load_data", "DataError", "PrivateDataAccess"]
+__all__ = ["Split", "Withheld", "ImageFiles", "Data", "load_data", "DataError", "PrivateDataAccess"]
 
 
 class DataError(ConfigError):
@@ -28,7 +29,7 @@ class DataError(ConfigError):
 
 @dataclass
 class Split:
-    x: torch.Tensor  # uint8 (N, C, H, W); float features with data.features
+    x: torch.Tensor  # uint8 (N, C, H, W); float features with data.features; ImageFiles (decoded on indexing)
     y: torch.Tensor  # int64 (N,)
 
     def __len__(self) -> int:
@@ -134,11 +135,61 @@ def _cifar(name: str, root: Optional[str], download: bool) -> tuple[Split, Split
     return splits[0], splits[1], 10 if name == "cifar10" else 100
 
 
+class ImageFiles:
+    """The images of an ImageFolder split, decoded when indexed: files at full size stay on disk
+    (ImageNet at 320 px would be ~390 GB as uint8 in memory). Indexing with a slice, an index
+    tensor or a boolean mask returns a uint8 batch (n, 3, size, size), each image's shorter side
+    resized to `size` and centre-cropped; `take` returns a lazy subset (class subsets, the
+    validation split)."""
+
+    dtype = torch.uint8
+
+    def __init__(self, files: list[str], size: int) -> None:
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 3, self.size, self.size)
+
+    def _indices(self, key) -> list[int]:
+        if isinstance(key, slice):
+            return list(range(len(self.files)))[key]
+        key = torch.as_tensor(key)
+        if key.dtype == torch.bool:
+            key = key.nonzero().flatten()
+        return key.flatten().tolist()
+
+    def take(self, key) -> "ImageFiles":
+        return ImageFiles([self.files[i] for i in self._indices(key)], self.size)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        out = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
+        images = []
+        for i in self._indices(key):
+            try:
+                with Image.open(self.files[i]) as img:
+                    x = TF.pil_to_tensor(img.convert("RGB"))
+            except Exception as e:
+                raise DataError(f"cannot decode {self.files[i]}: {e}") from None
+            images.append(TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size, self.size]))
+        return torch.stack(images) if images else out
+
+
+def _take(x, key):
+    """Rows of an in-memory tensor, or a lazy subset of `ImageFiles`."""
+    return x.take(key) if isinstance(x, ImageFiles) else x[key]
+
+
 def _imagefolder(root: str, size: int) -> tuple[Split, Split, int]:
-    """train/<class>/* and val/<class>/* (torchvision ImageFolder, the ImageNet layout), decoded
-    once, shorter side resized to `size` and centre-cropped, as uint8."""
+    """train/<class>/* and val/<class>/* (torchvision ImageFolder, the ImageNet layout): files
+    are listed now and decoded when a batch needs them (`ImageFiles`)."""
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms.v2 import functional as TF
 
     folder = Path(root).expanduser()
     splits, classes = [], None
@@ -155,14 +206,8 @@ def _imagefolder(root: str, size: int) -> tuple[Split, Split, int]:
             classes = ds.classes
         elif ds.classes != classes:
             raise DataError(f"data.root={root!r}: val/ has classes {ds.classes[:5]}..., train/ has {classes[:5]}...")
-        xs = []
-        for file, _ in ds.samples:
-            try:
-                img = TF.pil_to_tensor(ds.loader(file))
-            except Exception as e:
-                raise DataError(f"data.root={root!r}: cannot decode {file}: {e}") from None
-            xs.append(TF.center_crop(TF.resize(img, [size], antialias=True), [size, size]))
-        splits.append(Split(torch.stack(xs), torch.tensor(ds.targets, dtype=torch.int64)))
+        splits.append(Split(ImageFiles([f for f, _ in ds.samples], size),  # type: ignore[arg-type]
+                            torch.tensor(ds.targets, dtype=torch.int64)))
     return splits[0], splits[1], len(classes or ())
 
 
@@ -184,7 +229,7 @@ def _keep_classes(split: Split, classes: list[int], where: str) -> Split:
     keep = y >= 0
     if not keep.any():
         raise DataError(f"data.classes={classes}: no example of these labels in the {where} split")
-    return Split(split.x[keep], y[keep])
+    return Split(_take(split.x, keep), y[keep])
 
 
 _PUBLIC_STATS = {  # published per-channel statistics (public knowledge)
@@ -221,7 +266,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(train), generator=g)
         v, t = order[: cfg.val_size], order[cfg.val_size:]
-        val, train = Split(train.x[v], train.y[v]), Split(train.x[t], train.y[t])
+        val, train = Split(_take(train.x, v), train.y[v]), Split(_take(train.x, t), train.y[t])
     channels = train.x.shape[1]
     default_mean, default_std = _PUBLIC_STATS.get(cfg.name, ([0.5] * channels, [0.25] * channels))
     mean = torch.tensor(cfg.mean if cfg.mean is not None else default_mean)

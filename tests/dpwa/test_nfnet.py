@@ -16,7 +16,7 @@ from accounting import Ledger
 from dpwa.checkpoint import save_weights
 from dpwa.cli import main
 from dpwa.config import ConfigError, DataConfig, load_config
-from dpwa.data import DataError, load_data
+from dpwa.data import DataError, ImageFiles, load_data
 from dpwa.engines import EngineError, FastEngine
 from dpwa.models import ModelError, create_model
 from dpwa.models.nfnet import ScalarGain, _tiny_cfg, _TINY, create_nf, load_weights, make_dp_ready
@@ -164,10 +164,15 @@ def test_non_nf_and_unknown_models_are_refused():
 
 @pytest.mark.skipif(not IMAGENETTE.is_dir(), reason=f"{IMAGENETTE} is absent (real images)")
 def test_imagefolder_on_real_imagenet_layout():
-    data = load_data(DataConfig(name="imagefolder", root=str(IMAGENETTE), image_size=32))
-    assert data.train.x.shape == (1000, 3, 32, 32) and data.train.x.dtype == torch.uint8
-    assert data.test.x.shape == (500, 3, 32, 32) and data.num_classes == 10
-    assert torch.bincount(data.train.y).tolist() == [100] * 10
+    data = load_data(DataConfig(name="imagefolder", root=str(IMAGENETTE), image_size=32, val_size=100,
+                                classes=[0, 3, 5, 7, 9]))
+    assert isinstance(data.train.x, ImageFiles)  # decoded on demand, not held in memory
+    assert data.train.x.shape == (400, 3, 32, 32) and data.val.x.shape == (100, 3, 32, 32)
+    assert data.test.x.shape == (250, 3, 32, 32) and data.num_classes == 5
+    assert torch.bincount(data.test.y).tolist() == [50] * 5
+    batch = data.train.x[torch.tensor([0, 7, 399])]
+    assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.uint8 and batch.float().std() > 10
+    assert data.test.x[:2].shape == (2, 3, 32, 32) and data.train.x[torch.zeros(400, dtype=torch.bool)].shape[0] == 0
 
 
 def test_imagefolder_bad_layouts(tmp_path):
