@@ -51,8 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # Dotted overrides may also follow the options (`dpwa train C --no-progress optim.lr=2`).
     if extra:
-        if not hasattr(args, "overrides") or any(t.startswith("-") or "=" not in t for t in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        bad = [t for t in extra if t.startswith("-") or "=" not in t]
+        if not hasattr(args, "overrides") or bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")  # name only the offenders
         args.overrides = [*args.overrides, *extra]
     warnings.showwarning = _show_warning
     try:

@@ -1,5 +1,6 @@
-"""Bad input to `dpwa budget` and `dpwa ledger`: a clear message naming the value, a
-non-zero exit code, and no change to the ledger."""
+"""Bad input to every verb (`dpwa train`, `finetune`, `eval`, `budget`, `ledger`): a clear
+message naming the value, a non-zero exit code, no traceback, no change to the ledger and no
+run folder."""
 
 import sqlite3
 
@@ -7,7 +8,10 @@ import pytest
 
 from accounting import Ledger, PoissonGaussian, fingerprint
 from dpwa.cli import main
-from tests.conftest import ledger_snapshot, run_dpwa
+from tests.conftest import ROOT, ledger_snapshot, run_dpwa
+
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+TRAIN = ["--no-progress", "out_dir={tmp}/runs", "train.steps=2"]
 
 FP = fingerprint(range(1000))
 BASE = ["--sigma", "3", "--sample-rate", "0.08192", "--steps", "100", "--delta", "1e-5"]
@@ -93,17 +97,57 @@ CASES = [
     ("show bad delta", ["ledger", "show", "--delta", "2"], 2, "delta=2.0"),
     ("show unknown dataset", ["ledger", "show", "--dataset", "nope"], 1, "Unknown dataset 'nope'"),
     ("no verb", ["ledger"], 2, "required"),
+    # training verbs: nothing may be reserved, no run folder may appear ({tmp} is the test's folder)
+    ("train unparsable yaml", ["train", "{tmp}/bad.yaml", *TRAIN], 2, "Cannot parse {tmp}/bad.yaml"),
+    ("train yaml list", ["train", "{tmp}/list.yaml", *TRAIN], 2, "must hold a mapping"),
+    ("train missing config", ["train", "{tmp}/none.yaml", *TRAIN], 2, "{tmp}/none.yaml does not exist"),
+    ("train no config", ["train", "--no-progress"], 2, "Give a config file"),
+    ("train unknown key", ["train", QUICK, *TRAIN, "optim.lrr=1"], 2, "optim.lrr"),
+    ("train wrong type", ["train", QUICK, *TRAIN, "train.batch_size=many"], 2, "many"),
+    ("train delta out of range", ["train", QUICK, *TRAIN, "privacy.delta=2"], 2,
+     "privacy.delta must be in (0, 1), got 2.0"),
+    ("train epsilon negative", ["train", QUICK, *TRAIN, "privacy.epsilon=-1"], 2, "privacy.epsilon must be > 0"),
+    ("train clip zero", ["train", QUICK, *TRAIN, "privacy.clip_norm=0"], 2, "privacy.clip_norm must be > 0"),
+    ("train missing data", ["train", QUICK, *TRAIN, "data.name=npz", "data.root={tmp}/nodata"], 2,
+     "{tmp}/nodata/train.npz does not exist"),
+    ("train batch above N", ["train", QUICK, *TRAIN, "train.batch_size=100000"], 2,
+     "train.batch_size=100000 must be <= the training set size N=1497"),
+    ("train resume not a run", ["train", "--resume", "{tmp}", "--no-progress"], 2, "is not a dpwa run folder"),
+    ("train resume with overrides", ["train", "--resume", "{tmp}", "optim.lr=2"], 2,
+     "--resume takes the run folder only"),
+    ("train unknown option", ["train", QUICK, *TRAIN, "--fast"], 2, "unrecognized arguments: --fast"),
+    ("finetune unknown model", ["finetune", QUICK, *TRAIN, "model.name=nfnet_zz"], 2, "Unknown model 'nfnet_zz'"),
+    ("finetune missing weights", ["finetune", QUICK, *TRAIN, "model.name=nf_micro", "data.image_size=32",
+                                  "model.pretrained={tmp}/w.safetensors"], 2, "{tmp}/w.safetensors': no such file"),
+    ("finetune private data without privacy", ["finetune", QUICK, *TRAIN, "model.name=nf_micro",
+                                               "privacy.enabled=false"], 2, "not marked public"),
+    ("eval not a run", ["eval", "{tmp}"], 2, "is not a dpwa run folder"),
+    ("eval unknown method", ["eval", "{tmp}", "--methods", "best"], 2, "invalid choice: 'best'"),
+    ("eval no samples", ["eval", "{tmp}", "--swag-samples", "0"], 2, "--swag-samples must be >= 1, got 0"),
 ]
 
 
 @pytest.mark.parametrize("argv, code, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(ledger, capsys, argv, code, needle):
+def test_bad_input(ledger, tmp_path, capsys, argv, code, needle):
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     before = ledger_snapshot(ledger)
     got, err = call(argv, capsys)
     assert got == code, err
-    assert needle in err
+    assert needle.replace("{tmp}", str(tmp_path)) in err
     assert "Traceback" not in err
     assert ledger_snapshot(ledger) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_with_a_corrupt_ledger_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(b"\x00garbage" * 500)
+    code, err = call(["train", QUICK, "--no-progress", "--ledger", str(path), f"out_dir={tmp_path / 'runs'}",
+                      "train.steps=2"], capsys)
+    assert code == 1 and "not a readable SQLite file" in err
+    assert path.read_bytes() == b"\x00garbage" * 500 and not (tmp_path / "runs").exists()
 
 
 def test_corrupt_ledger_file(tmp_path, capsys):
