@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   dpwa eval RUN_DIR --data val      # needs data.val_size > 0 in the run's config
 """
 
+# dpwa.averaging.METHODS, repeated here: importing it would pull torch into every verb's start-up.
 METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag")
 
 

@@ -210,3 +210,10 @@ def test_eval_of_a_partial_run_skips_methods_without_enough_snapshots(tmp_path, 
     result = json.loads(capsys.readouterr().out)
     assert set(result["methods"]) == {"raw", "ema", "polyak"} and set(result["skipped"]) == {"swa", "fge", "swag",
                                                                                                "swag_diag"}
+
+
+def test_eval_cli_lists_the_same_methods_as_the_averagers():
+    from dpwa.averaging import METHODS
+    from dpwa.cli.evaluate import METHODS as CLI_METHODS
+
+    assert CLI_METHODS == METHODS

@@ -91,8 +91,7 @@ def test_freezing_modes(tmp_path, trainable, stages):
                              "train.steps=2", "train.batch_size=32", "train.physical_batch_size=16",
                              "augmult.k=2", "optim.lr=0.5"])
     report = train(cfg, ledger_path=str(tmp_path / "l.sqlite"), progress=False)
-    before = create_model("nf_micro", in_channels=3, num_classes=4)  # the init (seed 0, as the run)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the run's init (train.seed=0)
     before = create_model("nf_micro", in_channels=3, num_classes=4)
     from safetensors.torch import load_file
 
