@@ -10,7 +10,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_text", "save_weights"]
+from .config import ConfigError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_text", "save_weights", "CheckpointError"]
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be read: truncated, not a torch file, or holding pickled code."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,7 +38,11 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint's tensors and plain values; never executes pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled code refused by weights_only
+        raise CheckpointError(f"Cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -54,10 +54,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     unknown = [m for m in methods or () if m not in METHODS]
     if unknown:
         raise EvalError(f"Unknown method(s) {unknown}; known: {list(METHODS)}")
-    try:
-        state = load_checkpoint(ckpt)
-    except Exception as e:  # truncated, not a torch file, or pickled code refused by weights_only
-        raise EvalError(f"Cannot read {ckpt}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    state = load_checkpoint(ckpt)  # CheckpointError (exit 2) if unreadable
 
     torch.set_num_threads(cfg.train.threads)
     data = load_data(cfg.data, seed=cfg.train.seed, withhold_train=True)

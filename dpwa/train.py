@@ -15,6 +15,7 @@ import json
 import math
 import os
 import secrets
+import tempfile
 import time
 import types
 import warnings
@@ -28,7 +29,7 @@ from accounting.errors import LedgerError
 
 from .augmult import augmult_views
 from .averaging import make_averagers, prediction_methods
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .data import Data, load_data
 from .evaluate import evaluate, evaluate_members
@@ -36,7 +37,7 @@ from .models import create_model
 from .privacy import NonPrivateSGD, PrivateSGD, noise_generator, poisson_batches
 from .schedules import Schedule
 
-__all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods"]
+__all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +86,8 @@ class _PublicData:
 
     def commit(self, run_id: str, events: Any) -> None: ...
 
+    def release(self, run_id: str, reason: str) -> None: ...
+
     def spent(self, dataset: str, **kwargs: Any) -> None:
         return None
 
@@ -113,6 +116,35 @@ def _row_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+class RunFolderError(OSError):
+    """The run folder cannot be written (disk full, permissions); the message says what the
+    ledger holds for the run and how to go on."""
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Can the run folder be made? Tried in out_dir's nearest existing ancestor, leaving nothing."""
+    base = out_dir.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(f"{base} is not a folder")
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot hold run folders: {e}") from None
+
+
+def _folder_error(e: OSError, ledger: Any, run_id: str, run_dir: Path, *, released: bool) -> RunFolderError:
+    """After the reservation: a run that took no step gives its reservation back; one that did
+    keeps it (counted in full, progress at its last checkpoint) and can be resumed."""
+    if released:
+        ledger.release(run_id, reason=f"run folder could not be written before the first step: {e}")
+        return RunFolderError(f"{e}; no step was taken and run {run_id!r}'s reservation was released")
+    return RunFolderError(f"{e}; run {run_id!r} stays reserved in the ledger (counted in full). Fix the cause, "
+                          f"then `dpwa train --resume {run_dir}` continues from its last checkpoint")
 
 
 def _config_hash(cfg: RunConfig) -> str:
@@ -193,6 +225,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     if private and cfg.privacy.delta >= 1 / n_source:
         warnings.warn(f"privacy.delta={cfg.privacy.delta:g} is not below 1/N = {1 / n_source:g}")
     dataset = cfg.data.ledger_name or cfg.data.name
+    if resume is None:
+        _check_writable(Path(cfg.out_dir))  # before the ledger: an unwritable folder costs nothing
     ledger: Ledger | _PublicData = Ledger(ledger_path or cfg.privacy.ledger) if private else _PublicData()
 
     def spent(steps: int) -> list[PoissonGaussian]:  # the mechanism events of `steps` DP steps
@@ -206,122 +240,133 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     else:
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
                        events=spent(plan.steps), config_hash=_config_hash(cfg), size=n_source)
-        run_dir.mkdir(parents=True, exist_ok=False)
-        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
-        atomic_write_text(run_dir / "run.json", json.dumps({
-            "run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "delta": cfg.privacy.delta, "private": private and cfg.privacy.noise_seed is None}, indent=2))
+    steps_done = 0  # in this process
+    try:
+        if resume is None:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
+            atomic_write_text(run_dir / "run.json", json.dumps({
+                "run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
+                "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+                "delta": cfg.privacy.delta, "private": private and cfg.privacy.noise_seed is None}, indent=2))
 
-    # 3. The training state.
-    sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
-    start, seen, train_time = 0, 0, 0.0
-    ckpt_path = run_dir / "checkpoint.pt"
-    if resume is not None and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)  # tensors on the CPU; load_state_dict copies them over
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, avg in averagers.items():
-            avg.load_state_dict(state["averagers"][name])
-        sample_gen.set_state(state["sample_rng"])
-        aug_gen.set_state(state["augment_rng"])
-        if "noise_rng" in state:  # only in test runs with a fixed noise seed
-            noise.set_state(state["noise_rng"])
-        start, seen, train_time = state["step"], state["examples_seen"], state["train_time_s"]
+        # 3. The training state.
+        sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        aug_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
+        start, seen, train_time = 0, 0, 0.0
+        ckpt_path = run_dir / "checkpoint.pt"
+        if resume is not None and ckpt_path.is_file():
+            try:  # tensors on the CPU; load_state_dict copies them over
+                state = load_checkpoint(ckpt_path)
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                for name, avg in averagers.items():
+                    avg.load_state_dict(state["averagers"][name])
+                sample_gen.set_state(state["sample_rng"])
+                aug_gen.set_state(state["augment_rng"])
+                if "noise_rng" in state:  # only in test runs with a fixed noise seed
+                    noise.set_state(state["noise_rng"])
+                start, seen, train_time = state["step"], state["examples_seen"], state["train_time_s"]
+            except (ConfigError, KeyError, RuntimeError, ValueError, TypeError) as e:
+                why = e if isinstance(e, ConfigError) else f"{ckpt_path} does not match the run ({type(e).__name__}: {e})"
+                raise CheckpointError(
+                    f"Cannot resume {run_dir}: {why}. Run {run_id!r} stays reserved in the ledger (counted in full); "
+                    f"`dpwa ledger release {run_id} --reason ...` gives back what it did not spend") from None
 
-    def checkpoint(step: int) -> None:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "averagers": {name: avg.state_dict() for name, avg in averagers.items()},
-                 "sample_rng": sample_gen.get_state(),
-                 "augment_rng": aug_gen.get_state(), "step": step, "examples_seen": seen,
-                 "train_time_s": train_time}
-        if cfg.privacy.noise_seed is not None:
-            state["noise_rng"] = noise.get_state()  # never for private runs: it would reveal the noise
-        save_checkpoint(state, ckpt_path)
-        ledger.progress(run_id, spent(step))
+        def checkpoint(step: int) -> None:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "averagers": {name: avg.state_dict() for name, avg in averagers.items()},
+                     "sample_rng": sample_gen.get_state(),
+                     "augment_rng": aug_gen.get_state(), "step": step, "examples_seen": seen,
+                     "train_time_s": train_time}
+            if cfg.privacy.noise_seed is not None:
+                state["noise_rng"] = noise.get_state()  # never for private runs: it would reveal the noise
+            save_checkpoint(state, ckpt_path)
+            ledger.progress(run_id, spent(step))
 
-    def eps_at(step: int) -> Optional[float]:
-        if not private:
-            return None
-        return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        def eps_at(step: int) -> Optional[float]:
+            if not private:
+                return None
+            return epsilon([plan.event.with_count(step)], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
 
-    eval_split = data.test if cfg.train.eval_split == "test" else data.val
-    if cfg.train.eval_split == "val" and private:
-        warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
-                      "covered by the DP guarantee; use it to tune locally, do not publish it")
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume is not None and metrics_path.exists():  # drop rows of steps the resumed run will redo
-        kept = [line for line in metrics_path.read_text().splitlines() if _row_step(line) <= start]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
-    metrics = open(metrics_path, "a")
-    bar = None
-    if progress:
-        from tqdm import tqdm
+        eval_split = data.test if cfg.train.eval_split == "test" else data.val
+        if cfg.train.eval_split == "val" and private:
+            warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
+                          "covered by the DP guarantee; use it to tune locally, do not publish it")
+        metrics_path = run_dir / "metrics.jsonl"
+        if resume is not None and metrics_path.exists():  # drop rows of steps the resumed run will redo
+            kept = [line for line in metrics_path.read_text().splitlines() if _row_step(line) <= start]
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        metrics = open(metrics_path, "a")
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-        bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
-    batches = poisson_batches(len(data.train), plan.sample_rate, sample_gen)
-    eps_now = eps_at(start) if start or not private else 0.0
+            bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
+        batches = poisson_batches(len(data.train), plan.sample_rate, sample_gen)
+        eps_now = eps_at(start) if start or not private else 0.0
 
-    # 4. Train.
-    for step in range(start, plan.steps):
-        if stop_after is not None and step >= stop_after:
-            metrics.close()
+        # 4. Train.
+        for step in range(start, plan.steps):
+            if stop_after is not None and step >= stop_after:
+                metrics.close()
+                if bar:
+                    bar.close()
+                return {"stopped_at": step, "run_dir": str(run_dir), "run_id": run_id}
+            t0 = time.time()
+            lr = schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = next(batches)
+            stats = sgd.step(_chunks(data, idx, cfg, aug_gen, device))
+            done = steps_done = step + 1
+            for avg in averagers.values():  # post-processing of the released iterate: no data
+                avg.update(model, done)
+            seen += len(idx)
+            train_time += time.time() - t0
+            row: dict[str, Any] = {"step": done, "lr": lr, **stats,
+                                   "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
+            at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
+            if at_checkpoint:
+                eps_now = eps_at(done)
+                row["epsilon"] = eps_now
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
+                cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa")
+                                          and a.count}}
+                for name, m in cheap.items():
+                    row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
+                os.fsync(metrics.fileno())
+                checkpoint(done)
             if bar:
-                bar.close()
-            return {"stopped_at": step, "run_dir": str(run_dir), "run_id": run_id}
-        t0 = time.time()
-        lr = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = next(batches)
-        stats = sgd.step(_chunks(data, idx, cfg, aug_gen, device))
-        done = step + 1
-        for avg in averagers.values():  # post-processing of the released iterate: no data
-            avg.update(model, done)
-        seen += len(idx)
-        train_time += time.time() - t0
-        row: dict[str, Any] = {"step": done, "lr": lr, **stats,
-                               "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
-        at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
-        if at_checkpoint:
-            eps_now = eps_at(done)
-            row["epsilon"] = eps_now
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
-            cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa")
-                                      and a.count}}
-            for name, m in cheap.items():
-                row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
-            os.fsync(metrics.fileno())
-            checkpoint(done)
+                shown = ({"private_loss": f"{stats['private_batch_loss_diagnostic']:.3f}", "eps": f"{eps_now:.2f}"}
+                         if private else {"loss": f"{stats['train_batch_loss']:.3f}", "eps": "none (public)"})
+                bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}")
+                bar.update(1)
         if bar:
-            shown = ({"private_loss": f"{stats['private_batch_loss_diagnostic']:.3f}", "eps": f"{eps_now:.2f}"}
-                     if private else {"loss": f"{stats['train_batch_loss']:.3f}", "eps": "none (public)"})
-            bar.set_postfix(**shown, img_s=f"{row['images_per_s']:.0f}")
-            bar.update(1)
-    if bar:
-        bar.close()
-    metrics.close()
+            bar.close()
+        metrics.close()
 
-    # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
-    ledger.commit(run_id, spent(plan.steps))
-    # SWAG's Bayesian model averages cost swag_samples passes each: `dpwa eval` computes them.
-    results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
-    report = {
-        "run_id": run_id, "dataset": dataset, "private": private and cfg.privacy.noise_seed is None,
-        "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
-        "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
-        "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-        "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
-        "methods": list(results), "collected": {name: avg.count for name, avg in averagers.items()},
-        **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
-        "examples_seen": seen, "per_example_gradient_evaluations": seen * cfg.augmult.k,
-        "train_time_s": train_time, "wall_time_s": time.time() - wall0,
-        "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9),
-    }
-    save_weights(model, run_dir / "weights.safetensors")  # the last iterate: model.pretrained can read it
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
-    return {**report, "run_dir": str(run_dir)}
+        # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
+        ledger.commit(run_id, spent(plan.steps))
+        # SWAG's Bayesian model averages cost swag_samples passes each: `dpwa eval` computes them.
+        results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
+        report = {
+            "run_id": run_id, "dataset": dataset, "private": private and cfg.privacy.noise_seed is None,
+            "epsilon": eps_now, "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+            "dataset_epsilon_spent": ledger.spent(dataset, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
+            "methods": list(results), "collected": {name: avg.count for name, avg in averagers.items()},
+            **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
+            "examples_seen": seen, "per_example_gradient_evaluations": seen * cfg.augmult.k,
+            "train_time_s": train_time, "wall_time_s": time.time() - wall0,
+            "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9),
+        }
+        save_weights(model, run_dir / "weights.safetensors")  # the last iterate: model.pretrained can read it
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+        return {**report, "run_dir": str(run_dir)}
+    except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
+        raise _folder_error(e, ledger, run_id, run_dir, released=resume is None and steps_done == 0) from None

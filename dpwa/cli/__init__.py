@@ -1,7 +1,8 @@
 """The `dpwa` command: one module per verb, each with `add_parser(subparsers)` and `run(args)`.
 
 Exit codes: 0 success; 1 a refusal or failure at run time (budget exceeded, locked or
-corrupt ledger); 2 bad input (argparse's convention). Errors print one clear line on
+corrupt ledger, a run folder that cannot be written, an audit that finds a violation); 2 bad
+input (argparse's convention). Errors print one clear line on
 stderr and change nothing.
 """
 
@@ -16,11 +17,11 @@ from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.config import ConfigError
 
-from . import budget, evaluate, finetune, ledger, train
+from . import audit, budget, evaluate, finetune, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (train, finetune, evaluate, budget, ledger)
+_VERBS = (train, finetune, evaluate, audit, budget, ledger)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,3 +67,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except BrokenPipeError:  # `dpwa ledger export | head`
         return 0
+    except OSError as e:  # the run folder cannot be written (disk full, permissions): the message says what next
+        print(f"dpwa: error: {e}", file=sys.stderr)
+        return 1

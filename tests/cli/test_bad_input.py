@@ -124,6 +124,14 @@ CASES = [
     ("eval not a run", ["eval", "{tmp}"], 2, "is not a dpwa run folder"),
     ("eval unknown method", ["eval", "{tmp}", "--methods", "best"], 2, "invalid choice: 'best'"),
     ("eval no samples", ["eval", "{tmp}", "--swag-samples", "0"], 2, "--swag-samples must be >= 1, got 0"),
+    ("audit missing config", ["audit", "{tmp}/none.yaml"], 2, "{tmp}/none.yaml does not exist"),
+    ("audit unknown key", ["audit", QUICK, "privacy.epsilonn=3"], 2, "privacy.epsilonn"),
+    ("audit too few canaries", ["audit", QUICK, "--canaries", "5"], 2, "--canaries must be >= 20, got 5"),
+    ("audit confidence above one", ["audit", QUICK, "--confidence", "1.5"], 2, "--confidence must be in [0.5, 1)"),
+    ("audit non-private run", ["audit", QUICK, "privacy.enabled=false", "data.public=true"], 2,
+     "a non-private run has no guarantee to audit"),
+    ("audit missing data", ["audit", QUICK, "data.name=npz", "data.root={tmp}/nodata"], 2,
+     "{tmp}/nodata/train.npz does not exist"),
 ]
 
 

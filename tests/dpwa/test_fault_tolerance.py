@@ -90,3 +90,131 @@ def test_random_kills_never_lose_progress_or_undercount(tmp_path):
     a = torch.load(ref_dir / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- I/O failures, corrupt checkpoints, and the secrecy of the noise --------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from dpwa.cli import main  # noqa: E402
+from dpwa.config import load_config  # noqa: E402
+from dpwa.train import train  # noqa: E402
+from tests.conftest import ledger_snapshot  # noqa: E402
+
+TINY = ["train.steps=12", "train.checkpoint_every=4", "train.batch_size=64", "train.physical_batch_size=64",
+        "augmult.k=2"]
+
+
+def call(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_unwritable_out_dir_is_refused_before_any_charge(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    led = tmp_path / "l.sqlite"
+    code, err = call(["train", QUICK, *TINY, f"out_dir={tmp_path / 'file' / 'runs'}", "--no-progress",
+                      "--ledger", led], capsys)
+    assert code == 2 and "cannot hold run folders" in err and "Traceback" not in err
+    assert ledger_snapshot(led) is None  # no ledger, no reservation
+
+
+def test_disk_full_mid_run_keeps_the_ledger_consistent_and_the_run_resumable(tmp_path, capsys, monkeypatch):
+    """ENOSPC at the second checkpoint: exit 1 with the cause and what to do; the run stays
+    reserved (never less than the steps taken), its last checkpoint intact; after the "disk is
+    freed" the resume finishes with one ledger charge."""
+    import errno
+
+    import dpwa.train as train_module
+
+    real, calls = train_module.save_checkpoint, []
+
+    def full_disk(state, path):
+        calls.append(state["step"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+        real(state, path)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    led = tmp_path / "l.sqlite"
+    code, err = call(["train", QUICK, *TINY, f"out_dir={tmp_path / 'runs'}", "--no-progress", "--ledger", led], capsys)
+    assert code == 1 and "No space left on device" in err and "--resume" in err and "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run,) = Ledger(led).runs()
+    assert run.status == "reserved" and run.planned[0].steps == 12  # counted in full
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train_module, "save_checkpoint", real)
+    code, err = call(["train", "--resume", run_dir, "--no-progress", "--ledger", led], capsys)
+    assert code == 0, err
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == 12
+    assert rows(run_dir) == list(range(1, 13))
+
+
+def test_a_folder_that_fails_before_the_first_step_gives_the_reservation_back(tmp_path, capsys, monkeypatch):
+    import dpwa.train as train_module
+
+    def broken(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(train_module, "atomic_write_text", broken)
+    led = tmp_path / "l.sqlite"
+    code, err = call(["train", QUICK, *TINY, f"out_dir={tmp_path / 'runs'}", "--no-progress", "--ledger", led], capsys)
+    assert code == 1 and "Permission denied" in err and "released" in err
+    (run,) = Ledger(led).runs()
+    assert run.status == "released" and not run.spent  # nothing counted: no step was taken
+    assert Ledger(led).spent("digits", delta=1e-4) == 0
+
+
+def _pickled_code(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"model": Payload()}, path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "wrong model"])
+def test_resume_from_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path, capsys, damage):
+    led = tmp_path / "l.sqlite"
+    stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=str(led),
+                    progress=False, stop_after=6)
+    run_dir = Path(stopped["run_dir"])
+    ckpt, marker = run_dir / "checkpoint.pt", tmp_path / "executed"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"\x00garbage" * 100)
+    elif damage == "pickled code":
+        _pickled_code(ckpt, marker)
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        state["model"] = {"weight": torch.zeros(3)}
+        torch.save(state, ckpt)
+    before, data = ledger_snapshot(led), ckpt.read_bytes()
+    code, err = call(["train", "--resume", run_dir, "--no-progress", "--ledger", led], capsys)
+    assert code == 2 and "Cannot resume" in err and "stays reserved" in err and "Traceback" not in err
+    assert ledger_snapshot(led) == before and ckpt.read_bytes() == data
+    assert not marker.exists()  # the pickled code never ran
+
+
+def test_a_private_run_writes_its_noise_seed_nowhere(tmp_path, monkeypatch):
+    """The noise seed comes from os.urandom and never reaches a file: neither its value, nor the
+    noise generator's state, in the run folder or the ledger."""
+    import dpwa.privacy as privacy
+
+    secret = bytes.fromhex("8badf00ddeadbeef")
+    monkeypatch.setattr(privacy.os, "urandom", lambda n: secret[:n])
+    seed = int.from_bytes(secret, "little") & ((1 << 63) - 1)
+    led = tmp_path / "l.sqlite"
+    report = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=str(led), progress=False)
+    assert report["private"] is True
+    run_dir = Path(report["run_dir"])
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert "noise_rng" not in state
+    g = torch.Generator().manual_seed(seed)
+    fingerprint_bytes = g.get_state().numpy().tobytes()[8:72]  # the seeded Mersenne-Twister words
+    for path in [*run_dir.iterdir(), led]:
+        blob = path.read_bytes()
+        assert str(seed).encode() not in blob and secret not in blob and secret[::-1] not in blob, path.name
+        assert fingerprint_bytes not in blob, path.name
