@@ -2,9 +2,12 @@
 message naming the value, a non-zero exit code, no traceback, no change to the ledger and no
 run folder."""
 
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
+import torch
 
 from accounting import Ledger, PoissonGaussian, fingerprint
 from dpwa.cli import main
@@ -192,3 +195,55 @@ def test_exit_codes_from_a_real_process(ledger):
     assert bad.returncode == 2 and "delta=0.0" in bad.stderr and bad.stdout == ""
     refused = run_dpwa("ledger", "set-budget", "--dataset", "d", "--epsilon", "0.1", "--delta", "1e-5")
     assert refused.returncode == 1 and "already spent" in refused.stderr
+
+
+def _pickled_code(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"model": Payload()}, path)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run killed at step 6 (checkpoint at 4), still reserved in its ledger."""
+    from dpwa.config import load_config
+    from dpwa.train import train
+
+    tmp = tmp_path_factory.mktemp("stopped")
+    led = tmp / "l.sqlite"
+    stopped = train(load_config(QUICK, ["train.steps=12", "train.checkpoint_every=4", "train.batch_size=64",
+                                        f"out_dir={tmp / 'runs'}"]), ledger_path=str(led), progress=False,
+                    stop_after=6)
+    return Path(stopped["run_dir"]), led
+
+
+@pytest.mark.parametrize("verb", ["train --resume", "eval"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "wrong model"])
+def test_corrupt_checkpoint_is_refused_and_changes_nothing(stopped_run, tmp_path, capsys, verb, damage):
+    source, led_source = stopped_run
+    run_dir, led = tmp_path / source.name, tmp_path / "l.sqlite"
+    shutil.copytree(source, run_dir)
+    with sqlite3.connect(led_source) as src, sqlite3.connect(led) as dst:  # WAL-mode ledger: copy via the API
+        src.backup(dst)
+    ckpt, marker = run_dir / "checkpoint.pt", tmp_path / "executed"
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[:200])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"\x00garbage" * 100)
+    elif damage == "pickled code":
+        _pickled_code(ckpt, marker)
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        state["model"] = {"weight": torch.zeros(3)}
+        torch.save(state, ckpt)
+    before, data = ledger_snapshot(led), ckpt.read_bytes()
+    argv = (["train", "--resume", str(run_dir), "--no-progress", "--ledger", str(led)] if verb.startswith("train")
+            else ["eval", str(run_dir)])
+    code, err = call(argv, capsys)
+    assert code == 2 and "Traceback" not in err and str(ckpt) in err
+    if verb.startswith("train"):
+        assert "Cannot resume" in err and "stays reserved" in err
+    assert ledger_snapshot(led) == before and ckpt.read_bytes() == data
+    assert not marker.exists()  # the pickled code never ran

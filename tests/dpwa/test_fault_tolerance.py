@@ -1,6 +1,7 @@
 """Kill -9 at random points, again and again: every resume continues from a valid checkpoint,
 no file a resume reads is half-written, the ledger never counts less than the steps taken,
-and the finished run equals an uninterrupted one (fixed test-only noise seed)."""
+and the finished run equals an uninterrupted one (fixed test-only noise seed). Disk-full and
+unwritable folders leave the ledger consistent; the noise seed is written nowhere."""
 
 import json
 import os
@@ -9,12 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from accounting import Ledger, PoissonGaussian, epsilon
-from tests.conftest import ROOT, run_dpwa
+from dpwa.cli import main
+from dpwa.config import load_config
+from dpwa.train import train
+from tests.conftest import ROOT, ledger_snapshot, run_dpwa
 
 QUICK = ROOT / "configs" / "quickstart.yaml"
 ARGS = [str(QUICK), "train.steps=300", "train.checkpoint_every=7", "train.batch_size=64",
@@ -94,13 +99,6 @@ def test_random_kills_never_lose_progress_or_undercount(tmp_path):
 
 # --- I/O failures, corrupt checkpoints, and the secrecy of the noise --------------------------------
 
-from pathlib import Path  # noqa: E402
-
-from dpwa.cli import main  # noqa: E402
-from dpwa.config import load_config  # noqa: E402
-from dpwa.train import train  # noqa: E402
-from tests.conftest import ledger_snapshot  # noqa: E402
-
 TINY = ["train.steps=12", "train.checkpoint_every=4", "train.batch_size=64", "train.physical_batch_size=64",
         "augmult.k=2"]
 
@@ -164,38 +162,6 @@ def test_a_folder_that_fails_before_the_first_step_gives_the_reservation_back(tm
     (run,) = Ledger(led).runs()
     assert run.status == "released" and not run.spent  # nothing counted: no step was taken
     assert Ledger(led).spent("digits", delta=1e-4) == 0
-
-
-def _pickled_code(path: Path, marker: Path) -> None:
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    torch.save({"model": Payload()}, path)
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickled code", "wrong model"])
-def test_resume_from_a_corrupt_checkpoint_is_refused_and_changes_nothing(tmp_path, capsys, damage):
-    led = tmp_path / "l.sqlite"
-    stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=str(led),
-                    progress=False, stop_after=6)
-    run_dir = Path(stopped["run_dir"])
-    ckpt, marker = run_dir / "checkpoint.pt", tmp_path / "executed"
-    if damage == "truncated":
-        ckpt.write_bytes(ckpt.read_bytes()[:200])
-    elif damage == "garbage":
-        ckpt.write_bytes(b"\x00garbage" * 100)
-    elif damage == "pickled code":
-        _pickled_code(ckpt, marker)
-    else:
-        state = torch.load(ckpt, weights_only=True)
-        state["model"] = {"weight": torch.zeros(3)}
-        torch.save(state, ckpt)
-    before, data = ledger_snapshot(led), ckpt.read_bytes()
-    code, err = call(["train", "--resume", run_dir, "--no-progress", "--ledger", led], capsys)
-    assert code == 2 and "Cannot resume" in err and "stays reserved" in err and "Traceback" not in err
-    assert ledger_snapshot(led) == before and ckpt.read_bytes() == data
-    assert not marker.exists()  # the pickled code never ran
 
 
 def test_a_private_run_writes_its_noise_seed_nowhere(tmp_path, monkeypatch):
