@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["poisson_batches", "per_example_grads", "PrivateSGD", "NonPrivateSGD", "noise_generator"]
+__all__ = ["poisson_batches", "per_example_grads", "PrivateSGD", "NonPrivateSGD", "secret_generator", "secret_seed"]
 
 
 def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -62,15 +62,21 @@ def per_example_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tenso
     return grads, losses
 
 
-def noise_generator(seed: Optional[int], device: str | torch.device = "cpu") -> torch.Generator:
-    """The noise RNG (on the parameters' device): seeded from OS entropy unless a
-    (test-only) seed is given.
+def secret_seed() -> int:
+    """63 bits of OS entropy."""
+    return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
 
-    A known noise seed lets anyone subtract the noise from released weights, so the
-    default seed is drawn from os.urandom and never stored.
+
+def secret_generator(seed: Optional[int], device: str | torch.device = "cpu") -> torch.Generator:
+    """An RNG for the mechanism's secret coins (the noise, on the parameters' device; the
+    Poisson sampling): seeded from OS entropy unless a (test-only) seed is given.
+
+    A known noise seed lets anyone subtract the noise from released weights; known batches
+    void the amplification by subsampling that the accountant counts on. So the default seed
+    is drawn from os.urandom and never stored.
     """
     g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    g.manual_seed(seed if seed is not None else secret_seed())
     return g
 
 
@@ -85,7 +91,7 @@ class PrivateSGD:
         expected_batch_size: B = q N; the noisy sum is divided by it (not by the realised size,
             which would leak it).
         rescale_to_unit: divide the update by C (De et al.): noise std sigma, gradients <= 1.
-        generator: noise RNG (see `noise_generator`).
+        generator: noise RNG (see `secret_generator`).
         engine: how per-example clipped sums are computed (`dpwa.engines.ENGINES`).
     """
 

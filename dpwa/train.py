@@ -34,7 +34,7 @@ from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yam
 from .data import Data, load_data
 from .evaluate import evaluate, evaluate_members
 from .models import create_model
-from .privacy import NonPrivateSGD, PrivateSGD, noise_generator, poisson_batches
+from .privacy import NonPrivateSGD, PrivateSGD, poisson_batches, secret_generator
 from .schedules import Schedule
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
@@ -213,7 +213,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                                 nesterov=o.nesterov, weight_decay=o.weight_decay)
     private = cfg.privacy.enabled
-    noise = noise_generator(cfg.privacy.noise_seed, device)
+    noise = secret_generator(cfg.privacy.noise_seed, device)
     sgd: PrivateSGD | NonPrivateSGD
     if private:
         sgd = PrivateSGD(model, optimizer, noise_multiplier=plan.noise_multiplier, clip_norm=cfg.privacy.clip_norm,
@@ -250,8 +250,11 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
                 "delta": cfg.privacy.delta, "private": private and cfg.privacy.noise_seed is None}, indent=2))
 
-        # 3. The training state.
-        sample_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        # 3. The training state. The Poisson sampling is secret like the noise (known batches would
+        # void the amplification by subsampling): only test runs (a noise seed) and public-data runs
+        # draw it from train.seed and checkpoint its state, for exact resumes.
+        reproducible = not private or cfg.privacy.noise_seed is not None
+        sample_gen = secret_generator(cfg.train.seed + 1 if reproducible else None)
         aug_gen = torch.Generator().manual_seed(cfg.train.seed + 2)
         start, seen, train_time = 0, 0, 0.0
         ckpt_path = run_dir / "checkpoint.pt"
@@ -262,7 +265,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
                 optimizer.load_state_dict(state["optimizer"])
                 for name, avg in averagers.items():
                     avg.load_state_dict(state["averagers"][name])
-                sample_gen.set_state(state["sample_rng"])
+                if "sample_rng" in state:  # else a private run: it goes on with fresh secret sampling
+                    sample_gen.set_state(state["sample_rng"])
                 aug_gen.set_state(state["augment_rng"])
                 if "noise_rng" in state:  # only in test runs with a fixed noise seed
                     noise.set_state(state["noise_rng"])
@@ -276,9 +280,10 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         def checkpoint(step: int) -> None:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "averagers": {name: avg.state_dict() for name, avg in averagers.items()},
-                     "sample_rng": sample_gen.get_state(),
                      "augment_rng": aug_gen.get_state(), "step": step, "examples_seen": seen,
                      "train_time_s": train_time}
+            if reproducible:  # never for private runs: it would reveal the batches
+                state["sample_rng"] = sample_gen.get_state()
             if cfg.privacy.noise_seed is not None:
                 state["noise_rng"] = noise.get_state()  # never for private runs: it would reveal the noise
             save_checkpoint(state, ckpt_path)

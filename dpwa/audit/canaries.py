@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..privacy import PrivateSGD, noise_generator, poisson_batches
+from ..privacy import PrivateSGD, secret_generator, poisson_batches
 
 __all__ = ["Mechanism", "CanaryRun", "canary_run", "probe_sgd", "null_thresholds"]
 
@@ -157,7 +157,7 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
     observer = _Observer(model.parameters())
     q = mech.sample_rate
     expected_b = q * n
-    sgd = make_sgd(model, observer, mech, expected_b, noise_generator(seed + 1))
+    sgd = make_sgd(model, observer, mech, expected_b, secret_generator(seed + 1))
     unit = (1.0 if mech.rescale_to_unit else c) / expected_b  # one clipped canary in the released gradient
     u = torch.tensor([-1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
     s2 = mech.noise_multiplier ** 2

@@ -15,7 +15,7 @@ from dpwa.engines import ENGINES, EngineError, FastEngine, make_engine
 from dpwa.models import create_model
 from dpwa.models.wrn import WideResNet
 from dpwa.models.ws import WSConv2d
-from dpwa.privacy import PrivateSGD, noise_generator
+from dpwa.privacy import PrivateSGD, secret_generator
 
 
 def loop_grads(model, views, labels):
@@ -127,11 +127,11 @@ def test_noised_update_matches_reference(engine):
     model = copy.deepcopy(base)
     opt = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9)
     sgd = PrivateSGD(model, opt, noise_multiplier=sigma, clip_norm=clip, expected_batch_size=b,
-                     generator=noise_generator(7), engine=engine)
+                     generator=secret_generator(7), engine=engine)
     sgd.step([(views[:4], labels[:4]), (views[4:], labels[4:])])
     ref = copy.deepcopy(base)
     sums, _ = loop_reference(ref, views, labels, clip)
-    gen = noise_generator(7)
+    gen = secret_generator(7)
     for p in ref.parameters():  # Opacus draws noise parameter by parameter, in order
         noise = torch.normal(0, sigma * clip, p.shape, generator=gen, dtype=p.dtype)
         p.grad = (sums[p] + noise) / b

@@ -165,8 +165,8 @@ def test_a_folder_that_fails_before_the_first_step_gives_the_reservation_back(tm
 
 
 def test_a_private_run_writes_its_noise_seed_nowhere(tmp_path, monkeypatch):
-    """The noise seed comes from os.urandom and never reaches a file: neither its value, nor the
-    noise generator's state, in the run folder or the ledger."""
+    """The seeds of the noise and of the Poisson sampling come from os.urandom and never reach a
+    file: neither their value, nor a generator's state, in the run folder or the ledger."""
     import dpwa.privacy as privacy
 
     secret = bytes.fromhex("8badf00ddeadbeef")
@@ -177,10 +177,23 @@ def test_a_private_run_writes_its_noise_seed_nowhere(tmp_path, monkeypatch):
     assert report["private"] is True
     run_dir = Path(report["run_dir"])
     state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert "noise_rng" not in state
+    assert "noise_rng" not in state and "sample_rng" not in state
     g = torch.Generator().manual_seed(seed)
     fingerprint_bytes = g.get_state().numpy().tobytes()[8:72]  # the seeded Mersenne-Twister words
     for path in [*run_dir.iterdir(), led]:
         blob = path.read_bytes()
         assert str(seed).encode() not in blob and secret not in blob and secret[::-1] not in blob, path.name
         assert fingerprint_bytes not in blob, path.name
+
+
+def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
+    """Two private runs of one config draw different Poisson batches (the sampling seed is
+    secret, not train.seed); two test runs with a noise seed draw the same ones."""
+    def batch_sizes(name, *extra):
+        report = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}", *extra]),
+                       ledger_path=str(tmp_path / f"{name}.sqlite"), progress=False)
+        lines = (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["batch_size"] for line in lines]
+
+    assert batch_sizes("a") != batch_sizes("b")
+    assert batch_sizes("c", "privacy.noise_seed=3") == batch_sizes("d", "privacy.noise_seed=3")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dpwa.models import ModelError, check_dp_compatible, create_model
 from dpwa.models.wrn import WideResNet
 from dpwa.models.ws import WSConv2d, standardize
-from dpwa.privacy import PrivateSGD, noise_generator, per_example_grads, poisson_batches
+from dpwa.privacy import PrivateSGD, secret_generator, per_example_grads, poisson_batches
 
 
 def reference_grads(model, views, labels):
@@ -122,7 +122,7 @@ def test_noise_std_is_sigma_c_over_b():
     model = nn.Linear(50, 20)
     sigma, c, b, lr = 2.0, 0.5, 10.0, 1.0
     sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, clip_norm=c,
-                     expected_batch_size=b, generator=noise_generator(123))
+                     expected_batch_size=b, generator=secret_generator(123))
     deltas = []
     for _ in range(20):
         before = model.weight.detach().clone()
@@ -142,10 +142,10 @@ def test_poisson_sampling_rate():
     assert len(set(first.tolist())) == len(first)  # no repeats within a batch
 
 
-def test_noise_generator_default_is_not_reproducible():
-    a, b = noise_generator(None), noise_generator(None)
+def test_secret_generator_default_is_not_reproducible():
+    a, b = secret_generator(None), secret_generator(None)
     assert not torch.equal(torch.randn(5, generator=a), torch.randn(5, generator=b))
-    assert torch.equal(torch.randn(5, generator=noise_generator(7)), torch.randn(5, generator=noise_generator(7)))
+    assert torch.equal(torch.randn(5, generator=secret_generator(7)), torch.randn(5, generator=secret_generator(7)))
 
 
 def test_batchnorm_is_refused_with_a_pointer_to_groupnorm():
