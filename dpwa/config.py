@@ -109,7 +109,7 @@ class PrivacyConfig:
     rescale_to_unit: bool = False             # divide clipped gradients by C (De et al.)
     accountant: str = "prv"                   # rdp | prv | pld
     ledger: Optional[str] = None              # ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)
-    noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise; the run is marked not private
+    noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise and batches; the run is marked not private
     # Per-example clipping engine (dpwa.engines): dpwa-fast | torch-func | opacus-hooks |
     # opacus-functorch | opacus-ghost. Same guarantee; they differ in speed and memory.
     engine: str = "dpwa-fast"
@@ -202,6 +202,10 @@ class TrainConfig:
     checkpoint_every: int = 50      # steps between checkpoints (and ledger progress)
     eval_split: str = "test"        # test | val: where accuracy is measured (never private train data)
     device: str = "cpu"             # cpu | cuda | cuda:N | auto (cuda when available)
+    # torchrun runs (WORLD_SIZE > 1): process-group backend (auto: nccl on GPUs, gloo on CPUs)
+    # and how long a collective waits for a silent rank before the run fails
+    dist_backend: str = "auto"
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
@@ -217,6 +221,9 @@ class TrainConfig:
         _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
         _require(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
                  f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
+        _require(self.dist_backend in ("auto", "gloo", "nccl"),
+                 f"train.dist_backend must be auto, gloo or nccl; got {self.dist_backend!r}")
+        _require(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -93,12 +93,15 @@ class PrivateSGD:
         rescale_to_unit: divide the update by C (De et al.): noise std sigma, gradients <= 1.
         generator: noise RNG (see `secret_generator`).
         engine: how per-example clipped sums are computed (`dpwa.engines.ENGINES`).
+        world_size: processes sharing each logical batch (torch.distributed initialised);
+            each calls `step` with its own share of the examples.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  clip_norm: float, expected_batch_size: float, rescale_to_unit: bool = False,
-                 generator: Optional[torch.Generator] = None, engine: str = "dpwa-fast") -> None:
-        from opacus.optimizers import DPOptimizerFastGradientClipping
+                 generator: Optional[torch.Generator] = None, engine: str = "dpwa-fast",
+                 world_size: int = 1) -> None:
+        from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
         from .engines import make_engine
 
@@ -107,11 +110,15 @@ class PrivateSGD:
         self.clip_norm = clip_norm
         self.rescale_to_unit = rescale_to_unit
         self.engine = make_engine(engine, model)
+        self.distributed = world_size > 1
         # Opacus's optimizer for already-clipped sums: accumulates them over the chunks, adds
         # N(0, sigma^2 C^2) once per logical batch and divides by the expected batch size.
-        self.dp = DPOptimizerFastGradientClipping(
-            optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
+        # Distributed: each rank divides its sum by B / W, rank 0 alone adds the noise, and the
+        # all-reduce (sum, then / W) gives every rank (sum of all clipped gradients + noise) / B.
+        make = DistributedDPOptimizerFastGradientClipping if self.distributed else DPOptimizerFastGradientClipping
+        self.dp = make(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                       expected_batch_size=expected_batch_size / world_size, loss_reduction="mean",
+                       generator=generator)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -139,6 +146,8 @@ class PrivateSGD:
                 p.grad = sums[p].detach() if p in sums else torch.zeros_like(p)
             self.dp.signal_skip_step(do_skip=following is not None)
             if self.dp.pre_step():
+                if self.distributed:
+                    self.dp.reduce_gradients()  # sum over ranks; one rank's noise in it
                 if self.rescale_to_unit:
                     for p in self.params:
                         p.grad /= self.clip_norm

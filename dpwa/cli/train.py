@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ._format import print_json
@@ -54,6 +55,8 @@ def run(a: argparse.Namespace) -> int:
     from dpwa.train import train  # imports torch: only here, not for budget/ledger verbs
 
     report = train(cfg, resume=a.resume, ledger_path=a.ledger, progress=not a.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun rank 0 speaks for the run
     if a.json:
         print_json(report)
         return 0

@@ -1,0 +1,144 @@
+"""Data-parallel DP-SGD with 2 processes (torchrun, gloo, CPU): the same clipped sum as one
+process, noise of the full standard deviation added once per step (not once per rank), one
+ledger charge with the single-process epsilon, and clear refusals (batch not divisible by the
+world size, ranks with different configs, a rank dying mid-run) that never under-count."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from accounting import Ledger
+from dpwa.distributed import World
+from tests.conftest import ROOT, ledger_snapshot, run_dpwa
+
+QUICK = ROOT / "configs" / "quickstart.yaml"
+SMALL = ["train.steps=12", "train.checkpoint_every=4", "train.batch_size=64", "train.physical_batch_size=32",
+         "train.threads=1", "--no-progress"]
+
+
+def torchrun(*args, timeout=300, nproc=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def worker(mode, out):
+    done = torchrun(ROOT / "tests" / "dpwa" / "dist_worker.py", mode, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_shards_partition_the_poisson_batch():
+    idx = torch.tensor([3, 9, 11, 12, 40, 41, 77])
+    shards = [World(rank=r, size=3).shard(idx) for r in range(3)]
+    assert sorted(torch.cat(shards).tolist()) == idx.tolist()
+    assert sum(len(s) for s in shards) == len(idx)
+
+
+def test_two_processes_release_the_single_process_clipped_sum(tmp_path):
+    r0, r1 = worker("sum", tmp_path)
+    assert torch.equal(r0["idx"], r1["idx"])  # both ranks drew the same Poisson batch from rank 0's seed
+    assert sorted(torch.cat([r0["mine"], r1["mine"]]).tolist()) == r0["idx"].tolist()  # disjoint shards, union = batch
+    assert len(r0["mine"]) and len(r1["mine"])
+    torch.testing.assert_close(r0["released"], r0["single"], rtol=1e-12, atol=1e-15)
+    assert torch.equal(r0["released"], r1["released"])  # every rank applies the same update
+
+
+def test_noise_is_added_once_with_the_full_standard_deviation(tmp_path):
+    """Zero gradients: the update is the noise / B. 300 steps x 640 coordinates: its std must be
+    sigma C / B within 1.5% (once per rank would be sqrt(2) larger, per-rank shares smaller)."""
+    r0, r1 = worker("noise", tmp_path)
+    assert torch.equal(r0["released"], r1["released"])
+    std, expected = r0["released"].std().item(), r0["expected_std"]
+    assert abs(std / expected - 1) < 0.015, (std, expected)
+    assert abs(r0["released"].mean().item()) < 4 * expected / r0["released"].numel() ** 0.5
+
+
+def test_torchrun_train_charges_the_ledger_once_like_one_process(tmp_path):
+    led, single = tmp_path / "l.sqlite", tmp_path / "s.sqlite"
+    done = torchrun("-m", "dpwa", "train", QUICK, *SMALL, "augmult.k=2", f"out_dir={tmp_path / 'runs'}", "--ledger", led)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test accuracy raw") == 1  # rank 0 speaks for the run
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one run folder, written by rank 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 12
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == 12
+    ref = run_dpwa("train", QUICK, *SMALL, "augmult.k=2", f"out_dir={tmp_path / 'ref'}", "--ledger", single)
+    assert ref.returncode == 0, ref.stderr
+    (one,) = Ledger(single).runs()
+    assert run.spent == one.spent  # same mechanism: sigma, q = B/N, steps
+    assert Ledger(led).spent("digits", delta=1e-4) == pytest.approx(Ledger(single).spent("digits", delta=1e-4))
+
+
+def test_batch_not_divisible_by_the_world_size_is_refused(tmp_path):
+    led = tmp_path / "l.sqlite"
+    done = torchrun("-m", "dpwa", "train", QUICK, *SMALL, "train.batch_size=63", f"out_dir={tmp_path / 'runs'}",
+                    "--ledger", led)
+    assert done.returncode != 0
+    assert done.stderr.count("train.batch_size=63 must be divisible by the world size 2") == 2  # both ranks say it
+    assert "/dpwa/" not in done.stderr  # no traceback through dpwa (torchrun prints its own ChildFailedError)
+    assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, port, *args):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+           "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dpwa", *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_ranks_with_different_configs_are_refused(tmp_path):
+    led, port = tmp_path / "l.sqlite", _free_port()
+    common = ["train", QUICK, *SMALL, f"out_dir={tmp_path / 'runs'}", "--ledger", led]
+    procs = [_rank(0, port, *common, "optim.lr=2"), _rank(1, port, *common, "optim.lr=1")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err
+        assert "ranks disagree on the config" in err and "Traceback" not in err
+    assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+
+
+def test_a_rank_dying_mid_run_never_undercounts_and_the_run_resumes(tmp_path):
+    led, port = tmp_path / "l.sqlite", _free_port()
+    args = ["train", QUICK, "train.steps=400", "train.checkpoint_every=5", "train.batch_size=64",
+            "train.physical_batch_size=32", "train.threads=1", "--no-progress", f"out_dir={tmp_path / 'runs'}",
+            "--ledger", led]
+    procs = [_rank(0, port, *args), _rank(1, port, *args)]
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        rows = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        if rows and len(rows[0].read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGKILL)  # rank 1 dies mid-run
+    _, err = procs[0].communicate(timeout=120)
+    procs[1].wait()
+    assert procs[0].returncode == 1, err
+    assert "stopped answering" in err and "--resume" in err and "Traceback" not in err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run,) = Ledger(led).runs()
+    assert run.status == "reserved" and run.planned[0].steps == 400  # counted in full until the run commits
+    step = torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 10 and run.spent[0].steps == step  # progress at the last checkpoint
+    done = torchrun("-m", "dpwa", "train", "--resume", run_dir, "--no-progress", "--ledger", led, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == 400
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 401))
