@@ -142,3 +142,15 @@ def test_a_rank_dying_mid_run_never_undercounts_and_the_run_resumes(tmp_path):
     assert run.status == "committed" and run.spent[0].steps == 400
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 401))
+
+
+def test_torchrun_finetune(tmp_path):
+    led = tmp_path / "l.sqlite"
+    done = torchrun("-m", "dpwa", "finetune", QUICK, "model.name=nf_micro", *SMALL, f"out_dir={tmp_path / 'runs'}",
+                    "--ledger", led)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "report.json").read_text())["world_size"] == 2
+    assert (run_dir / "weights.safetensors").exists()
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == 12
