@@ -191,9 +191,12 @@ def _load_resume_state(ckpt_path: Path, run_dir: Path, run_id: str) -> Optional[
     try:
         return load_checkpoint(ckpt_path)
     except ConfigError as e:
-        raise CheckpointError(f"Cannot resume {run_dir}: {e}. Run {run_id!r} stays reserved in the ledger "
-                              f"(counted in full); `dpwa ledger release {run_id} --reason ...` gives back what it "
-                              "did not spend") from None
+        raise _resume_error(run_dir, run_id, e) from None
+
+
+def _resume_error(run_dir: Path, run_id: str, why: Any) -> CheckpointError:
+    return CheckpointError(f"Cannot resume {run_dir}: {why}. Run {run_id!r} stays reserved in the ledger (counted in "
+                           f"full); `dpwa ledger release {run_id} --reason ...` gives back what it did not spend")
 
 
 def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, ledger_path: Optional[str] = None,
@@ -332,10 +335,8 @@ def _train(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], le
                 noise.set_state(state["noise_rng"])
             start, seen, train_time = state["step"], state["examples_seen"], state["train_time_s"]
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(
-                f"Cannot resume {run_dir}: {ckpt_path} does not match the run ({type(e).__name__}: {e}). Run "
-                f"{run_id!r} stays reserved in the ledger (counted in full); `dpwa ledger release {run_id} "
-                "--reason ...` gives back what it did not spend") from None
+            raise _resume_error(run_dir, run_id, f"{ckpt_path} does not match the run ({type(e).__name__}: {e})") \
+                from None
     steps_done = 0  # in this process
     try:
         def checkpoint(step: int) -> None:
