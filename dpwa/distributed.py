@@ -89,12 +89,12 @@ class World:
     def check(self, error: Optional[BaseException]) -> None:
         """Raise on every rank if any rank failed to set up (each rank's own error, or rank
         r's), so that no rank waits forever for one that has given up."""
-        errors = self.gather(None if error is None else (type(error).__name__, str(error), error))
+        errors = self.gather(None if error is None else f"{type(error).__name__}: {error}")
         if error is not None:
             raise error
         for r, e in enumerate(errors):
             if e is not None:
-                raise e[2] if isinstance(e[2], ConfigError) else ConfigError(f"rank {r} failed: {e[0]}: {e[1]}")
+                raise ConfigError(f"rank {r} failed to start: {e}")
 
     def agree(self, what: str, value: Any) -> None:
         """Refuse to start when the ranks disagree about `what` (config, data)."""

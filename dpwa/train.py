@@ -363,19 +363,20 @@ def _train(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], le
         if world.main and resume is not None and metrics_path.exists():  # drop rows of steps to be redone
             kept = [line for line in metrics_path.read_text().splitlines() if _row_step(line) <= start]
             atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
-        metrics = open(metrics_path if world.main else os.devnull, "a")
+        metrics = open(metrics_path, "a") if world.main else None  # rank 0 keeps the books
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
         batches = poisson_batches(len(data.train), plan.sample_rate, sample_gen)
-        eps_now = eps_at(start) if start or not private else 0.0
+        eps_now = eps_at(start) if world.main and (start or not private) else 0.0
 
         # 4. Train.
         for step in range(start, plan.steps):
             if stop_after is not None and step >= stop_after:
-                metrics.close()
+                if metrics:
+                    metrics.close()
                 if bar:
                     bar.close()
                 return {"stopped_at": step, "run_dir": str(run_dir), "run_id": run_id}
@@ -396,20 +397,22 @@ def _train(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], le
                 avg.update(model, done)
             seen += len(idx)
             train_time += time.time() - t0
+            if metrics is None:
+                continue  # not rank 0: no averages, rows, checkpoints or epsilons to keep
             row: dict[str, Any] = {"step": done, "lr": lr, **stats, "batch_size": len(idx),
                                    "images_per_s": seen * cfg.augmult.k / max(train_time, 1e-9)}
             at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
             if at_checkpoint:
                 eps_now = eps_at(done)
                 row["epsilon"] = eps_now
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps and world.main:
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
                 cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa")
                                           and a.count}}
                 for name, m in cheap.items():
                     row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-            if at_checkpoint and world.main:  # after its row is on disk: a kill in between redoes the step
+            if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
                 os.fsync(metrics.fileno())
                 checkpoint(done)
             if bar:
@@ -419,9 +422,9 @@ def _train(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], le
                 bar.update(1)
         if bar:
             bar.close()
-        metrics.close()
-        if not world.main:
+        if metrics is None:
             return world.broadcast(None)  # rank 0's report
+        metrics.close()
 
         # 5. Commit what was spent, then evaluate (on public/held-out data only) and report.
         ledger.commit(run_id, spent(plan.steps))

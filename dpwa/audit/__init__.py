@@ -18,7 +18,7 @@ The probe reads no private data, so an audit costs no privacy and touches no led
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from accounting import PoissonGaussian, epsilon
 
@@ -57,13 +57,12 @@ class Audit:
 
 
 def audit(mech: Mechanism, *, delta: float, accountant: str = "prv", canaries: int = 1000, confidence: float = 0.95,
-          seed: int = 0, run: Optional[CanaryRun] = None, **run_kwargs: Any) -> Audit:
-    """Audit `mech` at `delta`: one canary run (or the given `run`), both lower bounds, and the
-    accountant's epsilon. `run_kwargs` go to `canary_run` (tests plant bugs through them)."""
+          seed: int = 0, **run_kwargs: Any) -> Audit:
+    """Audit `mech` at `delta`: one canary run, both lower bounds, and the accountant's
+    epsilon. `run_kwargs` go to `canary_run` (tests plant bugs through them)."""
     claimed = epsilon([PoissonGaussian(noise_multiplier=mech.noise_multiplier, sample_rate=mech.sample_rate,
                                        steps=mech.steps)], delta=delta, accountant=accountant)
-    if run is None:
-        run = canary_run(mech, canaries=canaries, seed=seed, **run_kwargs)
+    run = canary_run(mech, canaries=canaries, seed=seed, **run_kwargs)
     inside, outside = run.scores[run.included], run.scores[~run.included]
     # Tests fixed in advance: false-positive rates that at least 5 expected out-canaries can show.
     fprs = tuple(f for f in _FPRS if f * len(run.scores) / 2 >= 5)

@@ -105,9 +105,10 @@ def clopper_pearson_bound(in_scores: Sequence[float], out_scores: Sequence[float
     chosen = candidates[int(np.argmax(_eps_at_thresholds(choose_in, choose_out, candidates, delta, alpha)))]
     tests = [(float(t), inside, outside, "fixed in advance") for t in thresholds]
     tests.append((float(chosen), test_in, test_out, "chosen on the other half of the canaries"))
-    best = max(tests, key=lambda test: _eps_at_thresholds(test[1], test[2], np.array([test[0]]), delta, alpha)[0])
-    t, tin, tout, rule = best
-    eps = float(max(_eps_at_thresholds(tin, tout, np.array([t]), delta, alpha)[0], 0.0))
+    bounds = [float(_eps_at_thresholds(tin, tout, np.array([t]), delta, alpha)[0]) for t, tin, tout, _ in tests]
+    best = int(np.argmax(bounds))
+    t, tin, tout, rule = tests[best]
+    eps = max(bounds[best], 0.0)
     return Bound(eps, confidence, "clopper-pearson", {
         "threshold": t, "rule": rule, "tests": len(tests), "in": len(tin), "out": len(tout),
         "true_positives": int((tin >= t).sum()), "false_positives": int((tout >= t).sum())})

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..privacy import PrivateSGD, secret_generator, poisson_batches
+from ..privacy import PrivateSGD, poisson_batches, secret_generator
 
 __all__ = ["Mechanism", "CanaryRun", "canary_run", "probe_sgd", "null_thresholds"]
 
@@ -160,11 +160,10 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
     sgd = make_sgd(model, observer, mech, expected_b, secret_generator(seed + 1))
     unit = (1.0 if mech.rescale_to_unit else c) / expected_b  # one clipped canary in the released gradient
     u = torch.tensor([-1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
-    s2 = mech.noise_multiplier ** 2
     scores = torch.zeros(canaries, dtype=torch.float64)
 
     def score(released: torch.Tensor) -> None:
-        z = (u @ released[:, base_dims:]) / unit  # (m,): 1 + N(0, s2) if sampled, N(0, s2) if not
+        z = (u @ released[:, base_dims:]) / unit  # (m,): 1 + N(0, sigma^2) if sampled, else N(0, sigma^2)
         scores.add_(_log_likelihood_ratio(z, mech))
 
     observer.on_release = score
