@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .errors import UsageError
+
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
            "AveragingConfig", "TrainConfig", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
 
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the value."""
+class ConfigError(UsageError, ValueError):
+    """A config file or override is invalid; the message names the key and the value (exit 2)."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -104,7 +106,10 @@ class PrivacyConfig:
     enabled: bool = True                      # false: plain SGD, for data.public datasets only; no ledger
     epsilon: Optional[float] = None           # target epsilon: the noise is calibrated for it
     noise_multiplier: Optional[float] = None  # or the noise multiplier itself
-    delta: float = 1e-5                       # below 1/N
+    delta: float = 1e-5                       # below 1/N; refused at or above 1/N unless the next key says so
+    # delta >= 1/N allows a mechanism that publishes one example outright with probability delta:
+    # refused unless this is set (the name is the warning)
+    accept_delta_above_1_over_n: bool = False
     clip_norm: float = 1.0                    # C: per-example gradients are clipped to this L2 norm
     rescale_to_unit: bool = False             # divide clipped gradients by C (De et al.)
     accountant: str = "prv"                   # rdp | prv | pld

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from .reference import clip_factors
-from .rules import Record, is_supported, rule_for
+from .rules import Record, problem, rule_for
 
 __all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
 
@@ -29,20 +29,12 @@ class EngineError(ConfigError):
     """The model has a layer this engine cannot handle (the message names it and the fix)."""
 
 
-def _problem(module: nn.Module) -> Optional[str]:
-    if not is_supported(module):
-        return f"no per-example rule for {type(module).__name__}"
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}"
-    return None
-
-
 def unsupported_parameters(model: nn.Module) -> list[str]:
     """Every trainable parameter the engine cannot give a per-example gradient, with the reason."""
     out = []
     for name, module in model.named_modules():
         own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        why = _problem(module) if own else None
+        why = problem(module) if own else None
         if why:
             out += [f"{name}.{n} ({why})" if name else f"{n} ({why})" for n in own]
     return out

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Record", "rule_for", "SUPPORTED", "is_supported"]
+__all__ = ["Record", "rule_for", "SUPPORTED", "is_supported", "problem"]
 
 
 @dataclass
@@ -321,6 +321,15 @@ SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 def is_supported(module: nn.Module) -> bool:
     return (isinstance(module, SUPPORTED + (_scalar_gain(),))
             or type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame"))
+
+
+def problem(module: nn.Module) -> Optional[str]:
+    """Why the engine cannot give this layer's own parameters per-example gradients, or None."""
+    if not is_supported(module):
+        return f"no per-example rule for {type(module).__name__}"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    return None
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):
