@@ -27,7 +27,7 @@ import numpy as np
 from .errors import InvalidParameterError
 from .events import Event, Gaussian, PoissonGaussian, merge
 
-__all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "epsilon", "delta", "check_accountant"]
+__all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "epsilon", "delta", "check_accountant", "check_delta"]
 
 DEFAULT_ACCOUNTANT = "prv"
 #: Opacus's default RDP orders; using the same ones reproduces its numbers exactly.
@@ -36,7 +36,15 @@ RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 PRV_EPS_ERROR = 0.01
 
 
-def _check_delta(delta: float) -> None:
+def check_delta(delta: float) -> None:
+    """Check that `delta` is a number in (0, 1).
+
+    Raises:
+        InvalidParameterError: naming the value (``delta=...``).
+
+    Whether delta is also below 1/N depends on the dataset: see
+    `accounting.ledger.check_delta_below_1_over_n`.
+    """
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0 < delta < 1):
         raise InvalidParameterError(f"Expected 0 < delta < 1, got delta={delta!r}")
 
@@ -271,7 +279,7 @@ def epsilon(events: Iterable[Event], *, delta: float, accountant: str = DEFAULT_
     >>> round(epsilon([ev], delta=1e-5), 2)
     6.54
     """
-    _check_delta(delta)
+    check_delta(delta)
     check_accountant(accountant)
     merged = merge(events)
     if not merged:

@@ -11,16 +11,21 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from .accountants import DEFAULT_ACCOUNTANT, _check_delta, check_accountant, epsilon
+from .accountants import DEFAULT_ACCOUNTANT, check_accountant, check_delta, epsilon
 from .errors import InvalidParameterError
 from .events import Event, PoissonGaussian
 
-__all__ = ["epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps"]
+__all__ = ["epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps", "check_target_epsilon"]
 
 _SIGMA_RANGE = (1e-2, 1e4)  # noise multipliers outside this range are never useful
 
 
-def _check_target(target_epsilon: float) -> None:
+def check_target_epsilon(target_epsilon: float) -> None:
+    """Check that a target epsilon is a finite number > 0.
+
+    Raises:
+        InvalidParameterError: naming the value (``target_epsilon=...``).
+    """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
             math.isfinite(target_epsilon) and target_epsilon > 0):
         raise InvalidParameterError(f"Expected a finite target_epsilon > 0, got target_epsilon={target_epsilon!r}")
@@ -149,8 +154,8 @@ def noise_multiplier_for(*, target_epsilon: float, delta: float, sample_rate: fl
     ...                     accountant="rdp") <= 1.0
     True
     """
-    _check_target(target_epsilon)
-    _check_delta(delta)
+    check_target_epsilon(target_epsilon)
+    check_delta(delta)
     check_accountant(accountant)
     PoissonGaussian(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)  # validates
     if steps < 1:
@@ -185,8 +190,8 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
     ...           accountant="rdp")
     895
     """
-    _check_target(target_epsilon)
-    _check_delta(delta)
+    check_target_epsilon(target_epsilon)
+    check_delta(delta)
     check_accountant(accountant)
     PoissonGaussian(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=0)  # validates
     aim = math.log(target_epsilon)

@@ -8,6 +8,7 @@ Python callers can catch them the usual way.
 __all__ = [
     "AccountingError",
     "InvalidParameterError",
+    "DeltaAboveOneOverNError",
     "BudgetExceededError",
     "DatasetMismatchError",
     "LedgerError",
@@ -24,6 +25,26 @@ class AccountingError(Exception):
 
 class InvalidParameterError(AccountingError, ValueError):
     """A privacy parameter is out of range (the message names the value)."""
+
+
+class DeltaAboveOneOverNError(InvalidParameterError):
+    """delta >= 1/N for a dataset of N examples: such a delta allows releasing whole examples,
+    so it is refused unless the caller accepts it explicitly. `accept` names how to accept it
+    (a keyword argument by default; the CLI names its option)."""
+
+    def __init__(self, delta: float, size: int, *, what: str = "delta",
+                 accept: str = "accept_delta_above_1_over_n=True") -> None:
+        self.delta, self.size, self.what, self.accept = delta, size, what, accept
+        super().__init__(f"{what}={delta:g} is not below 1/N = {1 / size:g} (N={size} examples): a delta this "
+                         f"large allows releasing whole examples; use a delta below 1/N, or pass {accept} "
+                         "to accept it")
+
+    def __reduce__(self):  # picklable across processes despite the keyword-only arguments
+        return (_delta_error, (self.delta, self.size, self.what, self.accept))
+
+
+def _delta_error(delta: float, size: int, what: str, accept: str) -> "DeltaAboveOneOverNError":
+    return DeltaAboveOneOverNError(delta, size, what=what, accept=accept)
 
 
 class BudgetExceededError(AccountingError, RuntimeError):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from . import accountants as _accountants
-from .accountants import DEFAULT_ACCOUNTANT, _check_delta, check_accountant, epsilon
+from .accountants import DEFAULT_ACCOUNTANT, check_delta, check_accountant, epsilon
 from .errors import (BudgetExceededError, DatasetMismatchError, InvalidParameterError, LedgerCorruptError,
                      LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
 from .events import Event, events_from_json_list, merge
@@ -385,7 +385,7 @@ class Ledger:
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not (
                 math.isfinite(epsilon) and epsilon > 0):
             raise InvalidParameterError(f"Expected a finite budget epsilon > 0, got epsilon={epsilon!r}")
-        _check_delta(delta)
+        check_delta(delta)
         check_accountant(accountant)
         _check_name(dataset)
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):

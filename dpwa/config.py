@@ -16,11 +16,23 @@ from typing import Any, Optional, Sequence
 from .errors import UsageError
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
-           "AveragingConfig", "TrainConfig", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
+           "AveragingConfig", "TrainConfig", "MethodConfig", "CONFIG_VERSION", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
 
 
 class ConfigError(UsageError, ValueError):
     """A config file or override is invalid; the message names the key and the value (exit 2)."""
+
+
+def _known(key: str, value: str, module: str, registry: str) -> None:
+    """Refuse a name its registry does not hold. The registry is read, not copied, so a
+    registered extension is accepted here too; imported lazily (the registries import torch)."""
+    names = _registry(module, registry)
+    _require(value in names, f"{key} must be one of {', '.join(sorted(names))}; got {value!r}")
+
+
+def _registry(module: str, registry: str):
+    import importlib
+    return getattr(importlib.import_module(module), registry)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -30,7 +42,7 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"            # digits | cifar10 | cifar100 | npz | imagefolder
+    name: str = "digits"            # a source of dpwa.data.SOURCES: digits | cifar10 | cifar100 | npz | imagefolder
     # torchvision CIFAR folder; folder with train.npz / test.npz; or (imagefolder) a folder with
     # train/<class>/* and val/<class>/* (the ImageNet layout; val is the test split)
     root: Optional[str] = None
@@ -52,6 +64,10 @@ class DataConfig:
     public: bool = False
 
     def __post_init__(self) -> None:
+        _known("data.name", self.name, "dpwa.data", "SOURCES")
+        _require(self.features == "none" or self.features in _registry("dpwa.features", "FEATURES"),
+                 f"data.features must be none or one of {', '.join(_registry('dpwa.features', 'FEATURES'))}; "
+                 f"got {self.features!r}")
         _require(self.image_size is None or self.image_size >= 8,
                  f"data.image_size must be >= 8, got {self.image_size}")
         _require(self.name != "imagefolder" or (bool(self.root) and self.image_size is not None),
@@ -61,11 +77,7 @@ class DataConfig:
         _require(self.classes is None or (len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
                                           and min(self.classes) >= 0),
                  f"data.classes must list at least 2 distinct labels >= 0, got {self.classes}")
-        _require(self.features in ("none", "scattering"),
-                 f"data.features must be none or scattering, got {self.features!r}")
         _require(self.std is None or all(s > 0 for s in self.std), f"data.std must be > 0, got {self.std}")
-        _require(self.name in ("digits", "cifar10", "cifar100", "npz", "imagefolder"),
-                 f"data.name must be one of digits, cifar10, cifar100, npz, imagefolder; got {self.name!r}")
         _require(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
         _require(self.name != "npz" or bool(self.root), "data.name=npz needs data.root (a folder with train.npz)")
 
@@ -129,42 +141,74 @@ class PrivacyConfig:
                  f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
         _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
-        _require(self.engine in ("dpwa-fast", "torch-func", "opacus-hooks", "opacus-functorch", "opacus-ghost"),
-                 "privacy.engine must be one of dpwa-fast, torch-func, opacus-hooks, opacus-functorch, opacus-ghost; "
-                 f"got {self.engine!r}")
+        _known("privacy.engine", self.engine, "dpwa.engines", "ENGINES")
         _require(self.accountant in ("rdp", "prv", "pld"),
                  f"privacy.accountant must be one of rdp, prv, pld; got {self.accountant!r}")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The optimizer (`dpwa/optimizers.py`: sgd | adam | adamw) and its lr schedule. Every field
+    means one thing; fields of another optimizer or schedule than the chosen one must keep
+    their defaults (refused otherwise, so a typo'd intent is not silently ignored)."""
+
+    name: str = "sgd"               # sgd | adam | adamw: applied to the mechanism's noisy gradient
     lr: float = 1.0
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # sgd, adam: L2 added to the gradient; adamw: decoupled
+    momentum: float = 0.0           # sgd only
+    nesterov: bool = False          # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8               # adam, adamw
     # constant | warmup | cosine | swa | cyclic | sgdr: pure functions of the step (dpwa/schedules.py)
     schedule: str = "constant"
     warmup_steps: int = 0
     final_lr_fraction: float = 0.0  # cosine decays to lr * this
-    min_lr: float = 0.0             # swa: the SWA lr (reached at 0.9 swa_start); cyclic, sgdr: the cycles' minimum
+    swa_lr: float = 0.0             # swa: the SWA lr, reached at 0.9 averaging.swa_start
+    min_lr: float = 0.0             # cyclic, sgdr: the cycles' minimum
     cycle_start: int = 0            # cyclic, sgdr: steps at lr before the first cycle (FGE starts from a trained model)
-    cycle_length: int = 0           # cyclic: steps per triangle (even; minimum at mid-cycle); sgdr: T_0
-    cycle_mult: int = 1             # sgdr: T_mult, cycle i lasts cycle_length * cycle_mult^i steps
+    cycle_length: int = 0           # cyclic: steps per triangle (even; minimum at mid-cycle)
+    sgdr_t0: int = 0                # sgdr: T_0, steps of the first cycle
+    cycle_mult: int = 1             # sgdr: T_mult, cycle i lasts sgdr_t0 * cycle_mult^i steps
 
     def __post_init__(self) -> None:
+        _known("optim.name", self.name, "dpwa.optimizers", "OPTIMIZERS")
+        _known("optim.schedule", self.schedule, "dpwa.schedules", "SCHEDULES")
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.schedule in ("constant", "warmup", "cosine", "swa", "cyclic", "sgdr"),
-                 f"optim.schedule must be one of constant, warmup, cosine, swa, cyclic, sgdr; got {self.schedule!r}")
+        _require(self.name != "sgd" or (self.betas == [0.9, 0.999] and self.eps == 1e-8),
+                 f"optim.betas / optim.eps are for adam and adamw, not optim.name=sgd; got betas={self.betas}, "
+                 f"eps={self.eps}")
+        _require(self.name == "sgd" or (self.momentum == 0 and not self.nesterov),
+                 f"optim.momentum / optim.nesterov are for sgd; optim.name={self.name} has optim.betas")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
+        _require(0 <= self.swa_lr <= self.lr, f"optim.swa_lr must be in [0, optim.lr={self.lr}], got {self.swa_lr}")
         _require(self.cycle_start >= 0, f"optim.cycle_start must be >= 0, got {self.cycle_start}")
         _require(self.cycle_mult >= 1, f"optim.cycle_mult must be >= 1, got {self.cycle_mult}")
-        _require(self.schedule not in ("cyclic", "sgdr") or self.cycle_length >= 1,
-                 f"optim.schedule={self.schedule} needs optim.cycle_length >= 1, got {self.cycle_length}")
+        _require(self.schedule != "cyclic" or self.cycle_length >= 1,
+                 f"optim.schedule=cyclic needs optim.cycle_length >= 1, got {self.cycle_length}")
+        _require(self.schedule != "sgdr" or self.sgdr_t0 >= 1,
+                 f"optim.schedule=sgdr needs optim.sgdr_t0 (T_0) >= 1, got {self.sgdr_t0}")
+        for key, value, owner in (("swa_lr", self.swa_lr, ("swa",)), ("min_lr", self.min_lr, ("cyclic", "sgdr")),
+                                  ("cycle_length", self.cycle_length, ("cyclic",)), ("sgdr_t0", self.sgdr_t0, ("sgdr",)),
+                                  ("cycle_mult", self.cycle_mult - 1, ("sgdr",)),
+                                  ("cycle_start", self.cycle_start, ("cyclic", "sgdr"))):
+            _require(not value or self.schedule in owner,
+                     f"optim.{key} is for optim.schedule={' / '.join(owner)}, not {self.schedule!r}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.final_lr_fraction <= 1,
                  f"optim.final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The training method (`dpwa/methods/`): how a run turns noisy releases into iterates.
+    dpsgd: one release per step, applied by the optimizer (Abadi et al. 2016)."""
+
+    name: str = "dpsgd"
 
 
 @dataclass(frozen=True)
@@ -233,6 +277,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    version: int = 2                # of this schema; config.yaml files without it are version 1 (migrated on read)
     name: str = "run"               # prefix of the run id and folder
     out_dir: str = "runs"           # run folders go here
     data: DataConfig = field(default_factory=DataConfig)
@@ -240,6 +285,7 @@ class RunConfig:
     augmult: AugmultConfig = field(default_factory=AugmultConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -331,7 +377,36 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+CONFIG_VERSION = 2
+
+
+def _migrate(tree: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 config (before the optimizer registry): `optim.min_lr` meant the SWA lr under
+    the swa schedule and `optim.cycle_length` meant T_0 under sgdr."""
+    version = tree.get("version", 1)
+    if version == CONFIG_VERSION:
+        return tree
+    if version != 1:
+        raise ConfigError(f"config version {version} is newer than this dpwa (reads up to {CONFIG_VERSION})")
+    optim = dict(tree.get("optim") or {})
+    schedule = optim.get("schedule", "constant")
+    if schedule == "swa":
+        optim["swa_lr"] = optim.pop("min_lr", 0.0)
+    if schedule == "sgdr":
+        optim["sgdr_t0"] = optim.pop("cycle_length", 0)
+    for key, default in (("min_lr", 0.0), ("cycle_length", 0), ("cycle_start", 0), ("cycle_mult", 1)):
+        owners = {"min_lr": ("cyclic", "sgdr"), "cycle_length": ("cyclic",), "cycle_start": ("cyclic", "sgdr"),
+                  "cycle_mult": ("sgdr",)}[key]
+        if schedule not in owners and key in optim:
+            optim[key] = default  # version 1 kept unused fields; they meant nothing
+    return {**tree, "optim": optim, "version": CONFIG_VERSION}
+
+
 def config_from_yaml_text(text: str) -> RunConfig:
+    """A run folder's config.yaml (any version) as a current `RunConfig`."""
     from omegaconf import OmegaConf
 
-    return _merge([OmegaConf.create(text)])
+    tree = OmegaConf.to_container(OmegaConf.create(text))
+    if not isinstance(tree, dict):
+        raise ConfigError("config.yaml must hold a mapping of config keys")
+    return _merge([OmegaConf.create(_migrate(tree))])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -238,18 +238,29 @@ _PUBLIC_STATS = {  # published per-channel statistics (public knowledge)
 }
 
 
+SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Split, int]]] = {
+    "digits": lambda cfg: _digits(),
+    "npz": lambda cfg: _npz(cfg.root),  # type: ignore[arg-type]
+    "imagefolder": lambda cfg: _imagefolder(cfg.root, cfg.image_size),  # type: ignore[arg-type]
+    "cifar10": lambda cfg: _cifar("cifar10", cfg.root, cfg.download),
+    "cifar100": lambda cfg: _cifar("cifar100", cfg.root, cfg.download),
+}
+
+
 def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -> Data:
     """Load, carve the validation split (a fixed function of `seed`), and set the
     normalisation constants (public ones: see `DataConfig.mean`). With `withhold_train`
     the training split is replaced by a `Withheld` stand-in (evaluation after training)."""
-    if cfg.name == "digits":
-        train, test, num_classes = _digits()
-    elif cfg.name == "npz":
-        train, test, num_classes = _npz(cfg.root)  # type: ignore[arg-type]
-    elif cfg.name == "imagefolder":
-        train, test, num_classes = _imagefolder(cfg.root, cfg.image_size)  # type: ignore[arg-type]
-    else:
-        train, test, num_classes = _cifar(cfg.name, cfg.root, cfg.download)
+    from .features import FEATURES
+
+    if cfg.name not in SOURCES:
+        raise DataError(f"data.name must be one of {', '.join(SOURCES)}; got {cfg.name!r}")
+    if cfg.features != "none" and cfg.features not in FEATURES:
+        raise DataError(f"data.features must be none or one of {', '.join(FEATURES)}; got {cfg.features!r}")
+    train, test, num_classes = SOURCES[cfg.name](cfg)
+    # The ledger's identity of the dataset: the labels of the whole source, before any class
+    # subset or validation carve-out, so that a subset composes with its parent by construction.
+    source_labels = train.y.numpy().copy()
     if cfg.classes is not None:
         missing = [c for c in cfg.classes if c >= num_classes]
         if missing:
@@ -258,7 +269,6 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
         num_classes = len(cfg.classes)
     if cfg.image_size is not None:
         train, test = _resize(train, cfg.image_size), _resize(test, cfg.image_size)
-    source_labels = train.y.numpy().copy()
     val = None
     if cfg.val_size:
         if cfg.val_size >= len(train):
@@ -277,13 +287,11 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
     if withhold_train:
         train = Withheld(len(train))
     data = Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
-    if cfg.features == "scattering":
-        from .features import scattering
-
+    if cfg.features != "none":
         for split in (train, test, val):
             if isinstance(split, Withheld):
                 continue
             if split is not None:
-                split.x = scattering(data.normalize(split.x))
+                split.x = FEATURES[cfg.features](data.normalize(split.x))
         data.features = cfg.features
     return data

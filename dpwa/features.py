@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["FEATURES", "scattering", "feature_shape"]
 
-FEATURES = ("none", "scattering")
+FEATURES: dict = {}  # name -> (N, C, H, W) normalised images -> fixed features; "none" keeps the images
 
 
 def _scattering_module(h: int, w: int, j: int, angles: int) -> torch.nn.Module:
@@ -48,3 +48,6 @@ def scattering(x: torch.Tensor, *, j: int = 2, angles: int = 8, batch_size: int 
         part = x[i:i + batch_size].float().contiguous()
         out[i:i + len(part)] = module(part).reshape(len(part), -1, h // 2 ** j, w // 2 ** j)
     return out
+
+
+FEATURES["scattering"] = scattering

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from .config import ConfigError, OptimConfig
 
@@ -102,7 +103,18 @@ def sgdr(step: int, *, lr: float, min_lr: float, t0: int, t_mult: int = 1, cycle
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (pos + 1) / length))
 
 
-SCHEDULES = {"constant": constant, "warmup": warmup, "cosine": cosine, "swa": swa, "cyclic": cyclic, "sgdr": sgdr}
+# name -> lr(step, optim config, run length, SWA start): the config's fields bound to each function.
+SCHEDULES: dict[str, Callable[[int, OptimConfig, int, int], float]] = {
+    "constant": lambda s, o, n, a: constant(s, lr=o.lr),
+    "warmup": lambda s, o, n, a: warmup(s, lr=o.lr, warmup_steps=o.warmup_steps),
+    "cosine": lambda s, o, n, a: cosine(s, lr=o.lr, total_steps=n, warmup_steps=o.warmup_steps,
+                                        final_fraction=o.final_lr_fraction),
+    "swa": lambda s, o, n, a: swa(s, lr=o.lr, swa_lr=o.swa_lr, swa_start=a, warmup_steps=o.warmup_steps),
+    "cyclic": lambda s, o, n, a: cyclic(s, lr=o.lr, min_lr=o.min_lr, cycle_length=o.cycle_length,
+                                        cycle_start=o.cycle_start, warmup_steps=o.warmup_steps),
+    "sgdr": lambda s, o, n, a: sgdr(s, lr=o.lr, min_lr=o.min_lr, t0=o.sgdr_t0, t_mult=o.cycle_mult,
+                                    cycle_start=o.cycle_start, warmup_steps=o.warmup_steps),
+}
 
 
 @dataclass(frozen=True)
@@ -116,6 +128,8 @@ class Schedule:
 
     def __post_init__(self) -> None:
         o, n = self.optim, self.total_steps
+        if o.schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {o.schedule!r}")
         if o.schedule == "swa":
             if not 0 < self.swa_start < n:
                 raise ConfigError(f"optim.schedule=swa decays the lr relative to averaging.swa_start, which must be "
@@ -126,41 +140,29 @@ class Schedule:
             if o.schedule == "cyclic" and (o.cycle_length < 2 or o.cycle_length % 2):
                 raise ConfigError(f"optim.cycle_length={o.cycle_length} must be even and >= 2 for the cyclic "
                                   "schedule: its lr minimum is at mid-cycle, step cycle_length / 2")
-            if o.schedule == "sgdr" and o.cycle_length < 1:
-                raise ConfigError(f"optim.cycle_length (SGDR's T_0) must be >= 1, got {o.cycle_length}")
+            if o.schedule == "sgdr" and o.sgdr_t0 < 1:
+                raise ConfigError(f"optim.sgdr_t0 (SGDR's T_0) must be >= 1, got {o.sgdr_t0}")
             where = "mid-cycle" if o.schedule == "cyclic" else "the end of a cycle"
             ends = self._ends_at_minimum()
             if ends is not None:
                 raise ConfigError(
                     f"The {o.schedule} schedule must end at an lr minimum ({where}), or its last steps spend privacy "
-                    f"past the last snapshot: with optim.cycle_start={o.cycle_start} and optim.cycle_length="
-                    f"{o.cycle_length}" + (f", optim.cycle_mult={o.cycle_mult}" if o.schedule == "sgdr" else "")
+                    f"past the last snapshot: with optim.cycle_start={o.cycle_start} and "
+                    + (f"optim.cycle_length={o.cycle_length}" if o.schedule == "cyclic" else
+                       f"optim.sgdr_t0={o.sgdr_t0}, optim.cycle_mult={o.cycle_mult}")
                     + f", a {n}-step run does not end at one; use train.steps={ends} (or change the cycles)")
 
     def _ends_at_minimum(self) -> int | None:
         """None if the last step is a minimum, else the nearest run length that ends at one."""
         if self.is_minimum(self.total_steps - 1):
             return None
-        minima = [s + 1 for s in range(self.optim.cycle_start, 2 * self.total_steps + 2 * self.optim.cycle_length)
+        minima = [s + 1 for s in range(self.optim.cycle_start,
+                                         2 * self.total_steps + 2 * max(self.optim.cycle_length, self.optim.sgdr_t0))
                   if self.is_minimum(s)]
         return min(minima, key=lambda m: (abs(m - self.total_steps), m))
 
     def __call__(self, step: int) -> float:
-        o = self.optim
-        if o.schedule == "constant":
-            return constant(step, lr=o.lr)
-        if o.schedule == "warmup":
-            return warmup(step, lr=o.lr, warmup_steps=o.warmup_steps)
-        if o.schedule == "cosine":
-            return cosine(step, lr=o.lr, total_steps=self.total_steps, warmup_steps=o.warmup_steps,
-                          final_fraction=o.final_lr_fraction)
-        if o.schedule == "swa":
-            return swa(step, lr=o.lr, swa_lr=o.min_lr, swa_start=self.swa_start, warmup_steps=o.warmup_steps)
-        if o.schedule == "cyclic":
-            return cyclic(step, lr=o.lr, min_lr=o.min_lr, cycle_length=o.cycle_length, cycle_start=o.cycle_start,
-                          warmup_steps=o.warmup_steps)
-        return sgdr(step, lr=o.lr, min_lr=o.min_lr, t0=o.cycle_length, t_mult=o.cycle_mult,
-                    cycle_start=o.cycle_start, warmup_steps=o.warmup_steps)
+        return SCHEDULES[self.optim.schedule](step, self.optim, self.total_steps, self.swa_start)
 
     @property
     def cyclical(self) -> bool:
@@ -174,7 +176,7 @@ class Schedule:
             return False
         if o.schedule == "cyclic":
             return (step - o.cycle_start) % o.cycle_length + 1 == o.cycle_length // 2
-        pos, length = _sgdr_position(step - o.cycle_start, o.cycle_length, o.cycle_mult)
+        pos, length = _sgdr_position(step - o.cycle_start, o.sgdr_t0, o.cycle_mult)
         return pos + 1 == length
 
     def minima(self) -> list[int]:

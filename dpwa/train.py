@@ -38,6 +38,7 @@ from .evaluate import evaluate, evaluate_members
 from .models import create_model
 from .distributed import DistributedError, World, world_from_env
 from .privacy import NonPrivateSGD, PrivateSGD, poisson_batches, secret_generator, secret_seed
+from .optimizers import make_optimizer
 from .schedules import Schedule
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
@@ -259,8 +260,7 @@ def _train(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], le
         averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
         # The optimizer touches no data; its engine refuses layers it cannot clip, before any charge.
         o = cfg.optim
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr,
-                                    momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        optimizer = make_optimizer(o, (p for p in model.parameters() if p.requires_grad))
         noise = secret_generator(cfg.privacy.noise_seed, device)  # used by rank 0 alone
         sgd: PrivateSGD | NonPrivateSGD
         if private:

@@ -80,11 +80,11 @@ def run(a: argparse.Namespace) -> int:
     PoissonGaussian(noise_multiplier=a.sigma if a.sigma is not None else 1.0, sample_rate=q,
                     steps=steps if steps is not None else 0)
     if a.delta is not None:
-        accountants._check_delta(a.delta)
+        accountants.check_delta(a.delta)
         if a.dataset_size and a.delta >= 1 / a.dataset_size:
             warnings.warn(f"delta={a.delta:g} is not below 1/N = {1 / a.dataset_size:g}")
     if a.epsilon is not None:
-        calibrate._check_target(a.epsilon)
+        calibrate.check_target_epsilon(a.epsilon)
 
     solve = missing[0]
     acc = a.accountant

@@ -134,7 +134,7 @@ def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant:
 
 def _show(a: argparse.Namespace) -> int:
     if a.delta is not None:
-        accountants._check_delta(a.delta)
+        accountants.check_delta(a.delta)
     ledger = _open(a, create=False)
     names = [a.dataset] if a.dataset else [d.name for d in ledger.datasets()]
     shown = [_dataset_summary(ledger, n, a.delta, a.accountant) for n in names]
@@ -164,8 +164,8 @@ def _show(a: argparse.Namespace) -> int:
 
 def _set_budget(a: argparse.Namespace) -> int:
     # Validate before opening (and so before creating) the ledger file.
-    accountants._check_delta(a.delta)
-    calibrate._check_target(a.epsilon)
+    accountants.check_delta(a.delta)
+    calibrate.check_target_epsilon(a.epsilon)
     ledger = _open(a, create=True)
     record = ledger.set_budget(a.dataset, epsilon=a.epsilon, delta=a.delta, accountant=a.accountant,
                                size=a.dataset_size, force=a.force)

@@ -1,35 +1,54 @@
 """Per-example clipping engines: each turns a chunk of a logical batch into the sum of its
-examples' clipped gradients, sum_b min(1, C / |g_b|) g_b, where g_b is the mean gradient over
-example b's K augmented views. Noise and scaling happen once per logical batch, in
-`dpwa.privacy.PrivateSGD`, whatever the engine.
+examples' clipped gradients, sum_b min(1, C / |g_b|) g_b, where g_b is the gradient of example
+b's loss (`dpwa.rows.example_losses`: the mean over all its rows). Noise and scaling happen once
+per logical batch, in `dpwa.mechanism.GradientMechanism`, whatever the engine.
 
     dpwa-fast         per-layer ghost norm or instantiation, book-kept clipped sum (default)
     torch-func        vmap(grad) of the whole model: any layer; the reference
-    opacus-hooks      Opacus GradSampleModule, hooks (per view, then averaged)
+    opacus-hooks      Opacus GradSampleModule, hooks (per view, then summed)
     opacus-functorch  Opacus GradSampleModule, functorch per layer
     opacus-ghost      Opacus ghost clipping, two backward passes (augmult.k=1 only)
+
+An engine is `clipped_sum(views, labels, clip_norm, rows) -> (sums by Parameter, losses,
+norms)`. Whatever the engine, `dpwa.probe` checks it on the model against a loop over single
+examples before any privacy is charged.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.nn as nn
 
-from .fast import EngineError, FastEngine
+from .errors import EngineError
+from .fast import FastEngine
 from .reference import OpacusEngine, OpacusGhostEngine, TorchFuncEngine, clip_and_sum
 
-__all__ = ["ENGINES", "make_engine", "EngineError", "FastEngine", "TorchFuncEngine", "OpacusEngine",
-           "OpacusGhostEngine", "clip_and_sum"]
+__all__ = ["ENGINES", "register_engine", "make_engine", "EngineError", "FastEngine", "TorchFuncEngine",
+           "OpacusEngine", "OpacusGhostEngine", "clip_and_sum"]
 
-ENGINES = ("dpwa-fast", "torch-func", "opacus-hooks", "opacus-functorch", "opacus-ghost")
+ENGINES: dict[str, Callable[[nn.Module], object]] = {}
+
+
+def register_engine(name: str, build: Callable[[nn.Module], object]) -> None:
+    if name in ENGINES:
+        raise ValueError(f"engine {name!r} is registered twice")
+    ENGINES[name] = build
+
+
+register_engine("dpwa-fast", FastEngine)
+register_engine("torch-func", TorchFuncEngine)
+register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))
+register_engine("opacus-functorch", lambda model: OpacusEngine(model, functorch=True))
+register_engine("opacus-ghost", OpacusGhostEngine)
 
 
 def make_engine(name: str, model: nn.Module):
-    if name == "dpwa-fast":
-        return FastEngine(model)
-    if name == "torch-func":
-        return TorchFuncEngine(model)
-    if name in ("opacus-hooks", "opacus-functorch"):
-        return OpacusEngine(model, functorch=name == "opacus-functorch")
-    if name == "opacus-ghost":
-        return OpacusGhostEngine(model)
-    raise EngineError(f"privacy.engine must be one of {', '.join(ENGINES)}; got {name!r}")
+    """The engine `name` on `model`.
+
+    Raises:
+        EngineError: an unknown name (the known ones listed), or a model the engine refuses.
+    """
+    if name not in ENGINES:
+        raise EngineError(f"privacy.engine must be one of {', '.join(ENGINES)}; got {name!r}")
+    return ENGINES[name](model)

@@ -16,28 +16,34 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..rows import Rows, example_losses, rows_of
+from .errors import EngineError
 from .reference import clip_factors
 from .rules import Record, problem, rule_for
 
 __all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
 
 
-class EngineError(ConfigError):
-    """The model has a layer this engine cannot handle (the message names it and the fix)."""
-
-
 def unsupported_parameters(model: nn.Module) -> list[str]:
-    """Every trainable parameter the engine cannot give a per-example gradient, with the reason."""
-    out = []
-    for name, module in model.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    """Every trainable parameter the engine cannot give a per-example gradient, with the reason.
+
+    A parameter held by two layers (tied weights) is refused: its per-example gradient is the
+    sum of both layers' parts, whose norm the per-layer rules cannot give. Parameters used
+    outside any layer (`F.linear(x, self.w)`) are caught by the probe (`dpwa.probe`), which
+    finds that the engine gives them no gradient."""
+    out, owner = [], {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         why = problem(module) if own else None
+        full = [f"{name}.{n}" if name else n for n, _ in own]
         if why:
-            out += [f"{name}.{n} ({why})" if name else f"{n} ({why})" for n in own]
-    return out
+            out += [f"{f} ({why})" for f in full]
+        for f, (_, p) in zip(full, own):
+            if id(p) in owner and owner[id(p)] != f:
+                out.append(f"{f} (the same Parameter as {owner[id(p)]}: tied weights)")
+            owner.setdefault(id(p), f)
+    return sorted(set(out), key=out.index)
 
 
 class FastEngine:
@@ -84,20 +90,24 @@ class FastEngine:
         for h in self._handles:
             h.remove()
 
-    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float
+    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float, rows: Optional[Rows] = None
                     ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Sum over examples of their clipped gradients (the mean over their K views, clipped to
-        `clip_norm`), for views (B, K, ...) and labels (B,).
+        """Sum over examples of their clipped gradients (the gradient of the mean loss over all
+        their rows, clipped to `clip_norm`), for views (B, K, ...) and labels (B,).
+
+        Every layer's rows are put example-major with the chunk's `rows` (a model that tiles its
+        batch member-major has its rows regrouped by example) before its rule sees them.
 
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
-        b, k = views.shape[:2]
+        rows = rows or rows_of(self.model, views)
+        b = rows.examples
         self._records = []
         try:
             out = self.model(views.flatten(0, 1))
         finally:
             records, self._records = self._records, None
-        losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
+        losses = example_losses(out, labels, rows)
         gos = list(torch.autograd.grad(losses.sum(), [r.out for r in records], allow_unused=True))
         rules, norms2 = [], torch.zeros(b, dtype=out.dtype, device=out.device)
         del out
@@ -107,6 +117,10 @@ class FastEngine:
                                   "(e.g. ReLU(inplace=True)); make that operation out of place")
             go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
             gos[i] = records[i] = None  # from here on the rule holds only what it still needs
+            what = f"the input of {type(rec.module).__name__}"
+            rec = Record(rec.module, rows.example_major(rec.x, what), rows.example_major(rec.out.detach(), what),
+                         rec.version)
+            go = rows.example_major(go, what)
             rule = rule_for(rec, go.detach(), b, self.mode)
             del go, rec
             norms2 += rule.norms2()

@@ -2,17 +2,23 @@
 and Opacus's GradSampleModule with hooks or functorch, and Opacus's ghost clipping.
 
 They instantiate a gradient per example (Opacus's: per augmented view, B x K x params of
-memory, then averaged per example), so they are the baselines of the dpwa-fast engine, and
-torch-func is its fallback for layers it has no rule for.
+memory, then summed per example), so they are the baselines of the dpwa-fast engine, and
+torch-func is its fallback for layers it has no rule for. Every engine computes the loss with
+`dpwa.rows.example_losses` on the chunk's explicit `Rows`.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-__all__ = ["TorchFuncEngine", "OpacusEngine", "OpacusGhostEngine", "clip_and_sum", "clip_factors"]
+from ..rows import Rows, RowsError, example_losses, rows_of
+from .errors import EngineError
+
+__all__ = ["TorchFuncEngine", "OpacusEngine", "OpacusGhostEngine", "clip_and_sum", "clip_factors",
+           "per_example_grads"]
 
 
 def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
@@ -23,32 +29,70 @@ def clip_factors(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
 def clip_and_sum(grads: dict[nn.Parameter, torch.Tensor], clip_norm: float
                  ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
     """Per-example gradients {param: (B, *shape)} -> ({param: sum_b c_b g_b}, norms), with
-    Opacus's clip factor c_b = min(1, C / (|g_b| + 1e-6))."""
-    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in grads.values()))
+    Opacus's clip factor c_b = min(1, C / (|g_b| + 1e-6)). 0-dim parameters have (B,) gradients."""
+    norms = torch.sqrt(sum(g.reshape(len(g), -1).square().sum(1) for g in grads.values()))
     factors = clip_factors(norms, clip_norm)
     return {p: torch.einsum("b,b...->...", factors, g) for p, g in grads.items()}, norms
+
+
+def per_example_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, rows: Optional[Rows] = None
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Gradient of each example's loss (`example_losses`: the mean cross-entropy over its rows),
+    by vmap over examples of the whole model: each example goes through the model alone, so
+    its rows cannot be confused with another example's.
+
+    Args:
+        model: any module without cross-example layers (no BatchNorm).
+        views: (B, K, ...) float inputs.
+        labels: (B,) int64.
+        rows: the chunk's layout (default: from the model's declared tiling).
+
+    Returns:
+        ({param name: (B, *param.shape)}, per-example losses (B,)) for trainable params.
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    rows = rows or rows_of(model, views)
+    one = Rows(examples=1, views=rows.views, tiling=rows.tiling)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss_of_one(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (x,))
+        return example_losses(out, y.reshape(1), one)[0]
+
+    grads, losses = vmap(grad_and_value(loss_of_one), in_dims=(None, 0, 0), randomness="different")(
+        params, views, labels)
+    return grads, losses
 
 
 class TorchFuncEngine:
     """vmap(grad) over examples of the whole model: each example's K views go through the model
     together and its gradient is the mean over them. Handles any layer without cross-example
-    interaction."""
+    interaction, and models that tile their batch."""
 
     name = "torch-func"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float):
-        from ..privacy import per_example_grads
-
-        grads, losses = per_example_grads(self.model, views, labels)
+    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float, rows: Optional[Rows] = None):
+        grads, losses = per_example_grads(self.model, views, labels, rows)
         by_param = dict(self.model.named_parameters())
         sums, norms = clip_and_sum({by_param[n]: g for n, g in grads.items()}, clip_norm)
         return sums, losses.detach(), norms
 
     def remove(self) -> None:
         pass
+
+
+def _untiled(model: nn.Module, views: torch.Tensor, rows: Optional[Rows], engine: str) -> Rows:
+    rows = rows or rows_of(model, views)
+    if rows.tiling.members != 1:
+        raise EngineError(f"privacy.engine={engine} gives a gradient per input row and cannot fold the "
+                          f"{rows.tiling.members} members of a model that tiles its batch; use privacy.engine=dpwa-fast "
+                          "or torch-func")
+    return rows
 
 
 class OpacusEngine:
@@ -60,18 +104,24 @@ class OpacusEngine:
         self.model, self.functorch = model, functorch
         self.name = "opacus-functorch" if functorch else "opacus-hooks"
 
-    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float):
+    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float, rows: Optional[Rows] = None):
         from opacus import GradSampleModule
 
-        b, k = views.shape[:2]
+        rows = _untiled(self.model, views, rows, self.name)
+        b, k = rows.examples, rows.views
         # Hooks only for this call, so that copies of the model (EMA) never carry them.
         gsm = GradSampleModule(self.model, force_functorch=self.functorch, loss_reduction="sum")
         try:
-            out = gsm(views.flatten(0, 1))
-            losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
+            losses = example_losses(gsm(views.flatten(0, 1)), labels, rows)
             losses.sum().backward()
             params = [p for p in self.model.parameters() if p.requires_grad]
-            grads = {p: p.grad_sample.view(b, k, *p.shape).sum(1) for p in params}  # rows hold (1/K) CE each
+            grads = {}
+            for p in params:
+                gs = getattr(p, "grad_sample", None)
+                if gs is None or gs.shape[0] != b * k:
+                    raise RowsError(f"opacus gave a parameter of shape {tuple(p.shape)} "
+                                    f"{'no' if gs is None else gs.shape[0]} per-row gradients for {b * k} rows")
+                grads[p] = gs.view(b, k, *p.shape).sum(1)  # rows hold (1/K) CE each
             for p in params:
                 p.grad_sample, p.grad = None, None
         finally:
@@ -86,24 +136,27 @@ class OpacusEngine:
 class OpacusGhostEngine:
     """Opacus's ghost clipping (GradSampleModuleFastGradientClipping): norms from a first
     backward pass, the clipped sum from a second one. It clips each row it is given, so it
-    cannot average over augmented views first: K must be 1."""
+    cannot average over augmented views first: K must be 1. Its norms come from hooks and its
+    gradient from a full second backward, so a gradient the hooks do not see (a weight used
+    outside its module, reflect padding) makes the clipped sum exceed C: the probe
+    (`dpwa.probe`) compares its norms with the single-example loop and refuses such models."""
 
     name = "opacus-ghost"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float):
+    def clipped_sum(self, views: torch.Tensor, labels: torch.Tensor, clip_norm: float, rows: Optional[Rows] = None):
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-        b, k = views.shape[:2]
-        if k != 1:
-            raise ValueError(f"privacy.engine=opacus-ghost clips every augmented view separately; augmult.k={k} "
-                             "needs the example-level clipping of dpwa-fast, torch-func or opacus-hooks")
+        rows = _untiled(self.model, views, rows, self.name)
+        if rows.views != 1:
+            raise EngineError(f"privacy.engine=opacus-ghost clips every augmented view separately; augmult.k="
+                              f"{rows.views} needs the example-level clipping of dpwa-fast, torch-func or opacus-hooks")
         gsm = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=clip_norm, use_ghost_clipping=True,
                                                    loss_reduction="sum")
         try:
-            losses = F.cross_entropy(gsm(views[:, 0]), labels, reduction="none")
+            losses = example_losses(gsm(views[:, 0]), labels, rows)
             losses.sum().backward(retain_graph=True)
             coeff = gsm.get_clipping_coef()
             norms = gsm.get_norm_sample()
@@ -112,7 +165,7 @@ class OpacusGhostEngine:
                 p.grad = None
             gsm.disable_hooks()
             (coeff * losses).sum().backward()
-            sums = {p: p.grad.detach().clone() for p in params}
+            sums = {p: p.grad.detach().clone() for p in params if p.grad is not None}
             for p in params:
                 p.grad = None
         finally:

@@ -63,7 +63,7 @@ def test_ema_warmup_matches_de_et_al():
 
 @pytest.mark.parametrize("optim", [
     OptimConfig(lr=1.0, min_lr=0.1, schedule="cyclic", cycle_start=4, cycle_length=6),
-    OptimConfig(lr=1.0, min_lr=0.0, schedule="sgdr", cycle_length=3, cycle_mult=2),
+    OptimConfig(lr=1.0, min_lr=0.0, schedule="sgdr", sgdr_t0=3, cycle_mult=2),
 ])
 def test_fge_collects_exactly_at_cycle_minima(optim):
     steps = 19 if optim.schedule == "cyclic" else 21

@@ -42,7 +42,7 @@ def test_overrides():
     (["data.name=imagenet"], "imagenet"),
     (["train.epochs=3"], "only one of train.steps and train.epochs"),
     (["augmult.k=2", "data.features=scattering"], "augmult.k=2 with data.features=scattering"),
-    (["data.features=sift"], "data.features must be none or scattering, got 'sift'"),
+    (["data.features=sift"], "data.features must be none or one of scattering; got 'sift'"),
     (["optim.lr"], "key.sub=value"),
 ])
 def test_bad_values_name_the_key(overrides, needle):

@@ -165,7 +165,7 @@ def test_metrics_against_hand_computation():
     (["optim.cycle_length=5"], "must be even"),
     (["train.steps=12"], "use train.steps=10"),
     (["averaging.swag_rank=1"], "swag_rank must be >= 2"),
-    (["optim.schedule=constant"], "averaging.snapshots takes the iterate at each lr minimum"),
+    (["optim.schedule=constant", "optim.min_lr=0", "optim.cycle_length=0"], "averaging.snapshots takes the iterate at each lr minimum"),
 ])
 def test_bad_averaging_input_is_refused_before_any_charge(tmp_path, capsys, extra, message):
     led = tmp_path / "l.sqlite"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from dpwa.models import ModelError, check_dp_compatible, create_model
 from dpwa.models.wrn import WideResNet
 from dpwa.models.ws import WSConv2d, standardize
-from dpwa.privacy import PrivateSGD, secret_generator, per_example_grads, poisson_batches
+from dpwa.engines.reference import per_example_grads
+from dpwa.privacy import PrivateSGD, poisson_batches, secret_generator
 
 
 def reference_grads(model, views, labels):

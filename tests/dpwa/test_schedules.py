@@ -43,7 +43,7 @@ def test_sgdr_restarts_and_cycle_lengths_multiply():
     assert all(f[e] == pytest.approx(0.0) for e in ends)
     assert f[4] > 0.9 and f[12] > 0.9               # warm restarts
     assert f[1] == pytest.approx(0.5)               # halfway through the first cycle
-    o = OptimConfig(lr=1.0, schedule="sgdr", cycle_length=4, cycle_mult=2)
+    o = OptimConfig(lr=1.0, schedule="sgdr", sgdr_t0=4, cycle_mult=2)
     assert Schedule(o, 28).minima() == [4, 12, 28]
 
 
@@ -51,7 +51,7 @@ def test_sgdr_restarts_and_cycle_lengths_multiply():
     (dict(schedule="cyclic", cycle_length=7), 35, "must be even"),
     (dict(schedule="cyclic", cycle_length=10), 27, "use train.steps=25"),
     (dict(schedule="cyclic", cycle_length=10, cycle_start=50), 40, "beyond the run"),
-    (dict(schedule="sgdr", cycle_length=4, cycle_mult=2), 20, "use train.steps=12"),
+    (dict(schedule="sgdr", sgdr_t0=4, cycle_mult=2), 20, "use train.steps=12"),
 ])
 def test_cycles_that_do_not_fit_the_run_are_refused(overrides, steps, message):
     with pytest.raises(ConfigError, match=message):
@@ -59,14 +59,14 @@ def test_cycles_that_do_not_fit_the_run_are_refused(overrides, steps, message):
 
 
 def test_swa_schedule_needs_a_start_inside_the_run():
-    o = OptimConfig(lr=1.0, min_lr=0.1, schedule="swa")
+    o = OptimConfig(lr=1.0, swa_lr=0.1, schedule="swa")
     with pytest.raises(ConfigError, match="swa_start=100"):
         Schedule(o, 100, swa_start=100)
     assert Schedule(o, 100, swa_start=60)(99) == 0.1
 
 
 def test_bad_schedule_values_are_refused_by_the_config():
-    with pytest.raises(ConfigError, match="cycle_length"):
+    with pytest.raises(ConfigError, match="sgdr_t0"):
         OptimConfig(schedule="sgdr")
     with pytest.raises(ConfigError, match="min_lr"):
         OptimConfig(lr=1.0, min_lr=2.0)
