@@ -13,10 +13,18 @@ Run life cycle::
     commit(spent)     ->  status "committed": counts `spent`
     release(reason)   ->  status "released": counts the `spent` recorded so far (often none)
 
-A dataset is a name bound to a fingerprint of its contents (`fingerprint(labels)`), so
-two different datasets under one name are never mixed up: reserving under a name bound to
-another fingerprint is refused. Budgets are checked inside an immediate (write-locking)
-transaction, so concurrent reservations are serialised and can never pass the budget.
+A dataset is keyed by a fingerprint of its contents (`fingerprint(labels)` of the whole
+source data, before any class subset or split), not by the name a run types:
+
+* a run on data whose fingerprint is already registered under another name is charged to
+  that dataset (the new name is kept as an alias, and queries by either name see one
+  spend), so a subset composes with its parent by construction and can never start a
+  fresh budget of its own;
+* a name bound to another fingerprint is refused, so two different datasets under one
+  name are never mixed up.
+
+Budgets are checked inside an immediate (write-locking) transaction, so concurrent
+reservations are serialised and can never pass the budget.
 """
 
 from __future__ import annotations
@@ -35,16 +43,20 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from . import accountants as _accountants
 from .accountants import DEFAULT_ACCOUNTANT, check_delta, check_accountant, epsilon
-from .errors import (BudgetExceededError, DatasetMismatchError, InvalidParameterError, LedgerCorruptError,
-                     LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
+from .errors import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError, InvalidParameterError,
+                     LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
 from .events import Event, events_from_json_list, merge
 
 __all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "default_ledger_path",
-           "LEDGER_ENV", "TIMEOUT_ENV"]
+           "check_delta_below_1_over_n", "LEDGER_ENV", "TIMEOUT_ENV"]
 
 LEDGER_ENV = "DPWA_LEDGER"
 TIMEOUT_ENV = "DPWA_LEDGER_TIMEOUT"
-SCHEMA_VERSION = 1
+# 2 adds `aliases`. Version 1 files are read as they are and upgraded by their first write;
+# a dpwa that reads only version 1 refuses a version 2 file instead of ignoring its aliases
+# (which would charge an alias to a fresh, empty dataset).
+SCHEMA_VERSION = 2
+_READABLE_VERSIONS = ("1", "2")
 _APPLICATION_ID = 0x64707761  # "dpwa": marks the SQLite file as ours
 
 _SCHEMA = """
@@ -71,7 +83,14 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,           -- another name a run gave for a registered dataset's data
+    dataset TEXT NOT NULL REFERENCES datasets(name),
+    created_at TEXT NOT NULL
+);
 """
+
+_ALIASES = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases"):].strip().rstrip(";")
 
 
 def default_ledger_path() -> Path:
@@ -92,6 +111,36 @@ def fingerprint(labels: Iterable[int]) -> str:
     values = [int(v) for v in labels]
     digest = hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()[:16]
     return f"n{len(values)}-{digest}"
+
+
+def check_delta_below_1_over_n(delta: float, size: int, *, accept: bool = False, what: str = "delta",
+                               accept_hint: str = "accept_delta_above_1_over_n=True") -> None:
+    """Refuse delta >= 1/N for a dataset of N = `size` examples, unless `accept`.
+
+    Publishing each example in the clear with probability delta satisfies (0, delta)-DP, and
+    with delta >= 1/N that releases about delta * N >= 1 whole examples: a risk the user must
+    take by name, not a default that only warns. Accepted, it still warns (naming
+    `accept_hint`, how it was accepted).
+
+    Raises:
+        InvalidParameterError: delta outside (0, 1) or size not a positive integer.
+        DeltaAboveOneOverNError: naming `what`, the value, 1/N and `accept_hint`.
+
+    >>> check_delta_below_1_over_n(1e-5, 50_000)
+    >>> check_delta_below_1_over_n(1e-3, 1000)
+    Traceback (most recent call last):
+    ...
+    accounting.errors.DeltaAboveOneOverNError: delta=0.001 is not below 1/N = 0.001 (N=1000 examples): ...
+    """
+    check_delta(delta)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidParameterError(f"Expected a positive dataset size, got size={size!r}")
+    if delta < 1 / size:
+        return
+    if not accept:
+        raise DeltaAboveOneOverNError(delta, size, what=what, accept=accept_hint)
+    warnings.warn(f"{what}={delta:g} is not below 1/N = {1 / size:g} (N={size} examples): accepted by "
+                  f"{accept_hint}; such a delta allows releasing whole examples", stacklevel=2)
 
 
 def _now() -> str:
@@ -129,6 +178,8 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class DatasetRecord:
+    """One dataset as stored; `aliases` are the other names runs gave for the same data."""
+
     name: str
     fingerprint: Optional[str]
     size: Optional[int]
@@ -137,9 +188,10 @@ class DatasetRecord:
     accountant: str
     created_at: str
     updated_at: str
+    aliases: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "aliases": list(self.aliases)}
 
 
 class Ledger:
@@ -209,13 +261,20 @@ class Ledger:
                         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                      (str(SCHEMA_VERSION),))
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None or row[0] != str(SCHEMA_VERSION):
+                if row is None or row[0] not in _READABLE_VERSIONS:
                     raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "
-                                             f"this dpwa reads version {SCHEMA_VERSION}")
+                                             f"this dpwa reads versions {', '.join(_READABLE_VERSIONS)}")
         except BaseException:
             conn.close()
             self._conn = None
             raise
+
+    @property
+    def exists(self) -> bool:
+        """Whether the ledger file exists (and is open). `Ledger(path, create=False)` on a
+        missing file is an empty read-only view; a caller about to write to an existing
+        ledger only (e.g. releasing a run) checks this instead of creating a new file."""
+        return self._conn is not None
 
     def close(self) -> None:
         if self._conn is not None:
@@ -253,11 +312,23 @@ class Ledger:
         with self._locked_errors():
             conn.execute("BEGIN IMMEDIATE")
             try:
+                self._upgrade(conn)
                 yield conn
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    @staticmethod
+    def _upgrade(conn: sqlite3.Connection) -> None:
+        """Bring a version 1 file to version 2 inside the caller's write transaction."""
+        if Ledger._has_aliases(conn) or not conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return  # already version 2, or a new file being created at version 2
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and row[0] == "1":
+            conn.execute(_ALIASES)
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def _require_conn(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -268,10 +339,34 @@ class Ledger:
 
     # ------------------------------------------------------------------ reading
 
+    @staticmethod
+    def _has_aliases(conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='aliases'").fetchone() is not None
+
     def _dataset_row(self, conn: sqlite3.Connection, name: str) -> Optional[DatasetRecord]:
+        """The dataset called `name`, or the one `name` is an alias of; None if neither."""
+        has_aliases = self._has_aliases(conn)
+        if has_aliases:
+            alias = conn.execute("SELECT dataset FROM aliases WHERE name=?", (name,)).fetchone()
+            name = alias[0] if alias else name
         row = conn.execute("SELECT name, fingerprint, size, budget_epsilon, budget_delta, accountant, "
                            "created_at, updated_at FROM datasets WHERE name=?", (name,)).fetchone()
-        return DatasetRecord(*row) if row else None
+        if row is None:
+            return None
+        aliases = tuple(r[0] for r in conn.execute("SELECT name FROM aliases WHERE dataset=? ORDER BY name",
+                                                   (name,))) if has_aliases else ()
+        return DatasetRecord(*row, aliases=aliases)
+
+    def _owner(self, conn: sqlite3.Connection, fingerprint: str) -> Optional[DatasetRecord]:
+        """The dataset already bound to data with this fingerprint (the oldest, should a
+        ledger written before fingerprints were keys hold two)."""
+        row = conn.execute("SELECT name FROM datasets WHERE fingerprint=? ORDER BY created_at, name LIMIT 1",
+                           (fingerprint,)).fetchone()
+        return self._dataset_row(conn, row[0]) if row else None
+
+    def _canonical(self, conn: sqlite3.Connection, name: str) -> str:
+        record = self._dataset_row(conn, name)
+        return record.name if record is not None else name
 
     def _runs(self, conn: sqlite3.Connection, dataset: Optional[str] = None,
               run_id: Optional[str] = None) -> list[RunRecord]:
@@ -296,6 +391,7 @@ class Ledger:
         return out
 
     def datasets(self) -> list[DatasetRecord]:
+        """Every dataset (aliases are listed on their dataset, not as datasets)."""
         if self._conn is None:
             return []
         with self._locked_errors():
@@ -303,7 +399,9 @@ class Ledger:
             return [self._dataset_row(self._conn, r[0]) for r in rows]  # type: ignore[misc]
 
     def dataset(self, name: str) -> DatasetRecord:
-        """Raises: LedgerError naming the known datasets when `name` is unknown."""
+        """The dataset called `name`, or the one `name` is an alias of.
+
+        Raises: LedgerError naming the known datasets when `name` is unknown."""
         record = None
         if self._conn is not None:
             with self._locked_errors():
@@ -314,9 +412,12 @@ class Ledger:
         return record
 
     def runs(self, dataset: Optional[str] = None) -> list[RunRecord]:
+        """Every run, or those charged to `dataset` (a name or an alias)."""
         if self._conn is None:
             return []
         with self._locked_errors():
+            if dataset is not None:
+                dataset = self._canonical(self._conn, dataset)
             return self._runs(self._conn, dataset=dataset)
 
     def run(self, run_id: str) -> RunRecord:
@@ -332,11 +433,12 @@ class Ledger:
         return merge(e for r in self._runs(conn, dataset=dataset) for e in r.counted)
 
     def counted_events(self, dataset: str) -> list[Event]:
-        """Every event that counts towards `dataset`'s spend (reservations in full)."""
+        """Every event that counts towards `dataset`'s spend (reservations in full);
+        `dataset` is a name or an alias."""
         if self._conn is None:
             return []
         with self._locked_errors():
-            return self._counted(self._conn, dataset)
+            return self._counted(self._conn, self._canonical(self._conn, dataset))
 
     def spent(self, dataset: str, *, delta: Optional[float] = None,
               accountant: Optional[str] = None) -> float:
@@ -374,11 +476,17 @@ class Ledger:
     # ------------------------------------------------------------------ writing
 
     def set_budget(self, dataset: str, *, epsilon: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT,
-                   size: Optional[int] = None, force: bool = False) -> DatasetRecord:
+                   size: Optional[int] = None, force: bool = False, accept_delta_above_1_over_n: bool = False,
+                   accept_hint: str = "accept_delta_above_1_over_n=True") -> DatasetRecord:
         """Set (or change) a dataset's budget, creating the dataset entry if needed.
+
+        `dataset` may be an alias: the budget is its dataset's (the same people).
 
         Raises:
             InvalidParameterError: epsilon <= 0, delta outside (0, 1), unknown accountant.
+            DeltaAboveOneOverNError: delta >= 1/N, where N is `size` or the size already
+                recorded, unless `accept_delta_above_1_over_n` (`accept_hint` names how the
+                caller accepts it, in the message).
             BudgetExceededError: the dataset already spent more than `epsilon` (unless
                 `force`, which freezes the dataset: every later reservation is refused).
         """
@@ -392,11 +500,15 @@ class Ledger:
             raise InvalidParameterError(f"Expected a positive dataset size, got size={size!r}")
         with self._transaction() as conn:
             record = self._dataset_row(conn, dataset)
+            n = size if size is not None else record.size if record is not None else None
+            if n is not None:
+                check_delta_below_1_over_n(delta, n, accept=accept_delta_above_1_over_n, accept_hint=accept_hint)
             now = _now()
             if record is None:
                 conn.execute("INSERT INTO datasets VALUES (?, NULL, ?, ?, ?, ?, ?, ?)",
                              (dataset, size, epsilon, delta, accountant, now, now))
             else:
+                dataset = record.name
                 counted = self._counted(conn, dataset)
                 spent = _accountants.epsilon(counted, delta=delta, accountant=accountant)
                 if spent > epsilon and not force:
@@ -411,24 +523,30 @@ class Ledger:
                              (epsilon, delta, accountant, size, now, dataset))
             record = self._dataset_row(conn, dataset)
         assert record is not None
-        _warn_large_delta(record)
         return record
 
     def reserve(self, *, run_id: str, dataset: str, fingerprint: str, events: Sequence[Event],
                 config_hash: str = "", size: Optional[int] = None) -> RunRecord:
         """Reserve a run's whole planned spend; call before the run touches any data.
 
+        The run is charged to the dataset its fingerprint belongs to: if that data is
+        already registered under another name, `dataset` becomes an alias of it (a subset
+        of a dataset, fingerprinted by its source's labels, composes with its parent).
+
         Args:
             run_id: unique id of the run.
-            dataset: dataset name; created on first use (without a budget).
-            fingerprint: `fingerprint(labels)` of the data the run will read.
+            dataset: dataset name; created on first use (without a budget), unless the
+                fingerprint is already registered, when it becomes an alias.
+            fingerprint: `fingerprint(labels)` of the whole source data the run reads from
+                (before any subset or split: the people who can be affected).
             events: every mechanism the run plans to apply.
             config_hash: hash of the run's resolved config, for the record.
             size: number of examples (checks delta < 1/N; recorded on first use).
 
         Raises:
             BudgetExceededError: the reservation would take the dataset past its budget.
-            DatasetMismatchError: `dataset` is bound to another fingerprint.
+            DatasetMismatchError: `dataset` is bound to another fingerprint, or is a dataset
+                not yet bound to data while this fingerprint belongs to another dataset.
             RunStateError: `run_id` is already recorded.
         """
         _check_name(dataset)
@@ -439,28 +557,42 @@ class Ledger:
                 raise RunStateError(f"Run {run_id!r} is already in ledger {self.path}; use a new run id "
                                     "(a resumed run keeps its reservation)")
             record = self._dataset_row(conn, dataset)
+            owner = self._owner(conn, fingerprint)
             now = _now()
-            if record is None:
+            if record is None and owner is not None:  # the same data under a new name: compose
+                conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (dataset, owner.name, now))
+                conn.execute("UPDATE datasets SET size=COALESCE(size, ?), updated_at=? WHERE name=?",
+                             (size, now, owner.name))
+            elif record is None:
                 conn.execute("INSERT INTO datasets VALUES (?, ?, ?, NULL, NULL, ?, ?, ?)",
                              (dataset, fingerprint, size, DEFAULT_ACCOUNTANT, now, now))
+            elif record.fingerprint is None and owner is not None:
+                raise DatasetMismatchError(
+                    f"This run's data (fingerprint {fingerprint}) is dataset {owner.name!r} in ledger "
+                    f"{self.path}, but {dataset!r} is a separate entry (made by set-budget, not yet bound to "
+                    f"data); charging it there would split one dataset's spend in two. Use the name "
+                    f"{owner.name!r} (set its budget with `dpwa ledger set-budget --dataset {owner.name}`)")
             elif record.fingerprint is None:
                 conn.execute("UPDATE datasets SET fingerprint=?, size=COALESCE(size, ?), updated_at=? WHERE name=?",
-                             (fingerprint, size, now, dataset))
+                             (fingerprint, size, now, record.name))
             elif record.fingerprint != fingerprint:
+                called = repr(dataset) if record.name == dataset else f"{dataset!r} (an alias of {record.name!r})"
                 raise DatasetMismatchError(
-                    f"Dataset name {dataset!r} is bound to data with fingerprint {record.fingerprint} in "
+                    f"Dataset name {called} is bound to data with fingerprint {record.fingerprint} in "
                     f"ledger {self.path}, but this run's data has fingerprint {fingerprint}. If it is other "
-                    "data, give it another name; if it is the same people (e.g. a subset), account it under "
-                    "the original name with the original data's fingerprint")
+                    "data, give it another name; if it is the same people (e.g. a subset), fingerprint the "
+                    "whole source data (as dpwa train does): the ledger then charges the run to its parent")
             record = self._dataset_row(conn, dataset)
             assert record is not None
+            given, dataset = dataset, record.name
             if record.budget_epsilon is not None:
                 counted = self._counted(conn, dataset)
                 after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
                 if after > record.budget_epsilon:
                     before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
                     raise BudgetExceededError(
-                        f"Run {run_id!r} would take dataset {dataset!r} to epsilon={after:.4f} at "
+                        f"Run {run_id!r} would take dataset {dataset!r}"
+                        f"{'' if given == dataset else f' (named {given!r} by the run)'} to epsilon={after:.4f} at "
                         f"delta={record.budget_delta:g} ({record.accountant}), past its budget "
                         f"epsilon={record.budget_epsilon:g} (already spent or reserved: {before:.4f}); "
                         "nothing was reserved")

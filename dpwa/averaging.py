@@ -61,35 +61,46 @@ class AtMinima:
         return t > self.start and self.is_minimum(t - 1)
 
 
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    out = copy.deepcopy(model).eval()
+    """A copy for the averaged weights that shares the live model's frozen parameters: a
+    head-only fine-tune of a large NFNet must not hold its frozen trunk once per averager."""
+    memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+    out = copy.deepcopy(model, memo).eval()
     for p in out.parameters():
         p.requires_grad_(False)
     return out
 
 
-def _flat(model: nn.Module) -> torch.Tensor:
-    """The parameters as one vector on the CPU (snapshots and moments live in host memory)."""
-    return parameters_to_vector([p.detach() for p in model.parameters()]).to("cpu", copy=True)
+def _flat(params: list[nn.Parameter]) -> torch.Tensor:
+    """Parameters as one vector on the CPU (snapshots and moments live in host memory)."""
+    return parameters_to_vector([p.detach() for p in params]).to("cpu", copy=True)
 
 
 @torch.no_grad()
-def _load_flat(vector: torch.Tensor, model: nn.Module) -> None:
-    """Copy a flat vector into the model's parameters, on their device (unlike
-    `vector_to_parameters`, which would rebind them to the vector's device)."""
+def _load_flat(vector: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """Copy a flat vector into parameters, on their device (unlike `vector_to_parameters`,
+    which would rebind them to the vector's device)."""
     i = 0
-    for p in model.parameters():
+    for p in params:
         p.copy_(vector[i:i + p.numel()].view_as(p))
         i += p.numel()
 
 
 class Averager(abc.ABC):
-    """The common interface. `count` is the number of iterates collected so far."""
+    """The common interface. `count` is the number of iterates collected so far. Only the
+    trainable parameters are averaged and stored; the frozen ones are the model's own."""
 
     name = "averager"
 
     def __init__(self, model: nn.Module) -> None:
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.model = _frozen_copy(model)  # the averaged (or sampled) weights, usable as a model
+        own = dict(self.model.named_parameters())
+        self.params = [own[n] for n in self.names]  # the averaged ones, in the live model's order
         self.count = 0
 
     @abc.abstractmethod
@@ -103,11 +114,19 @@ class Averager(abc.ABC):
         yield self.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "weights": {k: v.clone() for k, v in self.model.state_dict().items()}}
+        return {"count": self.count, "weights": {n: p.detach().clone() for n, p in zip(self.names, self.params)}}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also reads checkpoints written before averagers kept trainable parameters only
+        (their `weights` are a whole state dict: the trainable entries are taken)."""
+        weights = state["weights"]
+        missing = [n for n in self.names if n not in weights]
+        if missing:
+            raise KeyError(f"{self.name} state lacks parameters {missing[:3]}")
+        for n, p in zip(self.names, self.params):
+            p.copy_(weights[n])
         self.count = int(state["count"])
-        self.model.load_state_dict(state["weights"])
 
 
 class EMA(Averager):
@@ -125,7 +144,7 @@ class EMA(Averager):
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = self.decay_at(self.count)
-        for avg, p in zip(self.model.parameters(), model.parameters()):
+        for avg, p in zip(self.params, _trainable(model)):
             avg.mul_(d).add_(p.detach(), alpha=1 - d)
         self.count += 1
 
@@ -144,7 +163,7 @@ class SWA(Averager):
         if not self.rule(step):
             return
         self.count += 1
-        for avg, p in zip(self.model.parameters(), model.parameters()):
+        for avg, p in zip(self.params, _trainable(model)):
             avg.add_(p.detach() - avg, alpha=1 / self.count)
 
 
@@ -171,7 +190,7 @@ class Snapshots(Averager):
 
     def update(self, model: nn.Module, step: int) -> None:
         if self.rule(step):
-            self.vectors.append(_flat(model))
+            self.vectors.append(_flat(_trainable(model)))
             self.steps.append(step)
             self.count += 1
 
@@ -180,7 +199,7 @@ class Snapshots(Averager):
         if not self.vectors:
             raise ValueError(f"{self.name} has collected no snapshot yet")
         for v in self.vectors:
-            _load_flat(v, self.model)
+            _load_flat(v, self.params)
             yield self.model
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,8 +224,8 @@ class SWAG(Averager):
             raise ValueError(f"SWAG needs rank >= 2 (it divides by rank - 1), got {rank=}")
         super().__init__(model)
         self.rule, self.rank, self.scale, self.diagonal = rule, rank, scale, diagonal
-        d = sum(p.numel() for p in model.parameters())
-        dtype = next(model.parameters()).dtype
+        d = sum(p.numel() for p in self.params)
+        dtype = self.params[0].dtype
         self.mean = torch.zeros(d, dtype=dtype)
         self.m2 = torch.zeros(d, dtype=dtype)                # sum of squared deviations (Welford)
         self.deviations = torch.zeros(rank, d, dtype=dtype)  # rows: the last `rank` deviations, a ring buffer
@@ -215,7 +234,7 @@ class SWAG(Averager):
     def update(self, model: nn.Module, step: int) -> None:
         if not self.rule(step):
             return
-        theta = _flat(model)
+        theta = _flat(_trainable(model))
         self.count += 1
         delta = theta - self.mean
         self.mean += delta / self.count
@@ -247,7 +266,7 @@ class SWAG(Averager):
         if self.count < 2:
             raise ValueError(f"{self.name} needs >= 2 collected iterates, has {self.count}")
         for _ in range(samples):
-            _load_flat(self.sample(generator, diagonal=diagonal), self.model)
+            _load_flat(self.sample(generator, diagonal=diagonal), self.params)
             yield self.model
 
     def state_dict(self) -> dict[str, Any]:

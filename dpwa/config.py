@@ -210,6 +210,9 @@ class MethodConfig:
 
     name: str = "dpsgd"
 
+    def __post_init__(self) -> None:
+        _known("method.name", self.name, "dpwa.methods", "METHODS")
+
 
 @dataclass(frozen=True)
 class AveragingConfig:

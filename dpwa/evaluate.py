@@ -16,10 +16,18 @@ import torch
 import torch.nn as nn
 
 from .data import Data, Split
+from .rows import Rows, tiling_of
 
 __all__ = ["predict_proba", "metrics", "evaluate", "evaluate_members", "reliability_bins"]
 
 ECE_BINS = 15
+
+
+def _proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax per example; a model that tiles its batch into members (`model.dpwa_tiling`)
+    predicts the mean of its members' softmaxes (an implicit ensemble)."""
+    rows = Rows(examples=len(x), views=1, tiling=tiling_of(model))
+    return rows.fold(model(x).float().softmax(-1)).mean(1).cpu()
 
 
 @torch.no_grad()
@@ -31,7 +39,7 @@ def predict_proba(members: Iterable[nn.Module], split: Split, data: Data, *, bat
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        probs = torch.cat([model(data.normalize(split.x[i:i + batch_size]).to(device)).float().softmax(1).cpu()
+        probs = torch.cat([_proba(model, data.normalize(split.x[i:i + batch_size]).to(device))
                            for i in range(0, len(split), batch_size)])
         model.train(was_training)
         total = probs if total is None else total.add_(probs)

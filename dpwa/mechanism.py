@@ -25,9 +25,9 @@ import torch.nn as nn
 from accounting import PoissonGaussian
 
 from .errors import RefusalError
-from .rows import Rows, tiling_of
+from .rows import Rows, example_losses, tiling_of
 
-__all__ = ["GradientMechanism", "Release", "ReleaseRefused"]
+__all__ = ["GradientMechanism", "PublicGradients", "Release", "ReleaseRefused"]
 
 
 class ReleaseRefused(RefusalError):
@@ -129,10 +129,47 @@ class GradientMechanism:
         return {"released": self.released, "releases": self.releases}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["releases"]) != self.releases or not 0 <= int(state["released"]) <= self.releases:
+        reserved = state.get("releases")  # None: a checkpoint from before the count was stored
+        if (reserved is not None and int(reserved) != self.releases) or not 0 <= int(state["released"]) <= self.releases:
             raise ValueError(f"mechanism state {state} does not fit a reservation of {self.releases} releases")
         self.released = int(state["released"])
 
     def __repr__(self) -> str:
         return (f"GradientMechanism(sigma={self.noise_multiplier:g}, C={self.clip_norm:g}, B={self.expected_batch_size:g}, "
                 f"q={self.sample_rate:g}, released {self.released}/{self.releases})")
+
+
+class PublicGradients:
+    """The same interface as `GradientMechanism` for public data only (`privacy.enabled:
+    false`, which the config allows only with `data.public: true`): the plain mean gradient of
+    the batch's per-example losses, no clipping, no noise, nothing to count against a ledger."""
+
+    def __init__(self, model: nn.Module, *, releases: int, released: int = 0) -> None:
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.releases, self.released = releases, released
+        self.tiling = tiling_of(model)
+
+    def events(self, releases: Optional[int] = None) -> list[PoissonGaussian]:
+        return []
+
+    def release(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Release:
+        for p in self.params:
+            p.grad = None
+        loss_sum, count = 0.0, 0
+        for views, labels in chunks:
+            if len(labels) == 0:
+                continue
+            rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
+            losses = example_losses(self.model(views.flatten(0, 1)), labels, rows)
+            losses.sum().backward()
+            loss_sum += float(losses.detach().sum())
+            count += len(losses)
+        self.released += 1
+        grads = {p: (p.grad / max(count, 1) if p.grad is not None else torch.zeros_like(p)) for p in self.params}
+        for p in self.params:
+            p.grad = None
+        return Release(grads, loss_sum / max(count, 1), count)
+
+    state_dict = GradientMechanism.state_dict
+    load_state_dict = GradientMechanism.load_state_dict

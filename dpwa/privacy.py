@@ -1,6 +1,5 @@
 """DP-SGD's pieces around the mechanism (Abadi et al. 2016): Poisson sampling and the
-secret generators, plus `PrivateSGD` (mechanism + optimizer, for the audit and tests) and
-`NonPrivateSGD` (public data only).
+secret generators, plus `PrivateSGD` (mechanism + optimizer, for the audit and tests).
 
 * Sampling: each example joins a logical batch independently with probability q = B/N
   (Opacus's `UniformWithReplacementSampler`); q is exactly what the ledger records.
@@ -17,11 +16,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .mechanism import GradientMechanism
 
-__all__ = ["poisson_batches", "PrivateSGD", "NonPrivateSGD", "secret_generator", "secret_seed"]
+__all__ = ["poisson_batches", "PrivateSGD", "secret_generator", "secret_seed"]
 
 
 def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -55,8 +53,8 @@ def secret_generator(seed: Optional[int], device: str | torch.device = "cpu") ->
 
 class PrivateSGD:
     """A `GradientMechanism` and an optimizer in one object, for the audit and for tests that
-    want one DP-SGD step per call. Training goes through `dpwa.session`, where the mechanism's
-    reservation comes from the ledger.
+    want one DP-SGD step per call. Training goes through the session loop (`dpwa.train`),
+    where the mechanism's reservation comes from the ledger.
 
     Args:
         model: the model whose trainable parameters are optimised.
@@ -112,32 +110,3 @@ class PrivateSGD:
         self.optimizer.zero_grad(set_to_none=True)
         return {"private_batch_loss_diagnostic": release.loss_diagnostic,
                 "batch_size": release.batch_size_diagnostic}
-
-
-class NonPrivateSGD:
-    """Plain minibatch SGD with the same interface as `PrivateSGD`, for public data only
-    (`privacy.enabled: false`, which the config allows only with `data.public: true`): the mean
-    over the batch of each example's loss (the mean over its K views). No clipping, no noise."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def step(self, chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, count = 0.0, 0
-        for views, labels in chunks:
-            b, k = views.shape[:2]
-            if b == 0:
-                continue
-            out = self.model(views.flatten(0, 1))
-            losses = F.cross_entropy(out, labels.repeat_interleave(k), reduction="none").view(b, k).mean(1)
-            losses.sum().backward()
-            loss_sum += float(losses.detach().sum())
-            count += b
-        if count:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad /= count
-            self.optimizer.step()
-        return {"train_batch_loss": loss_sum / max(count, 1), "batch_size": count}

@@ -82,11 +82,13 @@ class _Observer(torch.optim.Optimizer):
 
 def probe_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, mech: Mechanism, expected_batch_size: float,
               generator: torch.Generator) -> PrivateSGD:
-    """The mechanism under audit, exactly as `dpwa train` builds it. Tests pass deliberately
-    broken variants of this function (`canary_run(make_sgd=...)`) to show the audit flags them."""
+    """The mechanism under audit, exactly as `dpwa train` builds it (`GradientMechanism`,
+    metered: it refuses a release beyond `mech.steps`). Tests pass deliberately broken
+    variants of this function (`canary_run(make_sgd=...)`) to show the audit flags them."""
     return PrivateSGD(model, optimizer, noise_multiplier=mech.noise_multiplier, clip_norm=mech.clip_norm,
                       expected_batch_size=expected_batch_size, rescale_to_unit=mech.rescale_to_unit,
-                      generator=generator, engine=mech.engine)
+                      generator=generator, engine=mech.engine, releases=mech.steps,
+                      sample_rate=mech.sample_rate)
 
 
 def _log_likelihood_ratio(z: torch.Tensor, mech: Mechanism) -> torch.Tensor:

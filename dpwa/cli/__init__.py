@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 a refusal or failure at run time (budget exceeded, locked or
 corrupt ledger, a run folder that cannot be written, an audit that finds a violation); 2 bad
-input (argparse's convention). Errors print one clear line on
-stderr and change nothing.
+input (argparse's convention). dpwa's errors say which by their base (`dpwa.errors.UsageError`
+or `RefusalError`), accounting's by theirs (`InvalidParameterError` is bad input). Errors
+print one clear line on stderr and change nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 
 from accounting.errors import AccountingError, InvalidParameterError
 
-from dpwa.config import ConfigError
+from dpwa.errors import DpwaError, exit_code
 
 from . import audit, budget, evaluate, finetune, ledger, train
 
@@ -59,14 +60,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return int(args.run(args) or 0)
-    except (InvalidParameterError, ConfigError) as e:
-        print(f"dpwa: error: {e}", file=sys.stderr)
-        return 2
+    except DpwaError as e:  # the exit code is the error's explicit base (usage 2, refusal 1)
+        return _fail(e, exit_code(e))
     except AccountingError as e:
-        print(f"dpwa: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(e, 2 if isinstance(e, InvalidParameterError) else 1)
     except BrokenPipeError:  # `dpwa ledger export | head`
         return 0
-    except OSError as e:  # the run folder cannot be written (disk full, permissions): the message says what next
-        print(f"dpwa: error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # an unexpected OS failure (disk full, permissions): the message says what
+        return _fail(e, 1)
+
+
+def _fail(error: BaseException, code: int) -> int:
+    print(f"dpwa: error: {error}", file=sys.stderr)
+    return code

@@ -59,7 +59,7 @@ def run(a: argparse.Namespace) -> int:
     size = len(load_data(dataclasses.replace(cfg.data, features="none"), seed=cfg.train.seed).train)
     plan = plan_run(cfg, size)
     p = cfg.privacy
-    mech = Mechanism(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+    mech = Mechanism(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.releases,
                      clip_norm=p.clip_norm, augmult_k=cfg.augmult.k, engine=p.engine,
                      physical_batch_size=cfg.train.physical_batch_size, rescale_to_unit=p.rescale_to_unit)
     result = audit(mech, delta=p.delta, accountant=p.accountant, canaries=a.canaries, confidence=a.confidence,

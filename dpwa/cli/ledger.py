@@ -62,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="accountant that enforces the budget (default: %(default)s)")
     sb.add_argument("--dataset-size", type=int, help="number of examples (to check delta < 1/N)")
     sb.add_argument("--force", action="store_true", help="set a budget below what is already spent")
+    sb.add_argument("--accept-delta-above-1-over-n", action="store_true",
+                    help="accept a delta >= 1/N, which allows releasing whole examples (refused without it)")
     sb.set_defaults(run=_set_budget)
 
     rem = verbs.add_parser("remaining", parents=[common], help="budget left on a dataset",
@@ -151,7 +153,8 @@ def _show(a: argparse.Namespace) -> int:
         spent = (f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
                  if s["epsilon_spent"] is not None else "(no delta: pass --delta)")
         print()
-        print_table([("dataset", s["name"]), ("fingerprint", s["fingerprint"] or "-"), ("size", fmt(s["size"])),
+        print_table([("dataset", s["name"]), ("also named", ", ".join(s["aliases"]) or "-"),
+                     ("fingerprint", s["fingerprint"] or "-"), ("size", fmt(s["size"])),
                      ("budget", budget), ("spent", spent), ("remaining", fmt(s["epsilon_remaining"]))])
         if runs:
             print()
@@ -168,7 +171,9 @@ def _set_budget(a: argparse.Namespace) -> int:
     calibrate.check_target_epsilon(a.epsilon)
     ledger = _open(a, create=True)
     record = ledger.set_budget(a.dataset, epsilon=a.epsilon, delta=a.delta, accountant=a.accountant,
-                               size=a.dataset_size, force=a.force)
+                               size=a.dataset_size, force=a.force,
+                               accept_delta_above_1_over_n=a.accept_delta_above_1_over_n,
+                               accept_hint="--accept-delta-above-1-over-n")
     if a.json:
         print_json(record.to_dict())
     else:
@@ -187,7 +192,7 @@ def _remaining(a: argparse.Namespace) -> int:
     if record.budget_epsilon is None:
         raise LedgerError(f"Dataset {a.dataset!r} has no budget; set one with `dpwa ledger set-budget`")
     spent = ledger.spent(a.dataset)  # at the budget's delta, with the budget's accountant
-    result = {"dataset": a.dataset, "budget_epsilon": record.budget_epsilon, "budget_delta": record.budget_delta,
+    result = {"dataset": record.name, "budget_epsilon": record.budget_epsilon, "budget_delta": record.budget_delta,
               "accountant": record.accountant, "epsilon_spent": spent,
               "epsilon_remaining": max(record.budget_epsilon - spent, 0.0)}
     if a.sigma is not None:
@@ -199,7 +204,7 @@ def _remaining(a: argparse.Namespace) -> int:
     if a.json:
         print_json(result)
         return 0
-    rows = [("dataset", a.dataset),
+    rows = [("dataset", record.name),
             ("budget", f"epsilon {fmt(record.budget_epsilon)} at delta {fmt(record.budget_delta)} ({record.accountant})"),
             ("spent", fmt(spent)), ("remaining", fmt(result["epsilon_remaining"]))]
     if a.sigma is not None:
@@ -259,7 +264,7 @@ def _record(a: argparse.Namespace) -> int:
 
 def _release(a: argparse.Namespace) -> int:
     ledger = _open(a, create=False)
-    if ledger._conn is None:
+    if not ledger.exists:  # releasing must not create an empty ledger file
         raise LedgerError(f"No ledger at {ledger.path}")
     run = ledger.release(a.run_id, reason=a.reason)
     if a.json:

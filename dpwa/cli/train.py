@@ -70,8 +70,9 @@ def run(a: argparse.Namespace) -> int:
         r = report[f"{split}_{name}"]
         print(f"  {split} accuracy {name:<9} {100 * r['accuracy']:.2f}%   NLL {r['nll']:.4f}   "
               f"ECE {100 * r['ece']:.2f}%   Brier {r['brier']:.4f}")
-    print(f"  {report['per_example_gradient_evaluations']} per-example gradient evaluations, "
-          f"{report['train_time_s']:.1f}s training, {report['images_per_s']:.0f} img/s")
+    print(f"  {report['expected_per_example_gradient_evaluations']:.0f} per-example gradient evaluations "
+          f"(expected), {report['train_time_s']:.1f}s training ({report['probe_s']:.1f}s probe before it), "
+          f"{report['expected_images_per_s']:.0f} img/s")
     print(f"  report: {Path(report['run_dir']) / 'report.json'}")
     if "swag" in report["collected"]:
         print(f"  SWAG and SWAG-diagonal (Bayesian model averages): dpwa eval {report['run_dir']}")

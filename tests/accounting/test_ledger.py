@@ -4,9 +4,10 @@ import sqlite3
 import pytest
 
 from tests.conftest import ledger_snapshot
-from accounting import (BudgetExceededError, DatasetMismatchError, Gaussian, InvalidParameterError, Ledger,
-                        LedgerCorruptError, LedgerLockedError, PoissonGaussian, RunStateError, UnknownRunError,
-                        epsilon, fingerprint)
+from accounting import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError, Gaussian,
+                        InvalidParameterError, Ledger, LedgerCorruptError, LedgerLockedError, PoissonGaussian,
+                        RunStateError, UnknownRunError, epsilon, fingerprint)
+from accounting.ledger import check_delta_below_1_over_n
 
 Q, DELTA = 0.08192, 1e-5
 FP = fingerprint(range(1000))
@@ -132,9 +133,86 @@ def test_duplicate_run_id_is_refused(ledger_path):
         ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
 
 
-def test_large_delta_warns(ledger_path):
+def test_a_second_name_for_the_same_data_composes_with_the_first(ledger_path):
+    """A class subset is fingerprinted by its source's labels, so whatever name its run gives,
+    it is charged to the parent: spend grows and the parent's budget counts both."""
+    ledger = Ledger(ledger_path)
+    one = ev(sigma=6.0, steps=1000)
+    budget = (epsilon([one] * 2, delta=DELTA) + epsilon([one] * 3, delta=DELTA)) / 2  # admits two runs
+    ledger.set_budget("cifar10", epsilon=budget, delta=DELTA, size=1000)
+    ledger.reserve(run_id="whole", dataset="cifar10", fingerprint=FP, events=[one], size=1000)
+    alone = ledger.spent("cifar10")
+    run = ledger.reserve(run_id="subset", dataset="cifar10-classes-5-9", fingerprint=FP, events=[one], size=1000)
+    assert run.dataset == "cifar10"
+    assert [d.name for d in ledger.datasets()] == ["cifar10"]
+    assert ledger.dataset("cifar10").aliases == ("cifar10-classes-5-9",)
+    assert ledger.dataset("cifar10-classes-5-9") == ledger.dataset("cifar10")
+    both = epsilon([one, one], delta=DELTA)
+    assert ledger.spent("cifar10") == ledger.spent("cifar10-classes-5-9") == pytest.approx(both)
+    assert both > alone
+    assert [r.run_id for r in ledger.runs("cifar10-classes-5-9")] == ["whole", "subset"]
+    # The budget refuses a third run by counting both, under either name.
+    before = ledger_snapshot(ledger_path)
+    for name in ("cifar10-classes-5-9", "cifar10-classes-0-4", "cifar10"):
+        with pytest.raises(BudgetExceededError, match=r"dataset 'cifar10'.*already spent or reserved: "
+                                                      f"{both:.4f}"):
+            ledger.reserve(run_id="third", dataset=name, fingerprint=FP, events=[one])
+    assert ledger_snapshot(ledger_path) == before and ledger.dataset("cifar10").aliases == ("cifar10-classes-5-9",)
+    # A budget set through the alias is the parent's.
+    ledger.set_budget("cifar10-classes-5-9", epsilon=50.0, delta=DELTA)
+    assert ledger.dataset("cifar10").budget_epsilon == 50.0
+    assert Ledger(ledger_path).remaining("cifar10-classes-5-9") == pytest.approx(50.0 - both)
+
+
+def test_an_alias_is_still_one_name_one_dataset(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="cifar10", fingerprint=FP, events=[ev()])
+    ledger.reserve(run_id="r2", dataset="sub", fingerprint=FP, events=[ev()])
+    before = ledger_snapshot(ledger_path)
+    with pytest.raises(DatasetMismatchError, match=r"'sub' \(an alias of 'cifar10'\)"):
+        ledger.reserve(run_id="r3", dataset="sub", fingerprint=fingerprint(range(999)), events=[ev()])
+    assert ledger_snapshot(ledger_path) == before
+    # A name made by set-budget, not bound to data yet, does not silently split a dataset's spend.
+    ledger.set_budget("other", epsilon=1.0, delta=DELTA)
+    before = ledger_snapshot(ledger_path)
+    with pytest.raises(DatasetMismatchError, match="is dataset 'cifar10'"):
+        ledger.reserve(run_id="r3", dataset="other", fingerprint=FP, events=[ev()])
+    assert ledger_snapshot(ledger_path) == before and ledger.dataset("other").fingerprint is None
+
+
+def test_a_version_1_ledger_is_read_and_upgraded_by_its_first_write(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    ledger.close()
+    with sqlite3.connect(ledger_path) as conn:  # what dpwa wrote before aliases existed
+        conn.execute("DROP TABLE aliases")
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    old = Ledger(ledger_path)
+    assert old.dataset("d").aliases == () and old.spent("d", delta=DELTA) > 0
+    old.reserve(run_id="r2", dataset="d-subset", fingerprint=FP, events=[ev()])
+    assert old.dataset("d").aliases == ("d-subset",) and len(old.runs("d")) == 2
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+
+
+def test_delta_at_or_above_1_over_n_is_refused_unless_accepted(ledger_path):
+    with pytest.raises(DeltaAboveOneOverNError, match=r"delta=0.001 is not below 1/N = 0.001 \(N=1000"):
+        check_delta_below_1_over_n(1e-3, 1000)
+    check_delta_below_1_over_n(9.99e-4, 1000)
+    with pytest.warns(UserWarning, match="accepted by --yes"):
+        check_delta_below_1_over_n(0.5, 1000, accept=True, accept_hint="--yes")
+    with pytest.raises(InvalidParameterError, match="size=0"):
+        check_delta_below_1_over_n(1e-5, 0)
+    ledger = Ledger(ledger_path)
+    with pytest.raises(DeltaAboveOneOverNError, match="accept_delta_above_1_over_n=True"):
+        ledger.set_budget("tiny", epsilon=1.0, delta=0.01, size=1000)
+    assert ledger.datasets() == []
+    ledger.set_budget("tiny", epsilon=1.0, delta=1e-4, size=1000)
+    with pytest.raises(DeltaAboveOneOverNError):  # N known from the ledger
+        ledger.set_budget("tiny", epsilon=1.0, delta=0.01)
     with pytest.warns(UserWarning, match="1/N"):
-        Ledger(ledger_path).set_budget("tiny", epsilon=1.0, delta=0.01, size=1000)
+        ledger.set_budget("tiny", epsilon=1.0, delta=0.01, accept_delta_above_1_over_n=True)
+    assert ledger.dataset("tiny").budget_delta == 0.01
 
 
 def test_read_only_open_creates_nothing(tmp_path):

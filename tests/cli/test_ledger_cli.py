@@ -87,3 +87,31 @@ def test_export(capsys, filled, tmp_path):
     target = tmp_path / "ledger.json"
     assert main(["ledger", "export", "--output", str(target)]) == 0
     assert json.loads(target.read_text()) == out
+
+
+def test_set_budget_with_delta_above_1_over_n_needs_the_option(capsys, filled):
+    args = ["set-budget", "--dataset", "cifar10", "--epsilon", "9", "--delta", "1e-3"]  # N = 1000
+    assert main(["ledger", *args]) == 2
+    err = capsys.readouterr().err
+    assert "dpwa: error: delta=0.001 is not below 1/N" in err and "--accept-delta-above-1-over-n" in err
+    assert Ledger(filled).dataset("cifar10").budget_epsilon == 8.0
+    out = cli_json(capsys, *args, "--accept-delta-above-1-over-n")
+    assert out["budget_delta"] == 1e-3 and out["budget_epsilon"] == 9.0
+
+
+def test_a_subset_run_is_shown_on_its_parent(capsys, filled):
+    cli_json(capsys, "record", "--dataset", "cifar10-classes-5-9", "--fingerprint", FP, "--run-id", "sub",
+             "--sigma", "50", "--sample-rate", "0.01", "--steps", "10")
+    (d,) = cli_json(capsys, "show")["datasets"]
+    assert d["name"] == "cifar10" and d["aliases"] == ["cifar10-classes-5-9"]
+    assert [r["run_id"] for r in d["runs"]] == ["a", "b", "sub"]
+    by_alias = cli_json(capsys, "remaining", "--dataset", "cifar10-classes-5-9")
+    assert by_alias == cli_json(capsys, "remaining", "--dataset", "cifar10")
+    assert main(["ledger", "show"]) == 0
+    assert "cifar10-classes-5-9" in capsys.readouterr().out
+
+
+def test_release_on_a_missing_ledger_creates_nothing(capsys, tmp_path):
+    path = tmp_path / "none.sqlite"
+    assert main(["ledger", "release", "r1", "--reason", "x", "--ledger", str(path)]) == 1
+    assert f"No ledger at {path}" in capsys.readouterr().err and not path.exists()

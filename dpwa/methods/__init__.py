@@ -1,0 +1,78 @@
+"""Training methods: how a run turns the mechanism's noisy releases into iterates.
+
+A method is what a new algorithm adds (one file here, registered with `register_method`);
+the session loop (`dpwa.train`), the mechanism and the ledger calls are not edited for it.
+It declares in `releases(steps)` how many noisy gradient releases `steps` iterations make:
+that is what the ledger reserves, and the mechanism refuses one more. In `step` it may call
+`Step.release()` (a fresh secret Poisson batch through the mechanism) as often as it
+declared, and do anything with the results: everything after a release is post-processing.
+It never sees the data, only released gradients.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, ClassVar
+
+import torch.nn as nn
+
+from ..config import RunConfig
+from ..mechanism import Release
+
+__all__ = ["Method", "Step", "METHODS", "register_method", "make_method"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One iteration as the loop hands it to a method.
+
+    index: 0-based (the step makes iterate index + 1); lr: the schedule's lr for it;
+    release: the noisy mean gradient of the next secret Poisson batch (counted and metered).
+    """
+
+    index: int
+    lr: float
+    release: Callable[[], Release]
+
+
+class Method(abc.ABC):
+    """A training method over the trainable parameters of `model`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
+        self.cfg, self.model = cfg, model
+
+    @classmethod
+    @abc.abstractmethod
+    def releases(cls, cfg: RunConfig, steps: int) -> int:
+        """The noisy releases `steps` iterations make: what the ledger reserves (known from
+        the config alone, before any model or data is touched)."""
+
+    @abc.abstractmethod
+    def step(self, step: Step) -> dict[str, float]:
+        """Make one iterate; returns local diagnostics for metrics.jsonl (not covered by the
+        guarantee: they may depend on the private batch)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
+        pass
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make `cls` available as `method.name: <cls.name>`."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(cfg: RunConfig, model: nn.Module) -> Method:
+    return METHODS[cfg.method.name](cfg, model)
+
+
+from . import dpsgd  # noqa: E402,F401 - registers the built-in methods

@@ -1,0 +1,42 @@
+"""DP-SGD (Abadi et al. 2016, "Deep learning with differential privacy"): one release per
+step, applied by the configured optimizer (`dpwa.optimizers`: SGD with momentum, Adam, AdamW
+— DP-Adam is Adam on the same noisy gradient, post-processing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..optimizers import make_optimizer
+from . import Method, Step, register_method
+
+__all__ = ["DPSGD"]
+
+
+@register_method
+class DPSGD(Method):
+    name = "dpsgd"
+
+    def __init__(self, cfg, model) -> None:
+        super().__init__(cfg, model)
+        self.optimizer = make_optimizer(cfg.optim, (p for p in model.parameters() if p.requires_grad))
+
+    @classmethod
+    def releases(cls, cfg, steps: int) -> int:
+        return steps
+
+    def step(self, step: Step) -> dict[str, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = step.lr
+        release = step.release()
+        for p, g in release.grads.items():
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"private_batch_loss_diagnostic": release.loss_diagnostic,
+                "private_batch_size_diagnostic": release.batch_size_diagnostic}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])

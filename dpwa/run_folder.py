@@ -1,0 +1,190 @@
+"""A run folder, and the released run it holds.
+
+    RUN_DIR/config.yaml          the config (resume and eval read it back)
+    RUN_DIR/run.json             run id, dataset, the planned mechanism (sigma, q, steps, delta)
+    RUN_DIR/metrics.jsonl        one row per step (loss and batch size: local diagnostics)
+    RUN_DIR/checkpoint.pt        the training state (`dpwa.state`), written atomically
+    RUN_DIR/weights.safetensors  the last iterate
+    RUN_DIR/report.json          the final report
+
+`load_run(run_dir)` is how every tool after training (`dpwa eval`, landscapes, curve
+endpoints) gets a run: its config, weights, averages and the epsilon its releases spent.
+It reads no private training data (the training split is withheld).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from accounting import PoissonGaussian, epsilon
+
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
+from .errors import RefusalError
+
+__all__ = ["RunFolder", "RunFolderError", "MetricsLog", "ReleasedRun", "load_run", "check_writable"]
+
+
+class RunFolderError(RefusalError, OSError):
+    """The run folder cannot be written (disk full, permissions) after the reservation; the
+    message says what the ledger holds for the run and how to go on (exit 1)."""
+
+
+def check_writable(out_dir: Path) -> None:
+    """Can a run folder be made under `out_dir`? Tried in its nearest existing ancestor,
+    leaving nothing; before the ledger, so an unwritable folder costs nothing."""
+    base = Path(out_dir).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(f"{base} is not a folder")
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ConfigError(f"out_dir={str(out_dir)!r} cannot hold run folders: {e}") from None
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics row; a row torn by a kill mid-write counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """metrics.jsonl, appended row by row; `sync` makes the rows so far durable (before the
+    checkpoint that follows them, so a kill in between redoes the step and loses no row)."""
+
+    def __init__(self, path: Path, *, after_step: int) -> None:
+        if path.exists():  # drop rows of steps to be redone and any torn row
+            kept = [line for line in path.read_text().splitlines() if _row_step(line) <= after_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def sync(self) -> None:
+        import os
+
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RunFolder:
+    """The files of one run (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.checkpoint_path = self.path / "checkpoint.pt"
+
+    @classmethod
+    def existing(cls, path: Path) -> "RunFolder":
+        folder = cls(path)
+        if not (folder.path / "run.json").is_file() or not (folder.path / "config.yaml").is_file():
+            raise ConfigError(f"{folder.path} is not a dpwa run folder (no run.json / config.yaml)")
+        return folder
+
+    def create(self, cfg: RunConfig, meta: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=False)
+        atomic_write_text(self.path / "config.yaml", config_to_yaml(cfg))
+        atomic_write_text(self.path / "run.json", json.dumps(meta, indent=2))
+
+    def config(self) -> RunConfig:
+        return config_from_yaml_text((self.path / "config.yaml").read_text())
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "run.json").read_text())
+
+    def metrics(self, *, after_step: int) -> MetricsLog:
+        return MetricsLog(self.path / "metrics.jsonl", after_step=after_step)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        save_checkpoint(state, self.checkpoint_path)
+
+    def load_state(self) -> Optional[dict[str, Any]]:
+        """The last checkpoint, or None (killed before its first one). CheckpointError
+        (a usage error) if it cannot be read."""
+        return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+
+    def save_weights(self, model: torch.nn.Module) -> None:
+        save_weights(model, self.path / "weights.safetensors")
+
+    def write_report(self, report: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "report.json", json.dumps(report, indent=2))
+
+
+@dataclasses.dataclass
+class ReleasedRun:
+    """A run as released: what may be published and post-processed for free."""
+
+    folder: RunFolder
+    cfg: RunConfig
+    meta: dict[str, Any]
+    data: Any            # dpwa.data.Data with the training split withheld
+    model: torch.nn.Module
+    averagers: dict      # name -> Averager
+    step: int            # iterations made
+    releases: int        # noisy releases made
+    epsilon: Optional[float]  # what the releases spent (None: a public-data run)
+
+    def prediction_methods(self, swag_samples: Optional[int] = None) -> dict:
+        from .averaging import prediction_methods
+
+        return prediction_methods(self.model, self.averagers, seed=self.cfg.train.seed,
+                                  swag_samples=swag_samples or self.cfg.averaging.swag_samples)
+
+
+def load_run(run_dir: Path) -> ReleasedRun:
+    """The released run in `run_dir` (from its last checkpoint; runs made before versioned
+    checkpoints load too).
+
+    Raises:
+        ConfigError: not a run folder, no checkpoint (stopped before its first), or a
+            checkpoint that does not fit the run's config.
+    """
+    from .averaging import make_averagers
+    from .data import load_data
+    from .models.from_config import build_model
+    from .schedules import Schedule
+    from .state import StateError, upgrade
+
+    folder = RunFolder.existing(run_dir)
+    cfg, meta = folder.config(), folder.meta()
+    raw = folder.load_state()
+    if raw is None:
+        raise ConfigError(f"{folder.path} has no checkpoint.pt: the run stopped before its first checkpoint "
+                          f"(train.checkpoint_every={cfg.train.checkpoint_every}); nothing was released")
+    state = upgrade(raw)
+    torch.set_num_threads(cfg.train.threads)
+    data = load_data(cfg.data, seed=cfg.train.seed, withhold_train=True)
+    model = build_model(cfg, data, load_pretrained=False)  # the checkpoint holds the weights
+    steps = int(meta["steps"])
+    schedule = Schedule(cfg.optim, steps, swa_start=cfg.averaging.swa_start)
+    averagers = make_averagers(cfg.averaging, model, total_steps=steps, is_minimum=schedule.is_minimum)
+    try:
+        model.load_state_dict(state["model"])
+        for name, avg in averagers.items():
+            avg.load_state_dict(state["averagers"][name])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise StateError(f"{folder.checkpoint_path} does not match the run's config: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}") from None
+    releases = int(state["mechanism"]["released"])
+    eps: Optional[float] = None
+    if cfg.privacy.enabled:
+        event = PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
+                                steps=releases)
+        eps = epsilon([event], delta=meta["delta"], accountant=cfg.privacy.accountant) if releases else 0.0
+    return ReleasedRun(folder, cfg, meta, data, model, averagers, int(state["step"]), releases, eps)

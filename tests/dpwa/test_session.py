@@ -1,0 +1,156 @@
+"""The session loop's privacy structure: methods plug in and cannot overspend, delta >= 1/N
+is refused before any charge, the state and run folder (old ones too) load through
+`load_run`, and averagers keep trainable parameters only."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from accounting import Ledger
+from accounting.errors import DeltaAboveOneOverNError
+from dpwa.averaging import SWAG, EMA, Every, Snapshots
+from dpwa.cli import main
+from dpwa.config import load_config
+from dpwa.mechanism import ReleaseRefused
+from dpwa.methods import METHODS, register_method
+from dpwa.methods.dpsgd import DPSGD
+from dpwa.run_folder import load_run
+from dpwa.train import train
+from tests.conftest import ROOT, ledger_snapshot
+
+QUICK = ROOT / "configs" / "quickstart.yaml"
+PRECHANGE = Path(__file__).parent.parent / "fixtures" / "prechange_run"
+
+
+def tiny(tmp_path, *extra):
+    return load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=6", "train.checkpoint_every=3",
+                               "train.batch_size=64", "train.physical_batch_size=64", "augmult.k=2", *extra])
+
+
+@pytest.fixture
+def greedy_method():
+    """A method that declares one release per step but takes a second one at step 5."""
+
+    @register_method
+    class Greedy(DPSGD):
+        name = "test-greedy"
+
+        def step(self, step):
+            out = super().step(step)
+            if step.index == 4:
+                step.release()  # undeclared: must be refused
+            return out
+
+    yield Greedy
+    del METHODS["test-greedy"]
+
+
+def test_a_release_beyond_the_reservation_is_refused_and_the_ledger_holds_the_reservation(tmp_path, greedy_method):
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, "method.name=test-greedy")
+    with pytest.raises(ReleaseRefused, match="release 7 refused: the ledger reserved 6"):
+        train(cfg, ledger_path=str(led), progress=False)
+    (run,) = Ledger(led).runs()
+    assert run.status == "reserved"  # counted in full: exactly the reservation, never more
+    assert [e.steps for e in run.planned] == [6] and [e.steps for e in run.counted] == [6]
+    assert [e.steps for e in run.spent] == [3]  # progress at the last checkpoint, from the mechanism's count
+
+
+def test_the_cli_exits_1_on_an_overrun(tmp_path, capsys, greedy_method):
+    led = tmp_path / "l.sqlite"
+    code = main(["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'runs'}",
+                 "train.steps=6", "train.batch_size=64", "method.name=test-greedy"])
+    assert code == 1 and "release 7 refused" in capsys.readouterr().err
+
+
+def test_dpsgd_reserves_and_commits_exactly_its_releases(tmp_path):
+    led = tmp_path / "l.sqlite"
+    report = train(tiny(tmp_path, "privacy.noise_seed=1"), ledger_path=str(led), progress=False)
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and [e.steps for e in run.spent] == [6] == [report["releases"]]
+    assert "examples_seen" not in report and report["expected_examples"] == pytest.approx(6 * 64)
+    rows = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all("private_batch_size_diagnostic" in r and "batch_size" not in r for r in rows)
+
+
+@pytest.mark.parametrize("delta", [1e-3, 0.5])
+def test_delta_at_or_above_1_over_n_is_refused_before_any_charge(tmp_path, capsys, delta):
+    led = tmp_path / "l.sqlite"
+    args = ["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'runs'}",
+            "train.steps=4", "train.batch_size=64", f"privacy.delta={delta}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"privacy.delta={delta:g} is not below 1/N" in err and "privacy.accept_delta_above_1_over_n" in err
+    assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+    with pytest.raises(DeltaAboveOneOverNError):
+        train(tiny(tmp_path, f"privacy.delta={delta}"), ledger_path=str(led), progress=False)
+
+
+def test_delta_above_1_over_n_trains_when_accepted_by_name(tmp_path):
+    with pytest.warns(UserWarning, match="accepted by privacy.accept_delta_above_1_over_n"):
+        report = train(tiny(tmp_path, "privacy.delta=1e-3", "privacy.accept_delta_above_1_over_n=true"),
+                       ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    assert report["delta"] == 1e-3
+
+
+def test_load_run_returns_the_released_run(tmp_path):
+    report = train(tiny(tmp_path, "privacy.noise_seed=1", "averaging.swa=true", "averaging.swa_start=2",
+                        "averaging.swa_every=1"), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    run = load_run(Path(report["run_dir"]))
+    assert run.step == run.releases == 6 and run.epsilon == pytest.approx(report["epsilon"])
+    assert set(run.averagers) == {"ema", "polyak", "swa"} and run.averagers["swa"].count == 4
+    ckpt = torch.load(Path(report["run_dir"]) / "checkpoint.pt", weights_only=True)
+    assert ckpt["version"] == 2 and ckpt["mechanism"] == {"released": 6, "releases": 6}
+    assert ckpt["coins"]  # a test run (noise seed): its generators may be written ...
+
+
+def test_a_private_checkpoint_holds_no_generator_state(tmp_path):
+    report = train(tiny(tmp_path), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    ckpt = torch.load(Path(report["run_dir"]) / "checkpoint.pt", weights_only=True)
+    assert ckpt["coins"] == {} and "sample_rng" not in ckpt and "noise_rng" not in ckpt  # ... a private one's never
+
+
+def test_a_run_folder_from_before_versioned_checkpoints_still_evaluates(tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(PRECHANGE, old)
+    assert "version" not in torch.load(old / "checkpoint.pt", weights_only=True)  # the old layout
+    run = load_run(old)
+    assert run.step == run.releases == 6 and 0 < run.epsilon < 3
+    assert main(["eval", str(old), "--json"]) == 0
+    out = json.loads((old / "eval.json").read_text())
+    assert out["step"] == 6 and {"raw", "ema", "polyak", "swa"} <= set(out["methods"])
+    assert out["epsilon"] == pytest.approx(run.epsilon)
+
+
+def test_a_newer_checkpoint_version_is_refused_with_a_message(tmp_path, capsys):
+    old = tmp_path / "old"
+    shutil.copytree(PRECHANGE, old)
+    state = torch.load(old / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "version": 99}, old / "checkpoint.pt")
+    assert main(["eval", str(old)]) == 2
+    assert "state version 99; this dpwa reads up to 2" in capsys.readouterr().err
+
+
+def test_averagers_keep_trainable_parameters_only_and_share_the_frozen_ones():
+    model = nn.Sequential(nn.Linear(50, 40), nn.Linear(40, 3))
+    model[0].requires_grad_(False)  # a frozen trunk, a trainable head
+    rule = Every(0, 1)
+    ema, snaps, swag = EMA(model, decay=0.9), Snapshots(model, rule=rule), SWAG(model, rule=rule, rank=2)
+    head = 40 * 3 + 3
+    assert ema.model[0].weight is model[0].weight  # shared, not copied once per averager
+    for t in range(1, 4):
+        with torch.no_grad():
+            model[1].weight.add_(1.0)
+        for avg in (ema, snaps, swag):
+            avg.update(model, t)
+    assert set(ema.state_dict()["weights"]) == {"1.weight", "1.bias"}
+    assert snaps.state_dict()["vectors"].shape == (3, head) and swag.mean.shape == (head,)
+    assert torch.equal(next(snaps.members()) [0].weight, model[0].weight)
+    fresh = EMA(model, decay=0.9)
+    fresh.load_state_dict(ema.state_dict())
+    assert torch.equal(fresh.model[1].weight, ema.model[1].weight)
+    fresh.load_state_dict({"count": 1, "weights": {k: v for k, v in ema.model.state_dict().items()}})  # old layout
