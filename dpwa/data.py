@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
+from .errors import RefusalError
 
 __all__ = ["Split", "Withheld", "ImageFiles", "Data", "load_data", "DataError", "PrivateDataAccess"]
 
@@ -36,8 +37,9 @@ class Split:
         return len(self.y)
 
 
-class PrivateDataAccess(RuntimeError):
-    """Something tried to read private training data where only released iterates may be used."""
+class PrivateDataAccess(RefusalError, RuntimeError):
+    """Something tried to read private training data where only released iterates may be
+    used: refused (exit 1), nothing read."""
 
 
 class Withheld(Split):

@@ -2,10 +2,11 @@
 that the model and the engine really give what the mechanism's guarantee assumes.
 
 1. Batch independence: example i's output does not depend on example j's input. Each
-   example is run alone and inside a batch (and the batch again with one example replaced);
-   its output rows must agree. This catches BatchNorm without affine parameters,
-   `F.batch_norm` inside `forward`, `x - x.mean(0)`, anything that mixes rows, and names the
-   first layer whose output differs.
+   example is run alone and inside the batch; its output rows must agree. This catches
+   BatchNorm without affine parameters, `F.batch_norm` inside `forward`, `x - x.mean(0)`,
+   anything that mixes rows, and says where the mixing first happens: in a layer (its input
+   agrees, its output does not), or in forward code outside any layer (a layer's input
+   already differs).
 2. Engine exactness: on a float64 copy of the model (its parameters perturbed, so that
    zero-initialised heads or skip-init gains do not hide the layers behind them), the
    engine's per-example norms, losses and clipped sum (a clip norm that clips some examples
@@ -14,7 +15,7 @@ that the model and the engine really give what the mechanism's guarantee assumes
    gives no gradient, or a trainable parameter that gets no gradient at all is refused, named,
    with the engine that can handle it.
 3. Anything the engine raises on the model (in-place changes after a hooked layer, a layer
-   called twice, an unsupported padding, Opacus's missing grad samplers) surfaces here,
+   called twice, a parameter used outside its layer, Opacus's own errors) surfaces here,
    before the reservation, as a `ProbeError` (exit 2).
 
 Cost: a forward of the batch, one forward per example, one backward per example and one
@@ -55,19 +56,40 @@ class ProbeReport:
     seconds: float
 
 
+def _first_sentence(e: BaseException) -> str:
+    """The gist of a library's error (Opacus and autograd write paragraphs)."""
+    text = (str(e).splitlines() or [""])[0]
+    return text.split(". ")[0]
+
+
 def _fallback(engine: str) -> str:
     return ("privacy.engine=torch-func handles any layer without cross-example interaction"
             if engine != "torch-func" else "no engine can clip this model correctly; change the layer")
 
 
-def _outputs_by_module(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """The model's output and every submodule's tensor output, in execution order."""
+@dataclasses.dataclass
+class _Call:
+    """One submodule call seen by the independence check (in the order calls finish)."""
+
+    name: str
+    kind: str
+    input: Optional[torch.Tensor]
+    output: torch.Tensor
+    changed_in_place: bool = False  # the layer's output was modified after the layer returned it
+
+
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[_Call]]:
+    """The model's output and every submodule call with a tensor output, in the order they finish
+    (a layer's submodules finish before it)."""
     names = {m: n for n, m in model.named_modules()}
-    seen: list[tuple[str, torch.Tensor]] = []
+    seen: list[_Call] = []
+    versions: list[tuple[torch.Tensor, int]] = []
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and module is not model:
-            seen.append((names.get(module, type(module).__name__), output.detach()))
+            first = inputs[0].detach().clone() if inputs and isinstance(inputs[0], torch.Tensor) else None
+            seen.append(_Call(names.get(module, "?"), type(module).__name__, first, output.detach().clone()))
+            versions.append((output, output._version))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
@@ -76,11 +98,15 @@ def _outputs_by_module(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     finally:
         for h in handles:
             h.remove()
+    for call, (t, v) in zip(seen, versions):
+        call.changed_in_place = t._version != v
     return out, seen
 
 
-def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows) -> None:
-    out, by_module = _outputs_by_module(model, views.flatten(0, 1))
+def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows) -> list[str]:
+    """Raise ProbeError if the model mixes examples; else return the layers whose output is
+    modified in place after they return it (what hook-based engines fail on)."""
+    out, batch_calls = _calls(model, views.flatten(0, 1))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ProbeError(f"the model must return a (rows, classes) tensor of logits; got "
                          f"{type(out).__name__}{'' if not isinstance(out, torch.Tensor) else tuple(out.shape)}")
@@ -89,34 +115,68 @@ def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows) -> No
         folded = rows.fold(out)
     except RowsError as e:
         raise ProbeError(str(e)) from None
-    again = model(views.flatten(0, 1)).detach()
-    if not torch.equal(again, out.detach()):
+    with torch.no_grad():
+        again = model(views.flatten(0, 1))
+    if not torch.equal(again, out):
         raise ProbeError("the model's forward pass is random (dropout?) in training mode: the probe cannot tell "
                          "its examples apart. Make it deterministic in training mode (e.g. drop dropout)")
     one = Rows(examples=1, views=rows.views, tiling=rows.tiling)
     for i in range(rows.examples):
-        alone, alone_modules = _outputs_by_module(model, views[i])
-        if not torch.allclose(one.fold(alone)[0], folded[i], rtol=1e-9, atol=1e-9):
-            culprit = _first_mixing(by_module, alone_modules, i, rows)
-            raise ProbeError(
-                f"the model mixes examples: example {i}'s output changes with the other examples of its batch"
-                f"{culprit}. BatchNorm (also without affine parameters, or F.batch_norm in forward) and batch "
-                "statistics (x - x.mean(0)) make one example's gradient depend on the others, so per-example "
-                "clipping no longer bounds its influence; use GroupNorm or per-example operations")
-
-
-def _first_mixing(batch: list, alone: list, i: int, rows: Rows) -> str:
-    for (name, a), (_, b) in zip(batch, alone):
-        if a.shape[0] not in (rows.inputs, rows.outputs) or b.shape[0] * rows.examples != a.shape[0]:
-            return f" (first seen at the output of {name!r}, whose rows do not follow the examples)"
         try:
-            mine = rows.fold(a)[i]
-            solo = Rows(1, rows.views, rows.tiling).fold(b)[0]
-        except RowsError:
-            return f" (first seen at the output of {name!r})"
-        if mine.shape != solo.shape or not torch.allclose(mine, solo, rtol=1e-9, atol=1e-9):
-            return f" (first seen at the output of layer {name!r})"
-    return " (in the model's own forward, outside any submodule)"
+            alone, alone_calls = _calls(model, views[i])
+        except Exception as e:  # noqa: BLE001 - e.g. batch statistics of a single example
+            raise ProbeError(f"the model mixes examples: it runs on a batch but fails on example {i} alone "
+                             f"({type(e).__name__}: {_first_sentence(e)}), so its output depends on the batch. "
+                             "BatchNorm (also without affine parameters, or F.batch_norm in forward) and batch "
+                             "statistics make one example's gradient depend on the others; use GroupNorm or "
+                             "per-example operations") from None
+        if not torch.allclose(one.fold(alone)[0], folded[i], rtol=1e-9, atol=1e-9):
+            raise ProbeError(
+                f"the model mixes examples: example {i}'s output changes with the other examples of its batch; "
+                f"{_culprit(batch_calls, alone_calls, i, rows)}. BatchNorm (also without affine parameters, or "
+                "F.batch_norm in forward) and batch statistics (x - x.mean(0)) make one example's gradient depend "
+                "on the others, so per-example clipping no longer bounds its influence; use GroupNorm or "
+                "per-example operations" + (
+                    f". A model that tiles its batch must also declare its order truly (model.dpwa_tiling "
+                    f"says {rows.tiling.order})" if rows.tiling.members > 1 else ""))
+    return [f"{c.name!r} ({c.kind})" for c in batch_calls if c.changed_in_place]
+
+
+def _same_rows(a: Optional[torch.Tensor], b: Optional[torch.Tensor], i: int, rows: Rows) -> bool:
+    """Whether example i's rows of `a` (a batch tensor) equal `b` (the example run alone)."""
+    if a is None or b is None:
+        return True
+    try:
+        mine, solo = rows.fold(a)[i], Rows(1, rows.views, rows.tiling).fold(b)[0]
+    except RowsError:  # rows that do not follow the examples (a batch-wide reduction)
+        return False
+    return mine.shape == solo.shape and torch.allclose(mine, solo, rtol=1e-9, atol=1e-9)
+
+
+def _culprit(batch: list[_Call], alone: list[_Call], i: int, rows: Rows) -> str:
+    """Where the mixing happens: the first call (in the order calls finish) whose output differs.
+    If its input agrees, that layer mixes (a leaf, or its own forward code: its submodules all
+    finished earlier and agreed). If its input already differs, the mixing is in forward code
+    outside any layer: in the nearest enclosing module whose own input still agrees."""
+    inputs: dict[str, bool] = {}
+    for b, a in zip(batch, alone):  # a layer called twice: its first call
+        inputs.setdefault(b.name, _same_rows(b.input, a.input, i, rows))
+    for b, a in zip(batch, alone):
+        if _same_rows(b.output, a.output, i, rows):
+            continue
+        if inputs[b.name]:
+            return f"it first happens in layer {b.name!r} ({b.kind})"
+        called, owner = b.name, "the model"
+        parts = b.name.split(".")
+        for k in range(len(parts) - 1, 0, -1):  # enclosing modules, nearest first
+            parent = ".".join(parts[:k])
+            if inputs.get(parent, True):
+                owner = repr(parent)
+                break
+            called = parent
+        return (f"the input of {called!r} already mixes them: the mixing is in the forward code of {owner}, "
+                f"outside any layer, before it calls {called!r} (e.g. x - x.mean(0), or F.batch_norm)")
+    return "it happens in the model's own forward code, outside any layer (e.g. x - x.mean(0), or F.batch_norm)"
 
 
 def _loop(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, rows: Rows
@@ -163,12 +223,12 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     labels = torch.randint(0, num_classes, (examples,), generator=gen)
     rows = Rows(examples=examples, views=views, tiling=tiling_of(model))
     try:
-        _check_independence(work, x, rows)
+        in_place = _check_independence(work, x, rows)
     except ProbeError:
         raise
     except Exception as e:  # noqa: BLE001 - the model fails on inputs of the data's shape
         raise ProbeError(f"the model fails on {examples} x {views} inputs of shape {tuple(example_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {_first_sentence(e)}") from None
 
     names = {p: n for n, p in work.named_parameters() if p.requires_grad}
     want, want_losses = _loop(work, x, labels, rows)
@@ -186,11 +246,14 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
             sums, losses, norms = eng.clipped_sum(x, labels, clip, rows)
         finally:
             eng.remove()
-    except UsageError as e:
-        raise ProbeError(f"privacy.engine={engine}: {e}") from None
+    except UsageError as e:  # the engine's own refusal, which names the layer and the engine
+        raise ProbeError(str(e) if str(e).startswith(f"privacy.engine={engine}") else f"privacy.engine={engine}: {e}") \
+            from None
     except Exception as e:  # noqa: BLE001 - Opacus and autograd errors on the model, named
-        raise ProbeError(f"privacy.engine={engine} fails on this model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); {_fallback(engine)}") from None
+        hint = (f"; the output of {', '.join(in_place)} is modified in place after the layer (e.g. "
+                "ReLU(inplace=True)), which hook-based engines cannot follow: make it out of place") if in_place else ""
+        raise ProbeError(f"privacy.engine={engine} fails on this model ({type(e).__name__}: {_first_sentence(e)})"
+                         f"{hint}; {_fallback(engine)}") from None
     norm_err = float(((norms - norms_ref).abs() / norms_ref.max().clamp_min(1e-300)).max())
     loss_err = float((losses - want_losses).abs().max())
     got = {names[p]: v for p, v in sums.items() if p in names}
@@ -206,7 +269,8 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     if missing or wrong or norm_err > RTOL or loss_err > 1e-8:
         parts = []
         if missing:
-            parts.append(f"gives no gradient for {', '.join(missing)}")
+            parts.append(f"gives no gradient for {', '.join(missing)} (a parameter used outside its layer's forward, "
+                         "e.g. F.linear(x, self.fc.weight), is invisible to per-layer hooks)")
         if wrong:
             parts.append(f"gives wrong clipped gradients for {', '.join(wrong)}")
         if norm_err > RTOL:

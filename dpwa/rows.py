@@ -70,10 +70,12 @@ class Rows:
 
     def check(self, n: int, what: str) -> None:
         if n not in (self.inputs, self.outputs):
+            m = self.tiling.members
+            tiled = f", or {self.outputs} for the {m} members it declares" if m > 1 else ""
             raise RowsError(
-                f"{what} has {n} rows for {self.examples} examples x {self.views} views (expected {self.inputs}, "
-                f"or {self.outputs} for a model declaring {self.tiling.members} members): a model that tiles its "
-                "batch must declare it (model.dpwa_tiling = dpwa.rows.Tiling(members=M, order=...))")
+                f"{what} has {n} rows for {self.examples} examples x {self.views} views (expected {self.inputs}"
+                f"{tiled}): a model that tiles its batch must declare it (model.dpwa_tiling = "
+                "dpwa.rows.Tiling(members=M, order=...))")
 
     def fold(self, t: torch.Tensor, what: str = "the model's output") -> torch.Tensor:
         """Rows of `t` (in the model's order) -> (examples, rows per example, ...), example-major.

@@ -28,10 +28,11 @@ __all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
 def unsupported_parameters(model: nn.Module) -> list[str]:
     """Every trainable parameter the engine cannot give a per-example gradient, with the reason.
 
-    A parameter held by two layers (tied weights) is refused: its per-example gradient is the
-    sum of both layers' parts, whose norm the per-layer rules cannot give. Parameters used
-    outside any layer (`F.linear(x, self.w)`) are caught by the probe (`dpwa.probe`), which
-    finds that the engine gives them no gradient."""
+    A layer without a rule for its exact forward (`rules.problem`) is refused, and so is a
+    parameter held by two layers (tied weights): its per-example gradient is the sum of both
+    layers' parts, whose norm the per-layer rules cannot give. A parameter of a supported layer
+    used outside it (`F.linear(x, self.fc.weight)`) shows only at run time: `clipped_sum`
+    refuses it when the layer is never called, the probe (`dpwa.probe`) when it is."""
     out, owner = [], {}
     for name, module in model.named_modules(remove_duplicate=False):
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
@@ -48,7 +49,8 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
 
 class FastEngine:
     """Args:
-        model: a model whose trainable parameters all sit directly in supported layers.
+        model: a model whose trainable parameters all sit directly in layers with a rule for
+            their exact forward (`rules.RULES`).
         mode: "auto" (cheaper of ghost norm and instantiation per layer), "ghost" or
             "instantiate" (all layers; for tests and benchmarks).
     """
@@ -59,8 +61,9 @@ class FastEngine:
         if mode not in ("auto", "ghost", "instantiate"):
             raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
         self.model, self.mode = model, mode
+        self.names = {m: n for n, m in model.named_modules()}
         self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
-        for name, module in model.named_modules():
+        for module in self.names:
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
@@ -77,14 +80,13 @@ class FastEngine:
         if self._records is None or not torch.is_grad_enabled():
             return  # evaluation, EMA copies, non-private forward passes
         if any(r.module is module for r in self._records):
-            raise EngineError(f"{type(module).__name__} is called twice in one forward pass (shared weights); "
-                              "use privacy.engine=torch-func")
+            raise EngineError(f"privacy.engine=dpwa-fast: layer {self._name(module)} is called twice in one forward "
+                              "pass (shared weights), and its rule sees one call; use privacy.engine=torch-func")
         x = inputs[0].detach()
-        if getattr(module, "same_pad", False):  # timm's *Same convs pad inside forward (TF "SAME")
-            from timm.layers.padding import pad_same
+        self._records.append(Record(module, x, output, output._version, x._version))
 
-            x = pad_same(x, module.kernel_size, module.stride, module.dilation)
-        self._records.append(Record(module, x, output, output._version))
+    def _name(self, module: nn.Module) -> str:
+        return f"{self.names.get(module, '?')!r} ({type(module).__name__})"
 
     def remove(self) -> None:
         for h in self._handles:
@@ -108,16 +110,31 @@ class FastEngine:
         finally:
             records, self._records = self._records, None
         losses = example_losses(out, labels, rows)
-        gos = list(torch.autograd.grad(losses.sum(), [r.out for r in records], allow_unused=True))
+        # Parameters of layers that were never called are asked for too (none, usually): one that
+        # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
+        # any rule.
+        called = {id(r.module) for r in records}
+        uncalled = [(m, n, p) for m, own in self.layers.items() if id(m) not in called for n, p in own.items()]
+        grads = torch.autograd.grad(losses.sum(), [r.out for r in records] + [p for _, _, p in uncalled],
+                                    allow_unused=True)
+        outside = [f"{self.names[m]}.{n}" for (m, n, _), g in zip(uncalled, grads[len(records):]) if g is not None]
+        if outside:
+            raise EngineError(f"privacy.engine=dpwa-fast: {', '.join(outside)} reach the loss although their layer is "
+                              "never called (a parameter used outside its layer's forward, e.g. F.linear(x, "
+                              "self.fc.weight), which no per-layer rule sees); call the layer, or use "
+                              "privacy.engine=torch-func")
+        gos = list(grads[:len(records)])
         rules, norms2 = [], torch.zeros(b, dtype=out.dtype, device=out.device)
         del out
         for i, rec in enumerate(records):
-            if rec.out._version != rec.version:
-                raise EngineError(f"the output of {type(rec.module).__name__} is modified in place after the layer "
-                                  "(e.g. ReLU(inplace=True)); make that operation out of place")
+            for kind, t, v in (("output", rec.out, rec.version), ("input", rec.x, rec.x_version)):
+                if t._version != v:
+                    raise EngineError(f"privacy.engine=dpwa-fast: the {kind} of layer {self._name(rec.module)} is "
+                                      "modified in place after the layer (e.g. ReLU(inplace=True)), which corrupts "
+                                      "what its rule reads; make that operation out of place")
             go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
             gos[i] = records[i] = None  # from here on the rule holds only what it still needs
-            what = f"the input of {type(rec.module).__name__}"
+            what = f"the input of layer {self._name(rec.module)}"
             rec = Record(rec.module, rows.example_major(rec.x, what), rows.example_major(rec.out.detach(), what),
                          rec.version)
             go = rows.example_major(go, what)

@@ -90,8 +90,8 @@ def _untiled(model: nn.Module, views: torch.Tensor, rows: Optional[Rows], engine
     rows = rows or rows_of(model, views)
     if rows.tiling.members != 1:
         raise EngineError(f"privacy.engine={engine} gives a gradient per input row and cannot fold the "
-                          f"{rows.tiling.members} members of a model that tiles its batch; use privacy.engine=dpwa-fast "
-                          "or torch-func")
+                          f"{rows.tiling.members} members of a model that tiles its batch; use "
+                          "privacy.engine=dpwa-fast or torch-func")
     return rows
 
 
@@ -111,20 +111,24 @@ class OpacusEngine:
         b, k = rows.examples, rows.views
         # Hooks only for this call, so that copies of the model (EMA) never carry them.
         gsm = GradSampleModule(self.model, force_functorch=self.functorch, loss_reduction="sum")
+        names = {p: n for n, p in self.model.named_parameters() if p.requires_grad}
         try:
             losses = example_losses(gsm(views.flatten(0, 1)), labels, rows)
             losses.sum().backward()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            unseen = [n for p, n in names.items() if getattr(p, "grad_sample", None) is None]
+            if unseen:
+                raise EngineError(f"privacy.engine={self.name} gives no per-example gradient for {', '.join(unseen)}: "
+                                  "its layer's hooks never saw it (a parameter used outside its layer's forward, e.g. "
+                                  "F.linear(x, self.fc.weight)); use privacy.engine=torch-func")
             grads = {}
-            for p in params:
-                gs = getattr(p, "grad_sample", None)
-                if gs is None or gs.shape[0] != b * k:
-                    raise RowsError(f"opacus gave a parameter of shape {tuple(p.shape)} "
-                                    f"{'no' if gs is None else gs.shape[0]} per-row gradients for {b * k} rows")
+            for p, name in names.items():
+                gs = p.grad_sample
+                if gs.shape[0] != b * k:
+                    raise RowsError(f"opacus gave {name} {gs.shape[0]} per-row gradients for {b * k} rows")
                 grads[p] = gs.view(b, k, *p.shape).sum(1)  # rows hold (1/K) CE each
-            for p in params:
-                p.grad_sample, p.grad = None, None
         finally:
+            for p in names:
+                p.grad_sample, p.grad = None, None
             gsm._close()
         sums, norms = clip_and_sum(grads, clip_norm)
         return sums, losses.detach(), norms
@@ -155,12 +159,25 @@ class OpacusGhostEngine:
                               f"{rows.views} needs the example-level clipping of dpwa-fast, torch-func or opacus-hooks")
         gsm = GradSampleModuleFastGradientClipping(self.model, max_grad_norm=clip_norm, use_ghost_clipping=True,
                                                    loss_reduction="sum")
+        names = {p: n for n, p in self.model.named_parameters() if p.requires_grad}
         try:
-            losses = example_losses(gsm(views[:, 0]), labels, rows)
+            try:
+                out = gsm(views[:, 0])
+            except NotImplementedError as e:  # Opacus: "Parameter tying is not supported with Ghost Clipping"
+                twice = [n for p, n in names.items() if getattr(p, "_forward_counter", 0) > 1]
+                raise EngineError(f"privacy.engine=opacus-ghost: {', '.join(twice) or 'a parameter'} is used twice in "
+                                  f"one forward pass (a layer called twice, or tied weights): {e}; use "
+                                  "privacy.engine=torch-func") from None
+            losses = example_losses(out, labels, rows)
             losses.sum().backward(retain_graph=True)
+            unseen = [n for p, n in names.items() if not hasattr(p, "_norm_sample")]
+            if unseen:
+                raise EngineError(f"privacy.engine=opacus-ghost gives no per-example norm for {', '.join(unseen)}: "
+                                  "its layer's hooks never saw it (a parameter used outside its layer's forward, e.g. "
+                                  "F.linear(x, self.fc.weight)); use privacy.engine=torch-func")
             coeff = gsm.get_clipping_coef()
             norms = gsm.get_norm_sample()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            params = list(names)
             for p in params:
                 p.grad = None
             gsm.disable_hooks()

@@ -1,10 +1,17 @@
 """Per-layer rules of the dpwa-fast engine: per-example squared gradient norms and the
 clipped sum of per-example gradients, from a layer's input and output gradient.
 
-A dense layer (Linear, Conv2d, weight-standardised Conv2d, timm's ScaledStdConv2d) is seen as
-positions p (tokens, output pixels, and an example's K augmented views, which are just more
-positions of the same example) and groups g: per example b the weight gradient is
-G_b = sum_p go[b, p]^T a[b, p], a contraction over positions. Two ways to get |G_b|^2:
+A rule is exact only for the computation it was derived for, so layers are matched by the
+forward they run, never by `isinstance`: a registered class (`RULES`, `register_rule`), or a
+subclass that inherits its forward unchanged. A subclass with its own forward (timm's
+`StdConv2d` before it had a rule, a Linear with an extra scale) computes something else, and
+is refused by name (`problem`) until a rule is registered for that exact class.
+
+A dense layer (Linear, Conv2d, weight-standardised Conv2d, timm's StdConv2d and
+ScaledStdConv2d) is seen as positions p (tokens, output pixels, and an example's K augmented
+views, which are just more positions of the same example) and groups g: per example b the
+weight gradient is G_b = sum_p go[b, p]^T a[b, p], a contraction over positions. Two ways to
+get |G_b|^2:
 
 * instantiate G_b (B x params of memory, cost ~ P * d_in * d_out per example), or
 * ghost norm (Goodfellow 2015; Li et al. 2021, "Large language models can be strong
@@ -18,35 +25,76 @@ book-kept (Bu et al. 2023, "Differentially private optimization on large model a
 cost"): with clip factors c_b known, sum_b c_b G_b = conv/linear weight-gradient of
 (c * go) and a, one pass as in non-private training, no second backward.
 
+A conv's weight gradient depends only on the input as the convolution sees it, so any padding
+a forward does by hand (`padding_mode="reflect"`, `padding="same"`, timm's TF-style "SAME"
+`pad_same`) is redone on the recorded input, exactly as that forward does it (`Layer.pad`).
+
 Weight-standardised convs use w_eff = m * w_hat, w_hat = (w - mean) / sqrt(var + eps) per
-output channel (m = 1 for WSConv2d, gain * fan_in^-1/2 for ScaledStdConv2d). The per-example
-gradient with respect to the raw w is, per channel, (m/s) (G - mean(G) - w_hat mean(G w_hat)),
-the layer-norm backward; its squared norm is, with n the fan-in, S1 = sum G and
-S2 = sum G w_hat: (m/s)^2 (|G|^2 - S1^2/n - S2^2 (2n - |w_hat|^2)/n^2), and the gain's
-gradient is scale * S2 (m = gain * scale). The clipped sum, linear in the per-example
-gradients, is pulled back through the standardisation once. S2 needs a_p . w_hat_o, which is the layer's own pre-bias output over m.
+output channel (Qiao et al. 2019; m = 1 for WSConv2d and timm's StdConv2d, gain * fan_in^-1/2
+for timm's ScaledStdConv2d, Brock et al. 2021). The per-example gradient with respect to the
+raw w is, per channel, (m/s) (G - mean(G) - w_hat mean(G w_hat)), the layer-norm backward; its
+squared norm is, with n the fan-in, S1 = sum G and S2 = sum G w_hat:
+(m/s)^2 (|G|^2 - S1^2/n - S2^2 (2n - |w_hat|^2)/n^2), and the gain's gradient is scale * S2
+(m = gain * scale). The clipped sum, linear in the per-example gradients, is pulled back
+through the standardisation once. S2 needs a_p . w_hat_o, which is the layer's own pre-bias
+output over m.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Record", "rule_for", "SUPPORTED", "is_supported", "problem"]
+__all__ = ["Record", "Layer", "RULES", "register_rule", "layer_of", "rule_for", "is_supported", "problem",
+           "DenseRule", "GroupNormRule", "GroupNormActRule", "ScalarGainRule", "pad_module", "pad_functional",
+           "pad_tf_same", "pad_always_same"]
 
 
 @dataclass
 class Record:
-    """What a forward hook saw: the layer, its input and its output (N = B * K rows)."""
+    """What a forward hook saw: the layer, its input and its output (N = B * K rows), and
+    their version counters then: an in-place change later would corrupt the rule's inputs."""
 
     module: nn.Module
     x: torch.Tensor
     out: torch.Tensor
-    version: int  # out._version at forward time: an in-place change later would corrupt go
+    version: int
+    x_version: int = 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """What dpwa-fast knows of one exact layer class.
+
+    rule: builds the rule from (Record, output gradient, examples, mode, this Layer).
+    params: the parameter names the rule gives per-example gradients for (any other is refused).
+    standardise: None; "unit" (w_hat: WSConv2d, timm StdConv2d); "gain" (gain * scale * w_hat:
+        timm ScaledStdConv2d).
+    pad: convs only: (module, input) -> (the input with the padding the forward does by hand,
+        the symmetric padding the convolution itself then applies).
+    check: (module) -> why this instance cannot be handled, or None.
+    """
+
+    rule: Callable
+    params: tuple[str, ...] = ("weight", "bias")
+    standardise: Optional[str] = None
+    pad: Optional[Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, tuple[int, int]]]] = None
+    check: Optional[Callable[[nn.Module], Optional[str]]] = None
+
+
+RULES: dict[type, Layer] = {}
+_FORWARD = ("forward", "_conv_forward")  # nn.Conv2d.forward calls _conv_forward: both define the layer
+
+
+def register_rule(cls: type, layer: Layer) -> None:
+    """Give dpwa-fast a rule for exactly `cls` (and subclasses that keep its forward). A model
+    module registers its own layers' rules, so that the engines never import the models."""
+    RULES[cls] = layer
 
 
 def _sq_norms(per_example: torch.Tensor) -> torch.Tensor:
@@ -55,52 +103,79 @@ def _sq_norms(per_example: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bi,bi->b", flat, flat)
 
 
-def _ws_parts(module: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[str]]]:
+def _ws_parts(module: nn.Module, standardise: Optional[str]
+              ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[str]]]:
     """(w_hat (O, n), m (O,), s (O,), gain param name or None) for standardised convs, else None."""
-    from ..models.ws import WSConv2d
-
-    w = module.weight.detach().flatten(1)
-    if isinstance(module, WSConv2d):
-        eps, m, gain = module.eps, torch.ones(w.shape[0], dtype=w.dtype, device=w.device), None
-    elif _is_scaled_std(module):
-        eps, m, gain = module.eps, (module.gain.detach() * module.scale).flatten(), "gain"
-    else:
+    if standardise is None:
         return None
+    w = module.weight.detach().flatten(1)
+    if standardise == "gain":
+        m, gain = (module.gain.detach() * module.scale).flatten(), "gain"
+    else:
+        m, gain = torch.ones(w.shape[0], dtype=w.dtype, device=w.device), None
     mean = w.mean(1, keepdim=True)
-    s = torch.sqrt(w.var(1, unbiased=False, keepdim=True) + eps)
+    s = torch.sqrt(w.var(1, unbiased=False, keepdim=True) + module.eps)
     return (w - mean) / s, m, s.flatten(), gain
 
 
-def _is_scaled_std(module: nn.Module) -> bool:
-    return type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame") and hasattr(module, "gain")
-
-
-def _effective_weight(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """The weight the layer convolves with, as a function of a raw weight `w` (gain fixed)."""
-    from ..models.ws import WSConv2d, standardize
-
-    if isinstance(module, WSConv2d):
-        return standardize(w, module.eps)
-    gain = (module.gain.detach() * module.scale).reshape(-1)
-    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=gain, training=True, momentum=0.0,
+def _effective_weight(module: nn.Module, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The weight the layer convolves with, m * w_hat, as a function of a raw weight `w` (m fixed);
+    timm's own formulation (timm.layers.std_conv), equal to `dpwa.models.ws.standardize` for m = 1."""
+    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, weight=m, training=True, momentum=0.0,
                         eps=module.eps).reshape_as(w)
 
 
-class DenseRule:
-    """Linear and (grouped, strided, padded, dilated) Conv2d, plain or weight-standardised."""
+# -- how each conv's forward pads its input -------------------------------------------------
+def pad_module(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """nn.Conv2d._conv_forward: F.pad with the padding mode unless it is zeros; padding="same"
+    pads asymmetrically (left d(k-1)//2, right the rest), as `_reversed_padding_repeated_twice` says."""
+    if m.padding_mode != "zeros":
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode), (0, 0)
+    return pad_functional(m, x)
 
-    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str) -> None:
+
+def pad_functional(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A forward that calls F.conv2d(x, w, b, m.stride, m.padding, ...): padding_mode is ignored."""
+    if isinstance(m.padding, str):  # "same" ("valid" is (0, 0) already)
+        return (F.pad(x, m._reversed_padding_repeated_twice), (0, 0)) if m.padding == "same" else (x, (0, 0))
+    return x, tuple(m.padding)
+
+
+def pad_tf_same(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """timm's *Same convs (StdConv2dSame, ScaledStdConv2dSame): TF "SAME" padding by hand when it
+    cannot be static (`same_pad`, timm.layers.padding.pad_same), then F.conv2d with m.padding."""
+    if getattr(m, "same_pad", False):
+        from timm.layers.padding import pad_same
+
+        x = pad_same(x, m.kernel_size, m.stride, m.dilation)
+    return pad_functional(m, x)
+
+
+def pad_always_same(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """timm's Conv2dSame (timm.layers.conv2d_same): pad_same always, then no padding."""
+    from timm.layers.padding import pad_same
+
+    return pad_same(x, m.kernel_size, m.stride, m.dilation), (0, 0)
+
+
+class DenseRule:
+    """Linear and (grouped, strided, padded, dilated) Conv2d, plain or weight-standardised, as
+    its `Layer` says (standardisation, and the padding its forward does by hand)."""
+
+    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str, layer: Layer) -> None:
         self.rec, self.m, self.batch = rec, rec.module, batch
-        self.conv = isinstance(self.m, nn.Conv2d)
+        self.conv = layer.pad is not None
         self.groups = self.m.groups if self.conv else 1
+        if self.conv:  # the input as the conv sees it: any padding its forward does by hand, done here
+            rec.x, self.padding = layer.pad(self.m, rec.x)
         self.go = go
-        self.ws = _ws_parts(self.m)
+        self.ws = _ws_parts(self.m, layer.standardise)
         o, din = self.m.weight.shape[0], self.m.weight[0].numel()
         k = go.shape[0] // batch
         positions = go[0].numel() // o * k
         inst = positions * din * o
         if self.conv:  # pixel Gram of the padded input (KU)^2 C, then the output-gradient Gram
-            u = k * (rec.x.shape[-2] + 2 * self.m.padding[0]) * (rec.x.shape[-1] + 2 * self.m.padding[1])
+            u = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
             ghost = u * u * rec.x.shape[1] + positions * positions * o
         else:
             ghost = positions * positions * (din + o)
@@ -111,7 +186,7 @@ class DenseRule:
     def _a(self) -> torch.Tensor:
         x, m, b, g = self.rec.x, self.m, self.batch, self.groups
         if self.conv:
-            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
             n, d, t = cols.shape
             return cols.view(n, g, d // g, t).permute(0, 3, 1, 2).reshape(b, -1, g, d // g)
         return x.reshape(b, -1, 1, x.shape[-1])
@@ -130,7 +205,7 @@ class DenseRule:
         if not self.conv:
             return (go.reshape(b, -1, go.shape[-1]).transpose(1, 2) @ self.rec.x.reshape(b, -1, self.rec.x.shape[-1])
                     ).unsqueeze(1)
-        cols = F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        cols = F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
         n, d, t = cols.shape
         k, o = n // b, go.shape[1]
         cols = cols.view(b, k, g, d // g, t).permute(0, 2, 3, 1, 4).reshape(b, g, d // g, k * t)
@@ -191,7 +266,7 @@ class DenseRule:
         return self.ws is not None and self.ws[3] is not None and self.m.gain.requires_grad
 
     def _padded(self) -> torch.Tensor:
-        ph, pw = self.m.padding
+        ph, pw = self.padding
         return F.pad(self.rec.x, (pw, pw, ph, ph)) if ph or pw else self.rec.x
 
     def _gram_a(self) -> torch.Tensor:
@@ -260,7 +335,7 @@ class DenseRule:
             cgo = self.go * c.repeat_interleave(k).view(-1, *([1] * (self.go.dim() - 1)))
             if self.conv:
                 w_eff_grad = torch.nn.grad.conv2d_weight(self.rec.x, m.weight.shape, cgo, stride=m.stride,
-                                                         padding=m.padding, dilation=m.dilation, groups=m.groups)
+                                                         padding=self.padding, dilation=m.dilation, groups=m.groups)
             else:
                 w_eff_grad = cgo.reshape(-1, cgo.shape[-1]).t() @ self.rec.x.reshape(-1, self.rec.x.shape[-1])
         if self.ws is None:
@@ -270,22 +345,28 @@ class DenseRule:
         # standardisation once (the gain's part is computed above from S2).
         with torch.enable_grad():
             weight = m.weight.detach().requires_grad_(True)
-            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight), weight, w_eff_grad)
+            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight, self.ws[1]), weight, w_eff_grad)
         return out
 
 
 class GroupNormRule:
-    """GroupNorm's affine weight and bias: per-example gradients are (B, C), always instantiated."""
+    """GroupNorm's affine weight and bias: with x_hat the normalised input, example b's
+    gradients are sums over its positions of go * x_hat and of go, per channel: (B, C),
+    always instantiated."""
 
-    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str) -> None:
+    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str, layer: Layer) -> None:
         self.m, self.batch = rec.module, batch
         x_hat = F.group_norm(rec.x, self.m.num_groups, eps=self.m.eps)
+        go = self._norm_output_grad(rec, go)
         b, c = batch, go.shape[1]
         self.per_example = {}
         if self.m.weight is not None and self.m.weight.requires_grad:
             self.per_example["weight"] = (go * x_hat).reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
         if self.m.bias is not None and self.m.bias.requires_grad:
             self.per_example["bias"] = go.reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
+
+    def _norm_output_grad(self, rec: Record, go: torch.Tensor) -> torch.Tensor:
+        return go  # the layer's output is the group norm's
 
     def norms2(self) -> torch.Tensor:
         return sum(_sq_norms(v) for v in self.per_example.values())
@@ -294,11 +375,34 @@ class GroupNormRule:
         return {name: c @ value for name, value in self.per_example.items()}
 
 
-class ScalarGainRule:
-    """y = x * g for a scalar g (NF blocks' skip-init gain): example b's gradient is
-    sum over its views and positions of go * x, a (B,) vector."""
+class GroupNormActRule(GroupNormRule):
+    """timm's GroupNormAct and GroupNorm1Act (timm.layers.norm_act): act(drop(group_norm(x))) in
+    one module, so the hook sees the activation's output. The group norm's output gradient is
+    the activation's vector-Jacobian product, recomputed from the group norm's output (cheap,
+    elementwise; on a copy, so an in-place activation is harmless). `drop` must be Identity:
+    a random drop could not be recomputed (`_check_norm_act`)."""
 
-    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str) -> None:
+    def _norm_output_grad(self, rec: Record, go: torch.Tensor) -> torch.Tensor:
+        m = self.m
+        weight = None if m.weight is None else m.weight.detach()
+        bias = None if m.bias is None else m.bias.detach()
+        with torch.enable_grad():
+            z = F.group_norm(rec.x, m.num_groups, weight, bias, m.eps).requires_grad_(True)
+            (gz,) = torch.autograd.grad(m.act(m.drop(z.clone())), z, go)
+        return gz
+
+
+def _check_norm_act(m: nn.Module) -> Optional[str]:
+    if not isinstance(m.drop, nn.Identity):
+        return f"{type(m).__name__} with drop layer {type(m.drop).__name__} (random in training; no rule)"
+    return None
+
+
+class ScalarGainRule:
+    """y = x * g for a scalar g (NF blocks' skip-init gain, `dpwa.models.nfnet.ScalarGain`):
+    example b's gradient is the sum over its views and positions of go * x, a (B,) vector."""
+
+    def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str, layer: Layer) -> None:
         self.m = rec.module
         self.per_example = {"gain": (go * rec.x).reshape(batch, -1).sum(1)}
 
@@ -309,32 +413,73 @@ class ScalarGainRule:
         return {"gain": c @ self.per_example["gain"]}
 
 
-def _scalar_gain() -> type:
-    from ..models.nfnet import ScalarGain
+register_rule(nn.Linear, Layer(DenseRule))
+register_rule(nn.Conv2d, Layer(DenseRule, pad=pad_module))
+register_rule(nn.GroupNorm, Layer(GroupNormRule))
 
-    return ScalarGain
+_timm_registered = False
 
 
-SUPPORTED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+def _register_timm() -> None:
+    """timm's layers, registered once timm is imported (a timm layer cannot exist before), so
+    that importing the engines does not import timm. Each exact against its timm forward."""
+    global _timm_registered
+    if _timm_registered or "timm.layers" not in sys.modules:
+        return
+    _timm_registered = True
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.norm import GroupNorm, GroupNorm1
+    from timm.layers.norm_act import GroupNorm1Act, GroupNormAct
+    from timm.layers.std_conv import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+    register_rule(StdConv2d, Layer(DenseRule, standardise="unit", pad=pad_functional))
+    register_rule(StdConv2dSame, Layer(DenseRule, standardise="unit", pad=pad_tf_same))
+    register_rule(ScaledStdConv2d, Layer(DenseRule, ("weight", "bias", "gain"), "gain", pad=pad_functional))
+    register_rule(ScaledStdConv2dSame, Layer(DenseRule, ("weight", "bias", "gain"), "gain", pad=pad_tf_same))
+    register_rule(Conv2dSame, Layer(DenseRule, pad=pad_always_same))
+    for cls in (GroupNorm, GroupNorm1):  # F.group_norm (or timm's fast_group_norm: the same function)
+        register_rule(cls, Layer(GroupNormRule))
+    for cls in (GroupNormAct, GroupNorm1Act):
+        register_rule(cls, Layer(GroupNormActRule, check=_check_norm_act))
+
+
+def _match(module: nn.Module) -> tuple[Optional[type], Optional[Layer]]:
+    """(the nearest registered class in the module's MRO, its Layer if the module runs that
+    class's forward unchanged, else None)."""
+    _register_timm()
+    t = type(module)
+    for cls in t.__mro__:
+        if cls in RULES:
+            same = "forward" not in vars(module) and all(getattr(t, f, None) is getattr(cls, f, None) for f in _FORWARD)
+            return cls, RULES[cls] if same else None
+    return None, None
+
+
+def layer_of(module: nn.Module) -> Optional[Layer]:
+    """The Layer whose rule is exact for `module`, or None."""
+    return _match(module)[1]
 
 
 def is_supported(module: nn.Module) -> bool:
-    return (isinstance(module, SUPPORTED + (_scalar_gain(),))
-            or type(module).__name__ in ("ScaledStdConv2d", "ScaledStdConv2dSame"))
+    return layer_of(module) is not None
 
 
 def problem(module: nn.Module) -> Optional[str]:
     """Why the engine cannot give this layer's own parameters per-example gradients, or None."""
-    if not is_supported(module):
-        return f"no per-example rule for {type(module).__name__}"
-    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-        return f"padding_mode={module.padding_mode!r}"
-    return None
+    cls, layer = _match(module)
+    name = type(module).__name__
+    if cls is None:
+        return f"no per-example rule for {name}"
+    if layer is None:
+        how = "its forward is replaced on the instance" if "forward" in vars(module) else \
+            f"it subclasses {cls.__name__} with its own forward"
+        return f"no per-example rule for {name}: {how}, which {cls.__name__}'s rule does not describe"
+    extra = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and n not in layer.params]
+    if extra:
+        return f"no per-example rule for parameter {', '.join(extra)} of {name}"
+    return layer.check(module) if layer.check else None
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):
-    if isinstance(rec.module, nn.GroupNorm):
-        return GroupNormRule(rec, go, batch, mode)
-    if isinstance(rec.module, _scalar_gain()):
-        return ScalarGainRule(rec, go, batch, mode)
-    return DenseRule(rec, go, batch, mode)
+    layer = layer_of(rec.module)
+    return layer.rule(rec, go, batch, mode, layer)

@@ -28,6 +28,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from ..engines.fast import unsupported_parameters
+from ..engines.rules import Layer, ScalarGainRule, register_rule
 from . import ModelError, check_dp_compatible, register_model
 
 __all__ = ["ScalarGain", "Conv1dAs2d", "make_dp_ready", "dp_check", "is_nf_model", "create_nf",
@@ -45,6 +47,9 @@ class ScalarGain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gain
+
+
+register_rule(ScalarGain, Layer(ScalarGainRule, params=("gain",)))  # here, so that the engines never import models
 
 
 class Conv1dAs2d(nn.Module):
@@ -199,9 +204,7 @@ def set_trainable(model: nn.Module, which: str, stages: int = 0) -> list[str]:
 
 def dp_check(model: nn.Module) -> list[str]:
     """Trainable parameters with no correct per-example gradient in the dpwa-fast engine:
-    parameters of layers without a rule, layers with non-zero padding modes."""
-    from ..engines.fast import unsupported_parameters
-
+    parameters of layers without a rule (`dpwa.engines.rules.problem`), tied weights."""
     return unsupported_parameters(model)
 
 

@@ -1,0 +1,334 @@
+"""The probe (`dpwa.probe.probe`) on every model that a newcomer's trial found to break the
+guarantee silently or to fail only after the ledger reservation, with every engine.
+
+Each case either is refused with a `ProbeError` (a UsageError: exit 2, raised before any
+charge) whose message names the layer, parameter or layout at fault, or passes, and then the
+engine is checked here again, independently of the probe, against a loop over single examples
+(float64, 1e-5 relative). Models are tiny (8x8 inputs) so the whole table runs in seconds.
+"""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dpwa.engines import ENGINES, make_engine
+from dpwa.errors import UsageError
+from dpwa.models.nfnet import ScalarGain
+from dpwa.probe import ProbeError, probe
+from dpwa.rows import Tiling
+
+C, S, CLASSES = 2, 8, 3  # input channels, input size, classes
+PASS = None
+FAST, FUNC, HOOKS, FUNCTORCH, GHOST = "dpwa-fast", "torch-func", "opacus-hooks", "opacus-functorch", "opacus-ghost"
+
+
+def head(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * channels, CLASSES))
+
+
+class Lambda(nn.Module):
+    """A parameter-free step written in forward code (what a user's model does between layers)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class FunctionalBatchNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(C, 4, 3, padding=1), head(4)
+
+    def forward(self, x):
+        return self.head(F.batch_norm(self.conv(x), None, None, training=True))
+
+
+class BatchMean(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(C, 4, 3, padding=1), head(4)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(h - h.mean(0))
+
+
+class WeightOutside(nn.Module):
+    """fc's weight is also used outside fc (a per-layer hook sees only fc's own use)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(C, 2, 3, stride=2), nn.Linear(18, 18), nn.Linear(18, CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.out(torch.tanh(self.fc(h) + h @ self.fc.weight))
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with an extra parameter and its own forward."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.scale = nn.Parameter(torch.ones(self.out_features))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * self.scale
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(C, 2, 3, stride=2), nn.Linear(18, 18), nn.Linear(18, 18)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(18, CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.out(torch.tanh(self.b(torch.tanh(self.a(h)))))
+
+
+class OwnParameter(nn.Module):
+    """A parameter of the model itself, used through F.linear: no layer holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(C, 2, 3, stride=2)
+        self.w = nn.Parameter(torch.randn(CLASSES, 18) * 0.3)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.conv(x)).flatten(1), self.w)
+
+
+class LayerNeverCalled(nn.Module):
+    """fc's parameters are used only through F.linear: its forward (and any hook) never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(C, 2, 3, stride=2), nn.Linear(18, CLASSES)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.conv(x)).flatten(1), self.fc.weight, self.fc.bias)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(C, 2, 3, stride=2), nn.Linear(18, 18), nn.Linear(18, CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(h)))))
+
+
+class MemberTiled(nn.Module):
+    """A FiLM-style ensemble of 2 members: every row runs once per member, member-major
+    (`x.repeat(M, 1, 1, 1)`); `declared` is the tiling the model states, or None."""
+
+    def __init__(self, declared) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(C, 4, 3, padding=1), head(4)
+        self.register_buffer("film", torch.tensor([1.0, -0.5]))
+        if declared is not None:
+            self.dpwa_tiling = declared
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        h = h.repeat(2, 1, 1, 1).view(2, *h.shape) * self.film.view(2, 1, 1, 1, 1)
+        return self.head(h.flatten(0, 1))
+
+
+def timm_std_convs():
+    from timm.layers import StdConv2d, StdConv2dSame
+
+    return nn.Sequential(StdConv2d(C, 4, 3), nn.Tanh(), StdConv2dSame(4, 4, 3, stride=2), nn.Tanh(),
+                         StdConv2dSame(4, 4, 3, bias=True), head(4))
+
+
+def timm_group_norm_act():
+    from timm.layers import GroupNormAct
+
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), GroupNormAct(4, 2),  # ReLU(inplace=True), timm's default
+                         nn.Conv2d(4, 4, 3, padding=1), GroupNormAct(4, 2, act_layer="gelu"), head(4))
+
+
+def padding_same():
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return nn.Sequential(nn.Conv2d(C, 4, 4, padding="same"), nn.Tanh(), nn.Conv2d(4, 4, 3, padding="same", dilation=2),
+                         nn.Tanh(), Conv2dSame(4, 4, 3, stride=2), head(4))
+
+
+def conv(**kw):
+    return nn.Sequential(nn.Conv2d(C, 4, 3, **kw), nn.Tanh(), head(4))
+
+
+class BareGain(nn.Module):
+    """A 0-dim parameter of a module without a rule (timm's raw skip-init gain is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.g, self.head = nn.Conv2d(C, 4, 3, padding=1), nn.Parameter(torch.tensor(0.7)), head(4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x) * self.g))
+
+
+def nf_micro_dm():
+    """dpwa's tiny dm-NFNet: ScaledStdConv2dSame, SE, and the skip-init gains as 0-dim ScalarGains."""
+    from dpwa.models import create_model
+
+    return create_model("nf_micro_dm", in_channels=3, num_classes=CLASSES)
+
+
+# name -> (build, {engine: PASS, or a pattern its ProbeError must match}); every engine is in each row.
+MIXES = r"mixes examples"
+OUTSIDE_ANY_LAYER = MIXES + r".*the input of 'head' already mixes them: the mixing is in the forward code of the model"
+TIED = r"b\.weight \(the same Parameter as a\.weight: tied weights\)"
+IN_PLACE = r"output of '0' \(Conv2d\) is modified in place"
+NEVER_SEEN = r"no per-example gradient for fc\.weight, fc\.bias: its layer's hooks never saw it"
+MEMBERS = r"cannot fold the 2 members"
+ALL_PASS = {e: PASS for e in ENGINES}
+
+
+def every(outcome):
+    return {e: outcome for e in ENGINES}
+
+
+CASES = {
+    "batchnorm_affine_false": (lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False),
+                                                     head(4)), every(MIXES + r".*in layer '1' \(BatchNorm2d\)")),
+    "functional_batch_norm": (FunctionalBatchNorm, every(OUTSIDE_ANY_LAYER)),
+    "batch_norm_that_fails_on_one_example": (
+        lambda: nn.Sequential(nn.Conv2d(C, 2, 3, stride=2), nn.Flatten(), nn.BatchNorm1d(18, affine=False),
+                              nn.Linear(18, CLASSES)),
+        every(MIXES + r": it runs on a batch but fails on example 0 alone")),
+    "batch_mean": (BatchMean, every(OUTSIDE_ANY_LAYER)),
+    "reflect_padding": (lambda: conv(padding=1, padding_mode="reflect"),
+                        {**ALL_PASS, HOOKS: r"wrong clipped gradients for 0\.weight",
+                         GHOST: r"wrong clipped gradients for 0\.weight"}),
+    "weight_used_outside_its_layer": (WeightOutside,
+                                      {**every(r"wrong clipped gradients for .*fc\.weight"), FUNC: PASS}),
+    "linear_subclass_with_own_forward": (
+        lambda: nn.Sequential(nn.Conv2d(C, 2, 3, stride=2), nn.Flatten(), ScaledLinear(18, CLASSES)),
+        {**ALL_PASS, FAST: r"2\.weight \(no per-example rule for ScaledLinear: it subclasses Linear with its own "
+                           r"forward.*2\.scale"}),
+    "timm_std_conv": (timm_std_convs, ALL_PASS),
+    "timm_group_norm_act": (timm_group_norm_act, ALL_PASS),
+    "tied_weights": (Tied, {**ALL_PASS, FAST: TIED, GHOST: r"a\.weight is used twice in one forward pass"}),
+    "parameter_of_the_model_itself": (OwnParameter,
+                                      {**ALL_PASS, FAST: r"\bw \(no per-example rule for OwnParameter\)"}),
+    "layer_used_only_through_F_linear": (LayerNeverCalled, {
+        FAST: r"fc\.weight, fc\.bias reach the loss although their layer is never called", FUNC: PASS,
+        HOOKS: NEVER_SEEN, FUNCTORCH: NEVER_SEEN,
+        GHOST: r"no per-example norm for fc\.weight, fc\.bias"}),
+    "inplace_after_hooked_layer": (lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.ReLU(inplace=True), head(4)),
+                                   {**every(IN_PLACE), FUNC: PASS,
+                                    FAST: r"output of layer '0' \(Conv2d\) is modified in place"}),
+    "layer_called_twice": (CalledTwice, {**ALL_PASS, FAST: r"layer 'fc' \(Linear\) is called twice",
+                                         GHOST: r"fc\.weight is used twice in one forward pass"}),
+    "padding_same": (padding_same, ALL_PASS),
+    "zero_dim_gain": (lambda: nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), ScalarGain(torch.tensor(0.7)), nn.Tanh(),
+                                            head(4)), ALL_PASS),
+    "zero_dim_parameter_without_a_layer": (BareGain, {**ALL_PASS, FAST: r"\bg \(no per-example rule for BareGain\)"}),
+    "nf_micro_dm_skipinit_gains": (nf_micro_dm, ALL_PASS),
+    "member_major_tiling": (lambda: MemberTiled(Tiling(members=2, order="member-major")),
+                            {FAST: PASS, FUNC: PASS, HOOKS: MEMBERS, FUNCTORCH: MEMBERS, GHOST: MEMBERS}),
+    "tiling_not_declared": (lambda: MemberTiled(None), every(r"has 8 rows for 4 examples .*must declare it")),
+    "tiling_declared_in_the_wrong_order": (lambda: MemberTiled(Tiling(members=2, order="example-major")),
+                                           every(MIXES + r".*declare its order truly")),
+}
+SHAPES = {"nf_micro_dm_skipinit_gains": (3, 16, 16)}
+
+
+def build(name):
+    torch.manual_seed(0)
+    return CASES[name][0](), dict(example_shape=SHAPES.get(name, (C, S, S)), views=1, num_classes=CLASSES, examples=4)
+
+
+def loop_clipped_sum(model, x, labels, clip):
+    """Each example alone through the model, plain autograd; Opacus's clip rule."""
+    from dpwa.rows import Rows, example_losses, tiling_of
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    one = Rows(1, x.shape[1], tiling_of(model))
+    grads = [torch.autograd.grad(example_losses(model(xi), yi.view(1), one)[0], params, allow_unused=True)
+             for xi, yi in zip(x, labels)]
+    grads = [[torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in grads]
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in gs)) for gs in grads])
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {p: sum(f * gs[j] for f, gs in zip(factors, grads)) for j, p in enumerate(params)}, norms
+
+
+CELLS = [(name, engine) for name in CASES for engine in ENGINES]
+
+
+@pytest.mark.parametrize("name, engine", CELLS, ids=[f"{n}-{e}" for n, e in CELLS])
+def test_probe_refuses_by_name_or_the_engine_is_exact(name, engine):
+    model, kw = build(name)
+    expected = CASES[name][1][engine]
+    if expected is not None:
+        with pytest.raises(ProbeError) as info:
+            probe(model, engine, **kw)
+        assert isinstance(info.value, UsageError) and info.value.exit_code == 2
+        message = str(info.value)
+        assert re.search(expected, message, re.S), message
+        assert f"privacy.engine={engine}: privacy.engine={engine}" not in message
+        return
+    report = probe(model, engine, **kw)
+    assert report.max_norm_error < 1e-5 and report.max_sum_error < 1e-5
+    # and independently of the probe: the engine on the model itself, against the loop
+    model = model.double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, *kw["example_shape"], generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (5,), generator=g)
+    want, norms = loop_clipped_sum(model, x, labels, clip=1.0)
+    clip = float(norms.median())
+    want, _ = loop_clipped_sum(model, x, labels, clip)
+    eng = make_engine(engine, model)
+    try:
+        got, _, got_norms = eng.clipped_sum(x, labels, clip)
+    finally:
+        eng.remove()
+    assert torch.allclose(got_norms, norms, rtol=1e-5, atol=1e-12)
+    for p, w in want.items():
+        assert (got.get(p, torch.zeros_like(w)) - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12, tuple(w.shape)
+
+
+def test_probe_leaves_the_model_alone():
+    model, kw = build("timm_std_conv")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe(model, FAST, **kw)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.dtype == torch.float32 and p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_trainable_parameter_without_gradient_is_refused():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head, self.unused = nn.Conv2d(C, 4, 3, padding=1), head(4), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x))
+
+    model = Unused()
+    with pytest.raises(ProbeError, match=r"unused\.weight, unused\.bias get no gradient"):
+        probe(model, FUNC, example_shape=(C, S, S), views=1, num_classes=CLASSES)
+
+
+def test_augmented_views_are_probed_per_example():
+    """K = 2 views per example: the engines that fold views pass, opacus-ghost is refused by name."""
+    model, kw = build("timm_group_norm_act")
+    kw["views"] = 2
+    for engine in (FAST, FUNC, HOOKS):
+        probe(model, engine, **kw)
+    with pytest.raises(ProbeError, match="augmult.k=2"):
+        probe(model, GHOST, **kw)
