@@ -19,7 +19,7 @@ import torch
 
 from .config import OptimConfig
 
-__all__ = ["OPTIMIZERS", "make_optimizer"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "apply_release"]
 
 Params = Iterable[torch.nn.Parameter]
 
@@ -36,3 +36,14 @@ OPTIMIZERS: dict[str, Callable[[OptimConfig, Params], torch.optim.Optimizer]] = 
 def make_optimizer(optim: OptimConfig, params: Params) -> torch.optim.Optimizer:
     """The optimizer `optim.name` over `params` (the trainable parameters)."""
     return OPTIMIZERS[optim.name](optim, list(params))
+
+
+def apply_release(optimizer: torch.optim.Optimizer, release) -> dict[str, float]:
+    """One optimizer step on a release's noisy gradients (`dpwa.mechanism.Release`); returns
+    its local diagnostics (not covered by the guarantee)."""
+    for p, g in release.grads.items():
+        p.grad = g
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"private_batch_loss_diagnostic": release.loss_diagnostic,
+            "private_batch_size_diagnostic": release.batch_size_diagnostic}

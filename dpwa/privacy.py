@@ -103,10 +103,6 @@ class PrivateSGD:
         Returns local diagnostics over the private batch: not covered by the guarantee.
         """
         self.mechanism.engine = self.engine  # tests swap the engine for a planted bug
-        release = self.mechanism.release(chunks)
-        for p, g in release.grads.items():
-            p.grad = g
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"private_batch_loss_diagnostic": release.loss_diagnostic,
-                "batch_size": release.batch_size_diagnostic}
+        from .optimizers import apply_release
+
+        return apply_release(self.optimizer, self.mechanism.release(chunks))

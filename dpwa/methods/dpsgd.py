@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..optimizers import make_optimizer
+from ..optimizers import apply_release, make_optimizer
 from . import Method, Step, register_method
 
 __all__ = ["DPSGD"]
@@ -27,13 +27,7 @@ class DPSGD(Method):
     def step(self, step: Step) -> dict[str, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = step.lr
-        release = step.release()
-        for p, g in release.grads.items():
-            p.grad = g
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"private_batch_loss_diagnostic": release.loss_diagnostic,
-                "private_batch_size_diagnostic": release.batch_size_diagnostic}
+        return apply_release(self.optimizer, step.release())
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

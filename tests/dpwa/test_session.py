@@ -154,3 +154,18 @@ def test_averagers_keep_trainable_parameters_only_and_share_the_frozen_ones():
     fresh.load_state_dict(ema.state_dict())
     assert torch.equal(fresh.model[1].weight, ema.model[1].weight)
     fresh.load_state_dict({"count": 1, "weights": {k: v for k, v in ema.model.state_dict().items()}})  # old layout
+
+
+def test_the_optimizer_registry_trains_adam_and_refuses_another_optimizers_fields(tmp_path, capsys):
+    report = train(tiny(tmp_path, "privacy.noise_seed=1", "optim.name=adamw", "optim.lr=0.01",
+                        "optim.weight_decay=0.01", "optim.schedule=constant", "optim.warmup_steps=0"),
+                   ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    assert report["releases"] == 6
+    led = tmp_path / "l2.sqlite"
+    for bad, needle in ((["optim.name=adam", "optim.momentum=0.9"], "optim.momentum / optim.nesterov are for sgd"),
+                        (["optim.name=lion"], "optim.name must be one of adam, adamw, sgd; got 'lion'"),
+                        (["method.name=entropy"], "method.name must be one of")):
+        assert main(["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'r2'}",
+                     *bad]) == 2
+        assert needle in capsys.readouterr().err
+    assert ledger_snapshot(led) is None and not (tmp_path / "r2").exists()
