@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import InvalidParameterError
-from .events import Event, Gaussian, PoissonGaussian, merge
+from .events import Event, PoissonGaussian, merge
 
 __all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "epsilon", "delta", "check_accountant", "check_delta"]
 

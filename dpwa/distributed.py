@@ -26,13 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .errors import RefusalError
 
 __all__ = ["World", "DistributedError", "world_from_env"]
 
 T = TypeVar("T")
 
 
-class DistributedError(ConnectionError):
+class DistributedError(RefusalError, ConnectionError):
     """A process of a distributed run failed or stopped answering (an OSError: `dpwa` exits
     with code 1 and this message)."""
 
@@ -112,6 +113,10 @@ class World:
             "continues it from its last checkpoint")
 
     def close(self) -> None:
+        """Destroy the process group while the interpreter is fully alive: its destructor joins
+        gloo's worker threads (see `world_from_env` for why nothing else may keep it alive).
+        No final barrier: every rank's last call is already a collective (rank 0's report), and
+        after a failure a barrier would only wait for a rank that is gone."""
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -134,5 +139,21 @@ def world_from_env(backend: str = "auto", device: str = "cpu", timeout_s: float 
             raise ConfigError("train.dist_backend=nccl needs CUDA devices; use train.dist_backend=gloo on CPUs")
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        _bind_group_defaults_before_init()
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return World(rank=rank, size=size, local_rank=local, backend=backend)
+
+
+def _bind_group_defaults_before_init() -> None:
+    """Import `torch.distributed.nn` before the process group exists.
+
+    Its functions take `group=group.WORLD` as default arguments, evaluated at import. Imported
+    after `init_process_group` (torch._dynamo imports it; timm imports dynamo, and dpwa imports
+    timm when it builds an NF model: `dpwa finetune`), those defaults hold 10 references to the
+    default group, so `destroy_process_group` cannot free it and gloo's worker threads live on
+    into interpreter exit. A worker still releasing the last collective's tensors then needs the
+    GIL while Python finalizes; Python ends that thread with pthread_exit, whose unwind through a
+    C++ destructor calls std::terminate: "terminate called without an active exception", SIGABRT,
+    a finished run reported as failed. Imported first, the defaults are None.
+    (tests/dpwa/test_distributed.py::test_close_frees_the_process_group_before_interpreter_exit)"""
+    import torch.distributed.nn  # noqa: F401

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 
 from .averaging import METHODS
 from .checkpoint import atomic_write_text

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from accounting import (Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for,  # noqa: E402
+from accounting import (Ledger, PoissonGaussian, fingerprint, noise_multiplier_for,  # noqa: E402
                         steps_for)
 
 DELTA = 1e-5
@@ -79,7 +79,7 @@ def main() -> None:
     for acc in ("prv", "rdp", "pld"):
         first, med, eps = timed(lambda: ledger.spent("bench", delta=DELTA, accountant=acc), a.repeats)
         cli = cli_time(["ledger", "show", "--accountant", acc, "--delta", str(DELTA)], env)
-        rows.append((f"epsilon of a 10-run heterogeneous ledger", acc, f"{eps:.4f}", first, med, cli))
+        rows.append(("epsilon of a 10-run heterogeneous ledger", acc, f"{eps:.4f}", first, med, cli))
         first, med, sigma = timed(lambda: noise_multiplier_for(target_epsilon=8.0, delta=DELTA, sample_rate=0.08192,
                                                                steps=2468, accountant=acc), a.repeats)
         cli = cli_time(["budget", "--epsilon", "8", "--delta", str(DELTA), "--sample-rate", "0.08192", "--steps",

@@ -8,7 +8,6 @@ three and get the fourth. The sample rate comes from --sample-rate or from
 from __future__ import annotations
 
 import argparse
-import math
 import warnings
 
 from accounting import accountants, calibrate

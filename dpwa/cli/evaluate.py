@@ -10,7 +10,6 @@ checkpoint, so a run still in progress is evaluated as of that checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ._format import print_json

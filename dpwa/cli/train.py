@@ -9,7 +9,6 @@ checkpoint under the same reservation (no second charge).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 

@@ -4,8 +4,11 @@ writes what each rank saw to OUT/rank{r}.pt for the test to check.
     sum OUT    one logical batch, no noise: each rank's share, the released update, and rank 0's
                single-process reference on the whole batch
     noise OUT  many steps on examples with zero gradient: the released update is the noise alone
+    close OUT  imports timm after init (as `dpwa finetune` does), broadcasts, closes: the threads
+               of the process before and after (gloo's workers must be gone once closed)
 """
 
+import os
 import sys
 
 import torch
@@ -43,8 +46,22 @@ def released_sum(world, model, x, y, idx, world_size):
     return rec.released[0]
 
 
+def threads():
+    """Native threads of this process (gloo's are invisible to `threading`)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def main(mode, out):
+    before = threads()
     world = world_from_env("gloo")
+    if mode == "close":
+        import timm  # noqa: F401 - imports torch._dynamo, hence torch.distributed.nn, after init
+
+        for _ in range(20):  # tensors that gloo's workers release after each collective
+            world.broadcast({"report": torch.ones(1000)} if world.main else None)
+        world.close()
+        torch.save({"before": before, "after": threads()}, f"{out}/rank{world.rank}.pt")
+        return
     if mode == "sum":
         model, x, y = model_and_data()
         seed = world.broadcast(1234 if world.main else None)  # rank 0's seed reaches every rank

@@ -16,7 +16,6 @@ from dpwa.cli import main
 from dpwa.config import load_config
 from dpwa.data import Data, PrivateDataAccess, Split, Withheld, load_data
 from dpwa.evaluate import evaluate_members, metrics, reliability_bins
-from dpwa.evaluate_run import evaluate_run
 from dpwa.privacy import poisson_batches
 from dpwa.train import train
 from tests.conftest import ROOT, ledger_snapshot

@@ -22,7 +22,9 @@ from dpwa.train import train
 from tests.conftest import ROOT, ledger_snapshot, run_dpwa
 
 QUICK = ROOT / "configs" / "quickstart.yaml"
-ARGS = [str(QUICK), "train.steps=300", "train.checkpoint_every=7", "train.batch_size=64",
+# Long enough that 12 kills land before the end: ~130 steps/s on 2 cores, so 300 steps (2.3 s) no longer were.
+STEPS = 1000
+ARGS = [str(QUICK), f"train.steps={STEPS}", "train.checkpoint_every=7", "train.batch_size=64",
         "train.physical_batch_size=64", "augmult.k=2", "privacy.noise_seed=5"]
 
 
@@ -42,6 +44,7 @@ def rows(run_dir):
     return out
 
 
+@pytest.mark.slow  # 12 kills and resumes plus an uninterrupted reference run
 def test_random_kills_never_lose_progress_or_undercount(tmp_path):
     led = tmp_path / "l.sqlite"
     rng = random.Random(0)
@@ -79,14 +82,14 @@ def test_random_kills_never_lose_progress_or_undercount(tmp_path):
                                 steps=max(done, 1))
         assert Ledger(led).spent("digits", delta=1e-4) >= epsilon([taken], delta=1e-4) - 1e-9
         proc = start("--resume", run_dir, "--ledger", led)
-    assert trial == 11 and checkpoints[-1] < 300, "the run finished before 12 kills: make it longer"
+    assert trial == 11 and checkpoints[-1] < STEPS, "the run finished before 12 kills: make it longer"
     assert len(set(checkpoints)) >= 4, f"too few kills landed mid-training: checkpoints {checkpoints}"
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()  # the last resume runs to the end
     # The finished run: one committed ledger entry with exactly the planned steps, every row once,
     # no temporary file left, and the weights of an uninterrupted run.
     (run,) = Ledger(led).runs()
-    assert run.status == "committed" and run.spent[0].steps == 300
-    assert rows(run_dir) == list(range(1, 301))
+    assert run.status == "committed" and run.spent[0].steps == STEPS
+    assert rows(run_dir) == list(range(1, STEPS + 1))
     assert not list(run_dir.glob("*.tmp"))
     ref = run_dpwa("train", *ARGS, f"out_dir={tmp_path / 'ref'}", "--no-progress", "--ledger", tmp_path / "r.sqlite",
                    timeout=300)
@@ -123,7 +126,7 @@ def test_disk_full_mid_run_keeps_the_ledger_consistent_and_the_run_resumable(tmp
     freed" the resume finishes with one ledger charge."""
     import errno
 
-    import dpwa.train as train_module
+    import dpwa.run_folder as train_module
 
     real, calls = train_module.save_checkpoint, []
 
@@ -150,7 +153,7 @@ def test_disk_full_mid_run_keeps_the_ledger_consistent_and_the_run_resumable(tmp
 
 
 def test_a_folder_that_fails_before_the_first_step_gives_the_reservation_back(tmp_path, capsys, monkeypatch):
-    import dpwa.train as train_module
+    import dpwa.run_folder as train_module
 
     def broken(path, text):
         raise PermissionError(13, "Permission denied", str(path))
@@ -193,7 +196,7 @@ def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
         report = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}", *extra]),
                        ledger_path=str(tmp_path / f"{name}.sqlite"), progress=False)
         lines = (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line)["batch_size"] for line in lines]
+        return [json.loads(line)["private_batch_size_diagnostic"] for line in lines]
 
     assert batch_sizes("a") != batch_sizes("b")
     assert batch_sizes("c", "privacy.noise_seed=3") == batch_sizes("d", "privacy.noise_seed=3")

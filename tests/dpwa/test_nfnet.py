@@ -19,7 +19,7 @@ from dpwa.config import ConfigError, DataConfig, load_config
 from dpwa.data import DataError, ImageFiles, load_data
 from dpwa.engines import EngineError, FastEngine
 from dpwa.models import ModelError, create_model
-from dpwa.models.nfnet import ScalarGain, _tiny_cfg, _TINY, create_nf, load_weights, make_dp_ready
+from dpwa.models.nfnet import ScalarGain, _tiny_cfg, _TINY, create_nf, make_dp_ready
 from dpwa.train import train
 from tests.conftest import ROOT, SHARED_DATA, ledger_snapshot
 from tests.dpwa.test_engines import assert_sums_close, loop_reference
