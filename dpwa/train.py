@@ -323,10 +323,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
             if at_checkpoint and private:
                 eps_now = row["epsilon"] = _epsilon(mechanism, p)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
-                cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa")
-                                          and a.count}}
-                for name, m in cheap.items():
-                    row.update({f"{cfg.train.eval_split}_{name}_{k}": v for k, v in evaluate(m, eval_split, data).items()})
+                row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data))
             metrics.write(row)
             if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
                 metrics.sync()
@@ -345,20 +342,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
         # 5. Commit what the mechanism released, then evaluate (on public/held-out data) and report.
         ledger.commit(run_id, mechanism.events())
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
-        expected = plan.sample_rate * plan.dataset_size * plan.steps  # expected counts: the exact ones are secret
-        report = {
-            "run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None, "method": cfg.method.name,
-            "epsilon": eps_now, "delta": p.delta, "accountant": p.accountant,
-            "dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta, accountant=p.accountant),
-            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "releases": mechanism.released, "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
-            "world_size": world.size, "methods": list(results),
-            "collected": {name: avg.count for name, avg in averagers.items()},
-            **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
-            "expected_examples": expected, "expected_per_example_gradient_evaluations": expected * cfg.augmult.k,
-            "probe_s": probe_s, "train_time_s": state.train_time_s, "wall_time_s": time.time() - wall0,
-            "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9),
-        }
+        report = {"run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None,
+                  "epsilon": eps_now, "dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta,
+                                                                            accountant=p.accountant),
+                  **_plan_report(cfg, plan, mechanism, world), "methods": list(results),
+                  "collected": {name: avg.count for name, avg in averagers.items()},
+                  **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
+                  **_counts_report(cfg, plan, state, probe_s, wall0)}
         folder.save_weights(model)  # the last iterate: model.pretrained can read it
         folder.write_report(report)
         return world.broadcast({**report, "run_dir": str(folder.path)})
@@ -366,6 +356,30 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
         raise
     except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
         raise _folder_error(e, ledger, run_id, folder.path, released=resume is None and steps_done == 0) from None
+
+
+def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, split: Any,
+                       data: Data) -> dict[str, float]:
+    """Metrics of the raw weights and the single-model averages for a metrics row."""
+    cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa") and a.count}}
+    return {f"{cfg.train.eval_split}_{name}_{k}": v for name, m in cheap.items()
+            for k, v in evaluate(m, split, data).items()}
+
+
+def _plan_report(cfg: RunConfig, plan: Plan, mechanism: Any, world: World) -> dict[str, Any]:
+    p = cfg.privacy
+    return {"method": cfg.method.name, "delta": p.delta, "accountant": p.accountant,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "releases": mechanism.released, "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
+            "world_size": world.size}
+
+
+def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float, wall0: float) -> dict[str, Any]:
+    """Expected counts only: the realised ones depend on the secret sampling."""
+    expected = plan.sample_rate * plan.dataset_size * plan.steps
+    return {"expected_examples": expected, "expected_per_example_gradient_evaluations": expected * cfg.augmult.k,
+            "probe_s": probe_s, "train_time_s": state.train_time_s, "wall_time_s": time.time() - wall0,
+            "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9)}
 
 
 def _epsilon(mechanism: GradientMechanism, p: Any) -> float:
