@@ -21,7 +21,7 @@ import torch
 from .config import ConfigError, DataConfig
 from .errors import RefusalError
 
-__all__ = ["Split", "Withheld", "ImageFiles", "Data", "load_data", "DataError", "PrivateDataAccess"]
+__all__ = ["Split", "Withheld", "ImageFiles", "Data", "load_data", "register_source", "DataError", "PrivateDataAccess"]
 
 
 class DataError(ConfigError):
@@ -247,6 +247,30 @@ SOURCES: dict[str, Callable[[DataConfig], tuple[Split, Split, int]]] = {
     "cifar10": lambda cfg: _cifar("cifar10", cfg.root, cfg.download),
     "cifar100": lambda cfg: _cifar("cifar100", cfg.root, cfg.download),
 }
+
+
+def register_source(name: str):
+    """Decorator: make `data.name: <name>` load your data. The function takes the
+    `DataConfig` (its `root` etc.) and returns (train Split, test Split, number of classes),
+    images as uint8 (N, C, H, W) tensors and labels as int64; the train split is the private
+    one (its labels fingerprint the dataset in the ledger), the test split public or held out.
+
+    >>> import torch
+    >>> @register_source("doc-example")
+    ... def _tiny(cfg):
+    ...     x = torch.zeros(20, 1, 8, 8, dtype=torch.uint8)
+    ...     y = torch.arange(20) % 2
+    ...     return Split(x, y), Split(x[:4], y[:4]), 2
+    >>> load_data(DataConfig(name="doc-example")).num_classes
+    2
+    >>> del SOURCES["doc-example"]
+    """
+    def wrap(fn: Callable[[DataConfig], tuple[Split, Split, int]]):
+        if name in SOURCES:
+            raise ValueError(f"data source {name!r} is registered twice")
+        SOURCES[name] = fn
+        return fn
+    return wrap
 
 
 def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -> Data:

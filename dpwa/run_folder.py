@@ -111,6 +111,12 @@ class RunFolder:
     def metrics(self, *, after_step: int) -> MetricsLog:
         return MetricsLog(self.path / "metrics.jsonl", after_step=after_step)
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl (a torn last row is skipped)."""
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if _row_step(line) != math.inf]
+
     def save_state(self, state: dict[str, Any]) -> None:
         save_checkpoint(state, self.checkpoint_path)
 

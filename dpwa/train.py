@@ -13,9 +13,13 @@ its share of each batch; rank 0 alone writes (`dpwa.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import secrets
+import signal
+import sys
+import threading
 import time
 import types
 import warnings
@@ -24,16 +28,18 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from accounting import Ledger, PoissonGaussian, fingerprint, noise_multiplier_for, sample_rate_and_steps
+from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for, sample_rate_and_steps
 from accounting.errors import DeltaAboveOneOverNError, LedgerError
+from accounting.ledger import default_ledger_path
 
 from .augmult import augmult_views
 from .averaging import make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
+from .curves import EpsilonCurve, draw_curves
 from .data import Data, load_data
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
-from .errors import UsageError
+from .errors import RefusalError, UsageError
 from .evaluate import evaluate, evaluate_members
 from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
@@ -166,9 +172,36 @@ def _resume_error(run_dir: Path, run_id: str, why: Any) -> StateError:
                       f"full); `dpwa ledger release {run_id} --reason ...` gives back what it did not spend")
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How `train` runs (not what: that is the config)."""
+
+    resume: Optional[Path] = None
+    ledger_path: Optional[str] = None
+    progress: bool = True
+    stop_after: Optional[int] = None
+    dry_run: bool = False
+    announce: bool = False
+    model: Optional[torch.nn.Module] = None
+
+
+class Interrupted(RefusalError):
+    """SIGINT / SIGTERM: the run stopped at a step boundary after a checkpoint; it stays
+    reserved and `dpwa train --resume` continues it. Exit 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, ledger_path: Optional[str] = None,
-          progress: bool = True, stop_after: Optional[int] = None) -> dict[str, Any]:
+          progress: bool = True, stop_after: Optional[int] = None, dry_run: bool = False, announce: bool = False,
+          model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
     """Train privately; returns the report (also written to RUN_DIR/report.json).
+
+    >>> import dpwa, tempfile                                            # doctest: +SKIP
+    >>> cfg = dpwa.load_config("configs/quickstart.yaml", ["train.steps=20"])  # doctest: +SKIP
+    >>> dpwa.train(cfg, ledger_path=tempfile.mktemp())["epsilon"]          # doctest: +SKIP
 
     Args:
         cfg: the run config (None with `resume`: read from the run folder).
@@ -176,6 +209,11 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         ledger_path: overrides `privacy.ledger`.
         progress: show a tqdm progress bar.
         stop_after: stop (as if killed) after this many steps in total; for tests.
+        dry_run: validate, plan and probe, then return what the run would spend (sigma, q,
+            steps, epsilon, the dataset's remaining budget) without reserving anything.
+        announce: print the run folder to stderr when it is made (the CLI does).
+        model: your own `nn.Module` instead of `model.name` (probed like any other; give the
+            same module again to resume).
     """
     wall0 = time.time()
     if resume is not None:
@@ -186,15 +224,35 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     t = cfg.train
     world = world_from_env(t.dist_backend, t.device, t.dist_timeout_s)
+    opts = Options(resume, ledger_path, progress and world.main, stop_after, dry_run, announce, model)
     try:
-        return _session(cfg, world, world.broadcast(run_id), resume, ledger_path, progress and world.main,
-                        stop_after, wall0)
+        with _signals(world) as stop:
+            return _session(cfg, world, world.broadcast(run_id), opts, stop, wall0)
     finally:
         world.close()
 
 
-def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], ledger_path: Optional[str],
-             show_progress: bool, stop_after: Optional[int], wall0: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def _signals(world: World) -> Iterator[list[int]]:
+    """SIGINT / SIGTERM set a flag the loop reads at each step boundary (one process, main
+    thread only; under torchrun the launcher's signals stop the ranks as before)."""
+    stop: list[int] = []
+    if world.size > 1 or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: list[int], wall0: float
+             ) -> dict[str, Any]:
+    resume, ledger_path, show_progress, stop_after = opts.resume, opts.ledger_path, opts.progress, opts.stop_after
     folder = RunFolder(Path(resume) if resume is not None else Path(cfg.out_dir) / run_id)
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -215,7 +273,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
             _check_delta(cfg, n_source)
         plan = plan_run(cfg, len(data.train))
         fresh = resume is None or not folder.checkpoint_path.is_file()  # a checkpoint holds the weights
-        model = build_model(cfg, data, load_pretrained=fresh).to(device)
+        model = (opts.model if opts.model is not None else build_model(cfg, data, load_pretrained=fresh)).to(device)
         views = 1 if data.features != "none" else cfg.augmult.k
         probe_s = probe(model, p.engine, example_shape=tuple(data.test.x.shape[1:]), views=views,
                         num_classes=data.num_classes).seconds if private else 0.0
@@ -238,6 +296,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
     world.agree("config", _config_hash(cfg))
     world.agree("training data", fingerprint(data.source_labels))
     dataset = cfg.data.ledger_name or cfg.data.name
+    if opts.dry_run:  # everything up to the reservation: nothing is charged or written
+        return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
 
@@ -261,6 +321,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
             raise _folder_error(e, ledger, run_id, folder.path, released=True) from None
 
     world.on_main(reserve)
+    if opts.announce and world.main:
+        print(f"dpwa: run {run_id} in {folder.path}", file=sys.stderr, flush=True)
 
     # 3. Resume from rank 0's checkpoint. The Poisson sampling is secret like the noise; every
     #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
@@ -300,14 +362,17 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
             from tqdm import tqdm
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
-        eps_now = _epsilon(mechanism, p) if private and world.main else None
+        curve = EpsilonCurve(lambda n: _epsilon(mechanism, p, n), releases=plan.releases) if private else None
+        eps_now = curve.exact(mechanism.released) if curve and world.main else None
 
         # 4. The method's steps; averages, rows and checkpoints after each.
         for step in range(start, plan.steps):
-            if stop_after is not None and step >= stop_after:
+            if (stop_after is not None and step >= stop_after) or stop:
                 for closable in (metrics, bar):
                     if closable:
                         closable.close()
+                if stop:  # SIGINT / SIGTERM: checkpoint at this step boundary, then say how to go on
+                    raise _interrupted(stop[0], state, folder, ledger, mechanism, run_id, eps_now)
                 return {"stopped_at": step, "run_dir": str(folder.path), "run_id": run_id}
             t0 = time.time()
             lr = schedule(step)
@@ -320,8 +385,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
                 continue  # not rank 0: no averages, rows, checkpoints or epsilons to keep
             row: dict[str, Any] = {"step": done, "lr": lr, **stats}
             at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
-            if at_checkpoint and private:
-                eps_now = row["epsilon"] = _epsilon(mechanism, p)
+            if curve:  # exact at checkpoints, an upper bound from a grid in between
+                eps_now = row["epsilon"] = (curve.exact if at_checkpoint else curve.at)(mechanism.released)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
                 row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data))
             metrics.write(row)
@@ -339,8 +404,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
             return world.broadcast(None)  # rank 0's report
         metrics.close()
 
-        # 5. Commit what the mechanism released, then evaluate (on public/held-out data) and report.
-        ledger.commit(run_id, mechanism.events())
+        # 5. Evaluate (on public/held-out data), write weights, report and curves, then commit
+        #    what the mechanism released: a kill before the commit leaves a resumable run.
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
         report = {"run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None,
                   "epsilon": eps_now, "dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta,
@@ -351,6 +416,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, resume: Optional[Path], 
                   **_counts_report(cfg, plan, state, probe_s, wall0)}
         folder.save_weights(model)  # the last iterate: model.pretrained can read it
         folder.write_report(report)
+        draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
+                    final={name: r["accuracy"] for name, r in results.items()})
+        ledger.commit(run_id, mechanism.events())
         return world.broadcast({**report, "run_dir": str(folder.path)})
     except DistributedError:
         raise
@@ -382,7 +450,47 @@ def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float
             "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9)}
 
 
-def _epsilon(mechanism: GradientMechanism, p: Any) -> float:
-    from accounting import epsilon
+def _epsilon(mechanism: GradientMechanism, p: Any, releases: Optional[int] = None) -> float:
+    n = mechanism.released if releases is None else releases
+    return epsilon(mechanism.events(n), delta=p.delta, accountant=p.accountant) if n else 0.0
 
-    return epsilon(mechanism.events(), delta=p.delta, accountant=p.accountant) if mechanism.released else 0.0
+
+def _interrupted(signum: int, state: TrainState, folder: RunFolder, ledger: Any, mechanism: Any, run_id: str,
+                 eps: Optional[float]) -> Interrupted:
+    """Checkpoint the step boundary reached, record it in the ledger, and say how to go on."""
+    folder.save_state(state.state_dict())
+    ledger.progress(run_id, mechanism.events())
+    spent = "nothing (public data)" if eps is None else f"epsilon {eps:.3f} so far"
+    return Interrupted(f"{signal.Signals(signum).name}: stopped after step {state.step}, checkpoint written in "
+                       f"{folder.path} ({spent}; the run stays reserved in the ledger, counted in full until it "
+                       f"commits). Continue it with `dpwa train --resume {folder.path}`", signum)
+
+
+def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str], probe_s: float
+             ) -> dict[str, Any]:
+    """What the run would spend and what the dataset would have left; reads the ledger only
+    (a missing ledger file is not created)."""
+    p = cfg.privacy
+    out: dict[str, Any] = {"dry_run": True, "dataset": dataset, "private": p.enabled, "method": cfg.method.name,
+                           "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                           "steps": plan.steps, "releases": plan.releases, "delta": p.delta,
+                           "accountant": p.accountant, "probe_s": probe_s, "epsilon": None}
+    if not p.enabled:
+        return out
+    out["epsilon"] = epsilon([plan.event], delta=p.delta, accountant=p.accountant)
+    path = Path(ledger_path or p.ledger).expanduser() if (ledger_path or p.ledger) else default_ledger_path()
+    out["ledger"] = str(path)
+    nothing = {**out, "dataset_epsilon_spent": 0.0, "dataset_epsilon_after": out["epsilon"], "budget": None}
+    if not path.exists():
+        return nothing
+    ledger = Ledger(path)
+    try:
+        record = ledger.dataset(dataset)
+    except LedgerError:
+        return nothing
+    prior = list(ledger.counted_events(dataset))
+    out["dataset_epsilon_spent"] = epsilon(prior, delta=p.delta, accountant=p.accountant) if prior else 0.0
+    out["dataset_epsilon_after"] = epsilon([*prior, plan.event], delta=p.delta, accountant=p.accountant)
+    out["budget"] = None if record.budget_epsilon is None else {"epsilon": record.budget_epsilon,
+                                                               "delta": record.budget_delta}
+    return out

@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction, verb: str = "train", help: str =
     p.add_argument("--ledger", help="ledger file (default: privacy.ledger, $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, plan and probe, print what the run would spend; reserve and write nothing")
     p.set_defaults(run=run)
     return p
 
@@ -53,11 +55,15 @@ def run(a: argparse.Namespace) -> int:
             check(cfg)
     from dpwa.train import train  # imports torch: only here, not for budget/ledger verbs
 
-    report = train(cfg, resume=a.resume, ledger_path=a.ledger, progress=not a.no_progress)
+    report = train(cfg, resume=a.resume, ledger_path=a.ledger, progress=not a.no_progress, dry_run=a.dry_run,
+                   announce=True)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun rank 0 speaks for the run
     if a.json:
         print_json(report)
+        return 0
+    if a.dry_run:
+        _print_dry_run(report)
         return 0
     split = report["eval_split"]
     if report["epsilon"] is None:
@@ -76,3 +82,18 @@ def run(a: argparse.Namespace) -> int:
     if "swag" in report["collected"]:
         print(f"  SWAG and SWAG-diagonal (Bayesian model averages): dpwa eval {report['run_dir']}")
     return 0
+
+
+def _print_dry_run(r: dict) -> None:
+    if r["epsilon"] is None:
+        print(f"dry run: NOT PRIVATE (public data), {r['steps']} steps; nothing reserved")
+        return
+    print(f"dry run ({r['method']}): epsilon {r['epsilon']:.3f} at delta {r['delta']:g} ({r['accountant']}): "
+          f"sigma {r['noise_multiplier']:.4g}, q {r['sample_rate']:.4g}, {r['steps']} steps, {r['releases']} releases")
+    print(f"  dataset {r['dataset']!r} in {r['ledger']}: epsilon {r['dataset_epsilon_spent']:.3f} spent, "
+          f"{r['dataset_epsilon_after']:.3f} after this run")
+    if r["budget"] is not None:
+        left = r["budget"]["epsilon"] - r["dataset_epsilon_after"]
+        verdict = f"{left:.3f} left after it" if left >= 0 else f"PAST the budget by {-left:.3f}: it would be refused"
+        print(f"  budget epsilon {r['budget']['epsilon']:g} at delta {r['budget']['delta']:g}: {verdict}")
+    print(f"  model probe passed ({r['probe_s']:.1f}s); nothing was reserved or written")
