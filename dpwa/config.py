@@ -249,7 +249,9 @@ class TrainConfig:
     steps: Optional[int] = None     # DP-SGD steps; or
     epochs: Optional[float] = None  # passes over the data: steps = ceil(epochs * N / B)
     seed: int = 0                   # model init, sampling and augmentation
-    threads: int = 2                # torch CPU threads
+    # torch CPU threads: auto (the cores this process may use, less those busy elsewhere, per
+    # local rank: dpwa.threads) or a number
+    threads: int | str = "auto"
     eval_every: int = 0             # steps between evaluations (0: at the end only)
     checkpoint_every: int = 50      # steps between checkpoints (and ledger progress)
     eval_split: str = "test"        # test | val: where accuracy is measured (never private train data)
@@ -267,7 +269,10 @@ class TrainConfig:
                  f"give only one of train.steps and train.epochs; got steps={self.steps}, epochs={self.epochs}")
         _require(self.steps is None or self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.epochs is None or self.epochs > 0, f"train.epochs must be > 0, got {self.epochs}")
-        _require(self.threads >= 1, f"train.threads must be >= 1, got {self.threads}")
+        _require(self.threads == "auto" or (str(self.threads).isdigit() and int(self.threads) >= 1),
+                 f"train.threads must be auto or an integer >= 1, got {self.threads!r}")
+        if isinstance(self.threads, str) and self.threads != "auto":
+            object.__setattr__(self, "threads", int(self.threads))  # "4" in YAML quotes
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
@@ -343,8 +348,49 @@ def _where(e: Any) -> str:
     return f" (key: {key})" if key else ""
 
 
+def _mapping(node: Any, key: str) -> Any:
+    """`node[key]` when both are config mappings, else None (a malformed file is left to `_merge`)."""
+    from omegaconf import DictConfig
+
+    child = node.get(key) if isinstance(node, DictConfig) else None
+    return child if isinstance(child, DictConfig) else None
+
+
+def _root_from(source: Any, base: Path) -> None:
+    """Make a relative `data.root` of `source` absolute, read from `base`: the config file's
+    folder for a file, the current directory for command-line overrides. Absolute and `~`
+    paths stay as written. The resolved (absolute) path is what the run folder's config.yaml
+    keeps, so `--resume` finds the data from any directory."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    data = _mapping(source, "data")
+    if data is None or "root" not in data:
+        return
+    root = OmegaConf.to_container(data, resolve=False).get("root")
+    if isinstance(root, str) and root and not root.startswith("~") and "${" not in root and not os.path.isabs(root):
+        data.root = os.path.normpath(os.path.join(os.path.abspath(base), root))
+
+
+def _one_run_length(file_source: Any, cli_source: Any) -> None:
+    """`train.steps=N` on the command line replaces a run length the file gives as
+    `train.epochs` (and `train.epochs=E` one given as `train.steps`): the file's other key is
+    cleared. Both on the command line (or both in the file) stay an error."""
+    file_train, cli_train = _mapping(file_source, "train"), _mapping(cli_source, "train")
+    if file_train is None or cli_train is None:
+        return
+    for given, other in (("steps", "epochs"), ("epochs", "steps")):
+        if cli_train.get(given) is not None and other not in cli_train and file_train.get(other) is not None:
+            file_train[other] = None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults <- YAML file <- `key.sub=value` overrides, validated.
+
+    A relative `data.root` is read from the config file's folder when the file sets it, and
+    from the current directory when an override sets it; either way it is stored absolute.
+    `train.steps` as an override clears the file's `train.epochs`, and vice versa.
 
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types, out-of-range values.
@@ -362,15 +408,20 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             raise ConfigError(f"Cannot parse {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, type(OmegaConf.create({}))):
             raise ConfigError(f"{path} must hold a mapping of config keys, not a list")
+        _root_from(loaded, path.parent)
         sources.append(loaded)
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"Override {item!r} is not of the form key.sub=value")
     if overrides:
         try:
-            sources.append(OmegaConf.from_dotlist(list(overrides)))
+            cli = OmegaConf.from_dotlist(list(overrides))
         except Exception as e:
             raise ConfigError(f"Bad override: {str(e).splitlines()[0]}") from None
+        _root_from(cli, Path.cwd())
+        if sources:
+            _one_run_length(sources[0], cli)
+        sources.append(cli)
     return _merge(sources)
 
 

@@ -98,6 +98,7 @@ class GradientMechanism:
             raise ReleaseRefused(f"release {self.released + 1} refused: the ledger reserved {self.releases} "
                                  "releases for this run and all were made; a method must declare every gradient "
                                  "query it makes in its plan (`Method.releases`)")
+        self.model.train()  # the mode the probe checked (a model may mix examples only in another)
         sums = {p: torch.zeros_like(p) for p in self.params}
         loss_sum, count = 0.0, 0
         for views, labels in chunks:  # one chunk's views in memory at a time

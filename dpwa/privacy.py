@@ -10,6 +10,7 @@ secret generators, plus `PrivateSGD` (mechanism + optimizer, for the audit and t
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Iterable, Iterator, Optional
@@ -85,6 +86,7 @@ class PrivateSGD:
 
             world = World(rank=dist.get_rank(), size=world_size)
         self.model, self.optimizer = model, optimizer
+        self.engine_name, self.probed = engine, False
         self.engine = make_engine(engine, model)
         self.mechanism = GradientMechanism(
             model, engine=self.engine, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
@@ -105,4 +107,22 @@ class PrivateSGD:
         self.mechanism.engine = self.engine  # tests swap the engine for a planted bug
         from .optimizers import apply_release
 
-        return apply_release(self.optimizer, self.mechanism.release(chunks))
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if not self.probed and first is not None:  # the probe, on the first batch's shape
+            self._probe(first[0])
+        return apply_release(self.optimizer, self.mechanism.release(itertools.chain([first] if first else [], chunks)))
+
+    def _probe(self, views: torch.Tensor) -> None:
+        """`dpwa.probe` before the first release, as `dpwa train` does before its reservation:
+        a model that mixes examples, or an engine that is not exact on it, is refused here.
+        Only shapes are read from the batch (random inputs are probed, not the data)."""
+        from .probe import probe
+
+        shape, k = tuple(views.shape[2:]), views.shape[1]
+        was = self.model.training
+        with torch.no_grad():  # the number of classes, from the model's output on zeros
+            classes = self.model.eval()(torch.zeros(2 * k, *shape, dtype=views.dtype, device=views.device)).shape[-1]
+        self.model.train(was)
+        probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes))
+        self.probed = True

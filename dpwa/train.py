@@ -49,6 +49,7 @@ from .probe import probe
 from .run_folder import RunFolder, RunFolderError, check_writable
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
+from .threads import set_threads
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
 
@@ -167,6 +168,22 @@ def _folder_error(e: OSError, ledger: Any, run_id: str, run_dir: Path, *, releas
                           f"then `dpwa train --resume {run_dir}` continues from its last checkpoint")
 
 
+def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) -> None:
+    """A resumed run must be the run that was reserved: its config hash and its mechanism
+    (sigma, q, releases) as the ledger and run.json hold them. An edited config.yaml is refused
+    before any step."""
+    meta = folder.meta()
+    planned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+               "releases": plan.releases}
+    recorded = {k: meta.get(k, meta["steps"] if k == "releases" else None) for k in planned}
+    # runs from before the session loop hashed their config in the v1 layout: their plan is checked
+    same_config = run.config_hash == _config_hash(cfg) or "releases" not in meta
+    if not same_config or recorded != planned or list(run.planned) != [plan.event]:
+        raise StateError(f"Cannot resume {folder.path}: its config.yaml no longer matches the run reserved in the "
+                         f"ledger (reserved: {recorded}; the config now gives {planned}). Restore the config the "
+                         f"run started with; run {run.run_id!r} stays reserved (counted in full)")
+
+
 def _resume_error(run_dir: Path, run_id: str, why: Any) -> StateError:
     return StateError(f"Cannot resume {run_dir}: {why}. Run {run_id!r} stays reserved in the ledger (counted in "
                       f"full); `dpwa ledger release {run_id} --reason ...` gives back what it did not spend")
@@ -254,7 +271,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
              ) -> dict[str, Any]:
     resume, ledger_path, show_progress, stop_after = opts.resume, opts.ledger_path, opts.progress, opts.stop_after
     folder = RunFolder(Path(resume) if resume is not None else Path(cfg.out_dir) / run_id)
-    torch.set_num_threads(cfg.train.threads)
+    thread_choice = set_threads(cfg.train.threads)  # noqa: F841 - count and reason, for the run's records
     torch.manual_seed(cfg.train.seed)
     private, p = cfg.privacy.enabled, cfg.privacy
 
@@ -275,8 +292,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         fresh = resume is None or not folder.checkpoint_path.is_file()  # a checkpoint holds the weights
         model = (opts.model if opts.model is not None else build_model(cfg, data, load_pretrained=fresh)).to(device)
         views = 1 if data.features != "none" else cfg.augmult.k
+        model.train()  # the mode the mechanism trains in, and the one the probe checks
         probe_s = probe(model, p.engine, example_shape=tuple(data.test.x.shape[1:]), views=views,
-                        num_classes=data.num_classes).seconds if private else 0.0
+                        num_classes=data.num_classes, batch=cfg.train.physical_batch_size).seconds if private else 0.0
         schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
         averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
         method = make_method(cfg, model)
@@ -304,10 +322,12 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.
     def reserve() -> None:
-        if resume is not None:
-            status = ledger.run(run_id).status
-            if status != "reserved":
-                raise LedgerError(f"Run {run_id!r} is {status} in the ledger; there is nothing to resume")
+        if resume is not None:  # the reservation, not the folder's (editable) config, is the plan
+            run = ledger.run(run_id)
+            if run.status != "reserved":
+                raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
+            if private:
+                _check_resume_plan(folder, run, cfg, plan)
             return
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
                        events=[plan.event] if private else [], config_hash=_config_hash(cfg), size=n_source)
@@ -494,3 +514,14 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
     out["budget"] = None if record.budget_epsilon is None else {"epsilon": record.budget_epsilon,
                                                                "delta": record.budget_delta}
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """`dpwa.train(cfg)` is the function even when `dpwa.train` resolves to this module
+    (Python binds a package's submodule to its attribute once `dpwa.train` is imported)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -24,6 +24,25 @@ __all__ = ["main", "build_parser"]
 
 _VERBS = (train, finetune, evaluate, audit, budget, ledger)
 
+DESCRIPTION = """\
+dpwa: differentially private training of image classifiers (DP-SGD on Opacus), free
+averages and ensembles of the private iterates, and a privacy ledger that records what
+every run spends on every dataset."""
+
+EPILOG = """\
+examples (`dpwa VERB --help` says more):
+  dpwa train configs/quickstart.yaml privacy.epsilon=1     private training from a YAML config
+  dpwa finetune CONFIG model.pretrained=FILE               private fine-tuning of an NF model
+  dpwa train --resume runs/RUN_ID                          continue a killed run
+  dpwa eval runs/RUN_ID                                    accuracy, NLL, ECE, Brier of its models
+  dpwa audit configs/quickstart.yaml                       empirical lower bound on epsilon
+  dpwa budget --sigma 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
+  dpwa ledger show                                         spend and budgets per dataset
+
+Configs ship in configs/; README.md explains them. The ledger is ~/.dpwa/ledger.sqlite
+unless $DPWA_LEDGER or --ledger names another file. Exit codes: 0 done; 1 refused or
+failed at run time (e.g. the budget would be exceeded); 2 bad input, nothing charged."""
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: usage line + message, exit 2
@@ -32,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dpwa", description=__doc__.splitlines()[0] if __doc__ else None,
+    parser = _Parser(prog="dpwa", description=DESCRIPTION, epilog=EPILOG,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from dpwa import __version__
 

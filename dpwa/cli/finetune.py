@@ -15,10 +15,17 @@ import argparse
 
 from . import train as _train
 
-EXAMPLES = """examples:
-  dpwa finetune configs/imagenet_nfnet_f3_finetune_eps8.yaml model.pretrained=~/weights/dm_nfnet_f3.safetensors
-  dpwa finetune configs/cifar10_nfmicro_finetune_cpu_eps8.yaml model.pretrained=runs/pre/weights.safetensors
-  dpwa finetune configs/imagenette_nfmicro_finetune_cpu_eps8.yaml model.trainable=head
+EXAMPLES = """examples (configs in configs/; README.md, "Private fine-tuning of NF models"):
+  # CPU scale: pretrain nf_micro on CIFAR-10 classes 0-4 (declared public, no privacy), then
+  # fine-tune it privately on classes 5-9 at epsilon 8, all layers or the head only
+  dpwa train configs/cifar10_nfmicro_pretrain_public.yaml
+  dpwa finetune configs/cifar10_nfmicro_finetune_cpu_eps8.yaml model.pretrained=runs/RUN_ID/weights.safetensors
+  dpwa finetune configs/cifar10_nfmicro_finetune_cpu_eps8.yaml model.pretrained=runs/RUN_ID/weights.safetensors \\
+      model.trainable=head
+  # GPU scale: ImageNet-pretrained NFNets from a weights file or timm's local cache
+  dpwa finetune configs/cifar10_nfnet_f0_finetune_eps1.yaml model.pretrained=cache
+  dpwa finetune configs/imagenet_nfnet_f3_finetune_eps8.yaml data.root=/data/imagenet \\
+      model.pretrained=~/weights/dm_nfnet_f3.safetensors
   dpwa finetune --resume RUN_DIR
 """
 

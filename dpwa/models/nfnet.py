@@ -139,18 +139,24 @@ def load_weights(model: nn.Module, source: str, *, timm_name: Optional[str] = No
         if not path.is_file():
             raise ModelError(f"model.pretrained={source!r}: no such file. Give a .safetensors or torch state-dict "
                              "file, or model.pretrained=cache for timm's local cache (refusing a random init)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
+        except Exception as e:
+            raise ModelError(f"Cannot read pretrained weights {path}: not a valid .safetensors file "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    else:
+        try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                state = state["model"]  # a dpwa checkpoint
-    except Exception as e:
-        raise ModelError(f"Cannot read pretrained weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") \
-            from None
+        except Exception as e:  # dpwa's own words: torch's advice (load it unsafely) is not passed on
+            raise ModelError(f"Cannot read pretrained weights {path}: {_not_weights(e)}. dpwa reads torch files "
+                             "as tensors only, so that no code inside a file runs. Give a state dict of tensors "
+                             "(torch.save(model.state_dict(), 'weights.pt')), a .safetensors file, a dpwa "
+                             "checkpoint.pt, or a run's weights.safetensors") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a dpwa checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path} does not hold a state dict of tensors")
     head = _classifier(model) + "."
@@ -163,6 +169,19 @@ def load_weights(model: nn.Module, source: str, *, timm_name: Optional[str] = No
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                          f"{'...' if len(unexpected) > 5 else ''}, wrong shape {wrong[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def _not_weights(error: Exception) -> str:
+    """What a torch.load(weights_only=True) failure says about the file, in dpwa's words."""
+    import pickle
+    import re
+
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        if found:
+            return f"it holds the pickled Python object {found.group(1)}, which could run code when loaded"
+        return "its contents are not tensors as torch.save writes them"
+    return f"it is not a file written by torch.save ({type(error).__name__})"
 
 
 def _cached_file(model: nn.Module, timm_name: Optional[str]) -> Path:

@@ -252,3 +252,48 @@ def test_corrupt_checkpoint_is_refused_and_changes_nothing(stopped_run, tmp_path
         assert "Cannot resume" in err and "stays reserved" in err
     assert ledger_snapshot(led) == before and ckpt.read_bytes() == data
     assert not marker.exists()  # the pickled code never ran
+
+
+@pytest.mark.parametrize("content", ["pickled code", "pickled object", "text", "not safetensors"])
+def test_pretrained_file_that_is_not_weights_is_refused_in_dpwas_words(ledger, tmp_path, capsys, content):
+    """A model.pretrained file that is not a state dict of tensors: dpwa's own message, never
+    PyTorch's advice to load it with weights_only=False (that would run the file's code)."""
+    import argparse
+
+    weights, marker = tmp_path / ("w.safetensors" if content == "not safetensors" else "w.pt"), tmp_path / "ran"
+    if content == "pickled code":
+        _pickled_code(weights, marker)
+    elif content == "pickled object":
+        torch.save({"args": argparse.Namespace(lr=1.0), "w": torch.zeros(2)}, weights)  # a training script's habit
+    else:
+        weights.write_text("these are not weights\n")
+    before = ledger_snapshot(ledger)
+    code, err = call(["finetune", QUICK, *[a.replace("{tmp}", str(tmp_path)) for a in TRAIN], "model.name=nf_micro",
+                      "data.image_size=32", f"model.pretrained={weights}"], capsys)
+    assert code == 2 and f"Cannot read pretrained weights {weights}" in err, err
+    assert "weights_only" not in err and "Traceback" not in err
+    if content == "not safetensors":
+        assert "not a valid .safetensors file" in err
+    else:
+        assert "state dict of tensors" in err and "no code inside a file runs" in err
+    if content == "pickled object":
+        assert "argparse.Namespace" in err  # names what the file holds
+    assert not marker.exists()  # the pickled code never ran
+    assert ledger_snapshot(ledger) == before and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["finetune", "--help"]])
+def test_help_is_for_users_and_names_only_configs_that_exist(capsys, argv):
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert "add_parser" not in out and "one module per verb" not in out  # no developer docstring
+    named = re.findall(r"configs/[\w.-]+\.yaml", out)
+    assert named or argv == ["--help"]
+    assert [c for c in named if not (ROOT / c).is_file()] == []
+    if argv == ["--help"]:
+        assert all(verb in out for verb in ("dpwa train", "dpwa finetune", "dpwa eval", "dpwa audit", "dpwa budget",
+                                            "dpwa ledger"))

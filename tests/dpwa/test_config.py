@@ -1,5 +1,7 @@
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from dpwa.averaging import make_averagers
 from dpwa.config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml, load_config
 from dpwa.schedules import Schedule
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -40,7 +43,7 @@ def test_overrides():
     (["privacy.accountant=moments"], "moments"),
     (["model.groups=0"], "model.groups"),
     (["data.name=imagenet"], "imagenet"),
-    (["train.epochs=3"], "only one of train.steps and train.epochs"),
+    (["train.epochs=3", "train.steps=5"], "only one of train.steps and train.epochs"),
     (["augmult.k=2", "data.features=scattering"], "augmult.k=2 with data.features=scattering"),
     (["data.features=sift"], "data.features must be none or one of scattering; got 'sift'"),
     (["optim.lr"], "key.sub=value"),
@@ -78,3 +81,70 @@ def test_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listy)
+
+
+def test_an_override_of_the_run_length_replaces_the_files(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {epochs: 2.5}\n")
+    got = load_config(cfg, ["train.steps=7"]).train  # no train.epochs=null needed
+    assert (got.steps, got.epochs) == (7, None)
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {steps: 10}\n")
+    got = load_config(cfg, ["train.epochs=3"]).train
+    assert (got.steps, got.epochs) == (None, 3.0)
+    assert load_config(cfg, ["train.epochs=null", "train.steps=4"]).train.steps == 4  # the old spelling still works
+    with pytest.raises(ConfigError, match="only one of train.steps and train.epochs"):
+        load_config(cfg, ["train.epochs=3", "train.steps=4"])  # both on the command line: ambiguous
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {steps: 10, epochs: 2}\n")
+    with pytest.raises(ConfigError, match="only one of train.steps and train.epochs"):
+        load_config(cfg)  # both in the file: still an error
+
+
+def _tiny_npz(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 20), ("test", 10)):
+        np.savez(folder / f"{part}.npz", x=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+                 y=np.arange(n) % 2)
+
+
+def test_data_root_is_read_from_the_config_files_folder(tmp_path, monkeypatch):
+    from dpwa.data import load_data
+
+    project = tmp_path / "project"
+    _tiny_npz(project / "data" / "tiny")
+    (project / "configs").mkdir()
+    cfg = project / "configs" / "c.yaml"
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {steps: 1}\ndata: {name: npz, root: ../data/tiny}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    got = load_config(Path("..") / "project" / "configs" / "c.yaml")  # a relative config path, from another cwd
+    assert got.data.root == str(project / "data" / "tiny")  # absolute: the run folder's copy works anywhere
+    assert config_from_yaml_text(config_to_yaml(got)).data.root == got.data.root
+    assert len(load_data(got.data).train) == 20  # the data is found from the other directory
+    # an absolute root and a ~ root stay as written
+    cfg.write_text(f"privacy: {{epsilon: 1}}\ntrain: {{steps: 1}}\ndata: {{name: npz, root: {elsewhere}}}\n")
+    assert load_config(cfg).data.root == str(elsewhere)
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {steps: 1}\ndata: {name: cifar10, root: ~/cifar}\n")
+    assert load_config(cfg).data.root == "~/cifar"
+
+
+def test_a_data_root_override_is_read_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    cfg = tmp_path / "configs" / "c.yaml"
+    cfg.write_text("privacy: {epsilon: 1}\ntrain: {steps: 1}\ndata: {name: npz, root: ../data/tiny}\n")
+    monkeypatch.chdir(tmp_path)
+    got = load_config(cfg, ["data.root=mine/cifar"])  # as a shell user means it: from where they stand
+    assert got.data.root == str(tmp_path / "mine" / "cifar")
+    assert load_config(None, ["data.name=npz", "data.root=/abs/cifar", "privacy.epsilon=1",
+                              "train.steps=1"]).data.root == "/abs/cifar"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_data_roots_work_from_any_directory(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = load_config(path).data.root
+    assert root is None or root.startswith("~") or os.path.isabs(root), root
+    written = (path.read_text().split("root:", 1) + [""])[1].split()[:1]
+    if written and not written[0].startswith(("~", "/")):  # the npz configs: ../shared/data beside the repository
+        assert root == os.path.normpath(ROOT.parent / "shared" / "data" / "cifar10")

@@ -332,3 +332,13 @@ def test_augmented_views_are_probed_per_example():
         probe(model, engine, **kw)
     with pytest.raises(ProbeError, match="augmult.k=2"):
         probe(model, GHOST, **kw)
+
+
+def test_a_parameter_whose_gradient_is_zero_up_to_rounding_is_not_refused():
+    """A conv bias before a GroupNorm of one channel per group has a zero gradient up to
+    rounding: its relative error is measured against 1e-3 C, not against ~1e-17."""
+    from dpwa.models import create_model
+
+    model = create_model("cnn_small", in_channels=1, num_classes=10, groups=16)  # GroupNorm(16, 16)
+    report = probe(model, "dpwa-fast", example_shape=(1, 8, 8), views=1, num_classes=10)
+    assert report.max_sum_error < 1e-6

@@ -23,6 +23,29 @@ class MeanSub(nn.Module):
         return x - x.mean(0, keepdim=True)
 
 
+class MixesOnlyIn(nn.Module):
+    """Mixes examples only in eval mode, or only in batches larger than the probe's 4."""
+
+    def __init__(self, when):
+        super().__init__()
+        self.when = when
+
+    def forward(self, x):
+        mix = (not self.training) if self.when == "eval" else x.shape[0] > 8
+        return x - x.mean(0, keepdim=True) if mix else x
+
+
+class RunningMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(64))
+
+    def forward(self, x):
+        if self.training:
+            self.mu.mul_(0.9).add_(0.1 * x.detach().mean(0))  # a statistic of the private batch
+        return x
+
+
 class TiedHead(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -84,6 +107,11 @@ CASES = {  # model name: (module factory, engine, expected: None (trains) or a m
     "probe_misdeclared_tiling": (_tiled("example-major"), "torch-func", "mixes"),
     "probe_declared_tiling": (_tiled("member-major"), "torch-func", None),
     "probe_gains_torch_func": (_flat(Gains(64)), "torch-func", None),
+    # trains in training mode, where it does not mix: the probe and the mechanism both use it
+    "probe_mixes_in_eval_only": (lambda **k: nn.Sequential(nn.Flatten(), MixesOnlyIn("eval"),
+                                                          nn.Linear(64, 10)).eval(), "dpwa-fast", None),
+    "probe_mixes_in_big_batches": (_flat(MixesOnlyIn("big"), nn.Linear(64, 10)), "dpwa-fast", "mixes examples in a batch of"),
+    "probe_running_statistic": (_flat(RunningMean(), nn.Linear(64, 10)), "dpwa-fast", "1.mu"),
     "probe_gains_opacus": (_flat(Gains(64)), "opacus-functorch", None),
 }
 

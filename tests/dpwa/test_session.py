@@ -169,3 +169,39 @@ def test_the_optimizer_registry_trains_adam_and_refuses_another_optimizers_field
                      *bad]) == 2
         assert needle in capsys.readouterr().err
     assert ledger_snapshot(led) is None and not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("edit", ["privacy.noise_multiplier: 0.1", "steps: 12"])
+def test_resume_refuses_a_config_edited_after_the_reservation(tmp_path, capsys, edit):
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, "privacy.epsilon=null", "privacy.noise_multiplier=1.0", "train.checkpoint_every=2")
+    stopped = train(cfg, ledger_path=str(led), progress=False, stop_after=4)
+    run_dir = Path(stopped["run_dir"])
+    text = (run_dir / "config.yaml").read_text()
+    key, value = edit.split(": ")
+    section, field = key.split(".") if "." in key else ("train", key)
+    lines, inside = [], False
+    for line in text.splitlines():  # edit `field` inside `section:`
+        if not line.startswith(" "):
+            inside = line.startswith(f"{section}:")
+        if inside and line.strip().startswith(f"{field}:"):
+            line = line.split(":")[0] + f": {value}"
+        lines.append(line)
+    (run_dir / "config.yaml").write_text("\n".join(lines) + "\n")
+    before = ledger_snapshot(led)
+    assert main(["train", "--resume", str(run_dir), "--no-progress", "--ledger", str(led)]) == 2
+    assert "no longer matches the run reserved in the ledger" in capsys.readouterr().err
+    assert ledger_snapshot(led) == before
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["mechanism"]["released"] == 4
+
+
+def test_private_sgd_probes_the_model_before_its_first_release():
+    from dpwa.privacy import PrivateSGD
+    from dpwa.probe import ProbeError
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8, affine=False), nn.Linear(8, 3))
+    sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=1.0,
+                     expected_batch_size=8, releases=5)
+    with pytest.raises(ProbeError, match="mixes examples"):
+        sgd.step([(torch.randn(8, 1, 16), torch.randint(0, 3, (8,)))])
+    assert sgd.mechanism.released == 0  # refused before the release
