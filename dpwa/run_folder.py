@@ -166,6 +166,7 @@ def load_run(run_dir: Path) -> ReleasedRun:
     from .models.from_config import build_model
     from .schedules import Schedule
     from .state import StateError, upgrade
+    from .threads import set_threads
 
     folder = RunFolder.existing(run_dir)
     cfg, meta = folder.config(), folder.meta()
@@ -174,7 +175,7 @@ def load_run(run_dir: Path) -> ReleasedRun:
         raise ConfigError(f"{folder.path} has no checkpoint.pt: the run stopped before its first checkpoint "
                           f"(train.checkpoint_every={cfg.train.checkpoint_every}); nothing was released")
     state = upgrade(raw)
-    torch.set_num_threads(cfg.train.threads)
+    set_threads(cfg.train.threads)
     data = load_data(cfg.data, seed=cfg.train.seed, withhold_train=True)
     model = build_model(cfg, data, load_pretrained=False)  # the checkpoint holds the weights
     steps = int(meta["steps"])

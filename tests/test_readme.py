@@ -21,7 +21,7 @@ def test_the_python_api_blocks_run(tmp_path, monkeypatch, capsys):
 
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("DPWA_LEDGER", str(tmp_path / "ledger.sqlite"))
+    monkeypatch.setenv("DPWA_LEDGER", str(tmp_path / "never-used.sqlite"))  # the blocks name their own
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     registries = [(r, set(r)) for r in (SOURCES, METHODS, MODELS)]
     blocks = _python_blocks("Python API")
@@ -36,4 +36,4 @@ def test_the_python_api_blocks_run(tmp_path, monkeypatch, capsys):
                 del registry[name]
     out = capsys.readouterr().out
     assert "would spend epsilon" in out and "\n20\n" in out
-    assert (tmp_path / "ledger.sqlite").exists()
+    assert (tmp_path / "example-ledger.sqlite").exists() and not (tmp_path / "never-used.sqlite").exists()
