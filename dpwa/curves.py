@@ -70,12 +70,18 @@ def draw_curves(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "",
     axes[0].plot(steps, loss, lw=0.8, color="tab:gray")
     axes[0].set_title("private batch loss\n(local diagnostic, outside the DP guarantee)", fontsize=9)
     accuracy = sorted({k for r in rows for k in r if k.endswith("_accuracy")})
+    colors: dict[str, str] = {}
+
+    def color(name: str) -> str:  # one colour per method, for its curve and its final star
+        return colors.setdefault(name, f"C{len(colors)}")
+
     for key in accuracy:
         s, v = _series(rows, key)
-        axes[1].plot(s, [100 * x for x in v], marker=".", label=key.removesuffix("_accuracy"))
+        name = key.removesuffix("_accuracy").split("_", 1)[-1]
+        axes[1].plot(s, [100 * x for x in v], marker=".", color=color(name), label=name)
     last = rows[-1]["step"] if rows else 0
     for name, acc in (final or {}).items():
-        axes[1].scatter([last], [100 * acc], marker="*", s=60, label=f"{name} (end)")
+        axes[1].scatter([last], [100 * acc], marker="*", s=70, color=color(name), label=f"{name} (end)")
     axes[1].set_title("accuracy (%) on the evaluation split" +
                       ("" if accuracy else "\n(train.eval_every=0: at the end only)"), fontsize=9)
     if accuracy or final:

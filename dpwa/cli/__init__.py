@@ -33,7 +33,8 @@ EPILOG = """\
 examples (`dpwa VERB --help` says more):
   dpwa train configs/quickstart.yaml privacy.epsilon=1     private training from a YAML config
   dpwa finetune CONFIG model.pretrained=FILE               private fine-tuning of an NF model
-  dpwa train --resume runs/RUN_ID                          continue a killed run
+  dpwa train configs/quickstart.yaml --dry-run             what a run would spend; charges nothing
+  dpwa train --resume runs/RUN_ID                          continue a stopped or killed run
   dpwa eval runs/RUN_ID                                    accuracy, NLL, ECE, Brier of its models
   dpwa audit configs/quickstart.yaml                       empirical lower bound on epsilon
   dpwa budget --sigma 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
@@ -41,7 +42,8 @@ examples (`dpwa VERB --help` says more):
 
 Configs ship in configs/; README.md explains them. The ledger is ~/.dpwa/ledger.sqlite
 unless $DPWA_LEDGER or --ledger names another file. Exit codes: 0 done; 1 refused or
-failed at run time (e.g. the budget would be exceeded); 2 bad input, nothing charged."""
+failed at run time (e.g. the budget would be exceeded); 2 bad input, nothing charged;
+130 / 143 stopped by SIGINT / SIGTERM after a checkpoint (resume it)."""
 
 
 class _Parser(argparse.ArgumentParser):
