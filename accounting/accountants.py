@@ -3,10 +3,14 @@
 * ``rdp``: Renyi DP (Mironov 2017; Mironov, Talwar, Zhang 2019 for the subsampled
   Gaussian) with the RDP-to-(eps, delta) conversion of Balle et al. 2020, computed by
   dp-accounting on Opacus's default orders, so numbers agree with Opacus's RDP accountant.
-* ``prv``: privacy random variables (Gopi, Lee, Wutschitz 2021), the default. The PRVs,
-  the safe domain, the discretisation and the (eps, delta) read-out come from
-  prv-accountant; the composition is done here, in one pass in Fourier space, because
-  prv-accountant's convolution tree takes ~20 s for ten heterogeneous runs. We report the
+* ``prv``: privacy random variables (Gopi, Lee, Wutschitz 2021), the default. The PRVs'
+  CDFs, the safe domain, the cell-centred discretisation and the (eps, delta) read-out are
+  prv-accountant's (evaluated here in float64, tested equal to its long-double code); the
+  composition is done here, in one pass in Fourier space, because prv-accountant's
+  convolution tree takes ~20 s for ten heterogeneous runs. The grid's mesh and width are
+  snapped to powers of 2**(1/16) (finer and wider than the theorem asks) so that nearby
+  compositions share a grid, and each mechanism's discretised spectrum is cached per grid:
+  a ledger's n-step and (n + 1)-step questions cost one discretisation. We report the
   upper bound (estimate + eps_error), so the number is a guarantee, not an estimate.
 * ``pld``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), by
   dp-accounting's PLDAccountant with its default discretisation (pessimistic estimate).
@@ -17,9 +21,11 @@ ledger is the composition of every run that touched it.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
+import threading
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -121,6 +127,67 @@ def _prv(event: Event):
     return GaussianMechanism(noise_multiplier=event.noise_multiplier)
 
 
+class _FastPoissonGaussianPRV:
+    """The PRV of one Poisson-subsampled Gaussian step: prv-accountant's
+    `PoissonSubsampledGaussianMechanism.cdf` in float64, with z = log1p(expm1(t) / q) in
+    place of its long-double log((q - 1) / q + e^t / q), and a plain-float path for the
+    scalar calls of the truncated mean's quadrature. The same values to ~1e-15 (tested),
+    5-20x faster; erfc is evaluated in float64 by both."""
+
+    pm_inf = 0.0
+
+    def __init__(self, sample_rate: float, noise_multiplier: float) -> None:
+        self.p, self.sigma = float(sample_rate), float(noise_multiplier)
+        self.boundary = math.log1p(-self.p) if self.p < 1 else -math.inf  # the PRV's lower end
+        self.k = math.sqrt(2.0) / 4.0 / self.sigma
+        self.s2 = 2.0 * self.sigma**2
+
+    def cdf(self, t):
+        from scipy.special import erfc
+
+        p, k, s2 = self.p, self.k, self.s2
+        if np.ndim(t) == 0:
+            t = float(t)
+            if not t > self.boundary:
+                return 0.0
+            try:
+                z = math.log1p(math.expm1(t) / p)
+            except OverflowError:
+                return 1.0
+            return 0.5 * p * -math.erfc(k * (s2 * z - 1)) - 0.5 * (p - 1) * -math.erfc(k * (s2 * z + 1)) + 1
+        t = np.asarray(t, dtype=np.float64)
+        out = np.zeros(t.shape)
+        inside = t > self.boundary
+        with np.errstate(over="ignore"):
+            z = np.log1p(np.expm1(t[inside]) / p)
+        out[inside] = 0.5 * p * -erfc(k * (s2 * z - 1)) - 0.5 * (p - 1) * -erfc(k * (s2 * z + 1)) + 1
+        return out
+
+
+class _FastGaussianPRV:
+    """prv-accountant's `GaussianMechanism.cdf` (the normal CDF at t / mu - mu / 2) by
+    scipy.special.ndtr, which `scipy.stats.norm.cdf` calls after much argument checking."""
+
+    pm_inf = 0.0
+
+    def __init__(self, noise_multiplier: float) -> None:
+        self.mu = 1.0 / float(noise_multiplier)
+
+    def cdf(self, t):
+        from scipy.special import ndtr
+
+        if np.ndim(t) == 0:
+            return float(ndtr(float(t) / self.mu - self.mu / 2))
+        return ndtr(np.asarray(t, dtype=np.float64) / self.mu - self.mu / 2)
+
+
+def _fast_prv(event: Event):
+    """The PRV that discretisation evaluates: `_prv(event)`'s CDF, faster."""
+    if isinstance(event, PoissonGaussian):
+        return _FastPoissonGaussianPRV(event.sample_rate, event.noise_multiplier)
+    return _FastGaussianPRV(event.noise_multiplier)
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_curve(mechanism: Event) -> np.ndarray:
     """RDP of one step of `mechanism` at RDP_ORDERS (prv-accountant's formulas), cached:
@@ -169,8 +236,10 @@ def _discretise(prv, domain):
 
     A PRV's mass sits in a small part of the safe domain; outside it the truncated CDF is
     exactly 0 or exactly 1 and every cell's mass `cdf(right) - cdf(left)` is exactly 0. A
-    coarse pass over the (monotone) CDF finds that part, so the result is identical to
-    `prv_accountant.discretisers.CellCentred` at a fraction of its cost (tested).
+    coarse pass over the (monotone) CDF finds that part. Inside it, each cell edge's CDF is
+    evaluated once (a cell's right edge is the next one's left edge), so the result equals
+    `prv_accountant.discretisers.CellCentred` (to rounding of the edges, tested) at a
+    fraction of its cost.
     """
     from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
     from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
@@ -187,7 +256,13 @@ def _discretise(prv, domain):
     lo = int(coarse[zero[-1]]) if len(zero) else 0
     hi = int(coarse[one[0]]) if len(one) else len(ts)
     pmf = np.zeros(len(ts), dtype=ts.dtype)
-    pmf[lo:hi] = tprv.probability(ts[lo:hi] - half, ts[lo:hi] + half)
+    if hi > lo:
+        edges = np.empty(hi - lo + 1, dtype=ts.dtype)
+        edges[:-1] = ts[lo:hi] - half
+        edges[-1] = ts[hi - 1] + half
+        # PrivacyRandomVariableTruncated.probability(a, b): clip both ends, divide by the mass.
+        cdf = prv.cdf(np.clip(edges, tprv.t_min, tprv.t_max))
+        pmf[lo:hi] = np.diff(cdf) / tprv.remaining_mass
 
     mean_shift = tprv.mean() - np.dot(ts, pmf)
     if not np.abs(mean_shift) < domain.dt() / 2:
@@ -196,49 +271,197 @@ def _discretise(prv, domain):
                                          log_pmc_inf=np.log(1 - prv.pm_inf))
 
 
+#: Domain parameters are snapped to powers of 2**(1/_SNAP): the mesh down, the half-width up.
+#: Nearby compositions (a run's n and n + 1 steps, a budget search) then share one domain and
+#: reuse each mechanism's discretised spectrum. Both only tighten the guarantee's error terms
+#: (a finer mesh, less truncated mass); the grid is ~9% larger on average.
+_SNAP = 16
+
+
+def _snap(x: float, direction: int) -> float:
+    """x rounded to a power of 2**(1/_SNAP): down (direction -1) or up (+1), never past x."""
+    k = math.floor(math.log2(x) * _SNAP) if direction < 0 else math.ceil(math.log2(x) * _SNAP)
+    y = 2.0 ** (k / _SNAP)
+    while (y > x) if direction < 0 else (y < x):  # guard the rounding of log2 and of the power
+        k += direction
+        y = 2.0 ** (k / _SNAP)
+    return y
+
+
+def _prv_grid(events: Sequence[Event], eps_error: float, delta_error: float) -> tuple[float, int]:
+    """(mesh, size) of the domain that holds the composition of `events`.
+
+    The half-width L is prv-accountant's `compute_safe_domain_size` and the mesh the one of
+    Theorem 5.5 of Gopi et al. (it keeps the discretisation error below eps_error), both
+    snapped (see `_SNAP`); the size is widened to an FFT-friendly one (`_fast_domain`).
+    """
+    total = sum(e.count for e in events)
+    L = _safe_domain_size(events, eps_error=eps_error, delta_error=delta_error)
+    mesh = eps_error / math.sqrt(total / 2 * math.log(12 / delta_error))
+    mesh, L = _snap(mesh, -1), _snap(L, +1)
+    return mesh, len(_fast_domain(L, mesh))
+
+
+def _grid_domain(mesh: float, size: int):
+    from prv_accountant.domain import Domain
+
+    k = size // 2 - 1
+    return Domain(-k * mesh, (k + 1) * mesh, size)
+
+
+class _Spectrum:
+    """One mechanism discretised on one domain, as composition needs it: its pmf's Fourier
+    transform F with log|F| (a composition of n copies is exp(n * log F)), its mean shift and
+    its log mass at infinity."""
+
+    __slots__ = ("fourier", "log_abs", "shift", "log_pmc_inf", "nbytes")
+
+    def __init__(self, mechanism: Event, mesh: float, size: int) -> None:
+        from scipy.fft import rfft
+
+        dprv = _discretise(_fast_prv(mechanism), _grid_domain(mesh, size))
+        self.fourier = rfft(np.asarray(dprv.pmf, dtype=np.float64))
+        with np.errstate(divide="ignore"):
+            self.log_abs = np.log(np.abs(self.fourier))  # -inf where F is exactly 0
+        self.shift = float(dprv.domain.shifts())
+        self.log_pmc_inf = float(dprv.log_pmc_inf)
+        self.nbytes = self.fourier.nbytes + self.log_abs.nbytes
+
+
+#: Spectra and read-out grids kept per process, least recently used first, within _CACHE_BYTES
+#: (the README's ledger query at ~22,600 composed steps leaves ~110 MB here).
+_CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_CACHE_BYTES = 128 * 2**20
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key: tuple, make: Callable[[], object], nbytes: Callable[[object], int]) -> object:
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is not None:
+            _CACHE.move_to_end(key)
+            return found
+    found = make()  # outside the lock: two threads may both compute it, and get equal values
+    with _CACHE_LOCK:
+        _CACHE[key] = found
+        while len(_CACHE) > 1 and sum(nbytes(v) for v in _CACHE.values()) > _CACHE_BYTES:
+            _CACHE.popitem(last=False)
+    return found
+
+
+def _nbytes(value: object) -> int:
+    return value.nbytes if isinstance(value, _Spectrum) else sum(a.nbytes for a in value)  # type: ignore
+
+
+def _spectrum(mechanism: Event, mesh: float, size: int) -> _Spectrum:
+    mechanism = mechanism.with_count(0)
+    return _cached(("spectrum", mechanism, mesh, size), lambda: _Spectrum(mechanism, mesh, size),
+                   _nbytes)  # type: ignore[return-value]
+
+
+def _exp_grid(mesh: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(e^u, e^-u) on the unshifted grid u of the domain (mesh, size), for the read-out."""
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        domain = _grid_domain(mesh, size)
+        u = np.linspace(domain.t_min(), domain.t_max(), size)
+        return np.exp(u), np.exp(-u)
+    return _cached(("exp", mesh, size), make, _nbytes)  # type: ignore[return-value]
+
+
+#: exp(x) is exactly 0.0 in float64 for x below about -745.13.
+_EXP_ZERO = -746.0
+
+
 def _prv_compose(events: Sequence[Event], eps_error: float, delta_error: float):
-    """Discretise each event's PRV on one safe domain and compose them all at once.
+    """Compose every event's discretised PRV on one safe domain, in one pass.
 
     Composition is a sum of independent privacy loss variables, i.e. a convolution of
-    their pmfs: the product of their Fourier transforms. The domain [-L, L] from
-    prv-accountant's `compute_safe_domain_size` holds the composed PRV, so the circular
-    convolution does not wrap; the roll puts index 0 back at t_min (as prv-accountant's
-    Fourier composer does for one PRV).
+    their pmfs: the product of their Fourier transforms, exp(sum_i n_i log F_i). The domain
+    [-L, L] holds the composed PRV, so the circular convolution does not wrap; the roll puts
+    index 0 back at t_min (as prv-accountant's Fourier composer does for one PRV). Only the
+    frequencies whose product does not underflow to exactly 0 are computed (a wide pmf's
+    spectrum, raised to a power, dies fast), which changes no value of the result.
+
+    Returns (pmf, domain, log_pmc_inf, (mesh, size)): a float64 pmf on `domain` (the grid
+    (mesh, size) shifted by the mean corrections of the discretisation).
     """
-    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
-    from scipy.fft import irfft, rfft
+    from scipy.fft import irfft
 
-    prvs = [_prv(e) for e in events]
-    counts = [e.count for e in events]
-    total = sum(counts)
-    L = _safe_domain_size(events, eps_error=eps_error, delta_error=delta_error)
-    # Theorem 5.5 of Gopi et al.: this mesh keeps the discretisation error below eps_error.
-    mesh = eps_error / np.sqrt(total / 2 * np.log(12 / delta_error))
-    domain = _fast_domain(L, mesh)
-    size = len(domain)
-
-    spectrum = np.ones(size // 2 + 1, dtype=np.complex128)
-    shift, log_pmc_inf = 0.0, 0.0
-    for prv, n in zip(prvs, counts):
-        dprv = _discretise(prv, domain)
-        spectrum *= rfft(np.asarray(dprv.pmf, dtype=np.float64)) ** n
-        shift += n * dprv.domain.shifts()
-        log_pmc_inf += n * float(dprv.log_pmc_inf)
+    mesh, size = _prv_grid(events, eps_error, delta_error)
+    spectra = [(_spectrum(e, mesh, size), e.count) for e in events]
+    total = sum(n for _, n in spectra)
+    real = np.zeros(size // 2 + 1)
+    for s, n in spectra:
+        real += n * s.log_abs
+    keep = np.flatnonzero(real > _EXP_ZERO)
+    phase = np.zeros(len(keep))
+    for s, n in spectra:
+        phase += n * np.angle(s.fourier[keep])
+    spectrum = np.zeros(size // 2 + 1, dtype=np.complex128)
+    spectrum[keep] = np.exp(real[keep] + 1j * phase)
     pmf = irfft(spectrum, n=size)
     pmf = np.roll(pmf, total - 1 + (size // 2 if total % 2 == 0 else 0))
-    return DiscretePrivacyRandomVariable(pmf, domain.shift_right(shift), log_pmc_inf=log_pmc_inf)
+    shift = sum(n * s.shift for s, n in spectra)
+    log_pmc_inf = sum(n * s.log_pmc_inf for s, n in spectra)
+    return pmf, _grid_domain(mesh, size).shift_right(shift), log_pmc_inf, (mesh, size)
 
 
-def _prv_epsilon(events: Sequence[Event], delta: float) -> float:
+def _epsilon_upper(pmf: np.ndarray, domain, log_pmc_inf: float, grid: tuple[float, int], delta: float,
+                   delta_error: float, eps_error: float) -> float:
+    """prv-accountant's `DiscretePrivacyRandomVariable.compute_epsilon(...)[2]` (the upper bound),
+    in float64 and without the lower bound and estimate it also computes (tested equal).
+
+    With u the unshifted grid and s the shift (t = u + s), the hockey-stick divergence at
+    t_i is sum_{j>=i} p_j (1 - e^(u_i - u_j)) and epsilon = s + log((d1_i - delta) / d2_i),
+    so the shift never meets an exponential and e^(+-u) is cached per grid; a grid wider
+    than float64's exponential range falls back to prv-accountant's long-double read-out.
+    """
+    delta_inf = 1 - math.exp(log_pmc_inf)
+    delta_fin = (delta - delta_inf) / (1 - delta_inf)
+    if delta_fin <= 0:
+        return math.inf
+    if np.finfo(np.longdouble).eps * len(pmf) > delta_fin - delta_error:
+        raise ValueError("Floating point errors will dominate for such small values of delta. "
+                         "Increase delta or reduce domain size.")
+    mesh, size = grid
+    if (size // 2) * mesh > 600:
+        from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+
+        return DiscretePrivacyRandomVariable(pmf, domain, log_pmc_inf).compute_epsilon(
+            delta, delta_error, eps_error)[2]
+    exp_u, exp_minus_u = _exp_grid(mesh, size)
+    target = delta_fin - delta_error
+    d1 = np.cumsum(pmf[::-1])[::-1]
+    d2 = np.cumsum((pmf * exp_minus_u)[::-1])[::-1]
+    ndelta = exp_u * d2 - d1
+    i = int(np.searchsorted(ndelta, -target, side="left"))
+    if i <= 0:
+        raise RuntimeError("Cannot compute epsilon")
+    return float(domain.shifts() + math.log((d1[i] - target) / d2[i]) + eps_error)
+
+
+def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EPS_ERROR) -> float:
+    """The PRV upper bound; a larger `eps_error` gives a coarser, cheaper (and looser) one."""
     delta_error = delta / 1000
-    composed = _prv_compose(events, PRV_EPS_ERROR, delta_error)
-    _, _, upper = composed.compute_epsilon(delta, delta_error, PRV_EPS_ERROR)
-    return max(float(upper), 0.0)
+    pmf, domain, log_pmc_inf, grid = _prv_compose(events, eps_error, delta_error)
+    return max(_epsilon_upper(pmf, domain, log_pmc_inf, grid, delta, delta_error, eps_error), 0.0)
+
+
+def _rdp_proxy_epsilon(events: Sequence[Event], delta: float) -> float:
+    """RDP epsilon from the cached per-mechanism curves: microseconds per call once the curves
+    are known, so a search can bracket with it. Close to, but not, the `rdp` accountant's
+    number (which dp-accounting computes); a guide for searches, never an answer."""
+    if not events:
+        return 0.0
+    curve = sum(e.count * _rdp_curve(e.with_count(0)) for e in events)
+    return max(_rdp_to_epsilon(np.asarray(curve, dtype=np.float64), delta), 0.0)
 
 
 def _prv_delta(events: Sequence[Event], epsilon: float) -> float:
+    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+
     delta_error = 1e-12
-    composed = _prv_compose(events, PRV_EPS_ERROR, delta_error)
+    composed = DiscretePrivacyRandomVariable(*_prv_compose(events, PRV_EPS_ERROR, delta_error)[:3])
     upper = composed.compute_delta_estimate(epsilon - PRV_EPS_ERROR) + delta_error
     return float(min(max(upper, 0.0), 1.0))
 

@@ -9,11 +9,12 @@ spends at least `(1 - rtol)` of it (so noise is not wasted).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
+from . import accountants as _accountants
 from .accountants import DEFAULT_ACCOUNTANT, check_accountant, check_delta, epsilon
 from .errors import InvalidParameterError
-from .events import Event, PoissonGaussian
+from .events import Event, PoissonGaussian, merge
 
 __all__ = ["epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps", "check_target_epsilon"]
 
@@ -186,6 +187,13 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
               accountant: str = DEFAULT_ACCOUNTANT, prior: Sequence[Event] = ()) -> int:
     """Largest number of steps whose run spends at most `target_epsilon` (0 if not even one).
 
+    The answer n is checked with the accountant itself: epsilon(prior + n steps) is at most
+    the target and epsilon(prior + (n + 1) steps) above it, as `epsilon` (and so a ledger
+    reservation) computes them. Cheap guides choose where to look: an RDP bound from cached
+    per-mechanism curves (microseconds a call), then, for PRV, a PRV ten times coarser; the
+    accountant is then evaluated a few times (2-4) next to the answer, where every call shares
+    one cached discretisation.
+
     >>> steps_for(target_epsilon=1.0, delta=1e-5, noise_multiplier=10.0, sample_rate=0.08192,
     ...           accountant="rdp")
     895
@@ -194,40 +202,142 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
     check_delta(delta)
     check_accountant(accountant)
     PoissonGaussian(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=0)  # validates
-    aim = math.log(target_epsilon)
+    prior = merge(prior)
+
+    def spend(n: int, *, how: str = accountant) -> float:
+        event = PoissonGaussian(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=n)
+        events = merge([*prior, event])
+        if how == "rdp-proxy":
+            return _accountants._rdp_proxy_epsilon(events, delta)
+        if how == "prv-coarse":
+            # The coarse upper bound minus its error, plus the fine one's: a guess at the fine bound.
+            return _accountants._prv_epsilon(events, delta, _COARSE_EPS_ERROR) - _COARSE_EPS_ERROR + \
+                _accountants.PRV_EPS_ERROR
+        return epsilon(events, delta=delta, accountant=how)
+
     values: dict[int, float] = {}
 
     def eps(n: int) -> float:
         if n not in values:
-            values[n] = epsilon_for(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=n,
-                                    delta=delta, accountant=accountant, prior=prior)
+            values[n] = spend(n)
         return values[n]
 
     if eps(0) > target_epsilon or eps(1) > target_epsilon:
         return 0
-
-    def g(log_n: float) -> float:  # increasing in log(steps); ties broken towards "fits"
-        n = max(1, round(math.exp(log_n)))
-        return math.log(max(eps(n), 1e-300)) - aim
-
-    def done(lo, g_lo, hi, g_hi) -> bool:
-        n_lo = max(1, round(math.exp(lo))) if math.isfinite(lo) else None
-        n_hi = round(math.exp(hi)) if math.isfinite(hi) else None
-        return n_lo is not None and n_hi is not None and n_hi - n_lo <= 1
-
-    guess = _gdp_sigma_guess(target_epsilon, delta, sample_rate, 1)
-    start = math.expm1(1 / guess**2) / math.expm1(1 / noise_multiplier**2)
+    # Guides, cheapest first: RDP from cached curves (exact integer search, microseconds per call),
+    # corrected by its ratio to the accountant (or, for PRV, to a 10x coarser PRV) where it is
+    # evaluated; then the accountant itself, a few calls around the guess.
+    rdp = lambda n: spend(n, how="rdp-proxy")  # noqa: E731
+    guide = (lambda n: spend(n, how="prv-coarse")) if accountant == "prv" else eps
     try:
-        lo, _ = _search(g, math.log(min(max(start, 1.0), 1e9)), slope=0.5, lo_bound=0.0,
-                        hi_bound=math.log(1e9), done=done)
-    except InvalidParameterError:
+        # RDP is a valid bound, looser than PRV and PLD: when even it allows _MAX_STEPS, so do
+        # they, and the search stops here rather than compose a billion steps.
+        guess, _ = _largest_fitting(rdp, target_epsilon, start=1, slope=0.5, rtol=0.0,
+                                    fits_at_one=rdp(1) <= target_epsilon)
+        guess = _ratio_search(guide, rdp, target_epsilon, guess)
+        slope = _log_slope(rdp, guess)
+        n, _ = _largest_fitting(eps, target_epsilon, start=guess, slope=slope, rtol=0.0, known=values)
+    except _OutOfRange:
         raise InvalidParameterError(
-            f"The budget allows more than 1e9 steps at {noise_multiplier=}, {sample_rate=}; "
+            f"The budget allows more than {_MAX_STEPS:.0e} steps at {noise_multiplier=}, {sample_rate=}; "
             "check the inputs") from None
-    # The continuous search works on rounded steps: settle the last integer exactly.
-    n = max(1, round(math.exp(lo)))
-    while eps(n) > target_epsilon:
-        n -= 1
-    while eps(n + 1) <= target_epsilon:
-        n += 1
     return n
+
+
+def _log_slope(f: Callable[[int], float], n: int) -> float:
+    """d log f / d log n at n, by a centred difference (a guess at the slope; 0.5 when flat)."""
+    a, b = max(1, round(n * 0.99)), max(2, round(n * 1.01))
+    fa, fb = f(a), f(b)
+    if b <= a or not (fa > 0 and fb > fa):
+        return 0.5
+    return (math.log(fb) - math.log(fa)) / (math.log(b) - math.log(a))
+
+
+def _ratio_search(f: Callable[[int], float], proxy: Callable[[int], float], target: float, n: int) -> int:
+    """Where f reaches `target`, found through a cheap proxy of the same shape: f / proxy varies
+    slowly with n, so the largest n with ratio * proxy(n) <= target, with the ratio measured
+    at the last n, closes in within a few evaluations of f. A guess, not an answer."""
+    for _ in range(6):
+        value, base = f(n), proxy(n)
+        if not (value > 0 and base > 0):
+            return n
+        try:
+            m, _ = _largest_fitting(proxy, target * base / value, start=n, slope=0.5, rtol=0.0,
+                                    fits_at_one=proxy(1) <= target * base / value)
+        except _OutOfRange:  # the corrected proxy leaves the range: keep the guess so far
+            return n
+        if abs(m - n) <= max(1, 1e-4 * n):
+            return m
+        n = m
+    return n
+
+
+#: eps_error of the coarse PRV that guides `steps_for` (a 10x coarser mesh: ~10x cheaper).
+_COARSE_EPS_ERROR = 0.1
+_MAX_STEPS = 10**9
+
+
+class _OutOfRange(Exception):
+    pass
+
+
+def _largest_fitting(f: Callable[[int], float], target: float, *, start: int, slope: float, rtol: float,
+                     known: Optional[dict[int, float]] = None, fits_at_one: bool = True) -> tuple[int, float]:
+    """The largest n >= 1 with f(n) <= target, for f increasing in n with f(1) <= target.
+
+    Newton steps on log f against log n, with the log-log `slope` given and then measured
+    between the last two points, aimed at floor(crossing) so that the last two evaluations
+    are usually n and n + 1; a bisection step whenever the bracket stops shrinking. Stops
+    when the bracket is [n, n + 1], or when it is narrower than `rtol * n`. Every evaluation
+    is f itself: the result fits (f(n) <= target) and, with rtol 0, n + 1 does not.
+
+    Returns (n, slope): the answer and the last measured slope (a guide for a finer search);
+    n is 1 when `fits_at_one` is false (f(1) > target: no n fits). Raises _OutOfRange when
+    even _MAX_STEPS fits.
+    """
+    if not fits_at_one:
+        return 1, slope
+    aim = math.log(target)
+    lo, hi = 1, None                     # f(lo) <= target < f(hi)
+    points: list[tuple[float, float]] = []  # (log n, log f(n) - aim), in evaluation order
+    for n, value in (known or {}).items():
+        if n >= 1:
+            if value <= target:
+                lo = max(lo, n)
+            else:
+                hi = n if hi is None else min(hi, n)
+    n = max(int(start), 1)
+    slow = 0
+    for _ in range(200):
+        if hi is not None and hi - lo <= max(1, rtol * lo):
+            return lo, slope
+        top = hi - 1 if hi is not None else _MAX_STEPS
+        if lo >= top and hi is None:
+            raise _OutOfRange
+        n = min(max(n, lo + 1), top)
+        width = (hi if hi is not None else 2 * n) - lo
+        value = f(n)
+        g = math.log(max(value, 1e-300)) - aim
+        if value <= target:
+            lo = n
+        else:
+            hi = n
+        if points and points[-1][0] != math.log(n):
+            measured = (g - points[-1][1]) / (math.log(n) - points[-1][0])
+            if measured > 1e-3:
+                slope = measured
+        points.append((math.log(n), g))
+        if hi is not None and hi - lo <= max(1, rtol * lo):
+            return lo, slope
+        guess = math.exp(min(math.log(n) - g / slope, math.log(4.0 * _MAX_STEPS)))
+        nxt = math.floor(guess)
+        if nxt == n:  # the crossing is in [n, n + 1): check the other side of it
+            nxt = n + 1 if value <= target else n - 1
+        new_width = (hi if hi is not None else 2 * n) - lo
+        slow = slow + 1 if hi is not None and new_width > 0.5 * width else 0
+        if hi is not None and slow >= 3:  # Newton is not closing in: bisect
+            nxt, slow = (lo + hi) // 2, 0
+        if hi is None:
+            nxt = min(nxt, 4 * n)
+        n = nxt
+    raise RuntimeError("steps search did not converge")  # pragma: no cover

@@ -54,7 +54,9 @@ LEDGER_ENV = "DPWA_LEDGER"
 TIMEOUT_ENV = "DPWA_LEDGER_TIMEOUT"
 # 2 adds `aliases`. Version 1 files are read as they are and upgraded by their first write;
 # a dpwa that reads only version 1 refuses a version 2 file instead of ignoring its aliases
-# (which would charge an alias to a fresh, empty dataset).
+# (which would charge an alias to a fresh, empty dataset). `run_deltas` (the delta each run
+# reports at, for display) is an added table that older version-2 readers ignore without
+# harm, so it keeps version 2; a file without it gains it on its first write.
 SCHEMA_VERSION = 2
 _READABLE_VERSIONS = ("1", "2")
 _APPLICATION_ID = 0x64707761  # "dpwa": marks the SQLite file as ours
@@ -83,6 +85,10 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_dataset ON runs(dataset);
+CREATE TABLE IF NOT EXISTS run_deltas (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    delta REAL NOT NULL              -- the delta the run reports its epsilon at, when it said
+);
 CREATE TABLE IF NOT EXISTS aliases (
     name TEXT PRIMARY KEY,           -- another name a run gave for a registered dataset's data
     dataset TEXT NOT NULL REFERENCES datasets(name),
@@ -91,6 +97,8 @@ CREATE TABLE IF NOT EXISTS aliases (
 """
 
 _ALIASES = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases"):].strip().rstrip(";")
+_RUN_DELTAS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_deltas"):
+                      _SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases")].strip().rstrip(";")
 
 
 def default_ledger_path() -> Path:
@@ -164,6 +172,7 @@ class RunRecord:
     reason: Optional[str]
     created_at: str
     updated_at: str
+    delta: Optional[float] = None  # the delta the run reports its epsilon at, if it said
 
     @property
     def counted(self) -> tuple[Event, ...]:
@@ -173,7 +182,7 @@ class RunRecord:
         return {"run_id": self.run_id, "dataset": self.dataset, "config_hash": self.config_hash,
                 "status": self.status, "planned": [e.to_dict() for e in self.planned],
                 "spent": [e.to_dict() for e in self.spent], "reason": self.reason,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+                "created_at": self.created_at, "updated_at": self.updated_at, "delta": self.delta}
 
 
 @dataclass(frozen=True)
@@ -321,14 +330,17 @@ class Ledger:
 
     @staticmethod
     def _upgrade(conn: sqlite3.Connection) -> None:
-        """Bring a version 1 file to version 2 inside the caller's write transaction."""
-        if Ledger._has_aliases(conn) or not conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
-            return  # already version 2, or a new file being created at version 2
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is not None and row[0] == "1":
-            conn.execute(_ALIASES)
-            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        """Bring a version 1 file to version 2, and add `run_deltas` to a file without it,
+        inside the caller's write transaction."""
+        if not Ledger._has_table(conn, "meta"):
+            return  # a new file being created at version 2
+        if not Ledger._has_aliases(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is not None and row[0] == "1":
+                conn.execute(_ALIASES)
+                conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        if not Ledger._has_table(conn, "run_deltas"):
+            conn.execute(_RUN_DELTAS)
 
     def _require_conn(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -340,8 +352,12 @@ class Ledger:
     # ------------------------------------------------------------------ reading
 
     @staticmethod
+    def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+    @staticmethod
     def _has_aliases(conn: sqlite3.Connection) -> bool:
-        return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='aliases'").fetchone() is not None
+        return Ledger._has_table(conn, "aliases")
 
     def _dataset_row(self, conn: sqlite3.Connection, name: str) -> Optional[DatasetRecord]:
         """The dataset called `name`, or the one `name` is an alias of; None if neither."""
@@ -370,14 +386,18 @@ class Ledger:
 
     def _runs(self, conn: sqlite3.Connection, dataset: Optional[str] = None,
               run_id: Optional[str] = None) -> list[RunRecord]:
-        query = ("SELECT run_id, dataset, config_hash, status, planned, spent, reason, created_at, "
-                 "updated_at FROM runs")
+        if self._has_table(conn, "run_deltas"):
+            query = ("SELECT r.run_id, r.dataset, r.config_hash, r.status, r.planned, r.spent, r.reason, "
+                     "r.created_at, r.updated_at, d.delta FROM runs r LEFT JOIN run_deltas d ON d.run_id = r.run_id")
+        else:  # a version 2 file written before run_deltas, read without writing
+            query = ("SELECT r.run_id, r.dataset, r.config_hash, r.status, r.planned, r.spent, r.reason, "
+                     "r.created_at, r.updated_at, NULL FROM runs r")
         if run_id is not None:
-            rows = conn.execute(query + " WHERE run_id=?", (run_id,)).fetchall()
+            rows = conn.execute(query + " WHERE r.run_id=?", (run_id,)).fetchall()
         elif dataset is not None:
-            rows = conn.execute(query + " WHERE dataset=? ORDER BY created_at, run_id", (dataset,)).fetchall()
+            rows = conn.execute(query + " WHERE r.dataset=? ORDER BY r.created_at, r.run_id", (dataset,)).fetchall()
         else:
-            rows = conn.execute(query + " ORDER BY dataset, created_at, run_id").fetchall()
+            rows = conn.execute(query + " ORDER BY r.dataset, r.created_at, r.run_id").fetchall()
         out = []
         for r in rows:
             try:
@@ -387,7 +407,7 @@ class Ledger:
                 raise LedgerCorruptError(f"Ledger {self.path}: run {r[0]!r} has unreadable events ({e})") from None
             if r[3] not in ("reserved", "committed", "released"):
                 raise LedgerCorruptError(f"Ledger {self.path}: run {r[0]!r} has unknown status {r[3]!r}")
-            out.append(RunRecord(r[0], r[1], r[2], r[3], planned, spent, r[6], r[7], r[8]))
+            out.append(RunRecord(r[0], r[1], r[2], r[3], planned, spent, r[6], r[7], r[8], r[9]))
         return out
 
     def datasets(self) -> list[DatasetRecord]:
@@ -458,6 +478,52 @@ class Ledger:
             raise LedgerError(f"Dataset {dataset!r} has no budget; set one with `dpwa ledger set-budget`")
         return max(record.budget_epsilon - self.spent(dataset), 0.0)
 
+    def reporting_delta(self, dataset: str, delta: Optional[float] = None) -> tuple[Optional[float], str]:
+        """The delta to report `dataset`'s spend at, and where it comes from:
+
+        * ``"given"``: `delta`, when given;
+        * ``"budget"``: the budget's delta (the one budgets are enforced at);
+        * ``"runs"``: without a budget, the delta its runs recorded (`reserve(delta=...)`),
+          the smallest if they differ (the largest epsilon of theirs);
+        * ``"default"``: without either, 1/(10 N) for a dataset of N examples: a display
+          default, well below the 1/N that dpwa refuses to reach;
+        * ``"none"``: (None) nothing to go by (no budget, no run delta, size unknown).
+        """
+        if delta is not None:
+            check_delta(delta)
+            return float(delta), "given"
+        record = self.dataset(dataset)
+        if record.budget_delta is not None:
+            return record.budget_delta, "budget"
+        recorded = [r.delta for r in self.runs(record.name) if r.delta is not None]
+        if recorded:
+            return min(recorded), "runs"
+        if record.size:
+            return 1 / (10 * record.size), "default"
+        return None, "none"
+
+    def history(self, dataset: str, *, delta: float, accountant: Optional[str] = None
+                ) -> list[tuple[RunRecord, float, float]]:
+        """The dataset's spend run by run, in the order the runs were reserved: for each run,
+        (run, epsilon of the run alone, epsilon of it and every earlier run composed), each
+        run counted as `spent` counts it now (a reservation in full). The last cumulative
+        epsilon is `spent(dataset, delta=delta, accountant=accountant)`.
+
+        One composition per run: a few seconds for a hundred PRV compositions."""
+        record = self.dataset(dataset)
+        accountant = check_accountant(accountant or record.accountant)
+        check_delta(delta)
+        out: list[tuple[RunRecord, float, float]] = []
+        so_far: list[Event] = []
+        cumulative = 0.0
+        for run in self.runs(record.name):
+            alone = epsilon(run.counted, delta=delta, accountant=accountant)
+            if merge(run.counted):
+                so_far = merge([*so_far, *run.counted])
+                cumulative = epsilon(so_far, delta=delta, accountant=accountant)
+            out.append((run, alone, cumulative))
+        return out
+
     @staticmethod
     def _delta_and_accountant(record: DatasetRecord, delta: Optional[float],
                               accountant: Optional[str]) -> tuple[float, str]:
@@ -526,7 +592,7 @@ class Ledger:
         return record
 
     def reserve(self, *, run_id: str, dataset: str, fingerprint: str, events: Sequence[Event],
-                config_hash: str = "", size: Optional[int] = None) -> RunRecord:
+                config_hash: str = "", size: Optional[int] = None, delta: Optional[float] = None) -> RunRecord:
         """Reserve a run's whole planned spend; call before the run touches any data.
 
         The run is charged to the dataset its fingerprint belongs to: if that data is
@@ -542,6 +608,9 @@ class Ledger:
             events: every mechanism the run plans to apply.
             config_hash: hash of the run's resolved config, for the record.
             size: number of examples (checks delta < 1/N; recorded on first use).
+            delta: the delta the run reports its epsilon at (its config's), recorded so that
+                `reporting_delta` can show a dataset without a budget at the delta its runs
+                used. It changes no budget check (those use the budget's delta).
 
         Raises:
             BudgetExceededError: the reservation would take the dataset past its budget.
@@ -551,6 +620,8 @@ class Ledger:
         """
         _check_name(dataset)
         _check_name(run_id, what="run id")
+        if delta is not None:
+            check_delta(delta)
         events = merge(events)
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
@@ -598,6 +669,8 @@ class Ledger:
                         "nothing was reserved")
             conn.execute("INSERT INTO runs VALUES (?, ?, ?, 'reserved', ?, '[]', NULL, ?, ?)",
                          (run_id, dataset, config_hash, _dump(events), now, now))
+            if delta is not None:
+                conn.execute("INSERT INTO run_deltas VALUES (?, ?)", (run_id, float(delta)))
             run = self._runs(conn, run_id=run_id)[0]
         _warn_large_delta(record)
         return run

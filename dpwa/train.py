@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIVE for OpenMP to read
+
 import torch
 
 from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for, sample_rate_and_steps
@@ -49,7 +51,6 @@ from .probe import probe
 from .run_folder import RunFolder, RunFolderError, check_writable
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
-from .threads import set_threads
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
 
@@ -330,7 +331,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 _check_resume_plan(folder, run, cfg, plan)
             return
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
-                       events=[plan.event] if private else [], config_hash=_config_hash(cfg), size=n_source)
+                       events=[plan.event] if private else [], config_hash=_config_hash(cfg), size=n_source,
+                       delta=p.delta)
         try:
             folder.create(cfg, {"run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
                                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,

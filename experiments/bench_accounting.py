@@ -5,8 +5,14 @@ calibrations, under each accountant. Prints a markdown table (and writes it with
     python experiments/bench_accounting.py --out experiments/results/bench_accounting.md
 
 "first" is the first call in this process, after imports (no RDP curve cached); "median" is
-over --repeats later calls (per-mechanism RDP curves cached, as in a long-lived process).
-"CLI" is the wall time of the whole command in a new process, imports included.
+over --repeats later calls (per-mechanism RDP curves and discretised PRV spectra cached, as in
+a long-lived process). "CLI" is the wall time of the whole command in a new process, imports
+included.
+
+The `dpwa ledger remaining --sigma` row is the README's example (a ledger of 2 committed
+runs, budget epsilon 10 at delta 1e-5): the spend so far and the steps still allowed at
+sigma 10, q 0.08192, as the verb computes them. Its "first" is timed in a fresh process
+after imports (nothing cached), its median by repeating the query there.
 """
 
 from __future__ import annotations
@@ -57,10 +63,59 @@ def cli_time(args: list[str], env: dict) -> float:
     return time.perf_counter() - t
 
 
+README_RUNS = [("opacus-baseline", 0.6867, 0.02048, 637), ("wrn16-4-eps1", 10.0, 0.08192, 875)]
+
+REMAINING_PROBE = """
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import dp_accounting.rdp, prv_accountant, scipy.fft, scipy.integrate, scipy.special  # noqa: imports not timed
+from accounting import Ledger, steps_for
+ledger = Ledger(sys.argv[2], create=False)
+
+def query():
+    record = ledger.dataset("cifar10")
+    spent = ledger.spent("cifar10")
+    n = steps_for(target_epsilon=record.budget_epsilon, delta=record.budget_delta, noise_multiplier=10.0,
+                  sample_rate=0.08192, accountant=record.accountant, prior=ledger.counted_events("cifar10"))
+    return spent, n
+
+times = []
+for _ in range(1 + int(sys.argv[3])):
+    t = time.perf_counter()
+    spent, n = query()
+    times.append(time.perf_counter() - t)
+print(json.dumps({"first": times[0], "median": statistics.median(times[1:]) if len(times) > 1 else None,
+                  "spent": spent, "steps": n}))
+"""
+
+
+def readme_ledger(path: Path) -> None:
+    ledger = Ledger(path)
+    ledger.set_budget("cifar10", epsilon=10.0, delta=DELTA, size=50000)
+    for run_id, sigma, q, steps in README_RUNS:
+        event = PoissonGaussian(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        ledger.reserve(run_id=run_id, dataset="cifar10", fingerprint=fingerprint(range(50000)), events=[event])
+        ledger.commit(run_id, [event])
+    ledger.close()
+
+
+def remaining_query(package_root: Path, ledger_path: Path, repeats: int) -> dict:
+    """The README's `ledger remaining --sigma` query, timed in a fresh process with the
+    accounting package found under `package_root`."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", REMAINING_PROBE, str(package_root), str(ledger_path), str(repeats)],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    return json.loads(out.stdout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument("--before", type=Path,
+                   help="a folder holding an earlier `accounting` package (e.g. `git archive HEAD accounting | "
+                        "tar -x -C DIR`): time the README's `ledger remaining` query with it too")
     a = p.parse_args()
 
     import dp_accounting.pld  # noqa: F401  (imports are timed by the CLI column, not here)
@@ -91,6 +146,20 @@ def main() -> None:
                         "3", "--accountant", acc], env)
         rows.append(("steps for epsilon 8 (sigma 3, q 0.08192)", acc, f"{n} steps", first, med, cli))
 
+    readme = tmp / "readme.sqlite"
+    readme_ledger(readme)
+    q = remaining_query(ROOT, readme, a.repeats)
+    cli = cli_time(["ledger", "remaining", "--dataset", "cifar10", "--sigma", "10", "--sample-rate", "0.08192"],
+                   {"DPWA_LEDGER": str(readme)})
+    rows.append(("`ledger remaining --sigma 10 --sample-rate 0.08192` (README ledger): spent and steps allowed",
+                 "prv", f"{q['spent']:.5f}; {q['steps']} steps", q["first"], q["median"], cli))
+    cli = cli_time(["ledger", "remaining", "--dataset", "cifar10"], {"DPWA_LEDGER": str(readme)})
+    rows.append(("`ledger remaining` without --sigma (README ledger): spent only", "prv", f"{q['spent']:.5f}",
+                 float("nan"), float("nan"), cli))
+    before = None
+    if a.before:  # the same query with the accounting package of an earlier checkout
+        before = remaining_query(a.before, readme, 0)
+
     # prv-accountant's own PRVAccountant on the same ledger (its convolution tree), once:
     # why dpwa composes the discretised PRVs itself.
     from prv_accountant import PoissonSubsampledGaussianMechanism, PRVAccountant
@@ -106,11 +175,17 @@ def main() -> None:
     rows.append(("epsilon of a 10-run heterogeneous ledger", "prv-accountant's PRVAccountant", f"{eps:.4f}",
                  first, float("nan"), float("nan")))
 
+    command = " ".join(["python", "experiments/bench_accounting.py", *sys.argv[1:]])
     lines = [f"Accounting query times ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"python {platform.python_version()}); command: `python experiments/bench_accounting.py`", "",
+             f"python {platform.python_version()}); command: `{command}`", "",
              "| query | accountant | answer | first call (s) | median of later calls (s) | CLI wall, imports incl. (s) |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {q} | {acc} | {ans} | {f:.3f} | {m:.3f} | {c:.2f} |" for q, acc, ans, f, m, c in rows]
+    if before is not None:
+        lines += ["", f"Before: the README's `ledger remaining --sigma` query with the earlier accounting package "
+                      f"in `{a.before}` (fresh process, after imports): {before['first']:.2f} s, "
+                      f"{'same answer' if before['steps'] == q['steps'] else 'answer'} "
+                      f"({before['spent']:.5f}; {before['steps']} steps)."]
     text = "\n".join(lines)
     print(text)
     if a.out:

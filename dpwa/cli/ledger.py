@@ -1,8 +1,9 @@
 """`dpwa ledger`: what every private run has spent on each dataset, and budgets.
 
 The ledger file is `--ledger PATH`, else `$DPWA_LEDGER`, else `~/.dpwa/ledger.sqlite`.
-Epsilons are recomputed from the stored mechanism events at the dataset's budget delta
-(or `--delta`), with the dataset's accountant (or `--accountant`).
+Epsilons are recomputed from the stored mechanism events at `--delta`, else the dataset's
+budget delta, else (no budget) the delta its runs recorded, else 1/(10N) for N examples,
+labelled as a display default; with the dataset's accountant (or `--accountant`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ EXAMPLES = """examples:
   dpwa ledger set-budget --dataset cifar10 --epsilon 8 --delta 1e-5 --dataset-size 50000
   dpwa ledger show
   dpwa ledger show --dataset cifar10 --json
+  dpwa ledger history --dataset cifar10 --plot cifar10-spend.png   # cumulative spend, run by run
   dpwa ledger remaining --dataset cifar10
   dpwa ledger remaining --dataset cifar10 --sigma 3 --sample-rate 0.08192   # steps still allowed
   dpwa ledger record --dataset cifar10 --labels train.npz --run-id opacus-1 --sigma 1.1 --sample-rate 0.02 --steps 600
   dpwa ledger release RUN_ID --reason "crashed before the first step"
   dpwa ledger export --output ledger.json
 """
+
+DELTA_HELP = ("report epsilon at this delta (default: the budget's; without a budget, the delta its runs "
+              "recorded, else 1/(10N))")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,17 +52,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     show = verbs.add_parser("show", parents=[common], help="datasets, their spend and their runs",
                             epilog="example: dpwa ledger show --dataset cifar10")
-    show.add_argument("--dataset", help="only this dataset")
-    show.add_argument("--delta", type=float, help="report epsilon at this delta (default: the budget's)")
+    show.add_argument("--dataset", help="only this dataset (a name or an alias)")
+    show.add_argument("--delta", type=float, help=DELTA_HELP)
     show.add_argument("--accountant", choices=sorted(accountants.ACCOUNTANTS),
                       help="accountant (default: the dataset's)")
     show.set_defaults(run=_show)
 
+    hist = verbs.add_parser(
+        "history", parents=[common], help="a dataset's spend over time: cumulative epsilon after each run",
+        epilog="example: dpwa ledger history --dataset cifar10 --plot cifar10-spend.png")
+    hist.add_argument("--dataset", required=True, help="the dataset (a name or an alias)")
+    hist.add_argument("--delta", type=float, help=DELTA_HELP)
+    hist.add_argument("--accountant", choices=sorted(accountants.ACCOUNTANTS),
+                      help="accountant (default: the dataset's)")
+    hist.add_argument("--plot", type=Path, metavar="PNG",
+                      help="also draw cumulative epsilon against the runs' reservation times to this PNG "
+                           "(needs matplotlib)")
+    hist.set_defaults(run=_history)
+
     sb = verbs.add_parser("set-budget", parents=[common], help="set a dataset's (epsilon, delta) budget",
                           epilog="example: dpwa ledger set-budget --dataset cifar10 --epsilon 8 --delta 1e-5")
-    sb.add_argument("--dataset", required=True)
-    sb.add_argument("--epsilon", type=float, required=True)
-    sb.add_argument("--delta", type=float, required=True)
+    sb.add_argument("--dataset", required=True, help="the dataset (a name or an alias); created if new")
+    sb.add_argument("--epsilon", type=float, required=True, help="budget epsilon, > 0")
+    sb.add_argument("--delta", type=float, required=True, help="budget delta, below 1/N")
     sb.add_argument("--accountant", default=accountants.DEFAULT_ACCOUNTANT, choices=sorted(accountants.ACCOUNTANTS),
                     help="accountant that enforces the budget (default: %(default)s)")
     sb.add_argument("--dataset-size", type=int, help="number of examples (to check delta < 1/N)")
@@ -68,10 +85,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     rem = verbs.add_parser("remaining", parents=[common], help="budget left on a dataset",
                            epilog="example: dpwa ledger remaining --dataset cifar10 --sigma 3 --sample-rate 0.08192")
-    rem.add_argument("--dataset", required=True)
+    rem.add_argument("--dataset", required=True, help="the dataset (a name or an alias); it needs a budget")
     rem.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float,
                      help="with --sample-rate: how many more DP-SGD steps the budget allows")
-    rem.add_argument("--sample-rate", type=float)
+    rem.add_argument("--sample-rate", type=float, help="with --sigma: the Poisson sample rate q in (0, 1]")
     rem.set_defaults(run=_remaining)
 
     ex = verbs.add_parser("export", parents=[common], help="the whole ledger as JSON",
@@ -83,19 +100,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "record", parents=[common], help="charge a run made outside dpwa (e.g. plain Opacus)",
         epilog="example: dpwa ledger record --dataset cifar10 --labels train.npz --run-id opacus-baseline "
                "--sigma 1.1 --sample-rate 0.02048 --steps 635")
-    rec.add_argument("--dataset", required=True)
+    rec.add_argument("--dataset", required=True, help="the dataset the run trained on (a name or an alias)")
     fp = rec.add_mutually_exclusive_group(required=True)
     fp.add_argument("--labels", type=Path, help=".npz (array 'y') or .npy file of the dataset's labels, in order")
     fp.add_argument("--fingerprint", help="the dataset's fingerprint, as `dpwa ledger show` prints it")
-    rec.add_argument("--run-id", required=True)
-    rec.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, required=True)
-    rec.add_argument("--sample-rate", type=float, required=True)
-    rec.add_argument("--steps", type=int, required=True)
+    rec.add_argument("--run-id", required=True, help="a new, unique id for the run")
+    rec.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, required=True,
+                     help="the run's noise multiplier")
+    rec.add_argument("--sample-rate", type=float, required=True, help="the run's Poisson sample rate q in (0, 1]")
+    rec.add_argument("--steps", type=int, required=True, help="the number of DP-SGD steps the run took")
+    rec.add_argument("--delta", type=float,
+                     help="the delta the run reports its epsilon at (recorded; `show` uses it without a budget)")
     rec.set_defaults(run=_record)
 
     rel = verbs.add_parser("release", parents=[common], help="give back a reservation that will not be used",
                            epilog='example: dpwa ledger release 20261125-cifar10-a1b2 --reason "OOM before step 1"')
-    rel.add_argument("run_id")
+    rel.add_argument("run_id", help="the reserved run to release (as `dpwa ledger show` lists it)")
     rel.add_argument("--reason", required=True, help="why (kept in the ledger)")
     rel.set_defaults(run=_release)
 
@@ -117,18 +137,34 @@ def _describe(events: tuple[Event, ...] | list[Event]) -> str:
     return "; ".join(parts) or "nothing"
 
 
+#: How `show` and `history` label the delta they report at (see `Ledger.reporting_delta`).
+DELTA_SOURCES = {
+    "given": "from --delta",
+    "budget": "the budget's",
+    "runs": "the delta its runs recorded, no budget set",
+    "default": "1/(10N), a display default: no budget, no run recorded its delta",
+}
+
+
+def _delta_label(delta: float | None, source: str) -> str:
+    if delta is None:
+        return "-"
+    return f"{fmt(delta)} ({DELTA_SOURCES[source]})"
+
+
 def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant: str | None
                      ) -> tuple[dict, list[RunRecord]]:
     record = ledger.dataset(name)
-    d = delta if delta is not None else record.budget_delta
+    d, source = ledger.reporting_delta(name, delta)
     acc = accountant or record.accountant
     runs = ledger.runs(name)
     spent = ledger.spent(name, delta=d, accountant=acc) if d is not None else None
     remaining = None
-    if record.budget_epsilon is not None and spent is not None:
+    if record.budget_epsilon is not None and spent is not None and (d, acc) == (record.budget_delta,
+                                                                                record.accountant):
         remaining = max(record.budget_epsilon - spent, 0.0)
-    summary = {**record.to_dict(), "delta_reported": d, "accountant_reported": acc, "epsilon_spent": spent,
-               "epsilon_remaining": remaining, "runs": [
+    summary = {**record.to_dict(), "delta_reported": d, "delta_source": source if d is not None else None,
+               "accountant_reported": acc, "epsilon_spent": spent, "epsilon_remaining": remaining, "runs": [
                    {**r.to_dict(), "epsilon_counted": accountants.epsilon(r.counted, delta=d, accountant=acc)
                     if d is not None else None} for r in runs]}
     return summary, runs
@@ -150,8 +186,12 @@ def _show(a: argparse.Namespace) -> int:
     for s, runs in shown:
         budget = (f"epsilon {fmt(s['budget_epsilon'])} at delta {fmt(s['budget_delta'])}"
                   if s["budget_epsilon"] is not None else "none")
-        spent = (f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
-                 if s["epsilon_spent"] is not None else "(no delta: pass --delta)")
+        if s["epsilon_spent"] is not None:
+            spent = f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
+            if s["delta_source"] not in ("budget", "given"):
+                spent += f"; delta: {DELTA_SOURCES[s['delta_source']]}"
+        else:
+            spent = f"{len(runs)} run(s) recorded; epsilon needs a delta: pass --delta (no budget, run delta or size)"
         print()
         print_table([("dataset", s["name"]), ("also named", ", ".join(s["aliases"]) or "-"),
                      ("fingerprint", s["fingerprint"] or "-"), ("size", fmt(s["size"])),
@@ -163,6 +203,92 @@ def _show(a: argparse.Namespace) -> int:
                          for r, row in zip(runs, s["runs"])],
                         header=("run", "status", "epsilon", "counted", "created (UTC)", "reason"))
     return 0
+
+
+def _history(a: argparse.Namespace) -> int:
+    if a.delta is not None:
+        accountants.check_delta(a.delta)
+    if a.plot is not None and a.plot.suffix.lower() != ".png":
+        raise InvalidParameterError(f"--plot writes a PNG; give a file name ending in .png, got {str(a.plot)!r}")
+    ledger = _open(a, create=False)
+    record = ledger.dataset(a.dataset)
+    d, source = ledger.reporting_delta(a.dataset, a.delta)
+    if d is None:
+        raise InvalidParameterError(f"Dataset {record.name!r} has no budget, its runs recorded no delta and its "
+                                    "size is unknown: pass --delta")
+    acc = a.accountant or record.accountant
+    rows = ledger.history(a.dataset, delta=d, accountant=acc)
+    budget = record.budget_epsilon if record.budget_delta == d else None
+    result = {"dataset": record.name, "delta": d, "delta_source": source, "accountant": acc,
+              "budget_epsilon": record.budget_epsilon, "budget_delta": record.budget_delta,
+              "runs": [{"run_id": r.run_id, "status": r.status, "created_at": r.created_at,
+                        "counted": [e.to_dict() for e in r.counted], "epsilon_run": alone,
+                        "epsilon_cumulative": total} for r, alone, total in rows]}
+    if a.plot is not None:
+        _plot_history(a.plot, record.name, rows, d, source, acc, budget)
+        result["plot"] = str(a.plot)
+    if a.json:
+        print_json(result)
+        return 0
+    print_table([("dataset", record.name), ("delta", _delta_label(d, source)), ("accountant", acc),
+                 ("budget", f"epsilon {fmt(record.budget_epsilon)} at delta {fmt(record.budget_delta)}"
+                  if record.budget_epsilon is not None else "none")])
+    print()
+    if not rows:
+        print("no runs yet")
+    else:
+        print_table([(str(i), r.run_id, r.status, r.created_at[:19].replace("T", " "), _describe(r.counted),
+                      fmt(alone), fmt(total)) for i, (r, alone, total) in enumerate(rows, 1)],
+                    header=("#", "run", "status", "created (UTC)", "counted", "epsilon (run)", "epsilon (so far)"))
+    if a.plot is not None:
+        print(f"\nwrote {a.plot}", file=sys.stderr)
+    return 0
+
+
+def _plot_history(path: Path, name: str, rows: list, delta: float, source: str, accountant: str,
+                  budget: float | None) -> None:
+    """Cumulative epsilon against reservation time, one marker per run (hollow: still reserved,
+    counted in full). matplotlib is imported here only: `dpwa ledger` and the accounting
+    package do not need it."""
+    import datetime as dt
+
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidParameterError("--plot needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    times = [dt.datetime.fromisoformat(r.created_at) for r, _, _ in rows]
+    totals = [total for _, _, total in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    if rows:
+        ax.step([times[0], *times], [0.0, *totals], where="post", color="C0", lw=1.5)
+        for (r, _, total), t in zip(rows, times):
+            reserved = r.status == "reserved"
+            ax.plot([t], [total], "o", color="C0", mfc="white" if reserved else "C0", ms=6)
+            if len(rows) <= 20:
+                ax.annotate(r.run_id, (t, total), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if budget is not None:
+        ax.axhline(budget, color="C3", ls="--", lw=1, label=f"budget epsilon {fmt(budget)}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("run reserved at (UTC)")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_title(f"{name}: spend run by run ({accountant}, delta {fmt(delta)}: {DELTA_SOURCES[source]})",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as e:
+        raise LedgerError(f"Cannot write {path}: {e}") from None
+    finally:
+        plt.close(fig)
 
 
 def _set_budget(a: argparse.Namespace) -> int:
@@ -252,8 +378,10 @@ def _record(a: argparse.Namespace) -> int:
     labels = _labels(a.labels) if a.labels is not None else None
     fp = fingerprint(labels) if labels is not None else a.fingerprint
     ledger = _open(a, create=True)
+    if a.delta is not None:
+        accountants.check_delta(a.delta)
     ledger.reserve(run_id=a.run_id, dataset=a.dataset, fingerprint=fp, events=[event],
-                   config_hash="external", size=len(labels) if labels is not None else None)
+                   config_hash="external", size=len(labels) if labels is not None else None, delta=a.delta)
     run = ledger.commit(a.run_id, [event])
     if a.json:
         print_json(run.to_dict())

@@ -87,18 +87,73 @@ def test_prv_matches_prv_accountant_library():
     assert ours == pytest.approx(upper, rel=1e-4)
 
 
-@pytest.mark.parametrize("event", [dpsgd(3.0, 500), dpsgd(1.0, 50, 0.1), Gaussian(noise_multiplier=5.0, count=20)])
+@pytest.mark.parametrize("event", [dpsgd(3.0, 500), dpsgd(1.0, 50, 0.1), dpsgd(0.3, 30, 0.5), dpsgd(0.6867, 637, 0.02048),
+                                   Gaussian(noise_multiplier=5.0, count=20)])
 def test_fast_discretisation_equals_prv_accountant(event):
+    """Our discretisation (each edge's CDF once, float64 CDFs) equals prv-accountant's
+    CellCentred on its own PRV classes. Not bit for bit: CellCentred's cells [t_i - dt/2,
+    t_i + dt/2] sit on a grid whose spacing jitters by ~3e-15 (its long-double linspace is
+    float64-accurate), so they overlap or leave gaps at that level, where ours share edges;
+    a cell where the pdf is steep (~100) moves by ~3e-13, 1e-11 of the largest cell."""
     from prv_accountant.discretisers import CellCentred
     from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
 
-    prv = acc._prv(event)
     mesh = 0.01 / np.sqrt(event.count / 2 * np.log(12 / 1e-8))
     domain = acc._fast_domain(acc._safe_domain_size([event], 0.01, 1e-8), mesh)
-    reference = CellCentred().discretise(PrivacyRandomVariableTruncated(prv, domain.t_min(), domain.t_max()), domain)
-    ours = acc._discretise(prv, domain)
-    np.testing.assert_array_equal(np.asarray(ours.pmf), np.asarray(reference.pmf))
-    assert ours.domain == reference.domain
+    reference = CellCentred().discretise(PrivacyRandomVariableTruncated(acc._prv(event), domain.t_min(),
+                                                                        domain.t_max()), domain)
+    expected = np.asarray(reference.pmf, dtype=np.float64)
+    for prv in (acc._prv(event), acc._fast_prv(event)):
+        ours = acc._discretise(prv, domain)
+        np.testing.assert_allclose(np.asarray(ours.pmf, dtype=np.float64), expected, rtol=0,
+                                   atol=1e-10 * expected.max())
+        assert float(np.sum(ours.pmf)) == pytest.approx(float(np.sum(reference.pmf)), abs=1e-12)
+        assert len(ours.domain) == len(reference.domain) and ours.domain.t_min() == pytest.approx(
+            reference.domain.t_min(), abs=1e-3 * domain.dt())
+
+
+@pytest.mark.parametrize("event", [dpsgd(0.6867, 1, 0.02048), dpsgd(10.0, 1), dpsgd(0.3, 1, 0.5),
+                                   Gaussian(noise_multiplier=2.0)])
+def test_fast_cdf_equals_prv_accountant(event):
+    t = np.linspace(-20, 20, 40001)
+    lib, fast = acc._prv(event), acc._fast_prv(event)
+    np.testing.assert_allclose(fast.cdf(t), np.asarray(lib.cdf(t.astype(np.longdouble)), dtype=np.float64),
+                               rtol=0, atol=1e-13)
+    for x in (-0.5, 0.01, 0.7, 3.0, 40.0):  # the scalar path the truncated mean's quadrature takes
+        assert fast.cdf(x) == pytest.approx(float(lib.cdf(np.longdouble(x))), abs=1e-15)
+
+
+@pytest.mark.parametrize("events", [[dpsgd(3.0, 2468)], [dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 22000)],
+                                    [dpsgd(2.0, 120, 0.05), Gaussian(noise_multiplier=30.0)]])
+@pytest.mark.parametrize("d", [1e-5, 1e-8])
+def test_read_out_equals_prv_accountant(events, d):
+    """Our float64 read-out of the upper bound equals prv-accountant's long-double one."""
+    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+
+    pmf, domain, log_pmc_inf, grid = acc._prv_compose(events, 0.01, d / 1000)
+    ours = acc._epsilon_upper(pmf, domain, log_pmc_inf, grid, d, d / 1000, 0.01)
+    theirs = DiscretePrivacyRandomVariable(pmf, domain, log_pmc_inf).compute_epsilon(d, d / 1000, 0.01)[2]
+    assert ours == pytest.approx(theirs, rel=1e-10)
+
+
+def test_snapped_domain_is_finer_and_wider_and_shared():
+    """The snapped grid's mesh is at most Theorem 5.5's and its half-width at least the safe
+    domain size, so the error bounds hold; n and n + 1 steps share one grid (the cache)."""
+    a, b = [dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 21986)], [dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 21987)]
+    mesh, size = acc._prv_grid(a, 0.01, 1e-8)
+    assert mesh <= 0.01 / np.sqrt(sum(e.count for e in a) / 2 * np.log(12 / 1e-8))
+    assert (size // 2 - 1) * mesh >= acc._safe_domain_size(a, 0.01, 1e-8)
+    assert acc._prv_grid(b, 0.01, 1e-8) == (mesh, size)
+    for x in (1e-5, 0.3, 1.0, 7.77, 18.6):
+        assert acc._snap(x, -1) <= x < acc._snap(x, -1) * 2 ** (1 / acc._SNAP) * (1 + 1e-12)
+        assert acc._snap(x, +1) >= x > acc._snap(x, +1) / 2 ** (1 / acc._SNAP) / (1 + 1e-12)
+
+
+def test_cached_and_fresh_compositions_agree():
+    events = [dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 875)]
+    first = epsilon(events, delta=DELTA)
+    acc._CACHE.clear()
+    assert epsilon(events, delta=DELTA) == first
 
 
 def test_safe_domain_size_equals_prv_accountant():

@@ -195,6 +195,63 @@ def test_a_version_1_ledger_is_read_and_upgraded_by_its_first_write(ledger_path)
         assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
 
 
+def test_a_ledger_written_before_run_deltas_is_read_and_gains_them_on_its_first_write(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()], delta=1e-6)
+    ledger.close()
+    with sqlite3.connect(ledger_path) as conn:  # a version 2 file of an earlier dpwa
+        conn.execute("DROP TABLE run_deltas")
+    old = Ledger(ledger_path, create=False)
+    assert old.run("r1").delta is None and old.spent("d", delta=DELTA) > 0
+    old.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev()], delta=1e-6)
+    assert [r.delta for r in old.runs("d")] == [None, 1e-6]
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+
+
+def test_a_run_records_its_delta_and_budget_checks_ignore_it(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.set_budget("d", epsilon=1.0, delta=DELTA, size=1000)
+    run = ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(sigma=10.0)], delta=1e-4)
+    assert run.delta == 1e-4 and run.to_dict()["delta"] == 1e-4 and ledger.run("r1").delta == 1e-4
+    assert ledger.export()["datasets"][0]["runs"][0]["delta"] == 1e-4
+    with pytest.raises(InvalidParameterError, match="delta=1.5"):
+        ledger.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev()], delta=1.5)
+    assert [r.run_id for r in ledger.runs("d")] == ["r1"]
+
+
+def test_reporting_delta_prefers_given_then_budget_then_runs_then_a_default(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()], size=1000)
+    assert ledger.reporting_delta("d") == (1 / 10_000, "default")
+    ledger.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev()], delta=1e-5)
+    ledger.reserve(run_id="r3", dataset="d", fingerprint=FP, events=[ev()], delta=1e-6)
+    assert ledger.reporting_delta("d") == (1e-6, "runs")  # the smallest: the largest epsilon
+    ledger.set_budget("d", epsilon=50.0, delta=1e-5)
+    assert ledger.reporting_delta("d") == (1e-5, "budget")
+    assert ledger.reporting_delta("d", 1e-7) == (1e-7, "given")
+    ledger.reserve(run_id="x", dataset="no-size", fingerprint=fingerprint(range(5)), events=[ev()])
+    assert ledger.reporting_delta("no-size") == (None, "none")
+
+
+def test_history_is_the_spend_after_each_run_in_order(ledger_path):
+    ledger = Ledger(ledger_path)
+    a, b, c = ev(sigma=2.0, steps=200), ev(sigma=4.0, steps=300, q=0.02), ev(sigma=2.0, steps=100)
+    ledger.reserve(run_id="a", dataset="d", fingerprint=FP, events=[a])
+    ledger.commit("a", [a])
+    ledger.reserve(run_id="b", dataset="d", fingerprint=FP, events=[b])          # reserved: counts in full
+    ledger.reserve(run_id="c", dataset="d", fingerprint=FP, events=[c])
+    ledger.release("c", reason="never started")                                   # counts nothing
+    rows = ledger.history("d", delta=DELTA)
+    assert [r.run_id for r, _, _ in rows] == ["a", "b", "c"]
+    assert [alone for _, alone, _ in rows] == [epsilon([a], delta=DELTA), epsilon([b], delta=DELTA), 0.0]
+    assert [total for _, _, total in rows] == [epsilon([a], delta=DELTA), epsilon([a, b], delta=DELTA),
+                                               epsilon([a, b], delta=DELTA)]
+    assert rows[-1][2] == ledger.spent("d", delta=DELTA)
+    assert ledger.history("d", delta=DELTA, accountant="rdp")[-1][2] == ledger.spent("d", delta=DELTA,
+                                                                                      accountant="rdp")
+
+
 def test_delta_at_or_above_1_over_n_is_refused_unless_accepted(ledger_path):
     with pytest.raises(DeltaAboveOneOverNError, match=r"delta=0.001 is not below 1/N = 0.001 \(N=1000"):
         check_delta_below_1_over_n(1e-3, 1000)

@@ -115,3 +115,110 @@ def test_release_on_a_missing_ledger_creates_nothing(capsys, tmp_path):
     path = tmp_path / "none.sqlite"
     assert main(["ledger", "release", "r1", "--reason", "x", "--ledger", str(path)]) == 1
     assert f"No ledger at {path}" in capsys.readouterr().err and not path.exists()
+
+
+# ---------------------------------------------------------------- help, deltas without a budget, history
+
+def _verbs(parser, *path):
+    """The subparsers under `dpwa PATH...`, by name."""
+    import argparse
+
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return parser, ({} if sub is None else dict(sub.choices)), sub
+
+
+def _options_without_help(parser):
+    import argparse
+
+    return [a.option_strings or [a.dest] for a in parser._actions
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not (a.help or "").strip()]
+
+
+def test_every_ledger_and_budget_option_has_help():
+    from dpwa.cli import build_parser
+
+    root = build_parser()
+    ledger, verbs, sub = _verbs(root, "ledger")
+    assert {"show", "history", "set-budget", "remaining", "export", "record", "release"} <= set(verbs)
+    assert all((c.help or "").strip() for c in sub._choices_actions), "a ledger verb has no help line"
+    for name, parser in verbs.items():
+        assert _options_without_help(parser) == [], f"dpwa ledger {name}"
+    budget, _, _ = _verbs(root, "budget")
+    assert _options_without_help(budget) == [], "dpwa budget"
+
+
+def test_show_without_a_budget_reports_at_the_delta_the_runs_recorded(capsys, ledger_path):
+    cli_json(capsys, "record", "--dataset", "toy", "--fingerprint", FP, "--run-id", "r1", "--sigma", "1.2",
+             "--sample-rate", "0.05", "--steps", "300", "--delta", "1e-4")
+    (d,) = cli_json(capsys, "show")["datasets"]
+    assert d["delta_reported"] == 1e-4 and d["delta_source"] == "runs" and d["runs"][0]["delta"] == 1e-4
+    assert d["epsilon_spent"] == pytest.approx(Ledger(ledger_path).spent("toy", delta=1e-4))
+    assert d["epsilon_remaining"] is None
+    assert main(["ledger", "show"]) == 0
+    text = capsys.readouterr().out
+    assert "at delta 0.0001 (prv); delta: the delta its runs recorded, no budget set" in text
+
+
+def test_show_without_budget_or_run_delta_uses_a_labelled_default(capsys, ledger_path):
+    ledger = Ledger(ledger_path)  # what the quickstart leaves: a run on a dataset of known size, no budget
+    ledger.reserve(run_id="q", dataset="digits", fingerprint=FP, size=1000,
+                   events=[PoissonGaussian(noise_multiplier=1.0, sample_rate=0.05, steps=100)])
+    (d,) = cli_json(capsys, "show")["datasets"]
+    assert d["delta_reported"] == pytest.approx(1e-4) and d["delta_source"] == "default"
+    assert d["epsilon_spent"] == pytest.approx(ledger.spent("digits", delta=1e-4)) and d["epsilon_spent"] > 0
+    assert main(["ledger", "show"]) == 0
+    assert "1/(10N), a display default" in capsys.readouterr().out
+    # Nothing to go by at all (no size either): the table says so and how to get a number.
+    cli_json(capsys, "record", "--dataset", "toy", "--fingerprint", "n5-abc", "--run-id", "t", "--sigma", "1",
+             "--sample-rate", "0.1", "--steps", "5")
+    assert main(["ledger", "show", "--dataset", "toy"]) == 0
+    assert "1 run(s) recorded; epsilon needs a delta: pass --delta" in capsys.readouterr().out
+
+
+def test_history_lists_the_cumulative_spend_run_by_run(capsys, filled):
+    cli_json(capsys, "record", "--dataset", "cifar10", "--fingerprint", FP, "--run-id", "c", "--sigma", "8",
+             "--sample-rate", "0.01", "--steps", "200")
+    out = cli_json(capsys, "history", "--dataset", "cifar10")
+    ledger = Ledger(filled)
+    assert out["delta"] == 1e-5 and out["delta_source"] == "budget" and out["accountant"] == "prv"
+    assert [r["run_id"] for r in out["runs"]] == ["a", "b", "c"]
+    assert [r["status"] for r in out["runs"]] == ["committed", "reserved", "committed"]
+    rows = ledger.history("cifar10", delta=1e-5)
+    assert [r["epsilon_cumulative"] for r in out["runs"]] == [total for _, _, total in rows]
+    assert out["runs"][-1]["epsilon_cumulative"] == pytest.approx(ledger.spent("cifar10"))
+    assert out["runs"][0]["epsilon_cumulative"] < out["runs"][1]["epsilon_cumulative"] < \
+        out["runs"][2]["epsilon_cumulative"]
+    assert main(["ledger", "history", "--dataset", "cifar10", "--delta", "1e-6", "--accountant", "rdp"]) == 0
+    text = capsys.readouterr().out
+    assert "epsilon (so far)" in text and "1e-06 (from --delta)" in text and "rdp" in text
+
+
+def test_history_plot_is_a_png(capsys, filled, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "spend.png"
+    out = cli_json(capsys, "history", "--dataset", "cifar10", "--plot", str(target))
+    assert out["plot"] == str(target) and target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["ledger", "history", "--dataset", "cifar10", "--plot", str(tmp_path / "spend.pdf")]) == 2
+    assert "--plot writes a PNG" in capsys.readouterr().err and not (tmp_path / "spend.pdf").exists()
+
+
+def test_history_of_an_unknown_dataset_is_a_clear_error(capsys, filled):
+    assert main(["ledger", "history", "--dataset", "nope"]) == 1
+    assert "Unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_ledger_verbs_import_neither_torch_nor_matplotlib(filled):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    probe = ("import sys\nimport accounting\nassert 'matplotlib' not in sys.modules\nfrom dpwa.cli import main\n"
+             "assert main(['ledger', 'history', '--dataset', 'cifar10']) == 0\n"
+             "assert main(['ledger', 'show']) == 0\n"
+             "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]\nassert not bad, bad\nprint('CLEAN')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "CLEAN" in out.stdout, out.stderr
