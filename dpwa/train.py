@@ -272,7 +272,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
              ) -> dict[str, Any]:
     resume, ledger_path, show_progress, stop_after = opts.resume, opts.ledger_path, opts.progress, opts.stop_after
     folder = RunFolder(Path(resume) if resume is not None else Path(cfg.out_dir) / run_id)
-    thread_choice = set_threads(cfg.train.threads)  # noqa: F841 - count and reason, for the run's records
+    thread_choice = set_threads(cfg.train.threads)  # count and reason, for the report
     torch.manual_seed(cfg.train.seed)
     private, p = cfg.privacy.enabled, cfg.privacy
 
@@ -435,7 +435,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                   **_plan_report(cfg, plan, mechanism, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
-                  **_counts_report(cfg, plan, state, probe_s, wall0)}
+                  **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice)}
         folder.save_weights(model)  # the last iterate: model.pretrained can read it
         folder.write_report(report)
         draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# `train.threads: auto` measures the machine's load; runs that tests compare bit for bit
+# (kill-and-resume, torchrun against one process) need one thread count, subprocesses too.
+os.environ.setdefault("DPWA_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
