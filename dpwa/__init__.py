@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import threads as _threads  # noqa: F401,E402 - sets OMP_WAIT_POLICY=PASSIVE before torch loads
+
 __version__ = "0.1.0"
 
 _LAZY = {
