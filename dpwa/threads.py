@@ -1,7 +1,7 @@
 """CPU threads for a run: `train.threads: auto` and an OpenMP wait policy that does not spin.
 
-On a shared machine two things made torch's CPU training collapse (the quickstart 10-40x
-slower with one core busy elsewhere, `experiments/results/bench_threads.md`):
+On a shared machine two things made torch's CPU training collapse (the quickstart 5-20x
+slower than with one thread when other jobs kept cores busy, `experiments/results/bench_threads.md`):
 
 * OpenMP's default wait policy: after each parallel region the idle worker threads spin
   for milliseconds, and on a contended machine they spin on the core that the thread they

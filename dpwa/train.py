@@ -31,7 +31,7 @@ from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIV
 import torch
 
 from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for, sample_rate_and_steps
-from accounting.errors import DeltaAboveOneOverNError, LedgerError
+from accounting.errors import AccountingError, DeltaAboveOneOverNError, LedgerError
 from accounting.ledger import default_ledger_path
 
 from .augmult import augmult_views
@@ -430,8 +430,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         #    what the mechanism released: a kill before the commit leaves a resumable run.
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
         report = {"run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None,
-                  "epsilon": eps_now, "dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta,
-                                                                            accountant=p.accountant),
+                  "epsilon": eps_now, **_dataset_spent(ledger, dataset, p),
                   **_plan_report(cfg, plan, mechanism, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
@@ -446,6 +445,17 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         raise
     except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
         raise _folder_error(e, ledger, run_id, folder.path, released=resume is None and steps_done == 0) from None
+
+
+def _dataset_spent(ledger: Any, dataset: str, p: Any) -> dict[str, Any]:
+    """The dataset's spend for the report. PRV's discretisation can fail on a long history of
+    runs (a known limit of the accountant): the report then gives the RDP bound, labelled,
+    instead of failing at the end of a run."""
+    try:
+        return {"dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta, accountant=p.accountant)}
+    except (AccountingError, RuntimeError) as e:  # RuntimeError: the PRV discretisation check
+        return {"dataset_epsilon_spent": ledger.spent(dataset, delta=p.delta, accountant="rdp"),
+                "dataset_epsilon_spent_accountant": f"rdp ({p.accountant} failed: {e})"}
 
 
 def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, split: Any,

@@ -2,7 +2,7 @@
 """Threads on a shared machine: train.threads = 1, 2 and auto, with and without one core kept
 busy by another process (`yes > /dev/null`), for the quickstart and one CIFAR tanh-CNN step.
 
-    python experiments/bench_threads.py --out experiments/results/bench_threads.md
+    python experiments/bench_threads.py --out experiments/results/bench_threads.md   # ~5 min on 2 quiet cores
 
 Settings: "2, spin" is the old default (2 threads, OpenMP's default wait policy: idle
 threads spin for ~300k iterations, GOMP_SPINCOUNT=300000, before they sleep); the others run
@@ -47,7 +47,8 @@ LAUNCH = ("import logging, sys; import dpwa.threads; logging.basicConfig(level=l
 
 
 def child_env(policy: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    drop = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "DPWA_THREADS")  # DPWA_THREADS would pin auto
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     if policy == "spin":
         env["GOMP_SPINCOUNT"] = "300000"  # libgomp's default when OMP_WAIT_POLICY is unset; dpwa keeps it
     return env
@@ -116,7 +117,7 @@ def busy_now() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quickstart-steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=64, help="CIFAR examples per step")
     ap.add_argument("--cnn-steps", type=int, default=3, help="timed CIFAR steps per process (median)")
@@ -160,7 +161,8 @@ def main() -> None:
         counts = [re.search(r"-> (\d+)$", x["choice"]) for x in results[key]]
         return "/".join(m.group(1) if m else "?" for m in counts)
 
-    lines = [f"`python experiments/bench_threads.py` on {os.cpu_count()} CPUs "
+    command = " ".join(["python experiments/bench_threads.py", *sys.argv[1:]])
+    lines = [f"`{command}` on {os.cpu_count()} CPUs "
              f"(affinity {len(os.sched_getaffinity(0))}), {time.strftime('%Y-%m-%d')}; medians of {a.repeats} "
              f"interleaved repeats, each a fresh process. Busy core: `yes > /dev/null`. Background load seen by "
              f"`dpwa.threads.busy_cores` before each measurement (median, other users included): quiet "

@@ -205,3 +205,18 @@ def test_private_sgd_probes_the_model_before_its_first_release():
     with pytest.raises(ProbeError, match="mixes examples"):
         sgd.step([(torch.randn(8, 1, 16), torch.randint(0, 3, (8,)))])
     assert sgd.mechanism.released == 0  # refused before the release
+
+
+def test_a_long_ledger_history_where_prv_fails_still_reports_with_rdp(tmp_path, monkeypatch):
+    import dpwa.train as train_module
+
+    def prv_fails(self, dataset, *, delta=None, accountant=None):
+        if accountant == "prv":
+            raise RuntimeError("PRV discretisation failed: discrete mean differs from continuous mean")
+        return 5.0
+
+    monkeypatch.setattr(train_module.Ledger, "spent", prv_fails)
+    report = train(tiny(tmp_path, "privacy.noise_seed=1"), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    assert report["dataset_epsilon_spent"] == 5.0 and report["dataset_epsilon_spent_accountant"].startswith("rdp")
+    (run,) = Ledger(tmp_path / "l.sqlite").runs()
+    assert run.status == "committed"
