@@ -260,6 +260,9 @@ class TrainConfig:
     # and how long a collective waits for a silent rank before the run fails
     dist_backend: str = "auto"
     dist_timeout_s: float = 600.0
+    # also write each metrics row as TensorBoard scalars to RUN_DIR/tensorboard (needs the
+    # optional `tensorboard` package; refused before any charge when it is missing)
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")

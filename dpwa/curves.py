@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["EpsilonCurve", "draw_curves"]
+__all__ = ["EpsilonCurve", "draw_curves", "tensorboard_writer"]
 
 
 class EpsilonCurve:
@@ -98,3 +98,25 @@ def draw_curves(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "",
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def tensorboard_writer(enabled: bool):
+    """A `SummaryWriter` factory for `train.tensorboard: true`, or None; refuses (a usage
+    error, before any charge) when the optional `tensorboard` package is missing."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard); "
+                          "or set train.tensorboard=false (curves.png is written either way)") from None
+    return SummaryWriter
+
+
+def log_row(writer: Any, row: dict[str, Any]) -> None:
+    """The numbers of a metrics row as scalars at its step (diagnostics keep their names)."""
+    for key, value in row.items():
+        if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(key, value, row["step"])

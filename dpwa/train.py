@@ -37,7 +37,7 @@ from accounting.ledger import default_ledger_path
 from .augmult import augmult_views
 from .averaging import make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
-from .curves import EpsilonCurve, draw_curves
+from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
 from .data import Data, load_data
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
@@ -307,6 +307,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        releases=plan.releases, generator=coins.noise, world=world,
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
+        tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
         if resume is None and world.main:
             check_writable(Path(cfg.out_dir))
     except Exception as e:  # noqa: BLE001 - re-raised by world.check, on every rank
@@ -375,6 +376,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
     try:
         metrics = folder.metrics(after_step=start) if world.main else None  # rank 0 keeps the books
+        board = tensorboard(str(folder.path / "tensorboard")) if tensorboard and world.main else None
         eval_split = data.test if cfg.train.eval_split == "test" else data.val
         if cfg.train.eval_split == "val" and private and world.main:
             warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
@@ -390,7 +392,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # 4. The method's steps; averages, rows and checkpoints after each.
         for step in range(start, plan.steps):
             if (stop_after is not None and step >= stop_after) or stop:
-                for closable in (metrics, bar):
+                for closable in (metrics, bar, board):
                     if closable:
                         closable.close()
                 if stop:  # SIGINT / SIGTERM: checkpoint at this step boundary, then say how to go on
@@ -412,6 +414,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
                 row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data))
             metrics.write(row)
+            if board:
+                log_row(board, row)
             if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
                 metrics.sync()
                 folder.save_state(state.state_dict())
@@ -425,6 +429,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if metrics is None:
             return world.broadcast(None)  # rank 0's report
         metrics.close()
+        if board:
+            board.close()
 
         # 5. Evaluate (on public/held-out data), write weights, report and curves, then commit
         #    what the mechanism released: a kill before the commit leaves a resumable run.

@@ -112,3 +112,29 @@ def test_epsilon_is_in_every_row_exact_at_checkpoints_and_never_below_the_truth(
         assert r["epsilon"] >= exact - 1e-9
         if r["step"] % 10 == 0:
             assert r["epsilon"] == pytest.approx(exact, rel=1e-9)
+
+
+def test_tensorboard_is_optional_and_refused_before_any_charge_when_missing(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    led = tmp_path / "l.sqlite"
+    code = main(["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'runs'}",
+                 "train.tensorboard=true", "train.steps=3", *SMALL])
+    assert code == 2 and "pip install tensorboard" in capsys.readouterr().err
+    assert not led.exists() and not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_scalars_are_written_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    report = train(load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=4", "train.tensorboard=true",
+                                       "privacy.noise_seed=1", *SMALL]), ledger_path=str(tmp_path / "l"),
+                   progress=False)
+    assert list((Path(report["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
