@@ -629,6 +629,7 @@ class Ledger:
                                     "(a resumed run keeps its reservation)")
             record = self._dataset_row(conn, dataset)
             owner = self._owner(conn, fingerprint)
+            size_known = (record or owner) is not None and (record or owner).size is not None
             now = _now()
             if record is None and owner is not None:  # the same data under a new name: compose
                 conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (dataset, owner.name, now))
@@ -656,6 +657,12 @@ class Ledger:
             record = self._dataset_row(conn, dataset)
             assert record is not None
             given, dataset = dataset, record.name
+            if not size_known and record.size and record.budget_delta is not None:
+                # a budget set before N was known was never checked against 1/N: check it now
+                check_delta_below_1_over_n(
+                    record.budget_delta, record.size, what=f"the budget delta of dataset {dataset!r}",
+                    accept_hint=f"`dpwa ledger set-budget --dataset {dataset} --dataset-size {record.size} "
+                                "--accept-delta-above-1-over-n` (or set a delta below 1/N)")
             if record.budget_epsilon is not None:
                 counted = self._counted(conn, dataset)
                 after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)

@@ -356,3 +356,17 @@ def test_eight_processes_never_pass_the_budget(ledger_path):
     ledger = Ledger(ledger_path)
     assert len(ledger.runs("d")) == 11
     assert ledger.spent("d") <= budget
+
+
+def test_a_budget_delta_set_before_n_was_known_is_checked_at_the_first_reservation(tmp_path):
+    from accounting.errors import DeltaAboveOneOverNError
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("toy", epsilon=2.0, delta=0.05)  # no size yet: 1/N unknown
+    run = PoissonGaussian(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    with pytest.raises(DeltaAboveOneOverNError, match="accept-delta-above-1-over-n"):
+        ledger.reserve(run_id="r", dataset="toy", fingerprint="n100-abc", events=[run], size=100)
+    assert ledger.runs("toy") == [] and ledger.dataset("toy").size is None  # nothing written
+    ledger.set_budget("toy", epsilon=2.0, delta=0.05, size=100, accept_delta_above_1_over_n=True)
+    with pytest.warns(UserWarning):
+        ledger.reserve(run_id="r", dataset="toy", fingerprint="n100-abc", events=[run], size=100)
