@@ -111,7 +111,7 @@ class PrivateSGD:
         first = next(chunks, None)
         if not self.probed and first is not None:  # the probe, on the first batch's shape
             self._probe(first[0])
-        return apply_release(self.optimizer, self.mechanism.release(itertools.chain([first] if first else [], chunks)))
+        return apply_release(self.optimizer, self.mechanism.release(itertools.chain([] if first is None else [first], chunks)))
 
     def _probe(self, views: torch.Tensor) -> None:
         """`dpwa.probe` before the first release, as `dpwa train` does before its reservation:

@@ -31,8 +31,8 @@ from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIV
 import torch
 
 from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for, sample_rate_and_steps
-from accounting.errors import AccountingError, DeltaAboveOneOverNError, LedgerError
-from accounting.ledger import default_ledger_path
+from accounting.errors import AccountingError, LedgerError
+from accounting.ledger import check_delta_below_1_over_n
 
 from .augmult import augmult_views
 from .averaging import make_averagers, prediction_methods
@@ -150,13 +150,8 @@ def _augment_seed(cfg: RunConfig, release: int, rank: int) -> int:
 
 def _check_delta(cfg: RunConfig, n: int) -> None:
     """delta >= 1/N allows publishing an example outright: refused unless accepted by name."""
-    p = cfg.privacy
-    if p.delta >= 1 / n:
-        if not p.accept_delta_above_1_over_n:
-            raise DeltaAboveOneOverNError(p.delta, n, what="privacy.delta",
-                                          accept="privacy.accept_delta_above_1_over_n=true")
-        warnings.warn(f"privacy.delta={p.delta:g} is not below 1/N = {1 / n:g}: accepted by "
-                      "privacy.accept_delta_above_1_over_n", stacklevel=3)
+    check_delta_below_1_over_n(cfg.privacy.delta, n, accept=cfg.privacy.accept_delta_above_1_over_n,
+                               what="privacy.delta", accept_hint="privacy.accept_delta_above_1_over_n=true")
 
 
 def _folder_error(e: OSError, ledger: Any, run_id: str, run_dir: Path, *, released: bool) -> RunFolderError:
@@ -516,12 +511,11 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
     if not p.enabled:
         return out
     out["epsilon"] = epsilon([plan.event], delta=p.delta, accountant=p.accountant)
-    path = Path(ledger_path or p.ledger).expanduser() if (ledger_path or p.ledger) else default_ledger_path()
-    out["ledger"] = str(path)
+    ledger = Ledger(ledger_path or p.ledger, create=False)  # a missing file stays missing
+    out["ledger"] = str(ledger.path)
     nothing = {**out, "dataset_epsilon_spent": 0.0, "dataset_epsilon_after": out["epsilon"], "budget": None}
-    if not path.exists():
+    if not ledger.exists:
         return nothing
-    ledger = Ledger(path)
     try:
         record = ledger.dataset(dataset)
     except LedgerError:
