@@ -66,9 +66,12 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy for the averaged weights that shares the live model's frozen parameters: a
-    head-only fine-tune of a large NFNet must not hold its frozen trunk once per averager."""
+    """A copy for the averaged weights that shares the live model's frozen parameters (a
+    head-only fine-tune of a large NFNet must not hold its frozen trunk once per averager) and
+    its buffers (never averaged; e.g. the released input statistics of `Standardize`, set in
+    place after the averagers exist and restored in place on resume)."""
     memo = {id(p): p for p in model.parameters() if not p.requires_grad}
+    memo.update({id(b): b for b in model.buffers()})
     out = copy.deepcopy(model, memo).eval()
     for p in out.parameters():
         p.requires_grad_(False)

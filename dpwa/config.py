@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from .errors import UsageError
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
-           "AveragingConfig", "TrainConfig", "MethodConfig", "CONFIG_VERSION", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
+           "AveragingConfig", "TrainConfig", "MethodConfig", "FeatureStatsConfig", "CONFIG_VERSION", "ConfigError", "load_config", "config_to_yaml", "config_from_yaml_text"]
 
 
 class ConfigError(UsageError, ValueError):
@@ -93,9 +93,15 @@ class ModelConfig:
     pretrained: Optional[str] = None
     trainable: str = "all"          # all | head (private linear probe) | stages (head + last trainable_stages stages)
     trainable_stages: int = 0
+    # How scatter_cnn normalises its input features: group (GroupNorm(groups) per example, free)
+    # or private (per-channel statistics of the training features released by the statistics
+    # mechanism, `feature_stats`; Tramer & Boneh 2021's private "BN", charged in the ledger).
+    input_norm: str = "group"
 
     def __post_init__(self) -> None:
         _require(self.groups >= 1, f"model.groups must be >= 1, got {self.groups}")
+        _require(self.input_norm in ("group", "private"),
+                 f"model.input_norm must be one of group, private; got {self.input_norm!r}")
         _require(self.trainable in ("all", "head", "stages"),
                  f"model.trainable must be one of all, head, stages; got {self.trainable!r}")
         _require(self.trainable != "stages" or self.trainable_stages >= 1,
@@ -204,14 +210,36 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class FeatureStatsConfig:
+    """The statistics mechanism of `model.input_norm: private` (dpwa/statistics.py): two
+    Gaussian releases on the full training set, composed with the DP-SGD steps in the ledger
+    (the DP-SGD noise is calibrated so that both together meet privacy.epsilon). The clip
+    bounds are hyper-parameters, not statistics of the data (Tramer & Boneh's median is an
+    unaccounted release)."""
+
+    noise_multiplier: float = 8.0   # sigma of both releases (Tramer & Boneh: 8)
+    mean_clip: float = 1.0          # L2 bound on each example's vector of per-channel means
+    second_moment_clip: float = 1.0  # L2 bound on each example's vector of per-channel mean squares
+
+    def __post_init__(self) -> None:
+        for key in ("noise_multiplier", "mean_clip", "second_moment_clip"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value > 0, f"feature_stats.{key} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """The training method (`dpwa/methods/`): how a run turns noisy releases into iterates.
-    dpsgd: one release per step, applied by the optimizer (Abadi et al. 2016)."""
+    dpsgd: one release per step, applied by the optimizer (Abadi et al. 2016). dpsat: DP-SAT
+    (Park et al. 2023), the same releases taken at weights moved rho along the previous one."""
 
     name: str = "dpsgd"
+    rho: float = 0.0                # dpsat: the ascent radius (Park et al.: 0.03 at lr 2)
 
     def __post_init__(self) -> None:
         _known("method.name", self.name, "dpwa.methods", "METHODS")
+        _require(math.isfinite(self.rho) and self.rho >= 0, f"method.rho must be >= 0, got {self.rho}")
+        _require(self.rho == 0 or self.name == "dpsat", f"method.rho is for method.name=dpsat, not {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -299,6 +327,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    feature_stats: FeatureStatsConfig = field(default_factory=FeatureStatsConfig)
 
     def __post_init__(self) -> None:
         _require(self.privacy.enabled or self.data.public,
@@ -318,6 +347,12 @@ class RunConfig:
         _require(self.data.features == "none" or self.augmult.k == 1,
                  f"augmult.k={self.augmult.k} with data.features={self.data.features}: features are computed once "
                  "from the unaugmented images, so augmentation multiplicity is not available; set augmult.k=1")
+
+        _require(self.model.input_norm != "private" or self.privacy.enabled,
+                 "model.input_norm=private releases statistics of private data; with privacy.enabled=false use "
+                 "model.input_norm=group")
+        _require(self.feature_stats == FeatureStatsConfig() or self.model.input_norm == "private",
+                 "feature_stats.* configures the release of model.input_norm=private; set it or drop feature_stats")
 
         cyclical = self.optim.schedule in ("cyclic", "sgdr")
         _require(not self.averaging.snapshots or cyclical,

@@ -26,7 +26,7 @@ class EpsilonCurve:
     >>> curve = EpsilonCurve(lambda n: calls.append(n) or n / 10, releases=1000, points=8)
     >>> curve.at(0), curve.at(3), curve.at(1000)
     (0.0, 0.3, 100.0)
-    >>> curve.at(300) >= 30.0 and len(calls) == 3
+    >>> curve.at(300) >= 30.0 and len(calls) == 4
     True
     """
 
@@ -37,8 +37,7 @@ class EpsilonCurve:
         self.cache: dict[int, float] = {}
 
     def exact(self, n: int) -> float:
-        if n <= 0:
-            return 0.0
+        n = max(n, 0)  # 0 releases may still spend: a run's other mechanisms (feature statistics)
         if n not in self.cache:
             self.cache[n] = float(self.epsilon_of(n))
         return self.cache[n]
@@ -46,7 +45,7 @@ class EpsilonCurve:
     def at(self, n: int) -> float:
         """Epsilon of the smallest grid point >= n: >= the exact value, by monotonicity."""
         if n <= 0:
-            return 0.0
+            return self.exact(0)
         i = bisect.bisect_left(self.grid, n)
         return self.exact(self.grid[min(i, len(self.grid) - 1)] if i < len(self.grid) else n)
 

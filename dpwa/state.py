@@ -62,12 +62,14 @@ class TrainState:
     coins: Coins
     step: int = 0
     train_time_s: float = 0.0
+    statistics: Any = None  # dpwa.statistics.StatisticsMechanism (model.input_norm=private), else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "model": self.model.state_dict(), "method": self.method.state_dict(),
                 "averagers": {n: a.state_dict() for n, a in self.averagers.items()},
                 "mechanism": self.mechanism.state_dict(), "step": self.step, "train_time_s": self.train_time_s,
-                "coins": self.coins.state_dict()}
+                "coins": self.coins.state_dict(),
+                **({"statistics": self.statistics.state_dict()} if self.statistics is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint of this or an earlier version.
@@ -83,6 +85,8 @@ class TrainState:
                 avg.load_state_dict(state["averagers"][name])
             self.mechanism.load_state_dict(state["mechanism"])
             self.coins.load_state_dict(state["coins"])
+            if self.statistics is not None:  # its released statistics are in the model's buffers
+                self.statistics.load_state_dict(state["statistics"])
             self.step, self.train_time_s = int(state["step"]), float(state["train_time_s"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise StateError(f"the checkpoint does not match the run ({type(e).__name__}: "

@@ -1,7 +1,8 @@
 """The session loop: private training from a `RunConfig`, readable top to bottom.
 
     validate -> plan (releases from the method) -> probe -> reserve -> folder -> resume
-    -> steps (the method's) -> averages -> rows and checkpoints -> commit -> evaluate -> report
+    -> [feature statistics] -> steps (the method's) -> averages -> rows and checkpoints
+    -> evaluate -> report -> commit
 
 Ordered so that bad input costs no privacy and a crash never under-counts: everything that
 can refuse (config, data, model, delta, the probe of the model and engine) does so before the
@@ -30,7 +31,8 @@ from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIV
 
 import torch
 
-from accounting import Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for, sample_rate_and_steps
+from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for,
+                        sample_rate_and_steps)
 from accounting.errors import AccountingError, LedgerError
 from accounting.ledger import check_delta_below_1_over_n
 
@@ -46,11 +48,13 @@ from .evaluate import evaluate, evaluate_members
 from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
 from .models.from_config import build_model
+from .models.standardize import Standardize, set_statistics
 from .privacy import poisson_batches, secret_generator, secret_seed
 from .probe import probe
 from .run_folder import RunFolder, RunFolderError, check_writable
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
+from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
 
@@ -64,11 +68,17 @@ class Plan:
     steps: int                  # iterations
     releases: int               # noisy gradient releases (the method's count for `steps`)
     noise_multiplier: float
+    statistics: Optional[Gaussian] = None  # the feature-statistics releases (model.input_norm=private)
 
     @property
     def event(self) -> PoissonGaussian:
         return PoissonGaussian(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
                                steps=self.releases)
+
+    @property
+    def events(self) -> list[Event]:
+        """Everything the run releases: what the ledger reserves."""
+        return [self.statistics, self.event] if self.statistics else [self.event]
 
 
 def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
@@ -80,11 +90,14 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
     steps = cfg.train.steps if cfg.train.steps is not None else steps
     releases = METHODS[cfg.method.name].releases(cfg, steps)
     p = cfg.privacy
+    statistics = (Gaussian(noise_multiplier=cfg.feature_stats.noise_multiplier, count=RELEASES_PER_ESTIMATE)
+                  if cfg.model.input_norm == "private" else None)
     sigma = 0.0 if not p.enabled else (  # public data: plain gradients (the config refuses this for private data)
         float(p.noise_multiplier) if p.noise_multiplier is not None else
         noise_multiplier_for(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=releases,
-                             accountant=p.accountant))
-    return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, releases=releases, noise_multiplier=sigma)
+                             accountant=p.accountant, prior=[statistics] if statistics else []))
+    return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, releases=releases, noise_multiplier=sigma,
+                statistics=statistics)
 
 
 class _NoLedger:
@@ -174,7 +187,7 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
     recorded = {k: meta.get(k, meta["steps"] if k == "releases" else None) for k in planned}
     # runs from before the session loop hashed their config in the v1 layout: their plan is checked
     same_config = run.config_hash == _config_hash(cfg) or "releases" not in meta
-    if not same_config or recorded != planned or list(run.planned) != [plan.event]:
+    if not same_config or recorded != planned or list(run.planned) != plan.events:
         raise StateError(f"Cannot resume {folder.path}: its config.yaml no longer matches the run reserved in the "
                          f"ledger (reserved: {recorded}; the config now gives {planned}). Restore the config the "
                          f"run started with; run {run.run_id!r} stays reserved (counted in full)")
@@ -302,6 +315,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        releases=plan.releases, generator=coins.noise, world=world,
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
+        statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
         if resume is None and world.main:
             check_writable(Path(cfg.out_dir))
@@ -327,7 +341,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 _check_resume_plan(folder, run, cfg, plan)
             return
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
-                       events=[plan.event] if private else [], config_hash=_config_hash(cfg), size=n_source,
+                       events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,
                        delta=p.delta)
         try:
             folder.create(cfg, {"run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
@@ -346,7 +360,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
     coins.sampling.manual_seed(cfg.train.seed + 1 if coins.reproducible
                                else world.broadcast(secret_seed() if world.main else None))
-    state = TrainState(model, method, averagers, mechanism, coins)
+    state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics)
+
+    def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
+        return (statistics.events() if statistics else []) + mechanism.events()
+
     if resume is not None:
         try:  # a private run's checkpoint holds no generator state: it goes on with fresh secret coins
             saved = world.on_main(folder.load_state)  # None: killed before its first checkpoint
@@ -355,6 +373,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         except UsageError as e:  # unreadable, or not this run's
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
+    if statistics is not None and statistics.released == 0:  # before the first step; a resumed run has them
+        _release_statistics(statistics, data, model, world)
+        if world.main:  # kept at once: a kill before the first checkpoint must not release them again
+            folder.save_state(state.state_dict())
+            ledger.progress(run_id, spent())
     start, steps_done = state.step, 0
     batches = poisson_batches(len(data.train), plan.sample_rate, coins.sampling)
     aug_gen = torch.Generator()
@@ -381,7 +404,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             from tqdm import tqdm
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
-        curve = EpsilonCurve(lambda n: _epsilon(mechanism, p, n), releases=plan.releases) if private else None
+        prior = statistics.events() if statistics else []
+        curve = EpsilonCurve(lambda n: _epsilon([*prior, *mechanism.events(n)], p), releases=plan.releases) \
+            if private else None
         eps_now = curve.exact(mechanism.released) if curve and world.main else None
 
         # 4. The method's steps; averages, rows and checkpoints after each.
@@ -391,7 +416,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                     if closable:
                         closable.close()
                 if stop:  # SIGINT / SIGTERM: checkpoint at this step boundary, then say how to go on
-                    raise _interrupted(stop[0], state, folder, ledger, mechanism, run_id, eps_now)
+                    raise _interrupted(stop[0], state, folder, ledger, spent(), run_id, eps_now)
                 return {"stopped_at": step, "run_dir": str(folder.path), "run_id": run_id}
             t0 = time.time()
             lr = schedule(step)
@@ -414,7 +439,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
                 metrics.sync()
                 folder.save_state(state.state_dict())
-                ledger.progress(run_id, mechanism.events())
+                ledger.progress(run_id, spent())
             if bar:
                 bar.set_postfix(loss=f"{stats.get('private_batch_loss_diagnostic', 0.0):.3f}",
                                 eps="public" if not private else f"{eps_now:.2f}")
@@ -432,7 +457,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
         report = {"run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None,
                   "epsilon": eps_now, **_dataset_spent(ledger, dataset, p),
-                  **_plan_report(cfg, plan, mechanism, world), "methods": list(results),
+                  **_plan_report(cfg, plan, mechanism, statistics, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
                   **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice)}
@@ -440,7 +465,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         folder.write_report(report)
         draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
                     final={name: r["accuracy"] for name, r in results.items()})
-        ledger.commit(run_id, mechanism.events())
+        ledger.commit(run_id, spent())
         return world.broadcast({**report, "run_dir": str(folder.path)})
     except DistributedError:
         raise
@@ -467,12 +492,39 @@ def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, 
             for k, v in evaluate(m, split, data).items()}
 
 
-def _plan_report(cfg: RunConfig, plan: Plan, mechanism: Any, world: World) -> dict[str, Any]:
+def _plan_report(cfg: RunConfig, plan: Plan, mechanism: Any, statistics: Optional[StatisticsMechanism],
+                 world: World) -> dict[str, Any]:
     p = cfg.privacy
+    stats = {} if statistics is None else {"feature_statistics": {
+        "noise_multiplier": statistics.noise_multiplier, "releases": statistics.released,
+        "mean_clip": statistics.mean_clip, "second_moment_clip": statistics.second_moment_clip}}
     return {"method": cfg.method.name, "delta": p.delta, "accountant": p.accountant,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "releases": mechanism.released, "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
+            "releases": mechanism.released, **stats, "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
             "world_size": world.size}
+
+
+def _statistics_mechanism(cfg: RunConfig, plan: Plan, model: torch.nn.Module, n: int
+                          ) -> Optional[StatisticsMechanism]:
+    """The statistics mechanism of model.input_norm=private (its noise on the CPU, from its own
+    secret generator), after checking the model has a layer to take them."""
+    if plan.statistics is None:
+        return None
+    if not any(isinstance(m, Standardize) for m in model.modules()):
+        raise ConfigError("model.input_norm=private needs a dpwa.models.standardize.Standardize layer in the model "
+                          "to take the released statistics; this model has none")
+    f, seed = cfg.feature_stats, cfg.privacy.noise_seed
+    return StatisticsMechanism(noise_multiplier=f.noise_multiplier, mean_clip=f.mean_clip,
+                               second_moment_clip=f.second_moment_clip, dataset_size=n,
+                               releases=plan.statistics.count,
+                               generator=secret_generator(None if seed is None else seed + 7, "cpu"))
+
+
+def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torch.nn.Module, world: World) -> None:
+    """Rank 0 releases the statistics of the training features and every rank takes them."""
+    released = world.on_main(lambda: statistics.release(data.train.x))
+    statistics.released = statistics.releases
+    set_statistics(model, released.mean, released.var)
 
 
 def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float, wall0: float) -> dict[str, Any]:
@@ -483,16 +535,16 @@ def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float
             "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9)}
 
 
-def _epsilon(mechanism: GradientMechanism, p: Any, releases: Optional[int] = None) -> float:
-    n = mechanism.released if releases is None else releases
-    return epsilon(mechanism.events(n), delta=p.delta, accountant=p.accountant) if n else 0.0
+def _epsilon(events: list[Event], p: Any) -> float:
+    events = [e for e in events if e.count]
+    return epsilon(events, delta=p.delta, accountant=p.accountant) if events else 0.0
 
 
-def _interrupted(signum: int, state: TrainState, folder: RunFolder, ledger: Any, mechanism: Any, run_id: str,
+def _interrupted(signum: int, state: TrainState, folder: RunFolder, ledger: Any, spent: list[Event], run_id: str,
                  eps: Optional[float]) -> Interrupted:
     """Checkpoint the step boundary reached, record it in the ledger, and say how to go on."""
     folder.save_state(state.state_dict())
-    ledger.progress(run_id, mechanism.events())
+    ledger.progress(run_id, spent)
     spent = "nothing (public data)" if eps is None else f"epsilon {eps:.3f} so far"
     return Interrupted(f"{signal.Signals(signum).name}: stopped after step {state.step}, checkpoint written in "
                        f"{folder.path} ({spent}; the run stays reserved in the ledger, counted in full until it "
@@ -510,7 +562,7 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
                            "accountant": p.accountant, "probe_s": probe_s, "epsilon": None}
     if not p.enabled:
         return out
-    out["epsilon"] = epsilon([plan.event], delta=p.delta, accountant=p.accountant)
+    out["epsilon"] = epsilon(plan.events, delta=p.delta, accountant=p.accountant)
     ledger = Ledger(ledger_path or p.ledger, create=False)  # a missing file stays missing
     out["ledger"] = str(ledger.path)
     nothing = {**out, "dataset_epsilon_spent": 0.0, "dataset_epsilon_after": out["epsilon"], "budget": None}
@@ -522,7 +574,7 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
         return nothing
     prior = list(ledger.counted_events(dataset))
     out["dataset_epsilon_spent"] = epsilon(prior, delta=p.delta, accountant=p.accountant) if prior else 0.0
-    out["dataset_epsilon_after"] = epsilon([*prior, plan.event], delta=p.delta, accountant=p.accountant)
+    out["dataset_epsilon_after"] = epsilon([*prior, *plan.events], delta=p.delta, accountant=p.accountant)
     out["budget"] = None if record.budget_epsilon is None else {"epsilon": record.budget_epsilon,
                                                                "delta": record.budget_delta}
     return out

@@ -75,4 +75,4 @@ def make_method(cfg: RunConfig, model: nn.Module) -> Method:
     return METHODS[cfg.method.name](cfg, model)
 
 
-from . import dpsgd  # noqa: E402,F401 - registers the built-in methods
+from . import dpsat, dpsgd  # noqa: E402,F401 - registers the built-in methods

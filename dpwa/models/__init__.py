@@ -33,7 +33,7 @@ def register_model(name: str):
 
 def create_model(name: str, *, in_channels: int, num_classes: int, groups: int = 16,
                  weight_standardization: bool = True, pretrained: Optional[str] = None, trainable: str = "all",
-                 trainable_stages: int = 0) -> nn.Module:
+                 trainable_stages: int = 0, input_norm: str = "group") -> nn.Module:
     """Build a registered model, or a timm NF model by its timm name (dpwa/models/nfnet.py).
 
     Raises:
@@ -41,6 +41,11 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
             pretrained weights or freezing asked of a model that does not take them.
     """
     nf = dict(pretrained=pretrained, trainable=trainable, trainable_stages=trainable_stages)
+    takes = inspect.signature(MODELS[name]).parameters if name in MODELS else {}
+    if input_norm != "group" and "input_norm" not in takes:
+        raise ModelError(f"model.input_norm={input_norm} is for models with an input normalisation layer "
+                         f"(scatter_cnn); {name!r} has none")
+    extra = {"input_norm": input_norm} if "input_norm" in takes else {}
     if name in MODELS:
         fn = MODELS[name]
         if "pretrained" in inspect.signature(fn).parameters:
@@ -51,7 +56,7 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
                 raise ModelError(f"model.pretrained / model.trainable are for NF models (timm's NF family, nf_micro*); "
                                  f"{name!r} is trained from scratch, all layers")
             model = fn(in_channels=in_channels, num_classes=num_classes, groups=groups,
-                       weight_standardization=weight_standardization)
+                       weight_standardization=weight_standardization, **extra)
     else:
         from .nfnet import create_nf
 

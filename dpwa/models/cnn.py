@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import register_model
+from .standardize import Standardize
 from .ws import WSConv2d
 
 
@@ -48,12 +49,16 @@ def cnn_small(*, in_channels: int, num_classes: int, groups: int = 8, weight_sta
 
 @register_model("scatter_cnn")
 def scatter_cnn(*, in_channels: int, num_classes: int, groups: int = 27, weight_standardization: bool = False,
-                width: int = 64) -> nn.Module:
+                width: int = 64, input_norm: str = "group") -> nn.Module:
     """The CNN on ScatterNet features of Tramer & Boneh 2021 (CIFAR-10: 243 x 8 x 8 inputs):
-    GroupNorm without affine parameters on the features (normalisation at no privacy cost),
-    conv3x3 64 -> tanh -> maxpool -> conv3x3 64 -> tanh -> linear (0.19M parameters)."""
+    the features normalised by GroupNorm without affine parameters (input_norm=group, free)
+    or by released per-channel statistics (input_norm=private: `Standardize`, set by the
+    statistics mechanism), then conv3x3 64 -> tanh -> maxpool -> conv3x3 64 -> tanh -> linear
+    (0.19M parameters)."""
+    norm = (Standardize(in_channels) if input_norm == "private"
+            else nn.GroupNorm(min(groups, in_channels), in_channels, affine=False))
     return nn.Sequential(
-        nn.GroupNorm(min(groups, in_channels), in_channels, affine=False),
+        norm,
         _conv(in_channels, width, weight_standardization), nn.Tanh(), nn.MaxPool2d(2),
         _conv(width, width, weight_standardization), nn.Tanh(),
         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, num_classes))
