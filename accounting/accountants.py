@@ -119,7 +119,7 @@ def _pld_delta(events: Sequence[Event], epsilon: float) -> float:
 # ---------------------------------------------------------------- prv-accountant (PRV)
 
 def _prv(event: Event):
-    from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism
+    from ._prv_lib.privacy_random_variables import GaussianMechanism, PoissonSubsampledGaussianMechanism
 
     if isinstance(event, PoissonGaussian):
         return PoissonSubsampledGaussianMechanism(sampling_probability=event.sample_rate,
@@ -221,7 +221,7 @@ def _fast_domain(L: float, mesh: float):
     FFTs 5-10x faster than an arbitrary one. Index i sits at t = (i - K) * mesh with
     size = 2K + 2, the layout prv-accountant's Fourier composer relies on.
     """
-    from prv_accountant.domain import Domain
+    from ._prv_lib.domain import Domain
     from scipy.fft import next_fast_len
 
     size = len(Domain.create_aligned(-L, L, mesh))
@@ -241,8 +241,8 @@ def _discretise(prv, domain):
     `prv_accountant.discretisers.CellCentred` (to rounding of the edges, tested) at a
     fraction of its cost.
     """
-    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
-    from prv_accountant.privacy_random_variables import PrivacyRandomVariableTruncated
+    from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+    from ._prv_lib.privacy_random_variables import PrivacyRandomVariableTruncated
 
     tprv = PrivacyRandomVariableTruncated(prv, domain.t_min(), domain.t_max())
     ts = domain.ts()
@@ -303,7 +303,7 @@ def _prv_grid(events: Sequence[Event], eps_error: float, delta_error: float) -> 
 
 
 def _grid_domain(mesh: float, size: int):
-    from prv_accountant.domain import Domain
+    from ._prv_lib.domain import Domain
 
     k = size // 2 - 1
     return Domain(-k * mesh, (k + 1) * mesh, size)
@@ -425,7 +425,7 @@ def _epsilon_upper(pmf: np.ndarray, domain, log_pmc_inf: float, grid: tuple[floa
                          "Increase delta or reduce domain size.")
     mesh, size = grid
     if (size // 2) * mesh > 600:
-        from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+        from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
         return DiscretePrivacyRandomVariable(pmf, domain, log_pmc_inf).compute_epsilon(
             delta, delta_error, eps_error)[2]
@@ -458,7 +458,7 @@ def _rdp_proxy_epsilon(events: Sequence[Event], delta: float) -> float:
 
 
 def _prv_delta(events: Sequence[Event], epsilon: float) -> float:
-    from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
+    from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
     delta_error = 1e-12
     composed = DiscretePrivacyRandomVariable(*_prv_compose(events, PRV_EPS_ERROR, delta_error)[:3])

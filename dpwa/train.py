@@ -559,7 +559,10 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
     out: dict[str, Any] = {"dry_run": True, "dataset": dataset, "private": p.enabled, "method": cfg.method.name,
                            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                            "steps": plan.steps, "releases": plan.releases, "delta": p.delta,
-                           "accountant": p.accountant, "probe_s": probe_s, "epsilon": None}
+                           "accountant": p.accountant, "probe_s": probe_s, "epsilon": None,
+                           **({"statistics_releases": plan.statistics.count,
+                               "statistics_noise_multiplier": plan.statistics.noise_multiplier}
+                              if plan.statistics else {})}
     if not p.enabled:
         return out
     out["epsilon"] = epsilon(plan.events, delta=p.delta, accountant=p.accountant)

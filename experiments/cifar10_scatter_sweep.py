@@ -68,7 +68,11 @@ VARIANTS: dict[str, list[str]] = {
     "bn-imagenet-b4k-lr4": [*PRIVATE, *IMAGENET, *B4K, "optim.lr=4"],
     "bn-imagenet-b2k-lr1": [*PRIVATE, *IMAGENET, *B2K, "optim.lr=1"],
     "bn-imagenet-b2k-lr2": [*PRIVATE, *IMAGENET, *B2K, "optim.lr=2"],
-    "bn-imagenet-lr4-c0.05": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=8", "privacy.clip_norm=0.05"],
+    "bn-imagenet-lr8-c0.05": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=8", "privacy.clip_norm=0.05"],
+    "bn-imagenet-cos-lr4": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=4", "optim.schedule=cosine"],
+    "bn-imagenet-cos-lr8": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=8", "optim.schedule=cosine"],
+    "bn-imagenet-b16k-lr8": [*PRIVATE, *IMAGENET, "train.batch_size=16384", "optim.lr=8"],
+    "bn-imagenet-b2k-lr1-ema0.998": [*PRIVATE, *IMAGENET, *B2K, "optim.lr=1", "averaging.ema_decay=0.998"],
     "bn-imagenet-lr4-sat0.01": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=4", "method.name=dpsat", "method.rho=0.01"],
     "bn-imagenet-lr4-sat0.03": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=4", "method.name=dpsat", "method.rho=0.03"],
     "bn-imagenet-lr4-sat0.1": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=4", "method.name=dpsat", "method.rho=0.1"],
@@ -103,6 +107,9 @@ def proxy_overrides(name: str, overrides: list[str], shrink: int) -> tuple[list[
     return [*overrides, f"train.batch_size={b}", "train.epochs=null", f"train.steps={plan.steps}",
             "privacy.epsilon=null", f"privacy.noise_multiplier={plan.noise_multiplier / shrink}",
             "data.val_size=5000", "train.eval_split=val", "train.checkpoint_every=100000",
+            # free tail averages: Polyak over the second half, SWA over the last quarter (every step)
+            f"averaging.polyak_start={plan.steps // 2}", "averaging.swa=true", f"averaging.swa_start={3 * plan.steps // 4}",
+            "averaging.swa_every=1",
             f"name=sweep-{name}", f"out_dir={OUT / 'sweep' / name}"], info
 
 
@@ -129,12 +136,12 @@ def _acc(r: dict[str, Any], split: str, name: str) -> str:
 
 def sweep_table() -> str:
     rows = ["| variant | target B | target sigma | steps | proxy B | proxy sigma | val raw | val EMA | val Polyak | "
-            "per-example grads (proxy) | train min |", "|" + "---|" * 11]
+            "val SWA | per-example grads (proxy) | train min |", "|" + "---|" * 12]
     for proxy in sorted((OUT / "sweep").glob("*/*/proxy.json")):
         p, r = json.loads(proxy.read_text()), json.loads((proxy.parent / "report.json").read_text())
         rows.append(f"| {p['name']} (`{' '.join(VARIANTS.get(p['name'], []))}`) | {p['target_batch']} | "
                     f"{p['target_sigma']:.3f} | {p['steps']} | {p['proxy_batch']} | {p['proxy_sigma']:.4f} | "
-                    f"{_acc(r, 'val', 'raw')} | {_acc(r, 'val', 'ema')} | {_acc(r, 'val', 'polyak')} | "
+                    f"{_acc(r, 'val', 'raw')} | {_acc(r, 'val', 'ema')} | {_acc(r, 'val', 'polyak')} | {_acc(r, 'val', 'swa')} | "
                     f"{r['expected_per_example_gradient_evaluations']:.0f} | {r['train_time_s'] / 60:.1f} |")
     return "\n".join(rows)
 

@@ -90,6 +90,9 @@ def _print_dry_run(r: dict) -> None:
         return
     print(f"dry run ({r['method']}): epsilon {r['epsilon']:.3f} at delta {r['delta']:g} ({r['accountant']}): "
           f"sigma {r['noise_multiplier']:.4g}, q {r['sample_rate']:.4g}, {r['steps']} steps, {r['releases']} releases")
+    if r.get("statistics_releases"):
+        print(f"  plus {r['statistics_releases']} Gaussian releases of feature statistics (sigma "
+              f"{r['statistics_noise_multiplier']:g}, model.input_norm=private), before the first step")
     print(f"  dataset {r['dataset']!r} in {r['ledger']}: epsilon {r['dataset_epsilon_spent']:.3f} spent, "
           f"{r['dataset_epsilon_after']:.3f} after this run")
     if r["budget"] is not None:
