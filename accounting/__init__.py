@@ -12,7 +12,7 @@ questions; `Ledger` remembers every run on a dataset and refuses to overspend it
 
 from .accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT, delta, epsilon
 from .calibrate import epsilon_for, noise_multiplier_for, sample_rate_and_steps, steps_for
-from .errors import (AccountingError, BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError,
+from .errors import (AccountantFailedError, AccountingError, BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError,
                      InvalidParameterError, LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError,
                      UnknownRunError)
 from .events import Event, Gaussian, PoissonGaussian, event_from_dict, merge
@@ -23,7 +23,7 @@ __all__ = [
     "epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps",
     "Event", "PoissonGaussian", "Gaussian", "event_from_dict", "merge",
     "Ledger", "DatasetRecord", "RunRecord", "fingerprint", "default_ledger_path", "check_delta_below_1_over_n",
-    "AccountingError", "InvalidParameterError", "DeltaAboveOneOverNError", "BudgetExceededError",
+    "AccountingError", "AccountantFailedError", "InvalidParameterError", "DeltaAboveOneOverNError", "BudgetExceededError",
     "DatasetMismatchError",
     "LedgerError", "LedgerCorruptError", "LedgerLockedError", "RunStateError", "UnknownRunError",
 ]

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import InvalidParameterError
+from .errors import AccountantFailedError, InvalidParameterError
 from .events import Event, PoissonGaussian, merge
 
 __all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "epsilon", "delta", "check_accountant", "check_delta"]
@@ -266,7 +266,7 @@ def _discretise(prv, domain):
 
     mean_shift = tprv.mean() - np.dot(ts, pmf)
     if not np.abs(mean_shift) < domain.dt() / 2:
-        raise RuntimeError("PRV discretisation failed: discrete mean differs from continuous mean")
+        raise AccountantFailedError("PRV discretisation failed: discrete mean differs from continuous mean")
     return DiscretePrivacyRandomVariable(pmf, domain.shift_right(mean_shift),
                                          log_pmc_inf=np.log(1 - prv.pm_inf))
 
@@ -299,7 +299,17 @@ def _prv_grid(events: Sequence[Event], eps_error: float, delta_error: float) -> 
     L = _safe_domain_size(events, eps_error=eps_error, delta_error=delta_error)
     mesh = eps_error / math.sqrt(total / 2 * math.log(12 / delta_error))
     mesh, L = _snap(mesh, -1), _snap(L, +1)
+    if 2 * L / mesh > PRV_MAX_GRID:  # checked before any array is allocated
+        raise AccountantFailedError(
+            f"the PRV composition needs a grid of {2 * L / mesh:.3g} points (> {PRV_MAX_GRID}; epsilon is "
+            f"about {L - 3:.3g} or more): use the RDP accountant for such a mechanism")
     return mesh, len(_fast_domain(L, mesh))
+
+
+#: The largest PRV grid composed (float64 points; each array of it is 256 MiB). Realistic
+#: runs need 1e5-1e7 points; mechanisms with a huge epsilon (tiny noise, many steps) need
+#: billions and would exhaust memory.
+PRV_MAX_GRID = 2**25
 
 
 def _grid_domain(mesh: float, size: int):
@@ -436,7 +446,7 @@ def _epsilon_upper(pmf: np.ndarray, domain, log_pmc_inf: float, grid: tuple[floa
     ndelta = exp_u * d2 - d1
     i = int(np.searchsorted(ndelta, -target, side="left"))
     if i <= 0:
-        raise RuntimeError("Cannot compute epsilon")
+        raise AccountantFailedError("Cannot compute epsilon")
     return float(domain.shifts() + math.log((d1[i] - target) / d2[i]) + eps_error)
 
 

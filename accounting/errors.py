@@ -51,6 +51,12 @@ class BudgetExceededError(AccountingError, RuntimeError):
     """A run's planned spend would take a dataset past its budget; nothing was written."""
 
 
+class AccountantFailedError(AccountingError, RuntimeError):
+    """The accountant cannot compute this composition (PRV's discretisation fails for some
+    extreme mechanisms, e.g. a very small noise multiplier over thousands of steps); the RDP
+    accountant, looser, always can."""
+
+
 class LedgerError(AccountingError, RuntimeError):
     """The ledger cannot carry out a request."""
 

@@ -33,7 +33,7 @@ import torch
 
 from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for,
                         sample_rate_and_steps)
-from accounting.errors import AccountingError, LedgerError
+from accounting.errors import AccountantFailedError, AccountingError, LedgerError
 from accounting.ledger import check_delta_below_1_over_n
 
 from .augmult import augmult_views
@@ -298,6 +298,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if private:
             _check_delta(cfg, n_source)
         plan = plan_run(cfg, len(data.train))
+        planned_epsilon = _planned_epsilon(cfg, plan) if private else None
         fresh = resume is None or not folder.checkpoint_path.is_file()  # a checkpoint holds the weights
         model = (opts.model if opts.model is not None else build_model(cfg, data, load_pretrained=fresh)).to(device)
         views = 1 if data.features != "none" else cfg.augmult.k
@@ -306,7 +307,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                         num_classes=data.num_classes, batch=cfg.train.physical_batch_size).seconds if private else 0.0
         schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
         averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
-        method = make_method(cfg, model)
+        noise_std = plan.noise_multiplier * (1.0 if p.rescale_to_unit else p.clip_norm) / cfg.train.batch_size
+        method = make_method(cfg, model, noise_std=noise_std if private else 0.0)  # public: std of a release's noise
         coins = Coins(noise=secret_generator(p.noise_seed, device),  # the noise: used by rank 0 alone
                       sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None)
         mechanism = (GradientMechanism(model, engine=make_engine(p.engine, model), clip_norm=p.clip_norm,
@@ -405,8 +407,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
         prior = statistics.events() if statistics else []
-        curve = EpsilonCurve(lambda n: _epsilon([*prior, *mechanism.events(n)], p), releases=plan.releases) \
-            if private else None
+        curve = EpsilonCurve(lambda n: _epsilon([*prior, *mechanism.events(n)], p, planned_epsilon),
+                             releases=plan.releases) if private else None
         eps_now = curve.exact(mechanism.released) if curve and world.main else None
 
         # 4. The method's steps; averages, rows and checkpoints after each.
@@ -535,9 +537,28 @@ def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float
             "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9)}
 
 
-def _epsilon(events: list[Event], p: Any) -> float:
+def _epsilon(events: list[Event], p: Any, planned: Optional[float] = None) -> float:
+    """Epsilon of what was released so far; where the accountant cannot compose a part of the
+    plan (PRV at some extreme mechanisms), the whole plan's epsilon, an upper bound."""
     events = [e for e in events if e.count]
-    return epsilon(events, delta=p.delta, accountant=p.accountant) if events else 0.0
+    try:
+        return epsilon(events, delta=p.delta, accountant=p.accountant) if events else 0.0
+    except AccountantFailedError:
+        if planned is None:
+            raise
+        return planned
+
+
+def _planned_epsilon(cfg: RunConfig, plan: Plan) -> float:
+    """The epsilon of the whole plan, before anything is reserved: a plan the accountant cannot
+    compose is refused here rather than fail mid-run."""
+    p = cfg.privacy
+    try:
+        return epsilon(plan.events, delta=p.delta, accountant=p.accountant)
+    except AccountantFailedError as e:
+        raise ConfigError(f"privacy.accountant={p.accountant} cannot compute the epsilon of this run (sigma "
+                          f"{plan.noise_multiplier:.4g}, q {plan.sample_rate:.4g}, {plan.releases} releases: {e}); "
+                          "use privacy.accountant=rdp, a looser bound that is always computable") from None
 
 
 def _interrupted(signum: int, state: TrainState, folder: RunFolder, ledger: Any, spent: list[Event], run_id: str,

@@ -216,3 +216,14 @@ def test_delta_bad_input():
         delta([dpsgd(1.0, 10)], epsilon=-1.0)
     with pytest.raises(InvalidParameterError, match="epsilon=inf"):
         delta([dpsgd(1.0, 10)], epsilon=math.inf)
+
+
+def test_prv_refuses_a_grid_that_would_exhaust_memory():
+    """sigma 0.1 over 1465 steps needs ~2e8 grid points (GBs): refused before allocating,
+    with an error that names the RDP accountant, which composes it."""
+    from accounting.errors import AccountantFailedError
+
+    event = PoissonGaussian(noise_multiplier=0.1, sample_rate=8 / 1497, steps=1465)
+    with pytest.raises(AccountantFailedError, match="use the RDP accountant"):
+        epsilon([event], delta=1e-4, accountant="prv")
+    assert epsilon([event], delta=1e-4, accountant="rdp") > 100

@@ -220,3 +220,14 @@ def test_a_long_ledger_history_where_prv_fails_still_reports_with_rdp(tmp_path, 
     assert report["dataset_epsilon_spent"] == 5.0 and report["dataset_epsilon_spent_accountant"].startswith("rdp")
     (run,) = Ledger(tmp_path / "l.sqlite").runs()
     assert run.status == "committed"
+
+
+def test_a_plan_the_accountant_cannot_compose_is_refused_before_the_reservation(tmp_path, capsys):
+    led = tmp_path / "l.sqlite"
+    args = ["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'r'}",
+            "train.batch_size=8", "train.physical_batch_size=8", "train.steps=1465", "privacy.epsilon=null",
+            "privacy.noise_multiplier=0.1"]
+    assert main(args) == 2
+    assert "privacy.accountant=prv cannot compute the epsilon of this run" in capsys.readouterr().err
+    assert ledger_snapshot(led) is None and not (tmp_path / "r").exists()
+    assert main([*args, "privacy.accountant=rdp", "train.steps=2"]) == 0  # RDP always composes
