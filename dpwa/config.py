@@ -154,17 +154,20 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """The optimizer (`dpwa/optimizers.py`: sgd | adam | adamw) and its lr schedule. Every field
+    """The optimizer (`dpwa/optimizers.py`: sgd | adam | adamw | adambc | padam) and its lr schedule. Every field
     means one thing; fields of another optimizer or schedule than the chosen one must keep
     their defaults (refused otherwise, so a typo'd intent is not silently ignored)."""
 
-    name: str = "sgd"               # sgd | adam | adamw: applied to the mechanism's noisy gradient
+    name: str = "sgd"               # sgd | adam | adamw | adambc | padam: applied to the mechanism's noisy gradient
     lr: float = 1.0
-    weight_decay: float = 0.0       # sgd, adam: L2 added to the gradient; adamw: decoupled
+    weight_decay: float = 0.0       # sgd, adam: L2 added to the gradient; adamw, adambc, padam: decoupled
     momentum: float = 0.0           # sgd only
     nesterov: bool = False          # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
-    eps: float = 1e-8               # adam, adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw, adambc, padam
+    eps: float = 1e-8               # adam, adamw, adambc, padam
+    adambc_floor: float = 1e-8      # adambc: gamma, the floor of v_hat - (noise std)^2 (Tang et al.'s eps_root);
+    #                                 absolute: keep it well below (sigma C / B)^2, or adambc is momentum SGD
+    partial: float = 0.125          # padam: p in (0, 1/2], update m_hat / (v_hat^p + eps) (GadamX: 0.125)
     # constant | warmup | cosine | swa | cyclic | sgdr: pure functions of the step (dpwa/schedules.py)
     schedule: str = "constant"
     warmup_steps: int = 0
@@ -183,13 +186,19 @@ class OptimConfig:
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.name != "sgd" or (self.betas == [0.9, 0.999] and self.eps == 1e-8),
-                 f"optim.betas / optim.eps are for adam and adamw, not optim.name=sgd; got betas={self.betas}, "
+                 f"optim.betas / optim.eps are for adam, adamw, adambc, padam, not optim.name=sgd; got betas={self.betas}, "
                  f"eps={self.eps}")
         _require(self.name == "sgd" or (self.momentum == 0 and not self.nesterov),
                  f"optim.momentum / optim.nesterov are for sgd; optim.name={self.name} has optim.betas")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _require(self.adambc_floor > 0, f"optim.adambc_floor must be > 0, got {self.adambc_floor}")
+        _require(self.name == "adambc" or self.adambc_floor == 1e-8,
+                 f"optim.adambc_floor is for optim.name=adambc, not {self.name!r}; got {self.adambc_floor}")
+        _require(0 < self.partial <= 0.5, f"optim.partial must be in (0, 0.5], got {self.partial}")
+        _require(self.name == "padam" or self.partial == 0.125,
+                 f"optim.partial is for optim.name=padam, not {self.name!r}; got {self.partial}")
         _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}")
         _require(0 <= self.swa_lr <= self.lr, f"optim.swa_lr must be in [0, optim.lr={self.lr}], got {self.swa_lr}")
         _require(self.cycle_start >= 0, f"optim.cycle_start must be >= 0, got {self.cycle_start}")
@@ -231,15 +240,44 @@ class FeatureStatsConfig:
 class MethodConfig:
     """The training method (`dpwa/methods/`): how a run turns noisy releases into iterates.
     dpsgd: one release per step, applied by the optimizer (Abadi et al. 2016). dpsat: DP-SAT
-    (Park et al. 2023), the same releases taken at weights moved rho along the previous one."""
+    (Park et al. 2023), the same releases taken at weights moved rho along the previous one.
+    pswa: DP-SGD restarted from the running average of its iterates every pswa_period steps
+    (Guo, Jin & Liu 2022); the same releases. entropy_sgd: Entropy-SGD (Chaudhari et al. 2017),
+    inner_steps Langevin steps per step, each one release. A field of another method than the
+    chosen one must keep its default (refused otherwise)."""
 
     name: str = "dpsgd"
     rho: float = 0.0                # dpsat: the ascent radius (Park et al.: 0.03 at lr 2)
+    pswa_start: int = 0             # pswa: steps of plain DP-SGD before the running average collects
+    pswa_period: int = 40           # pswa: P, restart from the average every P steps after pswa_start
+    pswa_restarts: int = 0          # pswa: 0: restart every period (PSWA); 1: DSWA, 2: TSWA (then average to the end)
+    inner_steps: int = 20           # entropy_sgd: L, Langevin steps (= releases) per step (Chaudhari et al.: 20)
+    inner_lr: float = 0.1           # entropy_sgd: eta', the Langevin step size (the reference's fixed 0.1)
+    inner_momentum: float = 0.9     # entropy_sgd: Nesterov momentum of the Langevin steps, zeroed each step
+    gamma: float = 0.03             # entropy_sgd: gamma_0, the coupling ("scope"; Lua README CIFAR: 0.03)
+    scoping: float = 1e-3           # entropy_sgd: gamma_t = gamma (1 + scoping)^(t + 1)
+    langevin_noise: float = 0.0     # entropy_sgd: extra thermal noise epsilon on top of the DP noise (0: none)
+    mean_decay: float = 0.75        # entropy_sgd: beta_1 of the Gibbs-mean estimate mu <- b mu + (1 - b) x'
 
     def __post_init__(self) -> None:
         _known("method.name", self.name, "dpwa.methods", "METHODS")
         _require(math.isfinite(self.rho) and self.rho >= 0, f"method.rho must be >= 0, got {self.rho}")
-        _require(self.rho == 0 or self.name == "dpsat", f"method.rho is for method.name=dpsat, not {self.name!r}")
+        _require(self.pswa_start >= 0, f"method.pswa_start must be >= 0, got {self.pswa_start}")
+        _require(self.pswa_period >= 1, f"method.pswa_period must be >= 1, got {self.pswa_period}")
+        _require(self.pswa_restarts >= 0, f"method.pswa_restarts must be >= 0, got {self.pswa_restarts}")
+        _require(self.inner_steps >= 1, f"method.inner_steps must be >= 1, got {self.inner_steps}")
+        _require(math.isfinite(self.inner_lr) and self.inner_lr > 0, f"method.inner_lr must be > 0, got {self.inner_lr}")
+        _require(0 <= self.inner_momentum < 1, f"method.inner_momentum must be in [0, 1), got {self.inner_momentum}")
+        for key in ("gamma", "scoping", "langevin_noise"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"method.{key} must be >= 0, got {value}")
+        _require(0 <= self.mean_decay < 1, f"method.mean_decay must be in [0, 1), got {self.mean_decay}")
+        owners = {"rho": "dpsat", **dict.fromkeys(("pswa_start", "pswa_period", "pswa_restarts"), "pswa"),
+                  **dict.fromkeys(("inner_steps", "inner_lr", "inner_momentum", "gamma", "scoping", "langevin_noise",
+                                   "mean_decay"), "entropy_sgd")}
+        for key, owner in owners.items():
+            _require(getattr(self, key) == self.__dataclass_fields__[key].default or self.name == owner,
+                     f"method.{key} is for method.name={owner}, not {self.name!r}; got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,11 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
                "releases": plan.releases}
     recorded = {k: meta.get(k, meta["steps"] if k == "releases" else None) for k in planned}
     # runs from before the session loop hashed their config in the v1 layout: their plan is checked
-    same_config = run.config_hash == _config_hash(cfg) or "releases" not in meta
+    # the hash of config.yaml as written at the reservation: its text, not a re-serialisation,
+    # so a dpwa that added config fields since still resumes an unedited run
+    text = (folder.path / "config.yaml").read_text()
+    same_config = run.config_hash in (_config_hash(cfg), hashlib.sha256(text.encode()).hexdigest()[:16]) \
+        or "releases" not in meta
     if not same_config or recorded != planned or list(run.planned) != plan.events:
         raise StateError(f"Cannot resume {folder.path}: its config.yaml no longer matches the run reserved in the "
                          f"ledger (reserved: {recorded}; the config now gives {planned}). Restore the config the "

@@ -18,11 +18,11 @@ from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.errors import DpwaError, exit_code
 
-from . import audit, budget, evaluate, finetune, ledger, train
+from . import audit, budget, curvature, evaluate, finetune, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (train, finetune, evaluate, audit, budget, ledger)
+_VERBS = (train, finetune, evaluate, curvature, audit, budget, ledger)
 
 DESCRIPTION = """\
 dpwa: differentially private training of image classifiers (DP-SGD on Opacus), free
@@ -36,6 +36,7 @@ examples (`dpwa VERB --help` says more):
   dpwa train configs/quickstart.yaml --dry-run             what a run would spend; charges nothing
   dpwa train --resume runs/RUN_ID                          continue a stopped or killed run
   dpwa eval runs/RUN_ID                                    accuracy, NLL, ECE, Brier of its models
+  dpwa curvature runs/RUN_ID                               Hessian spectrum (SLQ) on the test split
   dpwa audit configs/quickstart.yaml                       empirical lower bound on epsilon
   dpwa budget --sigma 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
   dpwa ledger show                                         spend and budgets per dataset

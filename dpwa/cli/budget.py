@@ -3,6 +3,11 @@
 Of noise multiplier (--sigma), steps (--steps or --epochs), --epsilon and --delta, give
 three and get the fourth. The sample rate comes from --sample-rate or from
 --batch-size/--dataset-size (q = B/N).
+
+With --config CONFIG, --batch-size is a new batch size for that config: the steps at the
+same epochs, the noise for the same epsilon, the learning rate by Granziol et al.'s linear
+(SGD) or square-root (Adam) rule, and TAN's alternative (Sander et al. 2023): same steps,
+sigma scaled with the batch so that sigma/B stays fixed (`dpwa.scaling`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import warnings
 from accounting import accountants, calibrate
 from accounting.errors import InvalidParameterError
 from accounting.events import PoissonGaussian
+
+from dpwa import scaling
 
 from ._format import fmt, print_json, print_table
 
@@ -25,6 +32,8 @@ EXAMPLES = """examples:
   dpwa budget --epsilon 8 --sigma 3 --delta 1e-5 --batch-size 4096 --dataset-size 50000
   # delta at epsilon 8, with batch size, dataset size and epochs, RDP accountant
   dpwa budget --epsilon 8 --sigma 3 --batch-size 4096 --dataset-size 50000 --epochs 200 --accountant rdp
+  # a config at another batch size: steps, noise, learning rate; TAN's fixed sigma/B alternative
+  dpwa budget --config configs/quickstart.yaml --batch-size 512
 """
 
 
@@ -39,8 +48,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="expected logical batch size B (with --dataset-size)")
     p.add_argument("--dataset-size", type=int, help="number of training examples N")
     p.add_argument("--epochs", type=float, help="passes over the data, in place of --steps")
-    p.add_argument("--accountant", default=accountants.DEFAULT_ACCOUNTANT, choices=sorted(accountants.ACCOUNTANTS),
-                   help="privacy accountant (default: %(default)s, upper bound)")
+    p.add_argument("--accountant", choices=sorted(accountants.ACCOUNTANTS),
+                   help=f"privacy accountant (default: {accountants.DEFAULT_ACCOUNTANT}, upper bound; with --config, "
+                        "the config's)")
+    p.add_argument("--config", metavar="CONFIG",
+                   help="a training config to move to --batch-size (its epsilon, delta, epochs or steps, lr)")
+    p.add_argument("--rule", choices=scaling.RULES,
+                   help="with --config: lr scaling, linear (SGD) or sqrt (Adam); default from optim.name")
     p.add_argument("--rtol", type=float, default=0.01, help="noise calibration lands in [(1-rtol)eps, eps]")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(run=run)
@@ -67,6 +81,8 @@ def _sample_rate(a: argparse.Namespace) -> tuple[float, int | None]:
 
 
 def run(a: argparse.Namespace) -> int:
+    if a.config is not None or a.rule is not None:
+        return _scale(a)
     q, epoch_steps = _sample_rate(a)
     steps = a.steps if a.steps is not None else epoch_steps
     known = {"sigma": a.sigma, "steps": steps, "epsilon": a.epsilon, "delta": a.delta}
@@ -86,7 +102,7 @@ def run(a: argparse.Namespace) -> int:
         calibrate.check_target_epsilon(a.epsilon)
 
     solve = missing[0]
-    acc = a.accountant
+    acc = a.accountant or accountants.DEFAULT_ACCOUNTANT
     if solve == "epsilon":
         known["epsilon"] = calibrate.epsilon_for(noise_multiplier=a.sigma, sample_rate=q, steps=steps,
                                                  delta=a.delta, accountant=acc)
@@ -125,3 +141,79 @@ def run(a: argparse.Namespace) -> int:
         rows.append(["epsilon spent", fmt(spent), f"(<= {fmt(a.epsilon)})"])
     print_table(rows)
     return 0
+
+
+# Config keys that count steps: at the same epochs they should move with the steps (x S'/S).
+_STEP_KEYS = (("optim", "warmup_steps"), ("optim", "cycle_start"), ("optim", "cycle_length"), ("optim", "sgdr_t0"),
+              ("averaging", "polyak_start"), ("averaging", "swa_start"), ("averaging", "swa_every"))
+
+
+def _scale(a: argparse.Namespace) -> int:
+    """`--config CONFIG --batch-size B'`: `dpwa.scaling.rescale` for the config's plan (the
+    same `plan_run` as training: releases per step, feature-statistics releases). Reads the
+    config; counts the training set only when --dataset-size is not given (withheld, never read)."""
+    given = [f"--{k.replace('_', '-')}" for k in ("sigma", "epsilon", "delta", "steps", "sample_rate", "epochs")
+             if getattr(a, k) is not None]
+    if a.config is None:
+        raise InvalidParameterError("--rule goes with --config CONFIG --batch-size B (a config at a new batch size)")
+    if given:
+        raise InvalidParameterError(f"With --config, the config gives epsilon, delta and the run length; drop "
+                                    f"{', '.join(given)} (--batch-size is the new batch size)")
+    if a.batch_size is None:
+        raise InvalidParameterError("--config needs --batch-size B: the new batch size")
+    from dpwa.config import load_config
+
+    cfg = load_config(a.config)
+    p = cfg.privacy
+    if not p.enabled:
+        raise InvalidParameterError(f"{a.config} trains without privacy: there is no noise to rescale")
+    n = a.dataset_size if a.dataset_size is not None else _training_set_size(cfg)
+    if not 1 <= a.batch_size <= n:
+        raise InvalidParameterError(f"--batch-size must be in [1, N={n}], got {a.batch_size}")
+    from dpwa.methods import METHODS
+    from dpwa.train import plan_run
+
+    plan = plan_run(cfg, n)
+    acc = a.accountant or p.accountant
+    rule = a.rule or scaling.default_rule(cfg.optim.name)
+    s = scaling.rescale(batch_size=cfg.train.batch_size, new_batch_size=a.batch_size, dataset_size=n,
+                        steps=plan.steps, epochs=cfg.train.epochs, lr=cfg.optim.lr, rule=rule, delta=p.delta,
+                        epsilon=p.epsilon, noise_multiplier=plan.noise_multiplier, accountant=acc, rtol=a.rtol,
+                        prior=[plan.statistics] if plan.statistics else [],
+                        releases=lambda steps: METHODS[cfg.method.name].releases(cfg, steps))
+    step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in _STEP_KEYS
+                 if getattr(getattr(cfg, sec), key)}
+    columns = {"current": s.current, "same_epochs": s.same_epochs, "tan": s.tan}
+    if a.json:
+        print_json({"config": a.config, "dataset_size": n, "optimizer": cfg.optim.name, "rule": rule,
+                    "accountant": acc, "delta": p.delta, "target_epsilon": s.target_epsilon,
+                    **{k: {**vars(v), "sigma_over_b": v.sigma_over_b} for k, v in columns.items()},
+                    "step_keys": step_keys, "charged": False})
+        return 0
+    print(f"{a.config}: N = {n}, {cfg.method.name} with {cfg.optim.name}, {acc}, delta {fmt(p.delta)}, "
+          f"epsilon {fmt(s.target_epsilon)} (charges nothing)")
+    fields = [("batch size", "batch_size"), ("steps", "steps"), ("epochs", "epochs"),
+              ("noise multiplier", "noise_multiplier"), ("sigma / B", "sigma_over_b"), ("learning rate", "lr"),
+              ("epsilon", "epsilon")]
+    print_table([[label, *(fmt(getattr(v, key)) for v in columns.values())] for label, key in fields],
+                header=["", "current", "same epochs", "TAN: same steps, sigma/B"])
+    c, e, t = s.current, s.same_epochs, s.tan
+    print(f"  same epochs: sigma recalibrated for the epsilon; lr by the {rule} rule (Granziol et al. 2022: "
+          f"{'SGD lr ~ B' if rule == 'linear' else 'Adam lr ~ sqrt(B)'}; open under DP noise); sigma/B goes "
+          f"{fmt(c.sigma_over_b)} -> {fmt(e.sigma_over_b)}")
+    print(f"  TAN (Sander et al. 2023): steps and sigma/B fixed, lr kept, epsilon {fmt(t.epsilon)} computed; "
+          f"compute x{fmt(t.batch_size / c.batch_size)}")
+    if min(c.noise_multiplier, t.noise_multiplier) < 2:
+        print("  note: sigma below ~2 is TAN's overcharged regime: epsilon is no longer set by sigma/B and steps alone")
+    if step_keys:
+        keys = ", ".join(f"{k}={v}" for k, v in step_keys.items())
+        print(f"  these keys count steps; at the same epochs scale them by {fmt(e.steps / c.steps)}: {keys}")
+    return 0
+
+
+def _training_set_size(cfg) -> int:
+    """N of the config's training split (after data.val_size), the split withheld: its size is
+    known, its examples are never read here. Loads the sources (torch); --dataset-size avoids it."""
+    from dpwa.data import load_data
+
+    return len(load_data(cfg.data, seed=cfg.train.seed, withhold_train=True).train)

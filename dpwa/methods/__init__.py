@@ -37,12 +37,14 @@ class Step:
 
 
 class Method(abc.ABC):
-    """A training method over the trainable parameters of `model`."""
+    """A training method over the trainable parameters of `model`. `noise_std` is the std of
+    the noise on each coordinate of a release (sigma C / B, or sigma / B with rescale_to_unit;
+    0 without privacy): public, calibrated by the plan, for methods that correct for it."""
 
     name: ClassVar[str]
 
-    def __init__(self, cfg: RunConfig, model: nn.Module) -> None:
-        self.cfg, self.model = cfg, model
+    def __init__(self, cfg: RunConfig, model: nn.Module, *, noise_std: float = 0.0) -> None:
+        self.cfg, self.model, self.noise_std = cfg, model, noise_std
 
     @classmethod
     @abc.abstractmethod
@@ -71,8 +73,8 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def make_method(cfg: RunConfig, model: nn.Module) -> Method:
-    return METHODS[cfg.method.name](cfg, model)
+def make_method(cfg: RunConfig, model: nn.Module, *, noise_std: float = 0.0) -> Method:
+    return METHODS[cfg.method.name](cfg, model, noise_std=noise_std)
 
 
-from . import dpsat, dpsgd  # noqa: E402,F401 - registers the built-in methods
+from . import dpsat, dpsgd, entropy_sgd, pswa  # noqa: E402,F401 - registers the built-in methods

@@ -1,6 +1,7 @@
 """DP-SGD (Abadi et al. 2016, "Deep learning with differential privacy"): one release per
-step, applied by the configured optimizer (`dpwa.optimizers`: SGD with momentum, Adam, AdamW
-— DP-Adam is Adam on the same noisy gradient, post-processing)."""
+step, applied by the configured optimizer (`dpwa.optimizers`: SGD with momentum, Adam, AdamW,
+DP-AdamBC, Padam — DP-Adam is Adam on the same noisy gradient, post-processing; DP-AdamBC also
+reads the public noise std)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ __all__ = ["DPSGD"]
 class DPSGD(Method):
     name = "dpsgd"
 
-    def __init__(self, cfg, model) -> None:
-        super().__init__(cfg, model)
-        self.optimizer = make_optimizer(cfg.optim, (p for p in model.parameters() if p.requires_grad))
+    def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
+        super().__init__(cfg, model, noise_std=noise_std)
+        self.optimizer = make_optimizer(cfg.optim, (p for p in model.parameters() if p.requires_grad),
+                                        noise_std=noise_std)
 
     @classmethod
     def releases(cls, cfg, steps: int) -> int:

@@ -163,7 +163,7 @@ def test_the_optimizer_registry_trains_adam_and_refuses_another_optimizers_field
     assert report["releases"] == 6
     led = tmp_path / "l2.sqlite"
     for bad, needle in ((["optim.name=adam", "optim.momentum=0.9"], "optim.momentum / optim.nesterov are for sgd"),
-                        (["optim.name=lion"], "optim.name must be one of adam, adamw, sgd; got 'lion'"),
+                        (["optim.name=lion"], "optim.name must be one of adam, adambc, adamw, padam, sgd; got 'lion'"),
                         (["method.name=entropy"], "method.name must be one of")):
         assert main(["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'r2'}",
                      *bad]) == 2
@@ -231,3 +231,15 @@ def test_a_plan_the_accountant_cannot_compose_is_refused_before_the_reservation(
     assert "privacy.accountant=prv cannot compute the epsilon of this run" in capsys.readouterr().err
     assert ledger_snapshot(led) is None and not (tmp_path / "r").exists()
     assert main([*args, "privacy.accountant=rdp", "train.steps=2"]) == 0  # RDP always composes
+
+
+def test_resume_reads_the_hash_of_config_yaml_as_written(tmp_path, monkeypatch):
+    """A dpwa that added config fields since the reservation re-serialises the config
+    differently; an unedited config.yaml still resumes (its text is what was hashed)."""
+    import dpwa.train as session
+
+    led = tmp_path / "l.sqlite"
+    stopped = train(tiny(tmp_path), ledger_path=str(led), progress=False, stop_after=3)
+    monkeypatch.setattr(session, "_config_hash", lambda cfg: "0" * 16)  # a changed serialisation
+    report = train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)
+    assert Ledger(str(led)).run(report["run_id"]).status == "committed"
