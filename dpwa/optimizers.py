@@ -54,15 +54,11 @@ class AdamBC(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, state, (m, v, t) in _adam_updates(self):
             (b1, b2), lr = group["betas"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                m, v, t = _moments(self.state[p], p, group)
-                v_hat = v / (1 - b2 ** t)
-                denom = (v_hat - group["noise_var"]).clamp_(min=group["floor"]).sqrt_().add_(group["eps"])
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+            v_hat = v / (1 - b2 ** t)
+            denom = (v_hat - group["noise_var"]).clamp_(min=group["floor"]).sqrt_().add_(group["eps"])
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
 
 
 class Padam(torch.optim.Optimizer):
@@ -88,17 +84,21 @@ class Padam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, state, (m, v, t) in _adam_updates(self):
             (b1, b2), lr = group["betas"], group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                m, v, t = _moments(state, p, group)
-                v_max = state.setdefault("max_exp_avg_sq", torch.zeros_like(p))
-                torch.maximum(v_max, v, out=v_max)
-                denom = (v_max / (1 - b2 ** t)).pow_(group["partial"]).add_(group["eps"])
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+            v_max = state.setdefault("max_exp_avg_sq", torch.zeros_like(p))
+            torch.maximum(v_max, v, out=v_max)
+            denom = (v_max / (1 - b2 ** t)).pow_(group["partial"]).add_(group["eps"])
+            p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+def _adam_updates(optimizer: torch.optim.Optimizer):
+    """(group, p, state, (m_t, v_t, t)) for every parameter with a gradient, after `_moments`."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                state = optimizer.state[p]
+                yield group, p, state, _moments(state, p, group)
 
 
 def _moments(state: dict, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
