@@ -529,7 +529,8 @@ def _statistics_mechanism(cfg: RunConfig, plan: Plan, model: torch.nn.Module, n:
 def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torch.nn.Module, world: World) -> None:
     """Rank 0 releases the statistics of the training features and every rank takes them."""
     released = world.on_main(lambda: statistics.release(data.train.x))
-    statistics.released = statistics.releases
+    if not world.main:  # rank 0's mechanism counted the release; the other ranks record that it was made
+        statistics.released = statistics.releases
     set_statistics(model, released.mean, released.var)
 
 

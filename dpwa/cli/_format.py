@@ -23,6 +23,12 @@ def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = No
             print("  ".join("-" * w for w in widths))
 
 
+def run_header(r: dict, what: str) -> str:
+    """The first line of a verb that reads a run folder (`dpwa eval`, `dpwa curvature`)."""
+    eps = "not private" if r["epsilon"] is None else f"epsilon {r['epsilon']:.3f}"
+    return f"run {r['run_id']} at step {r['step']} of {r['steps']} ({eps}), {r['split']} split, {what}"
+
+
 def fmt(x: Any) -> str:
     if x is None:
         return "-"

@@ -214,6 +214,9 @@ def _scale(a: argparse.Namespace) -> int:
 def _training_set_size(cfg) -> int:
     """N of the config's training split (after data.val_size), the split withheld: its size is
     known, its examples are never read here. Loads the sources (torch); --dataset-size avoids it."""
+    import dataclasses
+
     from dpwa.data import load_data
 
-    return len(load_data(cfg.data, seed=cfg.train.seed, withhold_train=True).train)
+    raw = dataclasses.replace(cfg.data, features="none")  # the size only: no scattering pass over the test split
+    return len(load_data(raw, seed=cfg.train.seed, withhold_train=True).train)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._format import fmt, print_json, print_table
+from ._format import fmt, print_json, print_table, run_header
 
 EXAMPLES = """examples:
   dpwa curvature runs/cifar10-swa-cpu-eps8-20261125-101500-ab12
@@ -53,9 +53,8 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print_json(r)
         return 0
-    eps = "not private" if r["epsilon"] is None else f"epsilon {r['epsilon']:.3f}"
-    print(f"run {r['run_id']} at step {r['step']} of {r['steps']} ({eps}), {r['split']} split, {r['examples']} "
-          f"examples, {r['iterations']} Lanczos steps x {r['starts']} starts (charges nothing):")
+    print(run_header(r, f"{r['examples']} examples, {r['iterations']} Lanczos steps x {r['starts']} starts "
+                        "(charges nothing):"))
     rows = [[name, fmt(m["loss"]), fmt(m["lambda_max"]), fmt(m["lambda_min"]), fmt(m["lambda_median"]),
              fmt(m["lr_lanczos"]), fmt(m["lr_cauchy"])] for name, m in r["methods"].items()]
     print_table(rows, header=["method", "loss", "lambda_max", "lambda_min", "median |ritz|",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._format import print_json
+from ._format import print_json, run_header
 
 EXAMPLES = """examples:
   dpwa eval runs/cifar10-swa-cpu-eps8-20261125-101500-ab12
@@ -48,9 +48,7 @@ def run(a: argparse.Namespace) -> int:
     if a.json:
         print_json(result)
         return 0
-    eps = "not private" if result["epsilon"] is None else f"epsilon {result['epsilon']:.3f}"
-    print(f"run {result['run_id']} at step {result['step']} of {result['steps']} ({eps}), {result['split']} split, "
-          f"{result['examples']} examples:")
+    print(run_header(result, f"{result['examples']} examples:"))
     print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}")
     for name, r in result["methods"].items():
         print(f"  {name:<10} {r['members']:>7} {100 * r['accuracy']:>8.2f}% {r['nll']:>7.4f} "

@@ -45,6 +45,7 @@ class Method(abc.ABC):
 
     def __init__(self, cfg: RunConfig, model: nn.Module, *, noise_std: float = 0.0) -> None:
         self.cfg, self.model, self.noise_std = cfg, model, noise_std
+        self.params = [p for p in model.parameters() if p.requires_grad]  # what the releases are for
 
     @classmethod
     @abc.abstractmethod

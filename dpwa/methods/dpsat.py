@@ -33,7 +33,6 @@ class DPSAT(DPSGD):
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)
         self.rho = cfg.method.rho
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.previous: Optional[list[torch.Tensor]] = None  # the last released gradient (public)
 
     @torch.no_grad()

@@ -19,8 +19,7 @@ class DPSGD(Method):
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)
-        self.optimizer = make_optimizer(cfg.optim, (p for p in model.parameters() if p.requires_grad),
-                                        noise_std=noise_std)
+        self.optimizer = make_optimizer(cfg.optim, self.params, noise_std=noise_std)
 
     @classmethod
     def releases(cls, cfg, steps: int) -> int:

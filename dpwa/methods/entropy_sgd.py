@@ -58,7 +58,6 @@ class EntropySGD(Method):
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(cfg.optim, self.params)  # the outer step
         self.noise = torch.Generator().manual_seed(cfg.train.seed)  # the extra Langevin noise (public)
 

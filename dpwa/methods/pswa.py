@@ -44,7 +44,6 @@ class PSWA(DPSGD):
         super().__init__(cfg, model, noise_std=noise_std)
         m = cfg.method
         self.start, self.period, self.restarts = m.pswa_start, m.pswa_period, m.pswa_restarts
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.average: Optional[list[torch.Tensor]] = None  # w_bar of the iterates since the last restart
         self.count = 0                                     # n, the iterates in it
 
