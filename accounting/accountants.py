@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from . import memo
 from .errors import AccountantFailedError, InvalidParameterError
 from .events import Event, PoissonGaussian, merge
 
@@ -192,8 +193,11 @@ def _fast_prv(event: Event):
 def _rdp_curve(mechanism: Event) -> np.ndarray:
     """RDP of one step of `mechanism` at RDP_ORDERS (prv-accountant's formulas), cached:
     the ledger and the calibrations ask for the same mechanisms again and again."""
-    prv = _prv(mechanism)
-    curve = np.array([float(prv.rdp(a)) for a in RDP_ORDERS])
+    def compute() -> list[float]:
+        prv = _prv(mechanism)
+        return [float(prv.rdp(a)) for a in RDP_ORDERS]
+
+    curve = np.array(memo.memoised("rdp-curve", [mechanism], (RDP_ORDERS,), compute), dtype=np.float64)
     curve.flags.writeable = False
     return curve
 
@@ -451,10 +455,14 @@ def _epsilon_upper(pmf: np.ndarray, domain, log_pmc_inf: float, grid: tuple[floa
 
 
 def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EPS_ERROR) -> float:
-    """The PRV upper bound; a larger `eps_error` gives a coarser, cheaper (and looser) one."""
-    delta_error = delta / 1000
-    pmf, domain, log_pmc_inf, grid = _prv_compose(events, eps_error, delta_error)
-    return max(_epsilon_upper(pmf, domain, log_pmc_inf, grid, delta, delta_error, eps_error), 0.0)
+    """The PRV upper bound; a larger `eps_error` gives a coarser, cheaper (and looser) one.
+    Memoised on disk where the memo is enabled (`accounting.memo`: the command line)."""
+    def compute() -> float:
+        delta_error = delta / 1000
+        pmf, domain, log_pmc_inf, grid = _prv_compose(events, eps_error, delta_error)
+        return max(_epsilon_upper(pmf, domain, log_pmc_inf, grid, delta, delta_error, eps_error), 0.0)
+
+    return float(memo.memoised("prv-epsilon", events, (float(delta), float(eps_error)), compute))
 
 
 def _rdp_proxy_epsilon(events: Sequence[Event], delta: float) -> float:

@@ -10,6 +10,8 @@ import pytest
 # `train.threads: auto` measures the machine's load; runs that tests compare bit for bit
 # (kill-and-resume, torchrun against one process) need one thread count, subprocesses too.
 os.environ.setdefault("DPWA_THREADS", "1")
+# Tests compute every accountant value; tests/test_memo.py turns the on-disk memo on.
+os.environ.setdefault("DPWA_ACCOUNTING_CACHE", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

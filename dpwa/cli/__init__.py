@@ -14,6 +14,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from accounting import memo
 from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.errors import DpwaError, exit_code
@@ -80,6 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")  # name only the offenders
         args.overrides = [*args.overrides, *extra]
     warnings.showwarning = _show_warning
+    memo.enable_from_environment()  # repeated budget queries are instant (accounting/memo.py)
     try:
         return int(args.run(args) or 0)
     except DpwaError as e:  # the exit code is the error's explicit base (usage 2, refusal 1)

@@ -1,0 +1,89 @@
+"""The on-disk memo of accountant results (accounting/memo.py): a hit returns exactly the
+computed value, a change of code or inputs misses, and a broken cache file costs nothing."""
+import pytest
+
+from accounting import PoissonGaussian, epsilon, memo, steps_for
+from accounting import accountants as A
+
+from tests.conftest import run_dpwa
+
+EVENTS = [PoissonGaussian(noise_multiplier=0.6867, sample_rate=0.02048, steps=637),
+          PoissonGaussian(noise_multiplier=10.0, sample_rate=0.08192, steps=875)]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    path = tmp_path / "cache.sqlite"
+    memo.enable(path)
+    A._rdp_curve.cache_clear()
+    yield path
+    memo.disable()
+    A._rdp_curve.cache_clear()
+
+
+def _no_composition(*args, **kwargs):
+    raise AssertionError("composed although the memo holds the value")
+
+
+def test_hit_is_the_computed_value_and_computes_nothing(cache, monkeypatch):
+    memo.disable()
+    truth = epsilon(EVENTS, delta=1e-5)
+    memo.enable(cache)
+    assert epsilon(EVENTS, delta=1e-5) == truth      # computed and stored
+    monkeypatch.setattr(A, "_prv_compose", _no_composition)
+    assert epsilon(EVENTS, delta=1e-5) == truth      # read back, bit for bit
+    with pytest.raises(AssertionError, match="composed"):
+        epsilon(EVENTS, delta=2e-5)                  # another delta is another key
+
+
+def test_other_inputs_and_other_code_miss(cache, monkeypatch):
+    epsilon(EVENTS, delta=1e-5)
+    monkeypatch.setattr(A, "_prv_compose", _no_composition)
+    with pytest.raises(AssertionError):
+        epsilon([EVENTS[0], EVENTS[1].with_count(876)], delta=1e-5)
+    monkeypatch.setattr(memo, "_tag", "another version of the accounting code")
+    with pytest.raises(AssertionError):
+        epsilon(EVENTS, delta=1e-5)
+
+
+def test_rdp_curves_round_trip(cache):
+    memo.disable()
+    truth = A._rdp_curve(EVENTS[1].with_count(0)).copy()
+    A._rdp_curve.cache_clear()
+    memo.enable(cache)
+    for _ in range(2):
+        A._rdp_curve.cache_clear()
+        assert (A._rdp_curve(EVENTS[1].with_count(0)) == truth).all()
+
+
+def test_steps_for_is_unchanged_by_the_memo(cache):
+    kwargs = dict(target_epsilon=10.0, delta=1e-5, noise_multiplier=10.0, sample_rate=0.08192, prior=EVENTS)
+    memo.disable()
+    truth = steps_for(**kwargs)
+    memo.enable(cache)
+    assert steps_for(**kwargs) == truth == steps_for(**kwargs) == 21111
+
+
+def test_unusable_cache_file_is_ignored(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    memo.enable(blocker / "cache.sqlite")
+    try:
+        assert epsilon(EVENTS, delta=1e-5) == pytest.approx(8.054, abs=1e-3)
+    finally:
+        memo.disable()
+
+
+def test_command_line_uses_and_refills_the_cache(tmp_path, ledger_path):
+    env = {"DPWA_ACCOUNTING_CACHE": str(tmp_path / "c.sqlite")}
+    assert run_dpwa("ledger", "set-budget", "--dataset", "d", "--epsilon", "10", "--delta", "1e-5",
+                    "--dataset-size", "50000", env=env).returncode == 0
+    assert run_dpwa("ledger", "record", "--dataset", "d", "--run-id", "r", "--fingerprint", "n50000-0123456789abcdef", "--sigma", "10",
+                    "--sample-rate", "0.08192", "--steps", "875", env=env).returncode == 0
+    outs = [run_dpwa("ledger", "remaining", "--dataset", "d", "--sigma", "10", "--sample-rate", "0.08192",
+                     "--json", env=env) for _ in range(2)]
+    assert [o.returncode for o in outs] == [0, 0] and outs[0].stdout == outs[1].stdout
+    assert (tmp_path / "c.sqlite").exists()
+    off = run_dpwa("ledger", "remaining", "--dataset", "d", "--sigma", "10", "--sample-rate", "0.08192",
+                   "--json", env={"DPWA_ACCOUNTING_CACHE": "off"})
+    assert off.stdout == outs[0].stdout
