@@ -536,7 +536,7 @@ def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torc
 
 def _counts_report(cfg: RunConfig, plan: Plan, state: TrainState, probe_s: float, wall0: float) -> dict[str, Any]:
     """Expected counts only: the realised ones depend on the secret sampling."""
-    expected = plan.sample_rate * plan.dataset_size * plan.steps
+    expected = plan.sample_rate * plan.dataset_size * plan.releases  # Entropy-SGD: L releases a step
     return {"expected_examples": expected, "expected_per_example_gradient_evaluations": expected * cfg.augmult.k,
             "probe_s": probe_s, "train_time_s": state.train_time_s, "wall_time_s": time.time() - wall0,
             "expected_images_per_s": expected * cfg.augmult.k / max(state.train_time_s, 1e-9)}

@@ -98,6 +98,8 @@ def test_the_ledger_holds_inner_steps_times_steps_releases(tmp_path):
     assert entropy["releases"] == dpsgd["releases"] == 12 and entropy["spent"][0].steps == 12
     assert entropy["spent"] == dpsgd["spent"]  # the noise is calibrated for the 12 releases
     assert entropy["epsilon"] == dpsgd["epsilon"]
+    # the per-example gradient budget counts every inner release
+    assert entropy["expected_per_example_gradient_evaluations"] == dpsgd["expected_per_example_gradient_evaluations"]
 
 
 def test_entropy_sgd_fields_belong_to_entropy_sgd():
