@@ -9,7 +9,7 @@ The resolved config is what a run folder's `config.yaml` holds.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -236,6 +236,10 @@ class FeatureStatsConfig:
             _require(math.isfinite(value) and value > 0, f"feature_stats.{key} must be > 0, got {value}")
 
 
+ENDPOINT_MODELS = ("raw", "ema", "polyak", "swa")  # the single-weight models of a run, for curve endpoints
+SPARSE_METHODS = ("set", "rigl")  # the methods on dpwa.sparsity masks: they own the method.sparsity_* fields
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """The training method (`dpwa/methods/`): how a run turns noisy releases into iterates.
@@ -243,7 +247,11 @@ class MethodConfig:
     (Park et al. 2023), the same releases taken at weights moved rho along the previous one.
     pswa: DP-SGD restarted from the running average of its iterates every pswa_period steps
     (Guo, Jin & Liu 2022); the same releases. entropy_sgd: Entropy-SGD (Chaudhari et al. 2017),
-    inner_steps Langevin steps per step, each one release. A field of another method than the
+    inner_steps Langevin steps per step, each one release. curve: a Bezier or PolyChain curve
+    between two released runs (Garipov et al. 2018), one release per step at a point w(t) of
+    the curve, t public. set / rigl: dynamic sparse training (Mocanu et al. 2018 / Evci et al.
+    2020; dpwa/sparsity.py), DP-SGD on masked weights whose masks move by schedule, growth at
+    random or by released gradients; the releases of DP-SGD. A field of another method than the
     chosen one must keep its default (refused otherwise)."""
 
     name: str = "dpsgd"
@@ -258,6 +266,20 @@ class MethodConfig:
     scoping: float = 1e-3           # entropy_sgd: gamma_t = gamma (1 + scoping)^(t + 1)
     langevin_noise: float = 0.0     # entropy_sgd: extra thermal noise epsilon on top of the DP noise (0: none)
     mean_decay: float = 0.75        # entropy_sgd: beta_1 of the Gibbs-mean estimate mu <- b mu + (1 - b) x'
+    curve_type: str = "bezier"      # curve: bezier (Bernstein coefficients) | polychain (a broken line)
+    curve_bends: int = 1            # curve: trained control points between the two fixed endpoints
+    curve_endpoints: list[str] = field(default_factory=list)  # curve: [RUN_DIR_A, RUN_DIR_B], two run folders
+    # curve: which released model of each endpoint run: raw (last iterate) | ema | polyak | swa
+    curve_endpoint_models: list[str] = field(default_factory=lambda: ["raw", "raw"])
+    sparsity_density: float = 0.2   # set, rigl: active fraction of the masked weights (0.2: 80% sparse)
+    sparsity_init: str = "erk"      # set, rigl: per-layer densities: erk (Erdos-Renyi-Kernel) | uniform
+    sparsity_classifier: bool = False  # set, rigl: mask the final classifier too (default: it stays dense)
+    sparsity_update_every: int = 100   # set, rigl: Delta-T, steps between mask updates (RigL: 100)
+    sparsity_fraction: float = 0.3  # set, rigl: alpha, the drop fraction, cosine-decayed to 0 at sparsity_end
+    sparsity_end: int = 0           # set, rigl: T_end, the step from which masks stay fixed (RigL: 75% of steps)
+    # rigl: regrow by |the update step's own released gradient| (dense_noisy) or by |the momentum of
+    # the released gradients| (momentum: better signal to noise; needs optim.momentum or beta1 > 0)
+    rigl_grow: str = "dense_noisy"
 
     def __post_init__(self) -> None:
         _known("method.name", self.name, "dpwa.methods", "METHODS")
@@ -272,11 +294,40 @@ class MethodConfig:
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, f"method.{key} must be >= 0, got {value}")
         _require(0 <= self.mean_decay < 1, f"method.mean_decay must be in [0, 1), got {self.mean_decay}")
-        owners = {"rho": "dpsat", **dict.fromkeys(("pswa_start", "pswa_period", "pswa_restarts"), "pswa"),
+        _known("method.curve_type", self.curve_type, "dpwa.methods.curve", "CURVES")
+        _require(self.curve_bends >= 1, f"method.curve_bends must be >= 1 (0 bends is the segment, evaluated for "
+                 f"free by `dpwa curve --eval`), got {self.curve_bends}")
+        _require(self.name != "curve" or (len(self.curve_endpoints) == 2 and all(self.curve_endpoints)),
+                 f"method.name=curve needs method.curve_endpoints=[RUN_DIR_A, RUN_DIR_B], got {self.curve_endpoints}")
+        _require(len(self.curve_endpoint_models) == 2 and set(self.curve_endpoint_models) <= set(ENDPOINT_MODELS),
+                 f"method.curve_endpoint_models must be two of {', '.join(ENDPOINT_MODELS)} (one per endpoint), "
+                 f"got {self.curve_endpoint_models}")
+        _require(0 < self.sparsity_density < 1, f"method.sparsity_density must be in (0, 1) (1 is dense: "
+                 f"method.name=dpsgd), got {self.sparsity_density}")
+        _known("method.sparsity_init", self.sparsity_init, "dpwa.sparsity", "DENSITIES")
+        _require(self.sparsity_update_every >= 1,
+                 f"method.sparsity_update_every must be >= 1, got {self.sparsity_update_every}")
+        _require(0 < self.sparsity_fraction <= 1, f"method.sparsity_fraction must be in (0, 1], got {self.sparsity_fraction}")
+        _require(self.sparsity_end >= 0, f"method.sparsity_end must be >= 0, got {self.sparsity_end}")
+        _require(self.name not in SPARSE_METHODS or self.sparsity_end >= 1,
+                 f"method.name={self.name} needs method.sparsity_end >= 1: the step from which the masks stay fixed, "
+                 f"where the drop fraction's cosine reaches 0 (RigL: 75% of the steps); got {self.sparsity_end}")
+        _require(self.rigl_grow in ("dense_noisy", "momentum"),
+                 f"method.rigl_grow must be one of dense_noisy, momentum; got {self.rigl_grow!r}")
+        for key in ("sparsity_density", "sparsity_init", "sparsity_classifier", "sparsity_update_every",
+                    "sparsity_fraction", "sparsity_end"):
+            _require(getattr(self, key) == self.__dataclass_fields__[key].default or self.name in SPARSE_METHODS,
+                     f"method.{key} is for method.name={' / '.join(SPARSE_METHODS)}, not {self.name!r}; "
+                     f"got {getattr(self, key)}")
+        owners = {"rho": "dpsat", "rigl_grow": "rigl",
+                  **dict.fromkeys(("pswa_start", "pswa_period", "pswa_restarts"), "pswa"),
                   **dict.fromkeys(("inner_steps", "inner_lr", "inner_momentum", "gamma", "scoping", "langevin_noise",
-                                   "mean_decay"), "entropy_sgd")}
+                                   "mean_decay"), "entropy_sgd"),
+                  **dict.fromkeys(("curve_type", "curve_bends", "curve_endpoints", "curve_endpoint_models"), "curve")}
         for key, owner in owners.items():
-            _require(getattr(self, key) == self.__dataclass_fields__[key].default or self.name == owner,
+            f = self.__dataclass_fields__[key]
+            default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            _require(getattr(self, key) == default or self.name == owner,
                      f"method.{key} is for method.name={owner}, not {self.name!r}; got {getattr(self, key)}")
 
 
@@ -392,6 +443,11 @@ class RunConfig:
         _require(self.feature_stats == FeatureStatsConfig() or self.model.input_norm == "private",
                  "feature_stats.* configures the release of model.input_norm=private; set it or drop feature_stats")
 
+        beta = self.optim.momentum if self.optim.name == "sgd" else self.optim.betas[0]
+        _require(self.method.name != "rigl" or self.method.rigl_grow != "momentum" or beta > 0,
+                 f"method.rigl_grow=momentum ranks by the momentum of the released gradients, and optim.name="
+                 f"{self.optim.name} has none (momentum / beta1 = {beta}): set optim.momentum > 0 (sgd) or use "
+                 "method.rigl_grow=dense_noisy")
         cyclical = self.optim.schedule in ("cyclic", "sgdr")
         _require(not self.averaging.snapshots or cyclical,
                  f"averaging.snapshots takes the iterate at each lr minimum of a cyclic schedule; set "

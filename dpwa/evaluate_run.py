@@ -44,6 +44,9 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         cfg = RunFolder.existing(run_dir).config()
     except ConfigError as e:
         raise EvalError(str(e)) from None
+    if cfg.method.name == "curve":  # its "raw" model is w(1/2) and its averages those of w(1/2): not the release
+        raise EvalError(f"{run_dir} is a curve run (method.name=curve): it released a curve, not one model; "
+                        f"`dpwa curve --eval {run_dir}` evaluates it along t, against the segment")
     if split == "val" and not cfg.data.val_size:
         raise EvalError("--data val: the run's config has data.val_size=0, so there is no validation split")
     try:

@@ -21,7 +21,8 @@ releases) for the same budget. The rows:
   between 50% and 90% of the IA start) and iterate averaging from 55% of the steps;
 * DP-AdamBC (Tang et al. 2024): Adam with the noise variance (sigma C / B)^2 subtracted
   from v-hat, floored at 1e-11, no averaging;
-* GadamX: Padam (p = 1/8) with decoupled weight decay, the SWA schedule and IA as Gadam;
+* GadamX: Padam (p = 1/8) with decoupled weight decay 5e-5 (its lr is on the SGD scale, so
+  lr x wd is about Gadam's), the SWA schedule and IA as Gadam;
 * PSWA: DP-SGD restarted from its running average every 10% of the steps, over the last
   five periods (the run ends at an average);
 * Entropy-SGD: L = 4 Langevin steps a step (inner lr = DP-SGD's lr, Nesterov 0.9, gamma
@@ -29,12 +30,15 @@ releases) for the same budget. The rows:
 
 Learning rates are chosen on validation (`--tune`): a TAN proxy of each row (Sander et al.
 2023: the same steps and noise on the mean gradient, sigma / B, at batch / 8), trained on
-45,000 train images and scored on the other 5,000; the test set is read only by `--final`.
+45,000 train images and scored on the other 5,000 by the row's own model (IA for Gadam and
+GadamX, the last iterate otherwise); a grid whose best lr is at its edge is extended by
+factors of 2 (twice at most). The test set is read only by `--final`.
 Proxies spend far more than epsilon 8 each; their spend goes to a scratch ledger
 (runs/experiments-ledger.sqlite) and is not a private run of its own.
 
 Scaling (`--scaling`): DP-SGD (momentum 0.9) and DP-Adam at B in {1024, 2048, 4096, 8192}, 12
-epochs, epsilon 8, an lr grid each, scored by their TAN proxies on validation; lr* (the
+epochs, epsilon 8, a factor-2 lr grid each (extended while its best is at an edge), scored by
+their TAN proxies on validation; lr* (the
 grid's best, refined by a parabola through the best three in log lr) is fitted by
 log lr* = a + b log B. The linear rule says b = 1 for SGD, the square-root rule b = 1/2 for
 Adam; under DP at fixed epochs and epsilon, sigma / B falls as B grows.
@@ -93,7 +97,7 @@ def row_overrides(row: str, lr: float, batch: int = BATCH) -> list[str]:
                   "optim.weight_decay=0.05", *ia],
         "adambc": ["optim.name=adambc", "optim.momentum=0", f"optim.lr={lr}", "optim.adambc_floor=1e-11"],
         "gadamx": ["optim.name=padam", "optim.momentum=0", f"optim.lr={lr}", f"optim.swa_lr={lr / 2}",
-                   "optim.partial=0.125", "optim.weight_decay=0.05", *ia],
+                   "optim.partial=0.125", "optim.weight_decay=5e-5", *ia],  # SGD-scale lr: lr wd ~ 1.5e-4
         "pswa": [f"optim.lr={lr}", "method.name=pswa", f"method.pswa_start={steps - 5 * (steps // 10)}",
                  f"method.pswa_period={steps // 10}"],  # 5 periods to the end: the run ends at an average
         "entropy_sgd": ["method.name=entropy_sgd", f"method.inner_steps={L_INNER}", f"method.inner_lr={lr}",
@@ -114,7 +118,7 @@ LABELS = [("dpsgd", "raw", "DP-SGD"), ("dpsgd", "ema", "DP-SGD + EMA"), ("dpsgd"
           ("gadam", "swa", "Gadam (DP-AdamW + IA)"), ("adambc", "raw", "DP-AdamBC"),
           ("gadamx", "swa", "GadamX (DP-Padam + IA)"), ("pswa", "raw", "PSWA"), ("entropy_sgd", "raw", "Entropy-SGD")]
 SCALING_BATCHES = [1024, 2048, 4096, 8192]
-SCALING_GRIDS = {"dpsgd": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "adam": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3]}
+SCALING_GRIDS = {"dpsgd": [2.0, 4.0, 8.0, 16.0, 32.0], "adam": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]}
 
 
 def proxy(row: str, lr: float, batch: int, kind: str) -> dict[str, Any]:
@@ -123,6 +127,9 @@ def proxy(row: str, lr: float, batch: int, kind: str) -> dict[str, Any]:
     plan = plan_run(target, N_TRAIN)
     b = batch // SHRINK
     name = f"{row}-b{batch}-lr{lr:g}"
+    done = [r for p, r in _reports(kind) if (p["row"], p["lr"], p["batch"]) == (row, lr, batch)]
+    if done:  # already measured (the script resumes where it stopped)
+        return done[0]
     overrides = [*row_overrides(row, lr, batch), f"train.batch_size={b}", "train.epochs=null",
                  f"train.steps={plan.steps}", "privacy.epsilon=null",
                  f"privacy.noise_multiplier={plan.noise_multiplier / SHRINK}", "privacy.accountant=rdp",
@@ -135,6 +142,23 @@ def proxy(row: str, lr: float, batch: int, kind: str) -> dict[str, Any]:
     (Path(report["run_dir"]) / "proxy.json").write_text(json.dumps(info))
     print(f"# {kind} {name}: val raw {report['val_raw']['accuracy']:.4f}", flush=True)
     return report
+
+
+def tune(row: str, extensions: int = 2) -> None:
+    """The row's lr grid; while the best lr sits at an edge of the grid, one more lr twice as
+    far out (at most `extensions` times), so that the choice is not the grid's bound."""
+    lrs = list(GRIDS[row])
+    for lr in lrs:
+        proxy(row, lr, BATCH, "tune")
+    for _ in range(extensions):
+        best = tuned_lr(row)
+        if best == max(lrs):
+            lrs.append(2 * best)
+        elif best == min(lrs):
+            lrs.append(best / 2)
+        else:
+            return
+        proxy(row, lrs[-1], BATCH, "tune")
 
 
 def _reports(kind: str) -> list[tuple[dict, dict]]:
@@ -278,13 +302,18 @@ def main() -> None:
         cache_features()
         if a.tune:
             for row in a.rows or GRIDS:
-                for lr in GRIDS[row]:
-                    proxy(row, lr, BATCH, "tune")
+                tune(row)
         if a.scaling:
             for opt in a.only_opt or SCALING_GRIDS:
                 for b in SCALING_BATCHES:
-                    for lr in SCALING_GRIDS[opt]:
-                        proxy(opt, lr, b, "scaling")
+                    lrs = list(SCALING_GRIDS[opt])
+                    scores = {lr: proxy(opt, lr, b, "scaling")["val_raw"]["accuracy"] for lr in lrs}
+                    for _ in range(2):  # extend the grid by factors of 2 while its best is at an edge
+                        best = max(scores, key=scores.get)
+                        lr = 2 * best if best == max(scores) else best / 2 if best == min(scores) else None
+                        if lr is None:
+                            break
+                        scores[lr] = proxy(opt, lr, b, "scaling")["val_raw"]["accuracy"]
         if a.final:
             final(a.final, a.rows or list(GRIDS))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ from accounting.errors import AccountingError, InvalidParameterError
 
 from dpwa.errors import DpwaError, exit_code
 
-from . import audit, budget, curvature, evaluate, finetune, ledger, train
+from . import audit, budget, curvature, curve, evaluate, finetune, landscape, ledger, train
 
 __all__ = ["main", "build_parser"]
 
-_VERBS = (train, finetune, evaluate, curvature, audit, budget, ledger)
+_VERBS = (train, finetune, evaluate, curvature, curve, landscape, audit, budget, ledger)
 
 DESCRIPTION = """\
 dpwa: differentially private training of image classifiers (DP-SGD on Opacus), free

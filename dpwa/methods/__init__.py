@@ -78,4 +78,4 @@ def make_method(cfg: RunConfig, model: nn.Module, *, noise_std: float = 0.0) -> 
     return METHODS[cfg.method.name](cfg, model, noise_std=noise_std)
 
 
-from . import dpsat, dpsgd, entropy_sgd, pswa  # noqa: E402,F401 - registers the built-in methods
+from . import curve, dpsat, dpsgd, entropy_sgd, pswa, rigl, set  # noqa: E402,F401 - registers the built-in methods
