@@ -38,6 +38,8 @@ examples (`dpwa VERB --help` says more):
   dpwa train --resume runs/RUN_ID                          continue a stopped or killed run
   dpwa eval runs/RUN_ID                                    accuracy, NLL, ECE, Brier of its models
   dpwa curvature runs/RUN_ID                               Hessian spectrum (SLQ) on the test split
+  dpwa curve runs/RUN_A runs/RUN_B --type bezier           a mode-connecting curve, trained under DP
+  dpwa landscape runs/RUN_ID --dims 2                      filter-normalised loss surface on the test split
   dpwa audit configs/quickstart.yaml                       empirical lower bound on epsilon
   dpwa budget --sigma 3 --sample-rate 0.01 --steps 1000 --delta 1e-5
   dpwa ledger show                                         spend and budgets per dataset
