@@ -323,7 +323,8 @@ def make_averagers(cfg: AveragingConfig, model: nn.Module, *, total_steps: int,
     return out
 
 
-METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag")  # in report order
+# in report order; tickets and suptickets are kept by methods (dpwa/methods/edst.py, suptickets.py), not averagers
+METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets")
 
 
 def prediction_methods(model: nn.Module, averagers: dict[str, Averager], *, swag_samples: int = 30,

@@ -237,7 +237,8 @@ class FeatureStatsConfig:
 
 
 ENDPOINT_MODELS = ("raw", "ema", "polyak", "swa")  # the single-weight models of a run, for curve endpoints
-SPARSE_METHODS = ("set", "rigl")  # the methods on dpwa.sparsity masks: they own the method.sparsity_* fields
+SPARSE_METHODS = ("set", "rigl", "edst", "suptickets")  # on dpwa.sparsity masks: they own method.sparsity_*
+TICKET_METHODS = ("edst", "suptickets")  # sparse methods that collect tickets by schedule: they own method.tickets_grow
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,11 @@ class MethodConfig:
     between two released runs (Garipov et al. 2018), one release per step at a point w(t) of
     the curve, t public. set / rigl: dynamic sparse training (Mocanu et al. 2018 / Evci et al.
     2020; dpwa/sparsity.py), DP-SGD on masked weights whose masks move by schedule, growth at
-    random or by released gradients; the releases of DP-SGD. A field of another method than the
+    random or by released gradients; the releases of DP-SGD. edst: FreeTickets' EDST ensemble
+    (Liu et al. 2022), an exploration, then edst_phases refinement phases each ending in a ticket,
+    with a large topology jump between phases. suptickets: Sup-tickets (Yin et al. 2022), a sparse
+    phase, then cosine lr cycles each ending in a ticket, the tickets' average pruned back to the
+    budget. Both: the releases of DP-SGD, tickets by schedule. A field of another method than the
     chosen one must keep its default (refused otherwise)."""
 
     name: str = "dpsgd"
@@ -280,6 +285,22 @@ class MethodConfig:
     # rigl: regrow by |the update step's own released gradient| (dense_noisy) or by |the momentum of
     # the released gradients| (momentum: better signal to noise; needs optim.momentum or beta1 > 0)
     rigl_grow: str = "dense_noisy"
+    # edst, suptickets: regrowth (routine updates and jumps) at random (SET) or by a released gradient
+    # as method.rigl_grow: random | dense_noisy | momentum (FreeTickets' and Sup-tickets' --growth)
+    tickets_grow: str = "dense_noisy"
+    edst_exploration: int = 0       # edst: steps of exploration (the schedule's lr) before the first refinement phase
+    edst_phases: int = 3            # edst: M, refinement phases, each ending in a ticket (FreeTickets: 3)
+    edst_phase_steps: int = 0       # edst: steps per refinement phase; train.steps = exploration + M x this
+    edst_jump: float = 0.8          # edst: drop/grow fraction at the start of phases 2..M (FreeTickets' large death rate)
+    # edst: lr of a refinement phase's first and second half, as fractions of optim.lr (FreeTickets: 0.01, 0.001 at 0.1)
+    edst_lr_fractions: list[float] = field(default_factory=lambda: [0.1, 0.01])
+    suptickets_start: int = 0       # suptickets: steps of the sparse phase (the schedule's lr) before the cycles
+    suptickets_cycles: int = 3      # suptickets: cycles, each ending in a ticket at its lowest lr (README: 3)
+    suptickets_cycle_length: int = 0  # suptickets: steps per cycle; train.steps = start + cycles x this
+    suptickets_jump: float = 0.5    # suptickets: drop/grow fraction at each cycle start (re-exploration; 0: none)
+    # suptickets: the cosine of each cycle, from the first to the second fraction of optim.lr (README: 0.005 -> 0.001 at 0.1)
+    suptickets_lr_fractions: list[float] = field(default_factory=lambda: [0.05, 0.01])
+    suptickets_from_start: bool = True  # suptickets: the iterate at suptickets_start is the average's first member (CAA)
 
     def __post_init__(self) -> None:
         _known("method.name", self.name, "dpwa.methods", "METHODS")
@@ -314,6 +335,32 @@ class MethodConfig:
                  f"where the drop fraction's cosine reaches 0 (RigL: 75% of the steps); got {self.sparsity_end}")
         _require(self.rigl_grow in ("dense_noisy", "momentum"),
                  f"method.rigl_grow must be one of dense_noisy, momentum; got {self.rigl_grow!r}")
+        _require(self.tickets_grow in ("random", "dense_noisy", "momentum"),
+                 f"method.tickets_grow must be one of random, dense_noisy, momentum; got {self.tickets_grow!r}")
+        _require(self.tickets_grow == "dense_noisy" or self.name in TICKET_METHODS,
+                 f"method.tickets_grow is for method.name={' / '.join(TICKET_METHODS)}, not {self.name!r}; "
+                 f"got {self.tickets_grow}")
+        for key in ("edst_exploration", "edst_phase_steps", "suptickets_start", "suptickets_cycles"):
+            _require(getattr(self, key) >= 0, f"method.{key} must be >= 0, got {getattr(self, key)}")
+        _require(self.name != "edst" or (self.edst_exploration >= 1 and self.edst_phase_steps >= 1
+                                         and self.edst_phases >= 1),
+                 f"method.name=edst needs method.edst_exploration >= 1, method.edst_phases >= 1 and "
+                 f"method.edst_phase_steps >= 1 (train.steps = exploration + phases x phase_steps); got "
+                 f"{self.edst_exploration}, {self.edst_phases}, {self.edst_phase_steps}")
+        _require(0 < self.edst_jump <= 1, f"method.edst_jump must be in (0, 1], got {self.edst_jump}")
+        _require(self.name != "suptickets" or (self.suptickets_start >= 1 and self.suptickets_cycles >= 1
+                                               and self.suptickets_cycle_length >= 2),
+                 f"method.name=suptickets needs method.suptickets_start >= 1, method.suptickets_cycles >= 1 and "
+                 f"method.suptickets_cycle_length >= 2 (train.steps = start + cycles x cycle_length); got "
+                 f"{self.suptickets_start}, {self.suptickets_cycles}, {self.suptickets_cycle_length}")
+        _require(0 <= self.suptickets_jump <= 1, f"method.suptickets_jump must be in [0, 1], got {self.suptickets_jump}")
+        for key in ("edst_lr_fractions", "suptickets_lr_fractions"):
+            value = getattr(self, key)
+            _require(len(value) == 2 and all(math.isfinite(v) and v > 0 for v in value),
+                     f"method.{key} must be two fractions of optim.lr, both > 0; got {value}")
+        _require(self.suptickets_lr_fractions[0] >= self.suptickets_lr_fractions[1],
+                 f"method.suptickets_lr_fractions are the cycles' [start, end] lr (a cosine down to the ticket): "
+                 f"the first must be >= the second; got {self.suptickets_lr_fractions}")
         for key in ("sparsity_density", "sparsity_init", "sparsity_classifier", "sparsity_update_every",
                     "sparsity_fraction", "sparsity_end"):
             _require(getattr(self, key) == self.__dataclass_fields__[key].default or self.name in SPARSE_METHODS,
@@ -323,7 +370,11 @@ class MethodConfig:
                   **dict.fromkeys(("pswa_start", "pswa_period", "pswa_restarts"), "pswa"),
                   **dict.fromkeys(("inner_steps", "inner_lr", "inner_momentum", "gamma", "scoping", "langevin_noise",
                                    "mean_decay"), "entropy_sgd"),
-                  **dict.fromkeys(("curve_type", "curve_bends", "curve_endpoints", "curve_endpoint_models"), "curve")}
+                  **dict.fromkeys(("curve_type", "curve_bends", "curve_endpoints", "curve_endpoint_models"), "curve"),
+                  **dict.fromkeys(("edst_exploration", "edst_phases", "edst_phase_steps", "edst_jump",
+                                   "edst_lr_fractions"), "edst"),
+                  **dict.fromkeys(("suptickets_start", "suptickets_cycles", "suptickets_cycle_length", "suptickets_jump",
+                                   "suptickets_lr_fractions", "suptickets_from_start"), "suptickets")}
         for key, owner in owners.items():
             f = self.__dataclass_fields__[key]
             default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
@@ -380,9 +431,14 @@ class TrainConfig:
     # also write each metrics row as TensorBoard scalars to RUN_DIR/tensorboard (needs the
     # optional `tensorboard` package; refused before any charge when it is missing)
     tensorboard: bool = False
+    # DataLoader worker processes that decode data.name=imagefolder images, the next Poisson
+    # batch while a step runs (dpwa.loader); 0: in the training process. Same batches, same views.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.workers >= 0, f"train.workers must be >= 0 (0: decode in the training process), "
+                                    f"got {self.workers}")
         _require(self.physical_batch_size >= 1,
                  f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}")
         _require(self.steps is None or self.epochs is None,
@@ -433,6 +489,9 @@ class RunConfig:
         _require(self.privacy.engine != "opacus-ghost" or self.augmult.k == 1,
                  f"privacy.engine=opacus-ghost clips every augmented view separately, so augmult.k={self.augmult.k} "
                  "is not allowed with it; use privacy.engine=dpwa-fast")
+        _require(self.train.workers == 0 or self.data.name == "imagefolder",
+                 f"train.workers={self.train.workers} decodes image files in worker processes; "
+                 f"data.name={self.data.name!r} is held in memory, there is nothing to decode: use train.workers=0")
         _require(self.data.features == "none" or self.augmult.k == 1,
                  f"augmult.k={self.augmult.k} with data.features={self.data.features}: features are computed once "
                  "from the unaugmented images, so augmentation multiplicity is not available; set augmult.k=1")
@@ -448,6 +507,10 @@ class RunConfig:
                  f"method.rigl_grow=momentum ranks by the momentum of the released gradients, and optim.name="
                  f"{self.optim.name} has none (momentum / beta1 = {beta}): set optim.momentum > 0 (sgd) or use "
                  "method.rigl_grow=dense_noisy")
+        _require(self.method.name not in TICKET_METHODS or self.method.tickets_grow != "momentum" or beta > 0,
+                 f"method.tickets_grow=momentum ranks by the momentum of the released gradients, and optim.name="
+                 f"{self.optim.name} has none (momentum / beta1 = {beta}): set optim.momentum > 0 (sgd) or use "
+                 "method.tickets_grow=dense_noisy or random")
         cyclical = self.optim.schedule in ("cyclic", "sgdr")
         _require(not self.averaging.snapshots or cyclical,
                  f"averaging.snapshots takes the iterate at each lr minimum of a cyclic schedule; set "

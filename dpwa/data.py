@@ -5,7 +5,7 @@ by index from tensors: no per-example Python in the DP hot path, and Poisson sam
 exact. Sources: scikit-learn's digits (built in, no download: the quickstart), CIFAR-10/100
 through torchvision, the npz array format (`x` uint8 NHWC, `y`) of ../shared/data, and
 ImageNet-layout folders (torchvision `ImageFolder`), decoded and resized when a batch is drawn
-(they need not fit in memory). A subset of the
+(they need not fit in memory; `dpwa.loader` decodes them in worker processes). A subset of the
 classes can be kept (`data.classes`), e.g. to split a dataset into a public and a private part.
 """
 
@@ -177,10 +177,26 @@ class ImageFiles:
             try:
                 with Image.open(self.files[i]) as img:
                     x = TF.pil_to_tensor(img.convert("RGB"))
-            except Exception as e:
-                raise DataError(f"cannot decode {self.files[i]}: {e}") from None
+            except Exception as e:  # neither the file nor e's text (PIL's names the file): both tell the batch
+                raise DataError(f"cannot decode an image of this split ({type(e).__name__}). Which file is not "
+                                "said: in a private Poisson batch it would tell which examples the step drew. "
+                                "`ImageFiles.unreadable()` lists the files no image can be decoded from") from None
             images.append(TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size, self.size]))
         return torch.stack(images) if images else out
+
+    def unreadable(self) -> list[str]:
+        """The files that cannot be decoded, from one pass over all of them in order: what a
+        decoding error withholds, found without any secret batch (e.g. before training)."""
+        from PIL import Image
+
+        bad = []
+        for f in self.files:
+            try:
+                with Image.open(f) as img:
+                    img.convert("RGB")
+            except Exception:  # noqa: BLE001 - any failure to decode is what is listed
+                bad.append(f)
+        return bad
 
 
 def _take(x, key):

@@ -21,7 +21,10 @@ from .run_folder import RunFolder, load_run
 __all__ = ["evaluate_run", "EvalError"]
 
 _NEEDS = {"swa": "averaging.swa: true", "fge": "averaging.snapshots: true (with a cyclic or sgdr schedule)",
-          "swag": "averaging.swag: true", "swag_diag": "averaging.swag: true"}
+          "swag": "averaging.swag: true", "swag_diag": "averaging.swag: true",
+          "tickets": "method.name=edst or suptickets, and a ticket collected by the checkpoint",
+          "suptickets": "method.name=suptickets, and a ticket collected by the checkpoint"}
+_KEPT_BY = {"tickets": ("edst", "suptickets"), "suptickets": ("suptickets",)}  # models only these methods keep
 
 
 class EvalError(ConfigError):
@@ -61,7 +64,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     counts = {name: avg.count for name, avg in averagers.items()}
     counts["swag_diag"] = counts.get("swag", 0)
     skipped: dict[str, str] = {}
-    for m in METHODS:
+    relevant = [m for m in METHODS if m not in _KEPT_BY or cfg.method.name in _KEPT_BY[m] or m in (methods or ())]
+    for m in relevant:
         if m in available and counts.get(m, 1) < minimum.get(m, 0):
             skipped[m] = f"collected {counts[m]} iterate(s) by step {at}, needs {minimum[m]}"
         elif m not in available and m in _NEEDS:

@@ -13,25 +13,52 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from .mechanism import GradientMechanism
 
-__all__ = ["poisson_batches", "PrivateSGD", "secret_generator", "secret_seed"]
+__all__ = ["poisson_batches", "PoissonBatches", "PrivateSGD", "secret_generator", "secret_seed"]
 
 
-def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> Iterator[torch.Tensor]:
+class PoissonBatches:
+    """Endless Poisson-sampled logical batches of indices (each example in with prob. q), one
+    `torch.rand(N)` of the generator per batch (Opacus's `UniformWithReplacementSampler`).
+
+    `peek()` is the batch the next `next()` will give, drawn from a copy of the generator: a
+    loader can decode it ahead (`dpwa.loader`) while the secret generator, and every checkpoint
+    of it, moves only when a batch is taken. A peeked batch that is never taken (the run stops)
+    changes nothing: the copy is dropped, nothing of it is written or released.
+    """
+
+    def __init__(self, num_examples: int, sample_rate: float, generator: torch.Generator) -> None:
+        self.num_examples, self.sample_rate, self.generator = num_examples, sample_rate, generator
+
+    def __iter__(self) -> "PoissonBatches":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self._draw(self.generator)
+
+    def peek(self) -> torch.Tensor:
+        """The batch the next `next()` gives; the generator does not move."""
+        copy = torch.Generator(device=self.generator.device)
+        copy.set_state(self.generator.get_state())
+        return self._draw(copy)
+
+    def _draw(self, generator: torch.Generator) -> torch.Tensor:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        sampler = UniformWithReplacementSampler(num_samples=self.num_examples, sample_rate=self.sample_rate,
+                                                generator=generator, steps=1)
+        return torch.as_tensor(next(iter(sampler)), dtype=torch.long)
+
+
+def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Generator) -> PoissonBatches:
     """Endless Poisson-sampled logical batches of indices (each example in with prob. q)."""
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-    sampler = UniformWithReplacementSampler(num_samples=num_examples, sample_rate=sample_rate,
-                                            generator=generator, steps=1)
-    while True:
-        for indices in sampler:
-            yield torch.as_tensor(indices, dtype=torch.long)
+    return PoissonBatches(num_examples, sample_rate, generator)
 
 
 def secret_seed() -> int:

@@ -145,12 +145,16 @@ class ReleasedRun:
     step: int            # iterations made
     releases: int        # noisy releases made
     epsilon: Optional[float]  # what the releases spent (None: a public-data run)
+    method_state: Optional[dict] = None  # the method's checkpointed state (EDST / Sup-tickets keep tickets there)
 
     def prediction_methods(self, swag_samples: Optional[int] = None) -> dict:
+        """The last iterate, the averages and ensembles, and the models the method kept."""
         from .averaging import prediction_methods
+        from .methods import METHODS
 
-        return prediction_methods(self.model, self.averagers, seed=self.cfg.train.seed,
-                                  swag_samples=swag_samples or self.cfg.averaging.swag_samples)
+        kept = METHODS[self.cfg.method.name].released_models(self.cfg, self.model, self.method_state or {})
+        return {**prediction_methods(self.model, self.averagers, seed=self.cfg.train.seed,
+                                     swag_samples=swag_samples or self.cfg.averaging.swag_samples), **kept}
 
 
 def load_run(run_dir: Path) -> ReleasedRun:
@@ -194,4 +198,5 @@ def load_run(run_dir: Path) -> ReleasedRun:
         event = PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
                                 steps=releases)
         eps = epsilon([event], delta=meta["delta"], accountant=cfg.privacy.accountant) if releases else 0.0
-    return ReleasedRun(folder, cfg, meta, data, model, averagers, int(state["step"]), releases, eps)
+    return ReleasedRun(folder, cfg, meta, data, model, averagers, int(state["step"]), releases, eps,
+                       state.get("method"))

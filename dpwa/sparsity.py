@@ -48,7 +48,7 @@ from .config import ConfigError
 from .models.ws import WSConv2d
 
 __all__ = ["Masks", "prunable", "erk_densities", "uniform_densities", "layer_counts", "DENSITIES",
-           "drop_fraction", "is_update_step"]
+           "drop_fraction", "is_update_step", "global_magnitude_masks"]
 
 
 def prunable(model: nn.Module, *, classifier: bool = False) -> dict[str, nn.Parameter]:
@@ -138,6 +138,23 @@ def is_update_step(t: int, *, every: int, end: int) -> bool:
 def _ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries of a flat tensor; ties by index (reproducible)."""
     return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def global_magnitude_masks(weights: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Masks keeping the `count` largest |w| over all `weights` together, exactly (ties by
+    position): Sup-tickets' prune of the superposition back to the budget (Yin et al. 2022;
+    the reference keeps |w| >= the count-th largest, more than `count` on ties). Global, so a
+    layer's density can move away from its ERK share.
+
+    >>> [m.tolist() for m in global_magnitude_masks([torch.tensor([3., -1.]), torch.tensor([0.5, -2.])], 2)]
+    [[True, False], [False, True]]
+    """
+    flat = torch.cat([w.detach().abs().reshape(-1).float() for w in weights])
+    if not 0 <= count <= flat.numel():
+        raise ValueError(f"Expected 0 <= {count=} <= {flat.numel()} weights")
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    keep[_ranked(flat, count)] = True
+    return [m.view(w.shape) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
 
 
 class Masks:

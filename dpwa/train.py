@@ -45,6 +45,7 @@ from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
 from .evaluate import evaluate, evaluate_members
+from .loader import BatchLoader
 from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
 from .models.from_config import build_model
@@ -141,16 +142,17 @@ def _device(name: str, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank) if name == "cuda" and world.size > 1 else torch.device(name)
 
 
-def _chunks(data: Data, idx: torch.Tensor, cfg: RunConfig, gen: torch.Generator,
+def _chunks(data: Data, idx: torch.Tensor, images: Iterator[torch.Tensor], cfg: RunConfig, gen: torch.Generator,
             device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
     """Physical chunks of (this rank's share of) a logical batch: K augmented, normalised views
-    per example. Sampling and augmentation run on the CPU."""
+    per example, from the images of `idx.split(physical_batch_size)` (`BatchLoader.fetch`).
+    Sampling and augmentation run on the CPU, in this process."""
     a = cfg.augmult
-    for part in idx.split(cfg.train.physical_batch_size):
+    for part, x in zip(idx.split(cfg.train.physical_batch_size), images):
         if data.features != "none":  # fixed features: one view, no augmentation (config enforces k=1)
-            views = data.train.x[part].unsqueeze(1)
+            views = x.unsqueeze(1)
         else:
-            views = augmult_views(data.train.x[part], k=a.k, pad=a.pad, flip=a.flip, generator=gen)
+            views = augmult_views(x, k=a.k, pad=a.pad, flip=a.flip, generator=gen)
         yield data.normalize(views).to(device), data.train.y[part].to(device)
 
 
@@ -386,13 +388,20 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             ledger.progress(run_id, spent())
     start, steps_done = state.step, 0
     batches = poisson_batches(len(data.train), plan.sample_rate, coins.sampling)
+    loader = BatchLoader(data.train.x, workers=cfg.train.workers, chunk_size=cfg.train.physical_batch_size,
+                         expected_batch=cfg.train.batch_size / world.size)
     aug_gen = torch.Generator()
 
     def release():  # the next secret batch, this rank's share, through the mechanism
-        idx = next(batches)
+        idx = world.shard(next(batches))
+        # with train.workers: decoded while the previous release computed, and the next batch (peeked
+        # from a copy of the sampler: it stays put) while this one does, if the ledger reserved it
+        ahead = (world.shard(batches.peek()) if loader.workers and mechanism.released + 1 < mechanism.releases
+                 else None)
+        images = loader.fetch(idx, ahead)
         aug_gen.manual_seed(_augment_seed(cfg, mechanism.released, world.rank))
         try:
-            return mechanism.release(_chunks(data, world.shard(idx), cfg, aug_gen, device))
+            return mechanism.release(_chunks(data, idx, images, cfg, aug_gen, device))
         except RuntimeError as e:  # a collective failed: another rank died or hung
             if world.size == 1:
                 raise
@@ -477,6 +486,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         raise
     except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
         raise _folder_error(e, ledger, run_id, folder.path, released=resume is None and steps_done == 0) from None
+    finally:
+        loader.close()  # its workers stop; a batch decoded ahead and never released is dropped
 
 
 def _dataset_spent(ledger: Any, dataset: str, p: Any) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """`dpwa eval RUN_DIR [--data test|val]`: accuracy, NLL, ECE and Brier score of the last
 iterate and of every average and ensemble a run kept (EMA, Polyak, SWA, FGE, SWAG,
-SWAG-diagonal); writes RUN_DIR/eval.json and a reliability diagram RUN_DIR/reliability.png.
+SWAG-diagonal, the tickets of EDST / Sup-tickets, Sup-tickets' pruned superposition); writes
+RUN_DIR/eval.json and a reliability diagram RUN_DIR/reliability.png.
 
 Evaluation is post-processing of the released iterates: it charges nothing, and the
 private training split is withheld from it (any read raises). It reads the run's last
@@ -21,7 +22,7 @@ EXAMPLES = """examples:
 """
 
 # dpwa.averaging.METHODS, repeated here: importing it would pull torch into every verb's start-up.
-METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag")
+METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

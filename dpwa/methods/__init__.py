@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch.nn as nn
 
@@ -58,6 +58,15 @@ class Method(abc.ABC):
         """Make one iterate; returns local diagnostics for metrics.jsonl (not covered by the
         guarantee: they may depend on the private batch)."""
 
+    @classmethod
+    def released_models(cls, cfg: RunConfig, model: nn.Module, state: dict[str, Any]
+                        ) -> dict[str, Callable[[], Iterator[nn.Module]]]:
+        """Models the method keeps in its checkpointed `state` besides the last iterate (EDST's
+        tickets, Sup-tickets' superposition), for `dpwa eval`: name -> a function returning the
+        members whose mean softmax is the prediction, built on copies of `model`. Post-processing
+        of released iterates; none by default."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -78,4 +87,4 @@ def make_method(cfg: RunConfig, model: nn.Module, *, noise_std: float = 0.0) -> 
     return METHODS[cfg.method.name](cfg, model, noise_std=noise_std)
 
 
-from . import curve, dpsat, dpsgd, entropy_sgd, pswa, rigl, set  # noqa: E402,F401 - registers the built-in methods
+from . import curve, dpsat, dpsgd, edst, entropy_sgd, pswa, rigl, set, suptickets  # noqa: E402,F401 - registers the built-in methods

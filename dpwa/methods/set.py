@@ -53,18 +53,27 @@ class SET(DPSGD):
                                      classifier=m.sparsity_classifier)
 
     def step(self, step: Step) -> dict[str, float]:
-        m = self.cfg.method
+        out, stats = self._masked_step(step)
+        fraction = self._update_fraction(step.index + 1)
+        grown = self.masks.update(fraction, self._grow_scores(out), self.optimizer) if fraction else 0
+        return {**stats, "sparsity_drop_fraction": fraction, "sparsity_grown": float(grown)}
+
+    def _masked_step(self, step: Step) -> tuple[Release, dict[str, float]]:
+        """The step's one release, applied to the active weights; weights and optimizer state re-masked."""
         for group in self.optimizer.param_groups:
             group["lr"] = step.lr
         out = step.release()  # the step's one data access
         self._observe(out)
         stats = apply_release(self.optimizer, dataclasses.replace(out, grads=self.masks.masked(out.grads)))
         self.masks.apply(self.optimizer)
-        done, fraction, grown = step.index + 1, 0.0, 0
-        if is_update_step(done, every=m.sparsity_update_every, end=m.sparsity_end):
-            fraction = drop_fraction(done, fraction=m.sparsity_fraction, end=m.sparsity_end)
-            grown = self.masks.update(fraction, self._grow_scores(out), self.optimizer)
-        return {**stats, "sparsity_drop_fraction": fraction, "sparsity_grown": float(grown)}
+        return out, stats
+
+    def _update_fraction(self, done: int) -> float:
+        """The drop fraction of the routine mask update after iterate `done` (0: no update)."""
+        m = self.cfg.method
+        if not is_update_step(done, every=m.sparsity_update_every, end=m.sparsity_end):
+            return 0.0
+        return drop_fraction(done, fraction=m.sparsity_fraction, end=m.sparsity_end)
 
     def _observe(self, release: Release) -> None:
         """Every release, before it is applied (RigL's momentum growth keeps an average)."""

@@ -32,6 +32,24 @@ def tiny(tmp_path, *extra):
                                "augmult.k=2", *ALL, *extra])
 
 
+class CountingExamples:
+    """The private examples, counting every indexing (the loader keeps a reference to them and
+    indexes one physical chunk at a time; holding the reference reads nothing)."""
+
+    def __init__(self, inner: torch.Tensor, owner: "CountingSplit") -> None:
+        self._inner, self._owner = inner, owner
+
+    def __getitem__(self, index):
+        object.__setattr__(self._owner, "reads", object.__getattribute__(self._owner, "reads") + 1)
+        return self._inner[index]
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 class CountingSplit(Split):
     """The private training split, counting every read of its examples or labels."""
 
@@ -43,7 +61,9 @@ class CountingSplit(Split):
         return len(self._inner)
 
     def __getattribute__(self, name):
-        if name in ("x", "y"):
+        if name == "x":
+            return CountingExamples(getattr(object.__getattribute__(self, "_inner"), "x"), self)
+        if name == "y":
             object.__setattr__(self, "reads", object.__getattribute__(self, "reads") + 1)
             return getattr(object.__getattribute__(self, "_inner"), name)
         return object.__getattribute__(self, name)

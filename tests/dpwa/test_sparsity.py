@@ -252,7 +252,7 @@ def test_sparse_runs_charge_what_dpsgd_charges_and_resume_exactly(tmp_path):
 
 
 def test_sparse_fields_belong_to_set_and_rigl():
-    with pytest.raises(ConfigError, match="method.sparsity_density is for method.name=set / rigl, not 'dpsgd'"):
+    with pytest.raises(ConfigError, match="method.sparsity_density is for method.name=set / rigl / edst / suptickets, not 'dpsgd'"):
         load_config(None, ["method.sparsity_density=0.1", "privacy.epsilon=1", "train.steps=2"])
     with pytest.raises(ConfigError, match="method.rigl_grow is for method.name=rigl, not 'set'"):
         config("method.rigl_grow=momentum", name="set")
