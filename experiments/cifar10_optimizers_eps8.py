@@ -199,7 +199,8 @@ def final_table() -> str:
     finals: dict[str, list[dict]] = {}
     for p in sorted((OUT / "final").glob("*/*/row.json")):
         if (p.parent / "report.json").exists():
-            finals.setdefault(json.loads(p.read_text())["row"], []).append(json.loads((p.parent / "report.json").read_text()))
+            row = json.loads(p.read_text())
+            finals.setdefault(row["row"], []).append({**json.loads((p.parent / "report.json").read_text()), "lr": row["lr"]})
     lines = ["| row | lr (validation) | runs | epsilon | sigma | steps | releases | per-example grads | "
              "test accuracy (%) | test NLL | test ECE (%) |", "|" + "---|" * 11]
     for row, model, label in LABELS:
@@ -208,7 +209,7 @@ def final_table() -> str:
             continue
         scores = [r[f"test_{model}"] for r in reps if f"test_{model}" in r]
         r0 = reps[0]
-        lines.append(f"| {label} | {json.loads((Path(r0['run_dir']) / 'row.json').read_text())['lr']:g} | {len(scores)} | "
+        lines.append(f"| {label} | {r0['lr']:g} | {len(scores)} | "
                      f"{statistics.mean(r['epsilon'] for r in reps):.3f} | {r0['noise_multiplier']:.3f} | {r0['steps']} | "
                      f"{r0['releases'] if 'releases' in r0 else '-'} | "
                      f"{r0['expected_per_example_gradient_evaluations']:.0f} | "
@@ -298,6 +299,7 @@ def main() -> None:
     p.add_argument("--final", type=int, default=0, help="test runs of every row at its chosen lr")
     p.add_argument("--scaling", action="store_true", help="lr* against B (DP-SGD, DP-Adam), validation proxies")
     p.add_argument("--only-opt", nargs="*", choices=sorted(SCALING_GRIDS), help="scaling: only these optimisers")
+    p.add_argument("--batches", nargs="*", type=int, help="scaling: only these batch sizes")
     p.add_argument("--table", action="store_true", help="only rebuild the tables")
     a = p.parse_args()
     if not a.table:
@@ -309,6 +311,8 @@ def main() -> None:
             for opt in a.only_opt or SCALING_GRIDS:
                 for b in SCALING_BATCHES:
                     if opt == "dpsgd" and b == BATCH:  # measured by --tune (the dpsgd row's grid)
+                        continue
+                    if a.batches and b not in a.batches:
                         continue
                     lrs = list(SCALING_GRIDS[opt])
                     scores = {lr: proxy(opt, lr, b, "scaling")["val_raw"]["accuracy"] for lr in lrs}
@@ -324,8 +328,8 @@ def main() -> None:
     steps, releases = _budget()
     head = (f"CIFAR-10 at epsilon 8 (delta 1e-5, PRV), ScatterNet + CNN, 2 CPU cores; every row at batch {BATCH}, "
             f"{EPOCHS} epochs ({releases} releases, ~{releases * BATCH / 1e3:.0f}k per-example gradients). "
-            "Command: `python experiments/cifar10_optimizers_eps8.py --tune --final 2`. Test: the 9,000-image JPEG "
-            "test set, mean ± sd over fresh-noise runs; the lr of each row chosen on a 5,000-image validation split "
+            "Command: `python experiments/cifar10_optimizers_eps8.py --tune --final N` (N runs per row: the runs "
+            "column). Test: the 9,000-image JPEG test set, mean ± sd over fresh-noise runs; the lr of each row chosen on a 5,000-image validation split "
             "of train by TAN proxies (batch / 8), table below.\n\n")
     text = head + final_table() + "\n\nValidation proxies (lr choice; the test set is not read):\n\n" + tune_table() + "\n"
     (RESULTS / "cifar10_optimizers_eps8.md").write_text(text)
