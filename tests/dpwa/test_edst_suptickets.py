@@ -16,7 +16,6 @@ import dpwa.train as train_module
 from accounting import Ledger, sample_rate_and_steps
 from dpwa.cli import main
 from dpwa.config import ConfigError, load_config
-from dpwa.data import load_data
 from dpwa.evaluate import metrics
 from dpwa.methods import METHODS, Step, make_method
 from dpwa.run_folder import load_run
@@ -24,7 +23,7 @@ from dpwa.schedules import sgdr
 from dpwa.sparsity import global_magnitude_masks
 from dpwa.train import train
 from tests.conftest import ROOT, ledger_snapshot
-from tests.dpwa.test_ensembles import CountingSplit
+from tests.dpwa.test_ensembles import counting_loader
 from tests.dpwa.test_sparsity import model, releases
 from tests.dpwa.test_train import final_weights, tiny
 
@@ -191,13 +190,7 @@ def runs(tmp_path_factory):
     out, splits = {}, []
     patch = pytest.MonkeyPatch()
 
-    def counting_load(cfg, **kw):
-        data = load_data(cfg, **kw)
-        data.train = CountingSplit(data.train)
-        splits.append(data.train)
-        return data
-
-    patch.setattr(train_module, "load_data", counting_load)
+    patch.setattr(train_module, "load_data", counting_loader(splits))
     try:
         for name, extra in (("dpsgd", SPARSE[:2]), *E2E.items()):
             led = tmp / f"{name}.sqlite"

@@ -5,6 +5,7 @@ averages, metrics against hand computation, and bad input refused before any cha
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -69,16 +70,19 @@ class CountingSplit(Split):
         return object.__getattribute__(self, name)
 
 
-def test_private_data_is_read_only_by_the_dp_steps(tmp_path, monkeypatch):
-    splits = []
-
+def counting_loader(splits: list) -> Callable:
+    """`load_data` whose training split counts its reads; each loaded split is appended to `splits`."""
     def counting_load(cfg, **kw):
         data = load_data(cfg, **kw)
         data.train = CountingSplit(data.train)
         splits.append(data.train)
         return data
+    return counting_load
 
-    monkeypatch.setattr(train_module, "load_data", counting_load)
+
+def test_private_data_is_read_only_by_the_dp_steps(tmp_path, monkeypatch):
+    splits = []
+    monkeypatch.setattr(train_module, "load_data", counting_loader(splits))
     cfg = tiny(tmp_path)
     report = train(cfg, ledger_path=str(tmp_path / "l.sqlite"), progress=False)
     # Replay the sampler: each physical chunk reads the examples and the labels once, nothing else does.
