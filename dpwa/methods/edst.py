@@ -40,6 +40,7 @@ DST Ensemble (M independent runs) would cost M runs (methods.md R5); EDST costs 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -77,10 +78,10 @@ class TicketsDST(RigL):
         self.tickets = Snapshots(model, rule=self.ticket_steps.__contains__)
 
     @classmethod
+    @abc.abstractmethod
     def layout(cls, cfg) -> tuple[int, Sequence[int], Sequence[int], float]:
         """(the run's steps, the iterates that are tickets, the iterates after which the masks
         jump, the jump's drop/grow fraction), from the config alone."""
-        raise NotImplementedError
 
     @classmethod
     def _check_steps(cls, cfg, steps: int, how: str) -> None:
@@ -95,9 +96,9 @@ class TicketsDST(RigL):
                               f"{cfg.optim.schedule} would put lr minima (and snapshots) elsewhere: use constant, warmup "
                               "or cosine for the phase before them")
 
+    @abc.abstractmethod
     def lr(self, step: Step) -> float:
         """The lr of `step`: the schedule's before the phases, the method's in them."""
-        raise NotImplementedError
 
     def step(self, step: Step) -> dict[str, float]:
         lr = self.lr(step)
