@@ -70,6 +70,12 @@ CONFIG = "configs/cifar10_scatter_cpu_eps8.yaml"
 OUT = ROOT / "runs" / "experiments" / "cifar10_optimizers"
 LEDGER = ROOT / "runs" / "experiments-ledger.sqlite"
 RESULTS = ROOT / "experiments" / "results"
+#: Every finished proxy and test run, one JSON line each (committed): the tables are rebuilt from
+#: it, and a later session (a machine without runs/) adds runs to it instead of starting over.
+RECORDS = RESULTS / "cifar10_optimizers_eps8_runs.jsonl"
+#: The parts of a run's report the tables use.
+KEPT = ("epsilon", "noise_multiplier", "steps", "releases", "expected_per_example_gradient_evaluations",
+        "train_time_s", "wall_time_s")
 N_TRAIN = 50_000
 SHRINK = 8
 BATCH, EPOCHS = 2048, 12
@@ -139,7 +145,7 @@ def proxy(row: str, lr: float, batch: int, kind: str) -> dict[str, Any]:
     report = dpwa.train(load_config(ROOT / CONFIG, overrides), ledger_path=str(LEDGER), progress=False)
     info = {"row": row, "lr": lr, "batch": batch, "target_sigma": plan.noise_multiplier, "steps": plan.steps,
             "releases": plan.releases, "proxy_batch": b}
-    (Path(report["run_dir"]) / "proxy.json").write_text(json.dumps(info))
+    _record(kind, info, report)
     print(f"# {kind} {name}: val raw {report['val_raw']['accuracy']:.4f}", flush=True)
     return report
 
@@ -161,12 +167,21 @@ def tune(row: str, extensions: int = 2) -> None:
         proxy(row, lrs[-1], BATCH, "tune")
 
 
+def _record(kind: str, info: dict, report: dict) -> None:
+    """Append a finished run to RECORDS: its kind, what it stands for, and its scores."""
+    kept = {k: report[k] for k in KEPT if k in report}
+    kept.update({k: report[k] for k in report if k.startswith(("val_", "test_"))})
+    RECORDS.parent.mkdir(parents=True, exist_ok=True)
+    with RECORDS.open("a") as f:
+        f.write(json.dumps({"kind": kind, "info": info, "report": kept}) + "\n")
+
+
 def _reports(kind: str) -> list[tuple[dict, dict]]:
-    out = []
-    for p in sorted((OUT / kind).glob("*/*/proxy.json")):
-        if (p.parent / "report.json").exists():
-            out.append((json.loads(p.read_text()), json.loads((p.parent / "report.json").read_text())))
-    return out
+    """(info, report) of every recorded run of `kind` ("tune", "scaling" or "final")."""
+    if not RECORDS.exists():
+        return []
+    lines = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()]
+    return [(r["info"], r["report"]) for r in lines if r["kind"] == kind]
 
 
 def tuned_lr(row: str) -> float:
@@ -183,7 +198,7 @@ def final(runs: int, rows: list[str]) -> None:
             lr = tuned_lr(row)
             overrides = [*row_overrides(row, lr), f"name=final-{row}", f"out_dir={OUT / 'final' / row}"]
             report = dpwa.train(load_config(ROOT / CONFIG, overrides), ledger_path=str(LEDGER), progress=False)
-            (Path(report["run_dir"]) / "row.json").write_text(json.dumps({"row": row, "lr": lr}))
+            _record("final", {"row": row, "lr": lr}, report)
             print(f"# final {row} {i}: lr {lr:g} test {HEADLINE[row]} "
                   f"{report[f'test_{HEADLINE[row]}']['accuracy']:.4f}", flush=True)
 
@@ -197,10 +212,8 @@ def _mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
 
 def final_table() -> str:
     finals: dict[str, list[dict]] = {}
-    for p in sorted((OUT / "final").glob("*/*/row.json")):
-        if (p.parent / "report.json").exists():
-            row = json.loads(p.read_text())
-            finals.setdefault(row["row"], []).append({**json.loads((p.parent / "report.json").read_text()), "lr": row["lr"]})
+    for info, report in _reports("final"):
+        finals.setdefault(info["row"], []).append({**report, "lr": info["lr"]})
     lines = ["| row | lr (validation) | runs | epsilon | sigma | steps | releases | per-example grads | "
              "test accuracy (%) | test NLL | test ECE (%) |", "|" + "---|" * 11]
     for row, model, label in LABELS:
