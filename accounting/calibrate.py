@@ -63,17 +63,24 @@ def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delt
 
 
 def _gdp_sigma_guess(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Starting point from the CLT / mu-GDP approximation (Bu, Dong et al. 2020); only a guess."""
-    from scipy.optimize import brentq
-    from scipy.stats import norm
+    """Starting point from the CLT / mu-GDP approximation (Bu, Dong et al. 2020); only a guess.
+
+    mu solves delta_mu(epsilon) = delta (mu-GDP's delta grows with mu), by bisection on
+    [1e-6, 100] with `numerics.ndtr`: a guess needs no scipy import."""
+    from .numerics import ndtr
 
     def gdp_delta(mu: float) -> float:
         e = target_epsilon
-        return norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta
+        return float(ndtr(-e / mu + mu / 2) - math.exp(e) * ndtr(-e / mu - mu / 2)) - delta
 
     try:
-        mu = brentq(gdp_delta, 1e-6, 100.0)
-        ratio = (mu / sample_rate) ** 2 / max(steps, 1)
+        lo, hi = 1e-6, 100.0
+        if not gdp_delta(lo) < 0 < gdp_delta(hi):
+            return 1.0
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if gdp_delta(mid) < 0 else (lo, mid)
+        ratio = (lo / sample_rate) ** 2 / max(steps, 1)
         return min(max(1 / math.sqrt(math.log1p(ratio)), _SIGMA_RANGE[0]), _SIGMA_RANGE[1])
     except (ValueError, ZeroDivisionError, OverflowError):
         return 1.0
@@ -222,8 +229,6 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
             values[n] = spend(n)
         return values[n]
 
-    if eps(0) > target_epsilon or eps(1) > target_epsilon:
-        return 0
     # Guides, cheapest first: RDP from cached curves (exact integer search, microseconds per call),
     # corrected by its ratio to the accountant (or, for PRV, to a 10x coarser PRV) where it is
     # evaluated; then the accountant itself, a few calls around the guess.
@@ -241,6 +246,11 @@ def steps_for(*, target_epsilon: float, delta: float, noise_multiplier: float, s
         raise InvalidParameterError(
             f"The budget allows more than {_MAX_STEPS:.0e} steps at {noise_multiplier=}, {sample_rate=}; "
             "check the inputs") from None
+    # The search takes f(1) <= target on trust and checks everything above it: an answer n > 1
+    # was evaluated (and 1 fits where n does: epsilon grows with the steps); an answer of 1 is
+    # checked here, and 0 if even one step (or the prior alone) spends too much.
+    if n == 1 and eps(1) > target_epsilon:
+        return 0
     return n
 
 

@@ -68,7 +68,7 @@ def _code_tag() -> str:
     if _tag is None:
         here = Path(__file__).parent
         h = hashlib.sha256()
-        for name in ("accountants.py", "events.py", "_prv_lib.py", "memo.py"):
+        for name in ("accountants.py", "events.py", "_prv_lib.py", "memo.py", "numerics.py"):
             h.update((here / name).read_bytes())
         for dist in ("prv-accountant", "numpy", "scipy"):
             try:

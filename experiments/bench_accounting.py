@@ -56,10 +56,15 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
     return first, statistics.median(times[1:]) if repeats else float("nan"), value
 
 
-def cli_time(args: list[str], env: dict) -> float:
-    """Wall time of one `dpwa` command; without the on-disk memo unless `env` names one."""
+def cli_time(args: list[str], env: dict, accounting_root: Path | None = None) -> float:
+    """Wall time of one `dpwa` command; without the on-disk memo unless `env` names one; with
+    the `accounting` package found under `accounting_root` if given (an earlier checkout's)."""
+    command = [sys.executable, "-m", "dpwa", *args]
+    if accounting_root is not None:
+        command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(accounting_root)!r}); "
+                   f"sys.argv = ['dpwa', *{args!r}]; from dpwa.cli import main; raise SystemExit(main())"]
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dpwa", *args], check=True, capture_output=True, cwd=ROOT,
+    subprocess.run(command, check=True, capture_output=True, cwd=ROOT,
                    env={**os.environ, "DPWA_ACCOUNTING_CACHE": "off", **env})
     return time.perf_counter() - t
 
@@ -169,6 +174,12 @@ def main() -> None:
     before = None
     if a.before:  # the same query with the accounting package of an earlier checkout
         before = remaining_query(a.before, readme, 0)
+        # ... and as a command, interleaved with this checkout's (the machine drifts): medians
+        pairs = [(cli_time(query_args, {"DPWA_LEDGER": str(readme)}, a.before),
+                  cli_time(query_args, {"DPWA_LEDGER": str(readme)})) for _ in range(max(a.repeats, 1))]
+        before["cli_before"] = statistics.median(p[0] for p in pairs)
+        before["cli_now"] = statistics.median(p[1] for p in pairs)
+        before["pairs"] = len(pairs)
 
     # prv-accountant's own PRVAccountant on the same ledger (its convolution tree), once:
     # why dpwa composes the discretised PRVs itself.
@@ -195,7 +206,10 @@ def main() -> None:
         lines += ["", f"Before: the README's `ledger remaining --sigma` query with the earlier accounting package "
                       f"in `{a.before}` (fresh process, after imports): {before['first']:.2f} s, "
                       f"{'same answer' if before['steps'] == q['steps'] else 'answer'} "
-                      f"({before['spent']:.5f}; {before['steps']} steps)."]
+                      f"({before['spent']:.5f}; {before['steps']} steps).",
+                  "", f"As a command, no memo, interleaved ({before['pairs']} pairs, medians): before "
+                      f"{before['cli_before']:.2f} s, now {before['cli_now']:.2f} s "
+                      f"({before['cli_before'] / before['cli_now']:.2f}x)."]
     text = "\n".join(lines)
     print(text)
     if a.out:
