@@ -97,9 +97,18 @@ class ModelConfig:
     # or private (per-channel statistics of the training features released by the statistics
     # mechanism, `feature_stats`; Tramer & Boneh 2021's private "BN", charged in the ledger).
     input_norm: str = "group"
+    conv_norm: bool = False         # scatter_cnn: a GroupNorm(16) after each conv (what FiLM modulates)
+    # FiLM-Ensemble (Turkoglu et al. 2022; dpwa/models/film.py): M >= 2 members, each affine
+    # GroupNorm becomes GroupNorm(affine=False) + per-member FiLM; 0 = a single model. One
+    # example is M rows, folded into one clipped gradient: the privacy cost of one model.
+    film_members: int = 0
+    film_gain: float = 1.0          # rho: members' gamma = 1 + U(-a, a), beta = U(-a, a), a = rho sqrt(6 / (M + C))
 
     def __post_init__(self) -> None:
         _require(self.groups >= 1, f"model.groups must be >= 1, got {self.groups}")
+        _require(self.film_members == 0 or self.film_members >= 2,
+                 f"model.film_members must be 0 (a single model) or >= 2, got {self.film_members}")
+        _require(self.film_gain >= 0, f"model.film_gain must be >= 0, got {self.film_gain}")
         _require(self.input_norm in ("group", "private"),
                  f"model.input_norm must be one of group, private; got {self.input_norm!r}")
         _require(self.trainable in ("all", "head", "stages"),

@@ -18,35 +18,56 @@ import torch.nn as nn
 from .data import Data, Split
 from .rows import Rows, tiling_of
 
-__all__ = ["predict_proba", "metrics", "evaluate", "evaluate_members", "reliability_bins"]
+__all__ = ["predict_proba", "predict_members", "metrics", "member_metrics", "evaluate", "evaluate_members",
+           "reliability_bins"]
 
 ECE_BINS = 15
 
 
-def _proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax per example; a model that tiles its batch into members (`model.dpwa_tiling`)
-    predicts the mean of its members' softmaxes (an implicit ensemble)."""
+def _member_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax per member and example, (M, n, classes): M = 1 for a plain model, the M members
+    of a model that tiles its batch (`model.dpwa_tiling`, an implicit ensemble: FiLM)."""
     rows = Rows(examples=len(x), views=1, tiling=tiling_of(model))
-    return rows.fold(model(x).float().softmax(-1)).mean(1).cpu()
+    return rows.fold(model(x).float().softmax(-1)).transpose(0, 1).cpu()
 
 
 @torch.no_grad()
-def predict_proba(members: Iterable[nn.Module], split: Split, data: Data, *, batch_size: int = 1000
-                  ) -> torch.Tensor:
-    """Mean softmax over `members` (each consumed once, in order) on every example of `split`: (N, classes)."""
+def predict_members(members: Iterable[nn.Module], split: Split, data: Data, *, batch_size: int = 1000
+                    ) -> torch.Tensor:
+    """Per tiled member, the mean softmax over the models `members` (each consumed once, in
+    order) on every example of `split`: (M, N, classes), M = 1 unless the models tile."""
     total, n = None, 0
     for model in members:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        probs = torch.cat([_proba(model, data.normalize(split.x[i:i + batch_size]).to(device))
-                           for i in range(0, len(split), batch_size)])
+        probs = torch.cat([_member_proba(model, data.normalize(split.x[i:i + batch_size]).to(device))
+                           for i in range(0, len(split), batch_size)], dim=1)
         model.train(was_training)
         total = probs if total is None else total.add_(probs)
         n += 1
     if total is None:
         raise ValueError("an ensemble needs at least one member")
     return total / n
+
+
+def predict_proba(members: Iterable[nn.Module], split: Split, data: Data, *, batch_size: int = 1000
+                  ) -> torch.Tensor:
+    """Mean softmax over `members` (and over a tiled model's members) on `split`: (N, classes)."""
+    return predict_members(members, split, data, batch_size=batch_size).mean(0)
+
+
+def member_metrics(per_member: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """For an implicit ensemble of M >= 2 members ((M, N, classes) softmaxes): the members'
+    mean accuracy and their disagreement, the fraction of examples on which two members'
+    predictions differ, averaged over pairs (Fort et al. 2019). Empty for M = 1."""
+    m = per_member.shape[0]
+    if m < 2:
+        return {}
+    pred = per_member.argmax(-1)                                      # (M, N)
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    disagreement = sum(float((pred[i] != pred[j]).double().mean()) for i, j in pairs) / len(pairs)
+    return {"member_accuracy": float((pred == labels).double().mean()), "member_disagreement": disagreement}
 
 
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
@@ -79,7 +100,9 @@ def metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def evaluate_members(members: Iterable[nn.Module], split: Split, data: Data) -> dict[str, float]:
-    return metrics(predict_proba(members, split, data), split.y)
+    """Metrics of the ensemble of `members` (its members' own, for a tiled model)."""
+    per_member = predict_members(members, split, data)
+    return {**metrics(per_member.mean(0), split.y), **member_metrics(per_member, split.y)}
 
 
 def evaluate(model: nn.Module, split: Split, data: Data) -> dict[str, float]:

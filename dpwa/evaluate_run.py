@@ -14,7 +14,7 @@ from .averaging import METHODS
 from .checkpoint import atomic_write_text
 from .config import ConfigError
 from .errors import UsageError
-from .evaluate import metrics, predict_proba, reliability_bins
+from .evaluate import member_metrics, metrics, predict_members, reliability_bins
 from .reliability import draw_reliability
 from .run_folder import RunFolder, load_run
 
@@ -81,9 +81,10 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     bins: dict[str, list] = {}
     for name in wanted:
         counter = _Counted(available[name]())  # FGE / SWAG reuse one module: each member is used as it comes
-        probs = predict_proba(counter, target, data)
+        per_member = predict_members(counter, target, data)
+        probs = per_member.mean(0)
         bins[name] = reliability_bins(probs, target.y)
-        results[name] = {**metrics(probs, target.y), "members": counter.n}
+        results[name] = {**metrics(probs, target.y), **member_metrics(per_member, target.y), "members": counter.n}
     out: dict[str, Any] = {
         "run_id": meta["run_id"], "step": at, "steps": steps, "split": split,
         "examples": len(target), "private": meta.get("private", True),

@@ -18,6 +18,10 @@ is the same at every step: the worst case the analysis covers, and the auditor's
 exact. Each canary is in the training data with probability 1/2; distinct coordinates,
 independent sampling and independent noise coordinates make canaries independent trials.
 
+A model that tiles its batch (FiLM-Ensemble's M members, `members`) is probed by the same
+linear model run on every input row M times (`_TiledProbe`, declared as such): an example is
+then K x M rows, and its gradient must still be one vector clipped to C.
+
 Per step t and canary j the auditor reads z = <released gradient, u> in units of one clipped
 example: z ~ N(1, sigma^2) if j was sampled, N(0, sigma^2) otherwise. Its score is the
 log-likelihood ratio of "in" against "out" under the claimed sigma and q, summed over the
@@ -36,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..privacy import PrivateSGD, poisson_batches, secret_generator
+from ..rows import Tiling
 
 __all__ = ["Mechanism", "CanaryRun", "canary_run", "probe_sgd", "null_thresholds"]
 
@@ -52,10 +57,11 @@ class Mechanism:
     engine: str = "dpwa-fast"
     physical_batch_size: int = 256
     rescale_to_unit: bool = False
+    members: int = 1              # rows per input row of a model that tiles its batch (FiLM-Ensemble)
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier > 0 and 0 < self.sample_rate <= 1 and self.steps >= 1 and self.clip_norm > 0
-                and self.augmult_k >= 1 and self.physical_batch_size >= 1):
+                and self.augmult_k >= 1 and self.physical_batch_size >= 1 and self.members >= 1):
             raise ValueError(f"invalid mechanism {self}")
 
 
@@ -65,6 +71,19 @@ class CanaryRun:
     included: np.ndarray    # (m,) bool: canary j was in the training data
     seconds: float
     base_examples: int
+
+
+class _TiledProbe(nn.Module):
+    """The linear probe run on every input row `members` times (example-major), as a
+    FiLM-Ensemble runs its trunk: declared to the engines as a tiling."""
+
+    def __init__(self, linear: nn.Linear, members: int) -> None:
+        super().__init__()
+        self.linear, self.members = linear, members
+        self.dpwa_tiling = Tiling(members=members, order="example-major")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.repeat_interleave(self.members, 0))
 
 
 class _Observer(torch.optim.Optimizer):
@@ -154,8 +173,9 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
         x[pos, :, base_dims + members[idx[pos] - n_base]] = strength  # every view of a canary is the same
         return x, y
 
-    model = nn.Linear(dims, 2, bias=False).double()
-    nn.init.zeros_(model.weight)
+    linear = nn.Linear(dims, 2, bias=False).double()
+    nn.init.zeros_(linear.weight)
+    model = linear if mech.members == 1 else _TiledProbe(linear, mech.members)
     observer = _Observer(model.parameters())
     q = mech.sample_rate
     expected_b = q * n

@@ -61,7 +61,8 @@ def run(a: argparse.Namespace) -> int:
     p = cfg.privacy
     mech = Mechanism(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.releases,
                      clip_norm=p.clip_norm, augmult_k=cfg.augmult.k, engine=p.engine,
-                     physical_batch_size=cfg.train.physical_batch_size, rescale_to_unit=p.rescale_to_unit)
+                     physical_batch_size=cfg.train.physical_batch_size, rescale_to_unit=p.rescale_to_unit,
+                     members=max(cfg.model.film_members, 1))
     result = audit(mech, delta=p.delta, accountant=p.accountant, canaries=a.canaries, confidence=a.confidence,
                    seed=a.seed)
     if a.json:

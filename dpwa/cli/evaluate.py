@@ -50,9 +50,16 @@ def run(a: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(run_header(result, f"{result['examples']} examples:"))
-    print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}")
+    film = any("member_disagreement" in r for r in result["methods"].values())
+    extra = f" {'member acc':>10} {'disagree':>8}" if film else ""
+    print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}{extra}")
     for name, r in result["methods"].items():
+        tail = (f" {100 * r['member_accuracy']:>9.2f}% {100 * r['member_disagreement']:>7.2f}%"
+                if "member_disagreement" in r else "")
         print(f"  {name:<10} {r['members']:>7} {100 * r['accuracy']:>8.2f}% {r['nll']:>7.4f} "
-              f"{100 * r['ece']:>6.2f}% {r['brier']:>7.4f}")
+              f"{100 * r['ece']:>6.2f}% {r['brier']:>7.4f}{tail}")
+    if film:  # an implicit ensemble: its members' accuracy (mean) and disagreement (pairs)
+        print("  (FiLM-Ensemble: accuracy of the members' mean softmax; member acc: their mean accuracy; "
+              "disagree: examples two members predict differently, mean over pairs)")
     print(f"  wrote {Path(a.run_dir) / 'eval.json'} and {result['reliability_diagram']}")
     return 0

@@ -33,8 +33,11 @@ def register_model(name: str):
 
 def create_model(name: str, *, in_channels: int, num_classes: int, groups: int = 16,
                  weight_standardization: bool = True, pretrained: Optional[str] = None, trainable: str = "all",
-                 trainable_stages: int = 0, input_norm: str = "group") -> nn.Module:
-    """Build a registered model, or a timm NF model by its timm name (dpwa/models/nfnet.py).
+                 trainable_stages: int = 0, input_norm: str = "group", conv_norm: bool = False,
+                 film_members: int = 0, film_gain: float = 1.0) -> nn.Module:
+    """Build a registered model, or a timm NF model by its timm name (dpwa/models/nfnet.py);
+    with film_members >= 2, as a FiLM-Ensemble of that many members (`film.film_ensemble`,
+    diversity gain `film_gain`).
 
     Raises:
         ModelError: an unknown name (the known ones listed), a timm model with BatchNorm,
@@ -45,7 +48,10 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
     if input_norm != "group" and "input_norm" not in takes:
         raise ModelError(f"model.input_norm={input_norm} is for models with an input normalisation layer "
                          f"(scatter_cnn); {name!r} has none")
-    extra = {"input_norm": input_norm} if "input_norm" in takes else {}
+    if conv_norm and "conv_norm" not in takes:
+        raise ModelError(f"model.conv_norm=true is for scatter_cnn (a GroupNorm after each conv); {name!r} "
+                         "has its own normalisation layers")
+    extra = {k: v for k, v in (("input_norm", input_norm), ("conv_norm", conv_norm)) if k in takes}
     if name in MODELS:
         fn = MODELS[name]
         if "pretrained" in inspect.signature(fn).parameters:
@@ -71,6 +77,13 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
                              "(dm_nfnet_f0, nfnet_l0, eca_nfnet_l0, nf_resnet26, nf_regnet_b0, ...)")
         model = create_nf(name, num_classes=num_classes, in_channels=in_channels, **nf)
     check_dp_compatible(model)
+    if film_members >= 2:
+        from .film import film_ensemble
+
+        try:
+            model = film_ensemble(model, film_members, film_gain)
+        except ValueError as e:
+            raise ModelError(f"model.film_members={film_members}: {e}") from None
     return model
 
 

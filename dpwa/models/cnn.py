@@ -49,16 +49,19 @@ def cnn_small(*, in_channels: int, num_classes: int, groups: int = 8, weight_sta
 
 @register_model("scatter_cnn")
 def scatter_cnn(*, in_channels: int, num_classes: int, groups: int = 27, weight_standardization: bool = False,
-                width: int = 64, input_norm: str = "group") -> nn.Module:
+                width: int = 64, input_norm: str = "group", conv_norm: bool = False) -> nn.Module:
     """The CNN on ScatterNet features of Tramer & Boneh 2021 (CIFAR-10: 243 x 8 x 8 inputs):
     the features normalised by GroupNorm without affine parameters (input_norm=group, free)
     or by released per-channel statistics (input_norm=private: `Standardize`, set by the
     statistics mechanism), then conv3x3 64 -> tanh -> maxpool -> conv3x3 64 -> tanh -> linear
-    (0.19M parameters)."""
+    (0.19M parameters). conv_norm: a GroupNorm(16) after each conv (not in Tramer & Boneh's
+    CNN; what a FiLM-Ensemble modulates, `dpwa.models.film`)."""
     norm = (Standardize(in_channels) if input_norm == "private"
             else nn.GroupNorm(min(groups, in_channels), in_channels, affine=False))
+
+    def block(cin: int) -> list[nn.Module]:
+        return [_conv(cin, width, weight_standardization), *([_gn(16, width)] if conv_norm else []), nn.Tanh()]
+
     return nn.Sequential(
-        norm,
-        _conv(in_channels, width, weight_standardization), nn.Tanh(), nn.MaxPool2d(2),
-        _conv(width, width, weight_standardization), nn.Tanh(),
+        norm, *block(in_channels), nn.MaxPool2d(2), *block(width),
         nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, num_classes))

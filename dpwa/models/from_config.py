@@ -18,4 +18,5 @@ def build_model(cfg: Any, data: Any, *, load_pretrained: bool = True) -> torch.n
     return create_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes, groups=m.groups,
                         weight_standardization=m.weight_standardization,
                         pretrained=m.pretrained if load_pretrained else None,
-                        trainable=m.trainable, trainable_stages=m.trainable_stages, input_norm=m.input_norm)
+                        trainable=m.trainable, trainable_stages=m.trainable_stages, input_norm=m.input_norm,
+                        conv_norm=m.conv_norm, film_members=m.film_members, film_gain=m.film_gain)

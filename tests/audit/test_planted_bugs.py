@@ -5,6 +5,8 @@ the correct mechanism, whatever the engine, no bound exceeds the claim.
 Each bug is planted in the real code path (`PrivateSGD`, the engines, the Poisson sampler),
 not in a simulation of it."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -49,17 +51,43 @@ def clip_per_view(model, optimizer, mech, expected_batch_size, generator):
     return sgd
 
 
+class _ClipEachCopy:
+    """A tiled model's M copies of an example (FiLM-Ensemble's members) each clipped as if it
+    were an example, as a per-row engine would: an example moves the sum by M C."""
+
+    def __init__(self, inner, members):
+        self.inner, self.members = inner, members
+
+    def clipped_sum(self, views, labels, clip_norm, rows=None):
+        m = self.members  # every copy handed over as an example of its own (the model tiles it again)
+        return self.inner.clipped_sum(views.repeat_interleave(m, 0), labels.repeat_interleave(m), clip_norm)
+
+    def remove(self):
+        self.inner.remove()
+
+
+def clip_per_copy(model, optimizer, mech, expected_batch_size, generator):
+    sgd = probe_sgd(model, optimizer, mech, expected_batch_size, generator)
+    sgd.engine = _ClipEachCopy(sgd.engine, mech.members)
+    return sgd
+
+
+#: FiLM-Ensemble of 4 members under the same claim (sigma 2, q 0.1, 30 steps)
+FILM_CLAIM = Mechanism(noise_multiplier=2.0, sample_rate=0.1, steps=30, members=4, physical_batch_size=64)
+
 BUGS = {
     "noise switched off": dict(make_sgd=no_noise),
     "noise scaled by 1/K": dict(make_sgd=noise_over_k),
     "clipping per augmented view": dict(make_sgd=clip_per_view),
     "sample rate recorded 5x lower than used": dict(sample_rate_used=5 * CLAIM.sample_rate),
+    "FiLM-Ensemble: clipping per member copy": dict(make_sgd=clip_per_copy, claim=FILM_CLAIM),
 }
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_the_audit_flags_a_planted_bug(bug):
-    a = audit(CLAIM, delta=DELTA, canaries=1000, **BUGS[bug])
+    kwargs = dict(BUGS[bug])
+    a = audit(kwargs.pop("claim", CLAIM), delta=DELTA, canaries=1000, **kwargs)
     assert a.claimed_epsilon == pytest.approx(1.305, abs=1e-3)
     assert a.violated
     best = max(b.epsilon for b in a.bounds)
@@ -74,6 +102,15 @@ def test_the_correct_mechanism_is_never_flagged(engine):
         a = audit(mech, delta=DELTA, canaries=1000, seed=seed)
         assert not a.violated
         assert all(0 <= b.epsilon <= a.claimed_epsilon for b in a.bounds)
+
+
+@pytest.mark.parametrize("engine", ["dpwa-fast", "torch-func"])
+def test_a_correct_film_ensemble_is_never_flagged(engine):
+    """The tiled probe through the real engines: an example's 4 member rows folded, clipped once."""
+    a = audit(dataclasses.replace(FILM_CLAIM, engine=engine), delta=DELTA, canaries=1000)
+    assert a.claimed_epsilon == pytest.approx(1.305, abs=1e-3)
+    assert not a.violated
+    assert all(0 <= b.epsilon <= a.claimed_epsilon for b in a.bounds)
 
 
 def test_the_white_box_audit_reaches_a_fair_fraction_of_the_claim():
