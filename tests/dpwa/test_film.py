@@ -3,6 +3,7 @@ float64 loop over single examples, the members as modulated copies of one networ
 config's refusals, member-averaged evaluation with disagreement, and kill-and-resume with
 one ledger charge. The audit's per-copy clipping bug is in tests/audit/test_planted_bugs.py."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from accounting import Ledger
+from dpwa.cli import main
 from dpwa.config import ConfigError, load_config
 from dpwa.engines import make_engine
 from dpwa.evaluate import member_metrics
@@ -141,7 +143,7 @@ def test_member_metrics_count_pairwise_disagreement():
 FILM = ["model.film_members=3", "model.film_gain=0.5"]
 
 
-def test_film_runs_charge_one_model_evaluate_by_member_and_resume_exactly(tmp_path):
+def test_film_runs_charge_one_model_evaluate_by_member_and_resume_exactly(tmp_path, capsys):
     led_a, led_d, led_b = (str(tmp_path / f"{n}.sqlite") for n in "adb")
     dense = train(tiny(tmp_path / "d"), ledger_path=led_d, progress=False)
     full = train(tiny(tmp_path / "a", *FILM), ledger_path=led_a, progress=False)
@@ -149,6 +151,11 @@ def test_film_runs_charge_one_model_evaluate_by_member_and_resume_exactly(tmp_pa
     assert Ledger(led_a).run(full["run_id"]).spent == Ledger(led_d).run(dense["run_id"]).spent
     assert 0 <= full["test_raw"]["member_disagreement"] <= 1 and "member_accuracy" in full["test_raw"]
     assert "member_disagreement" not in dense["test_raw"]
+    assert main(["eval", full["run_dir"]]) == 0
+    out = capsys.readouterr().out
+    assert "disagree" in out and "FiLM-Ensemble" in out
+    saved = json.loads((Path(full["run_dir"]) / "eval.json").read_text())
+    assert saved["methods"]["raw"]["member_disagreement"] == pytest.approx(full["test_raw"]["member_disagreement"])
     stopped = train(tiny(tmp_path / "b", *FILM), ledger_path=led_b, progress=False, stop_after=6)
     assert final_weights(stopped["run_dir"])["step"] == 4
     resumed = train(resume=Path(stopped["run_dir"]), ledger_path=led_b, progress=False)
