@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import dpwa  # noqa: E402
 from dpwa.config import load_config  # noqa: E402
 from dpwa.evaluate_run import evaluate_run  # noqa: E402
-from experiments.cifar10_optimizers_eps8 import CONFIG, LEDGER, row_overrides  # noqa: E402
+from experiments.cifar10_optimizers_eps8 import CONFIG, LEDGER, _mean_sd, row_overrides  # noqa: E402
 from experiments.cifar10_scatter_sweep import cache_features  # noqa: E402
 
 OUT = ROOT / "runs" / "experiments" / "cifar10_sparse_ensembles"
@@ -94,13 +94,6 @@ def run_row(row: str) -> None:
     print(f"# {row}: " + ", ".join(f"{m} {100 * r['accuracy']:.2f}" for m, r in result["methods"].items()), flush=True)
 
 
-def _cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    if not values:
-        return "-"
-    m = statistics.mean(values) * scale
-    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
 def table() -> str:
     records = [json.loads(line) for line in RECORDS.read_text().splitlines() if line.strip()] if RECORDS.exists() else []
     lines = ["| row | prediction | runs | epsilon | sigma | releases | per-example grads | test accuracy (%) | "
@@ -118,10 +111,10 @@ def table() -> str:
             lines.append(
                 f"| {LABELS[row]} | {method} | {len(got)} | {r0['epsilon']:.3f} | {r0['noise_multiplier']:.3f} | "
                 f"{r0['releases']} | {r0['expected_per_example_gradient_evaluations']:.0f} | "
-                f"{_cell([g['accuracy'] for g in got])} | {_cell([g['nll'] for g in got], 1.0, 3)} | "
-                f"{_cell([g['ece'] for g in got])} | {_cell([g['brier'] for g in got], 1.0, 4)} | "
-                f"{_cell([g['member_accuracy'] for g in got if 'member_accuracy' in g])} | "
-                f"{_cell([g['member_disagreement'] for g in got if 'member_disagreement' in g])} | "
+                f"{_mean_sd([g['accuracy'] for g in got])} | {_mean_sd([g['nll'] for g in got], 1.0, 3)} | "
+                f"{_mean_sd([g['ece'] for g in got])} | {_mean_sd([g['brier'] for g in got], 1.0, 4)} | "
+                f"{_mean_sd([g['member_accuracy'] for g in got if 'member_accuracy' in g])} | "
+                f"{_mean_sd([g['member_disagreement'] for g in got if 'member_disagreement' in g])} | "
                 f"{statistics.mean(r['report']['train_time_s'] for r in reps) / 60:.1f} |")
     head = ("CIFAR-10 at epsilon 8 (delta 1e-5, PRV), ScatterNet + CNN, 2 CPU cores; every row at batch 2048, "
             f"{STEPS} releases (~600k per-example gradients), lr {LR:g}; test: the 9,000-image JPEG test set via "

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn as nn
 
-from ..engines.rules import Layer, Record, register_rule
+from ..engines.rules import Layer, Record, _sq_norms, register_rule
 from ..rows import Tiling
 
 __all__ = ["FiLM", "FiLMEnsemble", "film_ensemble", "FiLMRule"]
@@ -76,7 +76,7 @@ class FiLMRule:
             self.per_example["beta"] = go.reshape(shape).sum((1, 4))
 
     def norms2(self) -> torch.Tensor:
-        return sum(v.flatten(1).pow(2).sum(1) for v in self.per_example.values())
+        return sum(_sq_norms(v) for v in self.per_example.values())
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: torch.einsum("b,bmc->mc", c, value) for name, value in self.per_example.items()}
