@@ -264,26 +264,25 @@ def _discretise(prv, domain):
     from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
     tprv = _Truncated(prv, domain.t_min(), domain.t_max())
-    ts = domain.ts()
-    half = domain.dt() / 2.0
+    size, t_min, dt = len(domain), domain.t_min(), domain.dt()
+    node = lambda i: t_min + i * dt  # noqa: E731  (float64 nodes, only where they are needed)
+    half = dt / 2.0
     stride = 256
-    coarse = np.arange(0, len(ts), stride)
-    right_cdf = tprv.cdf(ts[coarse] + half)
-    left_cdf = tprv.cdf(ts[coarse] - half)
+    coarse = np.arange(0, size, stride)
+    right_cdf = tprv.cdf(node(coarse) + half)
+    left_cdf = tprv.cdf(node(coarse) - half)
     zero = np.flatnonzero(right_cdf == 0)   # cells up to here have cdf(right) == 0
     one = np.flatnonzero(left_cdf == 1)     # cells from here on have cdf(left) == 1
     lo = int(coarse[zero[-1]]) if len(zero) else 0
-    hi = int(coarse[one[0]]) if len(one) else len(ts)
-    pmf = np.zeros(len(ts), dtype=ts.dtype)
+    hi = int(coarse[one[0]]) if len(one) else size
+    pmf = np.zeros(size)
     if hi > lo:
-        edges = np.empty(hi - lo + 1, dtype=ts.dtype)
-        edges[:-1] = ts[lo:hi] - half
-        edges[-1] = ts[hi - 1] + half
+        edges = node(np.arange(lo, hi + 1)) - half  # cell i is [edge i, edge i + 1]
         # PrivacyRandomVariableTruncated.probability(a, b): clip both ends, divide by the mass.
         cdf = prv.cdf(np.clip(edges, tprv.t_min, tprv.t_max))
         pmf[lo:hi] = np.diff(cdf) / tprv.remaining_mass
 
-    mean_shift = tprv.mean() - np.dot(ts, pmf)
+    mean_shift = tprv.mean() - (np.dot(node(np.arange(lo, hi)), pmf[lo:hi]) if hi > lo else 0.0)
     if not np.abs(mean_shift) < domain.dt() / 2:
         raise AccountantFailedError("PRV discretisation failed: discrete mean differs from continuous mean")
     return DiscretePrivacyRandomVariable(pmf, domain.shift_right(mean_shift),
