@@ -142,7 +142,7 @@ class PrivacyConfig:
     accountant: str = "prv"                   # rdp | prv | pld
     ledger: Optional[str] = None              # ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)
     noise_seed: Optional[int] = None          # TESTS ONLY: reproducible noise and batches; the run is marked not private
-    # Per-example clipping engine (dpwa.engines): dpwa-fast | torch-func | opacus-hooks |
+    # Per-example clipping engine (dpwa.engines): dpwa-fast | dpwa-lean (less memory) | torch-func | opacus-hooks |
     # opacus-functorch | opacus-ghost. Same guarantee; they differ in speed and memory.
     engine: str = "dpwa-fast"
 

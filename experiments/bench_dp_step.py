@@ -35,13 +35,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-ENGINES = ["non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "dpwa-fast"]
+ENGINES = ["non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "dpwa-fast", "dpwa-lean"]
 CASES = {  # name -> (model, weight standardisation, K)
     "cnn_tanh (small CNN)": ("cnn_tanh", False, 1),
+    "scatter_cnn (ScatterNet features)": ("scatter_cnn", False, 1),
     "WRN-16-4 WS+GN": ("wrn16_4", True, 1),
     "WRN-16-4 WS+GN, K=4": ("wrn16_4", True, 4),
     "WRN-16-4 WS+GN, K=16": ("wrn16_4", True, 16),
 }
+#: Input of one view: images, or the ScatterNet features of one (dpwa.features: 3 x 81 x 8 x 8).
+SHAPES = {"scatter_cnn": (243, 8, 8)}
+GROUPS = {"scatter_cnn": 27, "cnn_tanh": 8}
 
 
 def build(case: str, images: int, seed: int = 0):
@@ -49,13 +53,14 @@ def build(case: str, images: int, seed: int = 0):
 
     name, ws, k = CASES[case]
     torch.manual_seed(seed)
-    model = create_model(name, in_channels=3, num_classes=10, groups=16 if name.startswith("wrn") else 8,
+    shape = SHAPES.get(name, (3, 32, 32))
+    model = create_model(name, in_channels=shape[0], num_classes=10, groups=GROUPS.get(name, 16),
                          weight_standardization=ws)
     for p in model.parameters():  # WRN's zero-init head would make most gradients zero
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
     b = images // k
-    views = torch.randn(b, k, 3, 32, 32)
+    views = torch.randn(b, k, *shape)
     labels = torch.randint(0, 10, (b,))
     return model, views, labels
 
@@ -145,7 +150,7 @@ def profile(case: str, images: int) -> str:
 
     model, views, labels = build(case, images)
     lines = []
-    for engine in ("non-private", "dpwa-fast"):
+    for engine in ("non-private", "dpwa-fast", "dpwa-lean"):
         step = make_step(engine, model, views, labels)
         step()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -157,7 +162,8 @@ def profile(case: str, images: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
-    p.add_argument("--images", type=int, default=64, help="images (examples x views) per step")
+    p.add_argument("--images", type=int, nargs="+", default=[64, 256],
+                   help="images (examples x views) per physical step: a row per value")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
@@ -166,29 +172,31 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if a.memory_child:
-        memory_child(*a.memory_child, a.images)
+        memory_child(*a.memory_child, a.images[0])
         return
     if a.profile:
-        print(profile(a.profile, a.images))
+        print(profile(a.profile, a.images[0]))
         return
-    header = (f"One step, {a.images} images (examples x views) per step, {a.threads} threads, medians of {a.repeats} "
-              f"interleaved rounds; {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}.\nCommand: `python experiments/bench_dp_step.py"
-              f"{' --images ' + str(a.images) if a.images != 64 else ''} --repeats {a.repeats}`\n")
-    rows = ["| model | engine | step time (s) | x non-private | peak memory (MB) | x non-private |",
-            "|---|---|---|---|---|---|"]
-    for case in a.cases:
-        times = time_case(case, a.images, a.repeats)
-        base_t = statistics.median(times["non-private"])
-        base_m = memory(case, "non-private", a.images, a.threads)
-        for engine in ENGINES:
-            if engine not in times:
-                rows.append(f"| {case} | {engine} | n/a (clips each view, not each example) | | | |")
-                continue
-            t = statistics.median(times[engine])
-            m = base_m if engine == "non-private" else memory(case, engine, a.images, a.threads)
-            rows.append(f"| {case} | {engine} | {t:.3f} | {t / base_t:.2f} | {m:.0f} | {m / base_m:.2f} |")
-            print(rows[-1], flush=True)
+    header = (f"One step, {a.threads} threads, medians of {a.repeats} interleaved rounds; "
+              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}."
+              f"\nCommand: `python experiments/bench_dp_step.py --images {' '.join(map(str, a.images))} "
+              f"--repeats {a.repeats}`\n")
+    rows = ["| model | images / step | engine | step time (s) | x non-private | peak memory (MB) | x non-private |",
+            "|---|---|---|---|---|---|---|"]
+    for images in a.images:
+        for case in a.cases:
+            times = time_case(case, images, a.repeats)
+            base_t = statistics.median(times["non-private"])
+            base_m = memory(case, "non-private", images, a.threads)
+            for engine in ENGINES:
+                if engine not in times:
+                    rows.append(f"| {case} | {images} | {engine} | n/a (clips each view, not each example) | | | |")
+                    continue
+                t = statistics.median(times[engine])
+                m = base_m if engine == "non-private" else memory(case, engine, images, a.threads)
+                rows.append(f"| {case} | {images} | {engine} | {t:.3f} | {t / base_t:.2f} | {m:.0f} | "
+                            f"{m / base_m:.2f} |")
+                print(rows[-1], flush=True)
     text = header + "\n" + "\n".join(rows) + "\n"
     print(text)
     if a.out:

@@ -4,6 +4,7 @@ b's loss (`dpwa.rows.example_losses`: the mean over all its rows). Noise and sca
 per logical batch, in `dpwa.mechanism.GradientMechanism`, whatever the engine.
 
     dpwa-fast         per-layer ghost norm or instantiation, book-kept clipped sum (default)
+    dpwa-lean         dpwa-fast's norms in backward hooks, then a second backward: less memory
     torch-func        vmap(grad) of the whole model: any layer; the reference
     opacus-hooks      Opacus GradSampleModule, hooks (per view, then summed)
     opacus-functorch  Opacus GradSampleModule, functorch per layer
@@ -37,6 +38,7 @@ def register_engine(name: str, build: Callable[[nn.Module], object]) -> None:
 
 
 register_engine("dpwa-fast", FastEngine)
+register_engine("dpwa-lean", lambda model: FastEngine(model, memory="lean"))
 register_engine("torch-func", TorchFuncEngine)
 register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))
 register_engine("opacus-functorch", lambda model: OpacusEngine(model, functorch=True))

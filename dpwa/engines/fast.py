@@ -8,6 +8,15 @@ whichever is cheaper for its shape; with the clip factors known, each layer's cl
 is one weight-gradient contraction (book-keeping, Bu et al. 2023). Augmentation
 multiplicity costs nothing extra: an example's K views are more positions of the same
 example in every contraction, so memory is per example, never per view.
+
+`memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
+backward passes, Li et al. 2021; Bu et al. 2022): the first backward asks only for the
+gradients of the layers that read the data (so autograd still skips every weight gradient),
+and a hook on each layer's output turns (input, output gradient) into that layer's per-example
+squared norms the moment the output gradient exists, keeping nothing else; the second backward
+of sum_b c_b loss_b is an ordinary one whose parameter gradients are the clipped sum. Peak
+memory is then that of non-private training plus one layer's rule, instead of every layer's
+output gradient and rule at once.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import torch.nn as nn
 from ..rows import Rows, example_losses, rows_of
 from .errors import EngineError
 from .reference import clip_factors
-from .rules import Record, problem, rule_for
+from .rules import Record, layer_of, problem, rule_for
 
 __all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
 
@@ -53,14 +62,18 @@ class FastEngine:
             their exact forward (`rules.RULES`).
         mode: "auto" (cheaper of ghost norm and instantiation per layer), "ghost" or
             "instantiate" (all layers; for tests and benchmarks).
+        memory: "fast" (one backward; the clipped sum book-kept from every layer's input and
+            output gradient, all held until the clip factors are known) or "lean" (norms in
+            backward hooks, then a second backward for the clipped sum; see the module).
     """
 
-    name = "dpwa-fast"
-
-    def __init__(self, model: nn.Module, *, mode: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast") -> None:
         if mode not in ("auto", "ghost", "instantiate"):
             raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
-        self.model, self.mode = model, mode
+        if memory not in ("fast", "lean"):
+            raise ValueError(f"memory must be fast or lean, got {memory!r}")
+        self.model, self.mode, self.memory = model, mode, memory
+        self.name = "dpwa-lean" if memory == "lean" else "dpwa-fast"
         self.names = {m: n for n, m in model.named_modules()}
         self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
         for module in self.names:
@@ -70,20 +83,30 @@ class FastEngine:
             self.layers[module] = own
         bad = unsupported_parameters(model)
         if bad:
-            raise EngineError(f"privacy.engine=dpwa-fast cannot give per-example gradients for {len(bad)} trainable "
+            raise EngineError(f"privacy.engine={self.name} cannot give per-example gradients for {len(bad)} trainable "
                               f"parameter(s): {', '.join(bad)}; use privacy.engine=torch-func, which handles any "
                               "layer, or freeze them")
         self._records: Optional[list[Record]] = None
+        self._lean: Optional[_LeanPass] = None
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self._records is None or not torch.is_grad_enabled():
             return  # evaluation, EMA copies, non-private forward passes
         if any(r.module is module for r in self._records):
-            raise EngineError(f"privacy.engine=dpwa-fast: layer {self._name(module)} is called twice in one forward "
+            raise EngineError(f"privacy.engine={self.name}: layer {self._name(module)} is called twice in one forward "
                               "pass (shared weights), and its rule sees one call; use privacy.engine=torch-func")
         x = inputs[0].detach()
-        self._records.append(Record(module, x, output, output._version, x._version))
+        rec = Record(module, x, output, output._version, x._version, reads_data=not inputs[0].requires_grad)
+        if self._lean is not None:
+            # The norms hook goes on the output now, so that the record need not hold the output
+            # (autograd often does not: a conv before tanh); only a rule that reads it (a
+            # standardised conv's) and the first backward's targets keep it. A hook put on a tensor
+            # before an in-place change gets the gradient of its value before it.
+            self._lean.handles.append(output.register_hook(self._lean.hook(rec)))
+            if not rec.reads_data and layer_of(module).standardise is None:
+                rec.out = None
+        self._records.append(rec)
 
     def _name(self, module: nn.Module) -> str:
         return f"{self.names.get(module, '?')!r} ({type(module).__name__})"
@@ -105,40 +128,36 @@ class FastEngine:
         rows = rows or rows_of(self.model, views)
         b = rows.examples
         self._records = []
+        if self.memory == "lean":
+            self._lean = _LeanPass(self, rows)
         try:
             out = self.model(views.flatten(0, 1))
+        except BaseException:
+            if self._lean is not None:
+                self._lean.remove()
+            raise
         finally:
-            records, self._records = self._records, None
+            records, self._records, lean, self._lean = self._records, None, self._lean, None
         losses = example_losses(out, labels, rows)
         # Parameters of layers that were never called are asked for too (none, usually): one that
         # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
         # any rule.
         called = {id(r.module) for r in records}
         uncalled = [(m, n, p) for m, own in self.layers.items() if id(m) not in called for n, p in own.items()]
+        if self.memory == "lean":
+            return self._lean_backward(lean, records, out, losses, uncalled, clip_norm)
         grads = torch.autograd.grad(losses.sum(), [r.out for r in records] + [p for _, _, p in uncalled],
                                     allow_unused=True)
-        outside = [f"{self.names[m]}.{n}" for (m, n, _), g in zip(uncalled, grads[len(records):]) if g is not None]
-        if outside:
-            raise EngineError(f"privacy.engine=dpwa-fast: {', '.join(outside)} reach the loss although their layer is "
-                              "never called (a parameter used outside its layer's forward, e.g. F.linear(x, "
-                              "self.fc.weight), which no per-layer rule sees); call the layer, or use "
-                              "privacy.engine=torch-func")
+        self._check_outside(uncalled, grads[len(records):])
         gos = list(grads[:len(records)])
         rules, norms2 = [], torch.zeros(b, dtype=out.dtype, device=out.device)
         del out
+        for rec in records:
+            self._check_versions(rec)
         for i, rec in enumerate(records):
-            for kind, t, v in (("output", rec.out, rec.version), ("input", rec.x, rec.x_version)):
-                if t._version != v:
-                    raise EngineError(f"privacy.engine=dpwa-fast: the {kind} of layer {self._name(rec.module)} is "
-                                      "modified in place after the layer (e.g. ReLU(inplace=True)), which corrupts "
-                                      "what its rule reads; make that operation out of place")
             go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
             gos[i] = records[i] = None  # from here on the rule holds only what it still needs
-            what = f"the input of layer {self._name(rec.module)}"
-            rec = Record(rec.module, rows.example_major(rec.x, what), rows.example_major(rec.out.detach(), what),
-                         rec.version)
-            go = rows.example_major(go, what)
-            rule = rule_for(rec, go.detach(), b, self.mode)
+            rule = self._rule(rec, go, rows)
             del go, rec
             norms2 += rule.norms2()
             rules.append(rule)
@@ -150,3 +169,100 @@ class FastEngine:
                 param = self.layers[rule.m][name]
                 sums[param] = value.reshape(param.shape)
         return sums, losses.detach(), norms
+
+    def _lean_backward(self, lean: "_LeanPass", records: list[Record], out: torch.Tensor, losses: torch.Tensor,
+                       uncalled: list, clip_norm: float
+                       ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """memory="lean": per-layer norms in output-gradient hooks (`_LeanPass`) during a first
+        backward that asks only for the outputs of the layers reading the data (every other
+        layer's output gradient lies on the way to them), then the clipped sum as the parameter
+        gradients of sum_b c_b loss_b by a second, ordinary backward."""
+        del out
+        entries = [rec for rec in records if rec.reads_data and rec.out is not None]
+        try:
+            for rec in records:
+                self._check_versions(rec)
+            grads = torch.autograd.grad(losses.sum(), [rec.out for rec in entries] + [p for _, _, p in uncalled],
+                                        allow_unused=True, retain_graph=True)
+        finally:
+            lean.remove()
+        self._check_outside(uncalled, grads[len(entries):])
+        for rec, go in zip(entries, grads):  # a tensor hook need not fire for a tensor asked for itself
+            if go is not None:
+                lean.hook(rec)(go)
+        del grads
+        norms2 = torch.zeros(lean.rows.examples, dtype=losses.dtype, device=losses.device)
+        for part in lean.norms2:
+            norms2 += part
+        norms = torch.sqrt(torch.clamp(norms2, min=0))
+        factors = clip_factors(norms, clip_norm)
+        params = [p for rec in records for p in self.layers[rec.module].values()]
+        grads = torch.autograd.grad((losses * factors.to(losses.dtype)).sum(), params, allow_unused=True)
+        sums = {p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
+        return sums, losses.detach(), norms
+
+    def _check_versions(self, rec: Record) -> None:
+        for kind, t, v in (("output", rec.out, rec.version), ("input", rec.x, rec.x_version)):
+            if t is not None and t._version != v:
+                raise EngineError(f"privacy.engine={self.name}: the {kind} of layer {self._name(rec.module)} is "
+                                  "modified in place after the layer (e.g. ReLU(inplace=True)), which corrupts "
+                                  "what its rule reads; make that operation out of place")
+
+    def _check_outside(self, uncalled: list, grads) -> None:
+        outside = [f"{self.names[m]}.{n}" for (m, n, _), g in zip(uncalled, grads) if g is not None]
+        if outside:
+            raise EngineError(f"privacy.engine={self.name}: {', '.join(outside)} reach the loss although their layer "
+                              "is never called (a parameter used outside its layer's forward, e.g. F.linear(x, "
+                              "self.fc.weight), which no per-layer rule sees); call the layer, or use "
+                              "privacy.engine=torch-func")
+
+    def _lean_norms2(self, rec: Record, go: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """One layer's per-example squared norms, in chunks of examples small enough that
+        what the rule allocates (`transient`, e.g. a conv's ghost Gram matrices) stays within
+        a quarter of the layer's output gradient, which backward holds anyway."""
+        what = f"the input of layer {self._name(rec.module)}"
+        x = rows.example_major(rec.x, what)
+        out = None if rec.out is None else rows.example_major(rec.out.detach(), what)
+        go = rows.example_major(go.detach(), what)
+        b = rows.examples
+        r = x.shape[0] // b  # rows per example
+
+        def rule(i: int, j: int):
+            return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
+                                   rec.version), go[i * r:j * r], j - i, self.mode)
+        # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
+        # temporaries the size of its input.
+        per = getattr(rule(0, 1), "transient", lambda: 2 * x[:r].numel())()
+        chunk = max(1, min(b, go.numel() // 4 // max(per, 1)))
+        return torch.cat([rule(i, min(b, i + chunk)).norms2() for i in range(0, b, chunk)])
+
+    def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
+        """The layer's rule on its rows put example-major."""
+        what = f"the input of layer {self._name(rec.module)}"
+        rec = Record(rec.module, rows.example_major(rec.x, what), rows.example_major(rec.out.detach(), what),
+                     rec.version)
+        return rule_for(rec, rows.example_major(go.detach(), what), rows.examples, self.mode)
+
+
+class _LeanPass:
+    """The lean mode's state during one chunk: a hook per recorded layer output that turns its
+    gradient into that layer's per-example squared norms once (however many uses the output
+    has), keeping only the norms."""
+
+    def __init__(self, engine: FastEngine, rows: Rows) -> None:
+        self.engine, self.rows = engine, rows
+        self.handles: list = []
+        self.norms2: list[torch.Tensor] = []
+        self.done: set[int] = set()
+
+    def hook(self, rec: Record):
+        def fire(go: torch.Tensor) -> None:
+            if id(rec) not in self.done:
+                self.done.add(id(rec))
+                self.norms2.append(self.engine._lean_norms2(rec, go, self.rows))
+        return fire
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

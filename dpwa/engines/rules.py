@@ -58,13 +58,15 @@ __all__ = ["Record", "Layer", "RULES", "register_rule", "layer_of", "rule_for", 
 @dataclass
 class Record:
     """What a forward hook saw: the layer, its input and its output (N = B * K rows), and
-    their version counters then: an in-place change later would corrupt the rule's inputs."""
+    their version counters then: an in-place change later would corrupt the rule's inputs;
+    reads_data: its input needs no gradient (it reads the data, not another layer)."""
 
     module: nn.Module
     x: torch.Tensor
     out: torch.Tensor
     version: int
     x_version: int = 0
+    reads_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,16 @@ class DenseRule:
             ghost = positions * positions * (din + o)
         self.ghost = mode == "ghost" or (mode == "auto" and ghost < inst)
         self.per_example: dict[str, torch.Tensor] = {}
+        g = self.groups
+        if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
+            self._transient = 2 * g * positions * positions + (g * u * u if self.conv else 0)
+        else:           # the per-example gradients, and for a conv its unfolded patches and output gradient
+            self._transient = o * din + ((g * din + o) * positions if self.conv else 0)
+
+    def transient(self) -> int:
+        """Elements per example that `norms2` allocates on top of its inputs (the lean mode
+        sizes its chunks of examples by it)."""
+        return self._transient
 
     # -- layout: a (B, P, g, din), go (B, P, g, dout) -------------------------------------
     def _a(self) -> torch.Tensor:

@@ -78,7 +78,7 @@ def assert_sums_close(got, want, rtol=1e-5):
         assert (g - w).abs().max() <= rtol * w.abs().max() + 1e-12, tuple(w.shape)
 
 
-ENGINE_CASES = [("dpwa-fast", "auto"), ("dpwa-fast", "ghost"), ("dpwa-fast", "instantiate"),
+ENGINE_CASES = [("dpwa-fast", "auto"), ("dpwa-fast", "ghost"), ("dpwa-fast", "instantiate"), ("dpwa-lean", None),
                 ("torch-func", None), ("opacus-hooks", None), ("opacus-functorch", None), ("opacus-ghost", None)]
 
 

@@ -55,7 +55,7 @@ def loop(model, views, labels, clip_norm):
     return dict(zip(params, total)), torch.stack(norms)
 
 
-@pytest.mark.parametrize("engine", ["dpwa-fast", "torch-func"])
+@pytest.mark.parametrize("engine", ["dpwa-fast", "dpwa-lean", "torch-func"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_per_example_gradients_of_members_and_views_match_the_loop(name, engine):
     make, channels, k = MODELS[name]
