@@ -297,16 +297,18 @@ class DenseRule:
         xv = xp.reshape(b, k, g, c // g, hp * wp).permute(0, 2, 3, 1, 4).reshape(b, g, c // g, k * hp * wp)
         pixels = xv.transpose(-1, -2) @ xv                                   # (B, g, KU, KU)
         ho, wo = self.go.shape[-2:]
-        rows = torch.arange(ho, device=xp.device) * m.stride[0]
-        cols = torch.arange(wo, device=xp.device) * m.stride[1]
-        base = (rows[:, None] * wp + cols[None, :]).flatten()
-        base = (torch.arange(k, device=xp.device)[:, None] * hp * wp + base[None, :]).flatten()  # (K T,)
+        # Kernel offset (i, j) pairs output pixel p with input pixel stride * p + dilation * (i, j):
+        # a strided slice of the pixel Gram seen as (B, g, K, Hp, Wp, K, Hp, Wp), no gather.
+        pix = pixels.view(b, g, k, hp, wp, k, hp, wp)
         gram = None
         for i in range(m.kernel_size[0]):
             for j in range(m.kernel_size[1]):
-                idx = base + i * m.dilation[0] * wp + j * m.dilation[1]
-                part = pixels[:, :, idx[:, None], idx[None, :]]
-                gram = part if gram is None else gram + part
+                r0, c0 = i * m.dilation[0], j * m.dilation[1]
+                rs = slice(r0, r0 + (ho - 1) * m.stride[0] + 1, m.stride[0])
+                cs = slice(c0, c0 + (wo - 1) * m.stride[1] + 1, m.stride[1])
+                part = pix[:, :, :, rs, cs, :, rs, cs]
+                gram = part.contiguous() if gram is None else gram.add_(part)
+        gram = gram.view(b, g, k * ho * wo, k * ho * wo)
         return gram
 
     def _a_sum(self) -> torch.Tensor:
