@@ -88,6 +88,9 @@ class FastEngine:
                               "layer, or freeze them")
         self._records: Optional[list[Record]] = None
         self._lean: Optional[_LeanPass] = None
+        #: How each layer's norms are computed, from shapes only (public): {layer: "ghost norm" |
+        #: "instantiated" | its rule's name}, filled by the first chunk; runs report it once.
+        self.plan: dict[str, str] = {}
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -158,6 +161,7 @@ class FastEngine:
             go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
             gos[i] = records[i] = None  # from here on the rule holds only what it still needs
             rule = self._rule(rec, go, rows)
+            self._note(rec.module, rule)
             del go, rec
             norms2 += rule.norms2()
             rules.append(rule)
@@ -232,9 +236,16 @@ class FastEngine:
                                    rec.version), go[i * r:j * r], j - i, self.mode)
         # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
         # temporaries the size of its input.
-        per = getattr(rule(0, 1), "transient", lambda: 2 * x[:r].numel())()
+        first = rule(0, 1)
+        self._note(rec.module, first)
+        per = getattr(first, "transient", lambda: 2 * x[:r].numel())()
         chunk = max(1, min(b, go.numel() // 4 // max(per, 1)))
         return torch.cat([rule(i, min(b, i + chunk)).norms2() for i in range(0, b, chunk)])
+
+    def _note(self, module: nn.Module, rule: object) -> None:
+        ghost = getattr(rule, "ghost", None)
+        self.plan.setdefault(self.names.get(module, "?"), type(rule).__name__ if ghost is None else
+                             "ghost norm" if ghost else "instantiated")
 
     def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
         """The layer's rule on its rows put example-major."""

@@ -39,6 +39,10 @@ def test_quickstart_end_to_end(tmp_path):
     assert "private_batch_loss_diagnostic" not in json.dumps(report)  # diagnostics stay out of the report
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 150 and "private_batch_loss_diagnostic" in rows[0]
+    # once, in the first row: how the engine computes each layer's norms (chosen from shapes)
+    assert rows[0]["engine"]["name"] == "dpwa-fast" and all("engine" not in r for r in rows[1:])
+    assert set(rows[0]["engine"]["layers"].values()) <= {"ghost norm", "instantiated", "GroupNormRule"}
+    assert len(rows[0]["engine"]["layers"]) >= 3
     runs = Ledger(ledger).runs()
     assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 150
     assert runs[0].spent[0].sample_rate == pytest.approx(256 / 1497)  # q = B / N exactly
