@@ -3,7 +3,8 @@ examples' clipped gradients, sum_b min(1, C / |g_b|) g_b, where g_b is the gradi
 b's loss (`dpwa.rows.example_losses`: the mean over all its rows). Noise and scaling happen once
 per logical batch, in `dpwa.mechanism.GradientMechanism`, whatever the engine.
 
-    dpwa-fast         per-layer ghost norm or instantiation, book-kept clipped sum (default)
+    dpwa-fast         per-layer ghost norm or instantiation, book-kept clipped sum (default);
+                      lean when that would not fit in half the free memory
     dpwa-lean         dpwa-fast's norms in backward hooks, then a second backward: less memory
     torch-func        vmap(grad) of the whole model: any layer; the reference
     opacus-hooks      Opacus GradSampleModule, hooks (per view, then summed)
@@ -37,7 +38,7 @@ def register_engine(name: str, build: Callable[[nn.Module], object]) -> None:
     ENGINES[name] = build
 
 
-register_engine("dpwa-fast", FastEngine)
+register_engine("dpwa-fast", lambda model: FastEngine(model, memory="auto"))
 register_engine("dpwa-lean", lambda model: FastEngine(model, memory="lean"))
 register_engine("torch-func", TorchFuncEngine)
 register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))

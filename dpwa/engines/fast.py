@@ -63,15 +63,18 @@ class FastEngine:
         mode: "auto" (cheaper of ghost norm and instantiation per layer), "ghost" or
             "instantiate" (all layers; for tests and benchmarks).
         memory: "fast" (one backward; the clipped sum book-kept from every layer's input and
-            output gradient, all held until the clip factors are known) or "lean" (norms in
-            backward hooks, then a second backward for the clipped sum; see the module).
+            output gradient, all held until the clip factors are known), "lean" (norms in
+            backward hooks, then a second backward for the clipped sum; see the module), or
+            "auto": fast, unless what fast holds for the first chunk (its layers' inputs, outputs
+            and output gradients; shapes only) would exceed half the memory then free on the
+            device (`_free_bytes`), then lean for the whole run. The choice is in `plan`.
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast") -> None:
         if mode not in ("auto", "ghost", "instantiate"):
             raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
-        if memory not in ("fast", "lean"):
-            raise ValueError(f"memory must be fast or lean, got {memory!r}")
+        if memory not in ("fast", "lean", "auto"):
+            raise ValueError(f"memory must be fast, lean or auto, got {memory!r}")
         self.model, self.mode, self.memory = model, mode, memory
         self.name = "dpwa-lean" if memory == "lean" else "dpwa-fast"
         self.names = {m: n for n, m in model.named_modules()}
@@ -142,6 +145,12 @@ class FastEngine:
         finally:
             records, self._records, lean, self._lean = self._records, None, self._lean, None
         losses = example_losses(out, labels, rows)
+        if self.memory == "auto":
+            self.memory = self._choose_memory(records, out.device)
+            if self.memory == "lean":  # this chunk's outputs are still held: hook them now
+                lean = _LeanPass(self, rows)
+                lean.handles = [rec.out.register_hook(lean.hook(rec)) for rec in records]
+        self.plan.setdefault("memory", self.memory)
         # Parameters of layers that were never called are asked for too (none, usually): one that
         # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
         # any rule.
@@ -242,6 +251,12 @@ class FastEngine:
         chunk = max(1, min(b, go.numel() // 4 // max(per, 1)))
         return torch.cat([rule(i, min(b, i + chunk)).norms2() for i in range(0, b, chunk)])
 
+    @staticmethod
+    def _choose_memory(records: list[Record], device: torch.device) -> str:
+        held = sum((rec.x.numel() + 2 * rec.out.numel()) * rec.out.element_size() for rec in records)
+        free = _free_bytes(device)
+        return "lean" if free is not None and held > free / 2 else "fast"
+
     def _note(self, module: nn.Module, rule: object) -> None:
         ghost = getattr(rule, "ghost", None)
         self.plan.setdefault(self.names.get(module, "?"), type(rule).__name__ if ghost is None else
@@ -277,3 +292,17 @@ class _LeanPass:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free now on `device`: CUDA's own count, or Linux's MemAvailable; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -116,6 +116,30 @@ def test_clipped_sums_and_norms_match_single_example_loop(model_name, engine, mo
     assert all(p.grad is None for p in model.parameters())  # engines leave no gradient behind
 
 
+@pytest.mark.parametrize("free, chosen", [(None, "fast"), (2**40, "fast"), (1, "lean")])
+def test_memory_auto_turns_lean_when_fast_would_not_fit(monkeypatch, free, chosen):
+    """dpwa-fast's memory="auto": fast unless what it holds exceeds half the free memory; then
+    lean from the first chunk on (its hooks put on the outputs after that chunk's forward), and
+    exact either way."""
+    import dpwa.engines.fast as fast
+
+    monkeypatch.setattr(fast, "_free_bytes", lambda device: free)
+    state, views, labels, names, grads, want_norms = reference_case("wrn10_1", 3)
+    model = MODELS["wrn10_1"][0]().double()
+    model.load_state_dict(state)
+    by_name = dict(model.named_parameters())
+    clip = float(want_norms.median())
+    want = clip_and_add([by_name[n] for n in names], grads, want_norms, clip)
+    eng = make_engine("dpwa-fast", model)
+    for _ in range(2):  # the first chunk decides; the second runs in the chosen mode from its forward
+        got, _, norms = eng.clipped_sum(views, labels, clip)
+        assert torch.allclose(norms, want_norms, rtol=1e-5, atol=1e-12)
+        assert_sums_close(got, want)
+    eng.remove()
+    assert eng.memory == chosen and eng.plan["memory"] == chosen and eng.name == "dpwa-fast"
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_noised_update_matches_reference(engine):
     """The whole step (chunks, clipping, noise once per logical batch, / B, momentum SGD) with a
