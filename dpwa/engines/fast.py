@@ -94,6 +94,7 @@ class FastEngine:
         #: How each layer's norms are computed, from shapes only (public): {layer: "ghost norm" |
         #: "instantiated" | its rule's name}, filled by the first chunk; runs report it once.
         self.plan: dict[str, str] = {}
+        self._transient: dict[tuple, int] = {}  # lean mode: a rule's temporaries per example, by layer and shape
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -233,10 +234,7 @@ class FastEngine:
         """One layer's per-example squared norms, in chunks of examples small enough that
         what the rule allocates (`transient`, e.g. a conv's ghost Gram matrices) stays within
         a quarter of the layer's output gradient, which backward holds anyway."""
-        what = f"the input of layer {self._name(rec.module)}"
-        x = rows.example_major(rec.x, what)
-        out = None if rec.out is None else rows.example_major(rec.out.detach(), what)
-        go = rows.example_major(go.detach(), what)
+        x, out, go = self._example_major(rec, go, rows)
         b = rows.examples
         r = x.shape[0] // b  # rows per example
 
@@ -245,9 +243,12 @@ class FastEngine:
                                    rec.version), go[i * r:j * r], j - i, self.mode)
         # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
         # temporaries the size of its input.
-        first = rule(0, 1)
-        self._note(rec.module, first)
-        per = getattr(first, "transient", lambda: 2 * x[:r].numel())()
+        key = (rec.module, tuple(x.shape[1:]))
+        per = self._transient.get(key)
+        if per is None:  # once per layer and shape, not on every step
+            first = rule(0, 1)
+            self._note(rec.module, first)
+            per = self._transient[key] = getattr(first, "transient", lambda: 2 * x[:r].numel())()
         chunk = max(1, min(b, go.numel() // 4 // max(per, 1)))
         return torch.cat([rule(i, min(b, i + chunk)).norms2() for i in range(0, b, chunk)])
 
@@ -262,12 +263,16 @@ class FastEngine:
         self.plan.setdefault(self.names.get(module, "?"), type(rule).__name__ if ghost is None else
                              "ghost norm" if ghost else "instantiated")
 
+    def _example_major(self, rec: Record, go: torch.Tensor, rows: Rows):
+        """(input, output or None, output gradient) of a layer, rows put example-major."""
+        what = f"the input of layer {self._name(rec.module)}"
+        out = None if rec.out is None else rows.example_major(rec.out.detach(), what)
+        return rows.example_major(rec.x, what), out, rows.example_major(go.detach(), what)
+
     def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
         """The layer's rule on its rows put example-major."""
-        what = f"the input of layer {self._name(rec.module)}"
-        rec = Record(rec.module, rows.example_major(rec.x, what), rows.example_major(rec.out.detach(), what),
-                     rec.version)
-        return rule_for(rec, rows.example_major(go.detach(), what), rows.examples, self.mode)
+        x, out, go = self._example_major(rec, go, rows)
+        return rule_for(Record(rec.module, x, out, rec.version), go, rows.examples, self.mode)
 
 
 class _LeanPass:
