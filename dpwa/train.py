@@ -444,8 +444,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 continue  # not rank 0: no averages, rows, checkpoints or epsilons to keep
             row: dict[str, Any] = {"step": done, "lr": lr, **stats}
             if step == start and private:  # once: how the engine computes each layer's norms (shapes only)
-                row["engine"] = {"name": p.engine,
-                                 "layers": dict(getattr(getattr(mechanism, "engine", None), "plan", None) or {})}
+                engine = getattr(mechanism, "engine", None)
+                row["engine"] = {"name": p.engine, "layers": dict(getattr(engine, "plan", None) or {})}
+                if hasattr(engine, "memory"):
+                    row["engine"]["memory"] = engine.memory  # dpwa-fast: "fast" or "lean", as chosen
             at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
             if curve:  # exact at checkpoints, an upper bound from a grid in between
                 eps_now = row["epsilon"] = (curve.exact if at_checkpoint else curve.at)(mechanism.released)

@@ -67,7 +67,8 @@ class FastEngine:
             backward hooks, then a second backward for the clipped sum; see the module), or
             "auto": fast, unless what fast holds for the first chunk (its layers' inputs, outputs
             and output gradients; shapes only) would exceed half the memory then free on the
-            device (`_free_bytes`), then lean for the whole run. The choice is in `plan`.
+            device (`_free_bytes`), then lean for the whole run. `memory` holds the choice after
+            the first chunk.
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast") -> None:
@@ -151,7 +152,6 @@ class FastEngine:
             if self.memory == "lean":  # this chunk's outputs are still held: hook them now
                 lean = _LeanPass(self, rows)
                 lean.handles = [rec.out.register_hook(lean.hook(rec)) for rec in records]
-        self.plan.setdefault("memory", self.memory)
         # Parameters of layers that were never called are asked for too (none, usually): one that
         # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
         # any rule.

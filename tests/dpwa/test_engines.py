@@ -136,7 +136,7 @@ def test_memory_auto_turns_lean_when_fast_would_not_fit(monkeypatch, free, chose
         assert torch.allclose(norms, want_norms, rtol=1e-5, atol=1e-12)
         assert_sums_close(got, want)
     eng.remove()
-    assert eng.memory == chosen and eng.plan["memory"] == chosen and eng.name == "dpwa-fast"
+    assert eng.memory == chosen and "memory" not in eng.plan and eng.name == "dpwa-fast"
     assert all(p.grad is None for p in model.parameters())
 
 

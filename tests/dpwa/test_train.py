@@ -42,6 +42,7 @@ def test_quickstart_end_to_end(tmp_path):
     # once, in the first row: how the engine computes each layer's norms (chosen from shapes)
     assert rows[0]["engine"]["name"] == "dpwa-fast" and all("engine" not in r for r in rows[1:])
     assert set(rows[0]["engine"]["layers"].values()) <= {"ghost norm", "instantiated", "GroupNormRule"}
+    assert rows[0]["engine"]["memory"] in {"fast", "lean"}
     assert len(rows[0]["engine"]["layers"]) >= 3
     runs = Ledger(ledger).runs()
     assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 150
