@@ -291,6 +291,12 @@ class MethodConfig:
     sparsity_update_every: int = 100   # set, rigl: Delta-T, steps between mask updates (RigL: 100)
     sparsity_fraction: float = 0.3  # set, rigl: alpha, the drop fraction, cosine-decayed to 0 at sparsity_end
     sparsity_end: int = 0           # set, rigl: T_end, the step from which masks stay fixed (RigL: 75% of steps)
+    # GraNet's dense-to-sparse start (Liu et al. 2021; dpwa/sparsity.py): the initial masks' density
+    # (1: dense), pruned by global magnitude to sparsity_density along the cubic schedule over steps
+    # (sparsity_prune_start, sparsity_prune_end], every sparsity_update_every; null: masks start at the budget
+    sparsity_init_density: Optional[float] = None
+    sparsity_prune_start: int = 0
+    sparsity_prune_end: int = 0
     # rigl: regrow by |the update step's own released gradient| (dense_noisy) or by |the momentum of
     # the released gradients| (momentum: better signal to noise; needs optim.momentum or beta1 > 0)
     rigl_grow: str = "dense_noisy"
@@ -342,6 +348,25 @@ class MethodConfig:
         _require(self.name not in SPARSE_METHODS or self.sparsity_end >= 1,
                  f"method.name={self.name} needs method.sparsity_end >= 1: the step from which the masks stay fixed, "
                  f"where the drop fraction's cosine reaches 0 (RigL: 75% of the steps); got {self.sparsity_end}")
+        if self.name not in SPARSE_METHODS:
+            pass  # its sparsity_* fields are refused below unless they keep their defaults
+        elif self.sparsity_init_density is None:
+            _require(self.sparsity_prune_start == 0 and self.sparsity_prune_end == 0,
+                     f"method.sparsity_prune_start / _end schedule the pruning from method.sparsity_init_density, "
+                     f"which is null (masks start at the budget); got {self.sparsity_prune_start}, "
+                     f"{self.sparsity_prune_end}")
+        else:
+            _require(self.sparsity_density < self.sparsity_init_density <= 1,
+                     f"method.sparsity_init_density must be in (method.sparsity_density, 1] = "
+                     f"({self.sparsity_density}, 1] (the pruning goes down to the budget); got {self.sparsity_init_density}")
+            _require(0 <= self.sparsity_prune_start < self.sparsity_prune_end,
+                     f"method.sparsity_init_density={self.sparsity_init_density} needs 0 <= method.sparsity_prune_start "
+                     f"< method.sparsity_prune_end (the steps over which the density falls to the budget); got "
+                     f"{self.sparsity_prune_start}, {self.sparsity_prune_end}")
+            for owner, key in (("edst", "edst_exploration"), ("suptickets", "suptickets_start")):
+                _require(self.name != owner or self.sparsity_prune_end <= getattr(self, key),
+                         f"method.name={owner} collects tickets at the budget's density: method.sparsity_prune_end "
+                         f"must be <= method.{key} = {getattr(self, key)}; got {self.sparsity_prune_end}")
         _require(self.rigl_grow in ("dense_noisy", "momentum"),
                  f"method.rigl_grow must be one of dense_noisy, momentum; got {self.rigl_grow!r}")
         _require(self.tickets_grow in ("random", "dense_noisy", "momentum"),
@@ -371,7 +396,8 @@ class MethodConfig:
                  f"method.suptickets_lr_fractions are the cycles' [start, end] lr (a cosine down to the ticket): "
                  f"the first must be >= the second; got {self.suptickets_lr_fractions}")
         for key in ("sparsity_density", "sparsity_init", "sparsity_classifier", "sparsity_update_every",
-                    "sparsity_fraction", "sparsity_end"):
+                    "sparsity_fraction", "sparsity_end", "sparsity_init_density", "sparsity_prune_start",
+                    "sparsity_prune_end"):
             _require(getattr(self, key) == self.__dataclass_fields__[key].default or self.name in SPARSE_METHODS,
                      f"method.{key} is for method.name={' / '.join(SPARSE_METHODS)}, not {self.name!r}; "
                      f"got {getattr(self, key)}")

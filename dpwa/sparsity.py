@@ -29,6 +29,15 @@ again over the rest, until none is. The reference then floors each layer's zeros
 the budget by up to a weight per layer; here the layers with the largest fractional remainders
 get one weight more, to the exact total.
 
+Dense-to-sparse (GraNet: Liu, Chen, Chen, Atashgahi, Yin, Kou, Shen, Pechenizkiy, Wang & Mocanu,
+NeurIPS 2021, "Sparse training via boosting pruning plasticity with neuroregeneration"; code:
+Shiweiliuiiiiiiii/GraNet and luuyin/Sup-tickets `sparselearning/core.py`, `Masking.pruning`): the
+masks start at a higher density (1: dense) and are pruned by global magnitude, at fixed steps,
+to the density of Zhu & Gupta's cubic schedule (`gradual_density`), reaching the budget at the
+schedule's end; the routine drop/grow (neuroregeneration) goes on beside it. The reference
+misses the final density by its last term (it stops one prune early) and keeps |w| > the
+threshold (fewer on ties); here the last prune is at the end step and counts are exact.
+
 Privacy: everything here is post-processing. The initial masks come from public randomness
 (a generator seeded by `train.seed`, in the checkpoint); the drop reads released weights, and
 the growth scores are whatever the method passes: uniform noise (SET), or released gradients
@@ -48,7 +57,7 @@ from .config import ConfigError
 from .models.ws import WSConv2d
 
 __all__ = ["Masks", "prunable", "erk_densities", "uniform_densities", "layer_counts", "DENSITIES",
-           "drop_fraction", "is_update_step", "global_magnitude_masks"]
+           "drop_fraction", "is_update_step", "global_magnitude_masks", "gradual_density", "is_prune_step"]
 
 
 def prunable(model: nn.Module, *, classifier: bool = False) -> dict[str, nn.Parameter]:
@@ -92,6 +101,8 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
     >>> [round(d, 4) for d in erk_densities([(64, 243, 3, 3), (64, 64, 3, 3), (10, 1024)], 0.2)]
     [0.1359, 0.221, 1.0]
     """
+    if density >= 1:
+        return [1.0] * len(shapes)  # dense (GraNet's start)
     sizes = [math.prod(s) for s in shapes]
     raw = [sum(s) / n for s, n in zip(shapes, sizes)]
     dense: set[int] = set()
@@ -133,6 +144,27 @@ def is_update_step(t: int, *, every: int, end: int) -> bool:
     """Masks change after iterates t = every, 2 every, ... before `end` (a fixed schedule: an
     adaptive trigger would read private data)."""
     return 0 < t < end and t % every == 0
+
+
+def gradual_density(t: int, *, initial: float, final: float, start: int, end: int) -> float:
+    """The density after iterate t of gradual magnitude pruning (Zhu & Gupta 2018, "To prune,
+    or not to prune", eq. 1; GraNet's `pruning`): `initial` up to `start`, then
+    final + (initial - final) (1 - (t - start) / (end - start))^3, `final` from `end` on.
+
+    >>> [round(gradual_density(t, initial=1.0, final=0.2, start=0, end=10), 4) for t in (0, 5, 10, 11)]
+    [1.0, 0.3, 0.2, 0.2]
+    """
+    if t <= start:
+        return initial
+    if t >= end:
+        return final
+    return final + (initial - final) * (1 - (t - start) / (end - start)) ** 3
+
+
+def is_prune_step(t: int, *, every: int, start: int, end: int) -> bool:
+    """Gradual pruning after iterates start + every, start + 2 every, ... before `end`, and
+    after `end` itself, where the budget is reached exactly (a fixed schedule)."""
+    return start < t <= end and ((t - start) % every == 0 or t == end)
 
 
 def _ranked(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -250,6 +282,22 @@ class Masks:
             grown += int(fresh.sum())
         self.apply(optimizer)  # the dropped weights and their state
         return grown
+
+    @torch.no_grad()
+    def prune_global(self, count: int, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+        """Keep the `count` largest |w| of the active weights over all layers together (GraNet's
+        global magnitude prune; a layer's density can move away from its initial share), zero
+        the others and their optimizer state. Returns the number of weights pruned."""
+        active = sum(self.active)
+        if count >= active:
+            return 0
+        flat = torch.cat([p.detach().abs().reshape(-1).float().masked_fill(~m.reshape(-1), -1.0)
+                          for p, m in zip(self.params, self.masks)])  # an inactive weight ranks last
+        keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        keep[_ranked(flat, count)] = True
+        self.masks = [k.view(p.shape) for k, p in zip(keep.split([p.numel() for p in self.params]), self.params)]
+        self.apply(optimizer)
+        return active - count
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": {n: m.cpu() for n, m in zip(self.names, self.masks)}, "generator": self.generator.get_state()}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sparse and implicit ensembles under DP on CIFAR-10 at epsilon 8, one gradient budget for
 every row: dense DP-SGD (+ EMA, SWA), FGE of a dense run, SET, RigL (growth by the step's
-dense noisy gradient, and by the momentum of the releases), the EDST ensemble, Sup-tickets,
-and FiLM-Ensemble (M = 4).
+dense noisy gradient, and by the momentum of the releases), the EDST ensemble, Sup-tickets
+(on a sparse phase of RigL, and on GraNet's dense-to-sparse one), and FiLM-Ensemble (M = 4).
 
     python experiments/cifar10_sparse_ensembles_eps8.py --runs 1        # every row once, test set
     python experiments/cifar10_sparse_ensembles_eps8.py --rows film     # only some rows
@@ -71,12 +71,22 @@ ROWS: dict[str, tuple[list[str], list[str]]] = {
                     "method.suptickets_cycle_length=15", "method.suptickets_jump=0.5",
                     "method.suptickets_lr_fractions=[0.05,0.01]", "method.suptickets_from_start=true",
                     "averaging.swa=false"], ["raw", "tickets", "suptickets"]),
+    # Sup-tickets on GraNet's dense-to-sparse phase: dense masks pruned by the cubic schedule to
+    # 20% by step 146, then the same routine updates, cycles and tickets as the row above
+    "suptickets_granet": (["method.name=suptickets", *SPARSE, "method.sparsity_init_density=1.0",
+                           "method.sparsity_prune_end=146", "method.sparsity_update_every=12",
+                           "method.sparsity_fraction=0.3", "method.sparsity_end=233", "method.tickets_grow=momentum",
+                           "method.suptickets_start=233", "method.suptickets_cycles=4",
+                           "method.suptickets_cycle_length=15", "method.suptickets_jump=0.5",
+                           "method.suptickets_lr_fractions=[0.05,0.01]", "method.suptickets_from_start=true",
+                           "averaging.swa=false"], ["raw", "tickets", "suptickets"]),
     "film": (["model.conv_norm=true", "model.film_members=4", "model.film_gain=1.0"], ["raw", "ema", "swa"]),
     "dense_convnorm": (["model.conv_norm=true"], ["raw", "ema", "swa"]),
 }
 LABELS = {"dense": "dense DP-SGD", "fge": "dense DP-SGD, cyclic lr (FGE)", "set": "SET (80% sparse)",
           "rigl_noisy": "RigL, growth by the step's noisy gradient", "rigl_momentum": "RigL, growth by momentum",
-          "edst": "EDST (3 tickets)", "suptickets": "Sup-tickets", "film": "FiLM-Ensemble (M = 4)",
+          "edst": "EDST (3 tickets)", "suptickets": "Sup-tickets",
+          "suptickets_granet": "Sup-tickets on GraNet (dense to 80% sparse)", "film": "FiLM-Ensemble (M = 4)",
           "dense_convnorm": "dense + conv norm (FiLM's network, M = 1)"}
 
 

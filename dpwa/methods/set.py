@@ -6,6 +6,10 @@ DP-SGD on a sparse network whose connections move.
     start:            random masks, ERK or uniform densities meeting method.sparsity_density
     every step t:     one release g (dense); the optimizer applies g * mask; weights and
                       optimizer state re-masked
+    GraNet (method.sparsity_init_density, Liu et al. 2021): the masks start at that density (1:
+                      dense) and after steps prune_start + dT, + 2 dT, ... and prune_end are
+                      cut by global |w| to the cubic schedule's density (`sparsity.gradual_density`),
+                      the budget from prune_end on; then the routine update below
     t = dT, 2 dT, ... < sparsity_end:
                       per layer, drop the k = floor(f(t) n) smallest |w| of its n active
                       weights and grow k others, chosen at random (SET) or by released
@@ -21,7 +25,7 @@ kernels), and so are torch-func's and Opacus's. That is DP-correct whatever the 
 release is one Gaussian mechanism of sensitivity C on the dense gradient), it is what RigL's
 dense-noisy growth needs, and its cost is that inactive coordinates share the clip budget.
 
-Privacy: SET reads only released weights (the magnitude drop) and public randomness (the
+Privacy: SET reads only released weights (the magnitude drop and GraNet's prune) and public randomness (the
 masks and the regrowth, from a generator seeded by train.seed, in the checkpoint): the masks
 are free, and the releases are DP-SGD's.
 """
@@ -35,7 +39,7 @@ import torch
 
 from ..mechanism import Release
 from ..optimizers import apply_release
-from ..sparsity import Masks, drop_fraction, is_update_step
+from ..sparsity import Masks, drop_fraction, gradual_density, is_prune_step, is_update_step
 from . import Step, register_method
 from .dpsgd import DPSGD
 
@@ -49,8 +53,11 @@ class SET(DPSGD):
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)
         m = cfg.method
-        self.masks = Masks.for_model(model, density=m.sparsity_density, init=m.sparsity_init, seed=cfg.train.seed,
+        start = m.sparsity_density if m.sparsity_init_density is None else m.sparsity_init_density
+        self.masks = Masks.for_model(model, density=start, init=m.sparsity_init, seed=cfg.train.seed,
                                      classifier=m.sparsity_classifier)
+        # the active weights at the end (what Masks at the budget's density hold)
+        self.budget = round(m.sparsity_density * sum(p.numel() for p in self.masks.params))
 
     def step(self, step: Step) -> dict[str, float]:
         out, stats = self._masked_step(step)
@@ -66,7 +73,22 @@ class SET(DPSGD):
         self._observe(out)
         stats = apply_release(self.optimizer, dataclasses.replace(out, grads=self.masks.masked(out.grads)))
         self.masks.apply(self.optimizer)
-        return out, stats
+        pruned = self._prune(step.index + 1)
+        return out, {**stats, **({"sparsity_pruned": float(pruned), "sparsity_density": self.masks.density}
+                                 if pruned else {})}
+
+    def _prune(self, done: int) -> int:
+        """GraNet's gradual prune after iterate `done`, if it is a prune step: the active weights
+        cut to the cubic schedule's count by global magnitude (method.sparsity_init_density)."""
+        m = self.cfg.method
+        if m.sparsity_init_density is None or not is_prune_step(
+                done, every=m.sparsity_update_every, start=m.sparsity_prune_start, end=m.sparsity_prune_end):
+            return 0
+        density = gradual_density(done, initial=m.sparsity_init_density, final=m.sparsity_density,
+                                  start=m.sparsity_prune_start, end=m.sparsity_prune_end)
+        total = sum(p.numel() for p in self.masks.params)
+        count = self.budget if done >= m.sparsity_prune_end else max(self.budget, round(density * total))
+        return self.masks.prune_global(count, self.optimizer)
 
     def _update_fraction(self, done: int) -> float:
         """The drop fraction of the routine mask update after iterate `done` (0: no update)."""

@@ -31,8 +31,11 @@ What differs from the reference, on purpose:
 - The prune keeps exactly the budget's count (ties by position), not |w| >= a threshold.
 - Tickets by schedule, never by accuracy on a split of the training data (R4), and no
   `update_bn` on training data (R1: GroupNorm models need none).
-- Only the sparse base phase (DST: SET / RigL) exists here; the dense-to-sparse one (GraNet,
-  gradual magnitude pruning) does not.
+- The sparse phase is the reference's DST (SET / RigL masks at the budget from the start) or,
+  with method.sparsity_init_density, its GraNet (`--method GraNet`: dense or denser masks
+  pruned by global magnitude along the cubic schedule, `set.py`), which must reach the budget
+  by suptickets_start (method.sparsity_prune_end <= it): the tickets and their superposition
+  are then all at the budget's density.
 
 Privacy: one DP-SGD run, one release per step (`releases(steps)` = steps): re-exploration, the
 tickets, the superposition and its prune are post-processing of released weights and gradients.

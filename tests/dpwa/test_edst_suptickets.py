@@ -181,6 +181,8 @@ SPARSE = ["model.weight_standardization=false", "optim.momentum=0.9", "method.sp
 E2E = {"edst": ["method.name=edst", *SPARSE, "method.edst_exploration=6", "method.edst_phase_steps=2"],
        "suptickets": ["method.name=suptickets", *SPARSE, "method.suptickets_start=6",
                       "method.suptickets_cycle_length=2"]}
+# Sup-tickets on GraNet's dense-to-sparse phase: dense masks pruned to the budget at steps 2, 4, 6
+E2E["granet"] = [*E2E["suptickets"], "method.sparsity_init_density=1.0", "method.sparsity_prune_end=6"]
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,7 @@ def runs(tmp_path_factory):
 
 
 def test_ticket_runs_charge_what_dpsgd_charges_and_read_data_only_in_the_releases(runs):
-    for name in ("edst", "suptickets"):
+    for name in ("edst", "suptickets", "granet"):
         assert runs[name]["releases"] == runs["dpsgd"]["releases"] == 12
         assert runs[name]["spent"] == runs["dpsgd"]["spent"] and runs[name]["epsilon"] == runs["dpsgd"]["epsilon"]
         # the same secret batches as the dense run, read the same way: by the releases, and nothing else
@@ -213,6 +215,10 @@ def test_ticket_runs_charge_what_dpsgd_charges_and_read_data_only_in_the_release
         before = [0.0] + [r["tickets"] for r in rows]
         assert [r["step"] for r, b in zip(rows, before) if r["tickets"] > b] == ([8, 10, 12] if name == "edst" else
                                                                                 [6, 8, 10, 12])
+    rows = [json.loads(line) for line in (Path(runs["granet"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "sparsity_pruned" in r] == [2, 4, 6]  # dense to the budget by the cycles
+    densities = [r["sparsity_density"] for r in rows if "sparsity_density" in r]
+    assert densities == sorted(densities, reverse=True) and densities[-1] == pytest.approx(0.2, abs=1e-3)
     rows = [json.loads(line) for line in (Path(runs["edst"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows][6:] == [0.2, 0.02] * 3  # the rows hold the lr applied: 0.1, 0.01 x optim.lr 2
 
@@ -238,7 +244,7 @@ def direct_probs(run, vectors, prune=None):
 
 
 def test_dpwa_eval_gives_the_tickets_ensemble_and_the_pruned_superposition_for_free(runs, capsys):
-    for name in ("edst", "suptickets"):
+    for name in ("edst", "suptickets", "granet"):
         before = ledger_snapshot(runs[name]["ledger"])
         assert main(["eval", runs[name]["run_dir"], "--json"]) == 0
         result = json.loads(capsys.readouterr().out)
@@ -251,7 +257,7 @@ def test_dpwa_eval_gives_the_tickets_ensemble_and_the_pruned_superposition_for_f
         assert got["members"] == len(vectors) == (3 if name == "edst" else 4)
         assert got == pytest.approx({**metrics(direct_probs(run, vectors), y), "members": len(vectors)}, rel=1e-5)
         assert "raw" in result["methods"]
-        if name == "suptickets":
+        if name != "edst":
             masks = state["masks"]["masks"]
             count = sum(int(m.sum()) for m in masks.values())
             mean = torch.stack(vectors).mean(0)
@@ -265,7 +271,7 @@ def test_dpwa_eval_gives_the_tickets_ensemble_and_the_pruned_superposition_for_f
     assert not {"tickets", "suptickets"} & set(json.loads(capsys.readouterr().out)["skipped"])
 
 
-@pytest.mark.parametrize("name", ["edst", "suptickets"])
+@pytest.mark.parametrize("name", ["edst", "suptickets", "granet"])
 def test_masks_and_tickets_survive_kill_and_resume_with_one_charge(runs, name):
     tmp = runs["tmp"] / f"resume-{name}"
     led = str(tmp / "b.sqlite")
@@ -279,7 +285,7 @@ def test_masks_and_tickets_survive_kill_and_resume_with_one_charge(runs, name):
         assert torch.equal(mask, b["method"]["masks"]["masks"][key]), key
     assert a["method"]["tickets"]["steps"] == b["method"]["tickets"]["steps"]
     assert torch.equal(a["method"]["tickets"]["vectors"], b["method"]["tickets"]["vectors"])
-    if name == "suptickets":
+    if name != "edst":
         for key, w in a["method"]["superposition"]["weights"].items():
             assert torch.equal(w, b["method"]["superposition"]["weights"][key]), key
     (run,) = Ledger(led).runs()
@@ -307,6 +313,21 @@ def test_ticket_fields_are_validated_and_belong_to_their_methods():
         METHODS["edst"].releases(config(*EDST), 21)
     with pytest.raises(ConfigError, match="optim.schedule=cyclic would put lr minima"):
         METHODS["suptickets"].releases(config(*SUP, "optim.schedule=cyclic", "optim.cycle_length=4"), 20)
+
+
+def test_granet_fields_are_validated():
+    with pytest.raises(ConfigError, match=r"method.sparsity_init_density must be in \(method.sparsity_density, 1\]"):
+        config(*SUP, "method.sparsity_init_density=0.3", "method.sparsity_prune_end=4")
+    with pytest.raises(ConfigError, match="needs 0 <= method.sparsity_prune_start < method.sparsity_prune_end"):
+        config(*SUP, "method.sparsity_init_density=1")
+    with pytest.raises(ConfigError, match="schedule the pruning from method.sparsity_init_density, which is null"):
+        config(*SUP, "method.sparsity_prune_end=4")
+    with pytest.raises(ConfigError, match="method.sparsity_prune_end must be <= method.suptickets_start = 8; got 9"):
+        config(*SUP, "method.sparsity_init_density=1", "method.sparsity_prune_end=9")
+    with pytest.raises(ConfigError, match="method.sparsity_prune_end must be <= method.edst_exploration = 8; got 9"):
+        config(*EDST, "method.sparsity_init_density=1", "method.sparsity_prune_end=9")
+    with pytest.raises(ConfigError, match="method.sparsity_init_density is for method.name=set"):
+        load_config(None, ["method.sparsity_init_density=1", "privacy.epsilon=1", "train.steps=2"])
 
 
 def test_refused_layouts_cost_nothing(tmp_path, capsys):

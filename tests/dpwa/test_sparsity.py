@@ -15,8 +15,8 @@ from dpwa.config import ConfigError, load_config
 from dpwa.mechanism import Release
 from dpwa.methods import METHODS, Step, make_method
 from dpwa.models.ws import WSConv2d
-from dpwa.sparsity import (Masks, drop_fraction, erk_densities, is_update_step, layer_counts, prunable,
-                           uniform_densities)
+from dpwa.sparsity import (Masks, drop_fraction, erk_densities, gradual_density, is_prune_step, is_update_step,
+                           layer_counts, prunable, uniform_densities)
 from dpwa.train import train
 from tests.conftest import ROOT
 from tests.dpwa.test_train import final_weights, tiny
@@ -197,6 +197,52 @@ def test_rigl_momentum_grows_by_the_momentum_of_the_dense_releases():
     for a, b, x, y in zip(method.masks.masks, want, method.momentum, buf):
         assert torch.equal(a, b)
         torch.testing.assert_close(x, y)
+
+
+def test_gradual_pruning_follows_the_cubic_schedule_to_the_budget():
+    d = [gradual_density(t, initial=0.9, final=0.3, start=4, end=10) for t in range(12)]
+    assert d[:5] == [0.9] * 5 and d[10:] == [0.3, 0.3]
+    assert d[7] == pytest.approx(0.3 + 0.6 * 0.5 ** 3)  # Zhu & Gupta: halfway, 1/8 of the way left
+    assert all(a > b for a, b in zip(d[4:10], d[5:11]))
+    assert [t for t in range(20) if is_prune_step(t, every=4, start=1, end=11)] == [5, 9, 11]  # and the end step
+
+
+def test_granet_prunes_the_smallest_active_weights_over_all_layers_to_the_schedule():
+    """Against a float64 loop: after each prune step the masks keep exactly the schedule's count
+    of the largest |w| among the weights active before it, over all layers together."""
+    net = model()
+    cfg = config("optim.momentum=0.9", "method.sparsity_init_density=1.0", "method.sparsity_prune_start=1",
+                 "method.sparsity_prune_end=7", "method.sparsity_update_every=2", "method.sparsity_end=1")
+    method = make_method(cfg, net)  # sparsity_end 1: no routine drop/grow, the prune alone moves the masks
+    total = sum(p.numel() for p in method.masks.params)
+    assert sum(method.masks.active) == total  # dense start
+    seen, prune = [], method.masks.prune_global
+
+    def spy(count, optimizer=None):
+        seen.append(([p.detach().double().clone() for p in method.masks.params], [m.clone() for m in method.masks.masks]))
+        return prune(count, optimizer)
+
+    method.masks.prune_global = spy
+    pruned_at = []
+    for t, out in enumerate(releases(net, 9)):
+        stats = method.step(Step(index=t, lr=0.1, release=lambda out=out: out))
+        if "sparsity_pruned" not in stats:
+            continue
+        pruned_at.append(t + 1)
+        density = gradual_density(t + 1, initial=1.0, final=0.3, start=1, end=7)
+        count = round(0.3 * total) if t + 1 == 7 else round(density * total)
+        assert sum(method.masks.active) == count and stats["sparsity_density"] == pytest.approx(count / total)
+        weights, before = seen[-1]
+        ranked = sorted(((abs(float(w.reshape(-1)[j])), i, j) for i, (w, m) in enumerate(zip(weights, before))
+                         for j in range(w.numel()) if m.reshape(-1)[j]), key=lambda e: -e[0])
+        want = [torch.zeros(w.numel(), dtype=torch.bool) for w in weights]
+        for _, i, j in ranked[:count]:
+            want[i][j] = True
+        for p, m, w in zip(method.masks.params, method.masks.masks, want):
+            assert torch.equal(m.reshape(-1), w)
+            assert torch.all(p[~m] == 0) and torch.all(method.optimizer.state[p]["momentum_buffer"][~m] == 0)
+    assert pruned_at == [3, 5, 7]
+    assert sum(method.masks.active) == round(0.3 * total) == method.budget  # the budget from the end step on
 
 
 def test_a_mask_update_step_makes_exactly_one_release():
