@@ -62,6 +62,10 @@ class DataConfig:
     # A public dataset (no privacy needed) may be trained with privacy.enabled=false, e.g. to
     # pretrain a model for private fine-tuning. The user declares it; a private one never can.
     public: bool = False
+    # Test-time flip: every validation and test prediction is the mean softmax of the image and
+    # its horizontal mirror image (with data.features, the features of the mirrored image).
+    # Free: it reads only the released model and the evaluation split.
+    test_time_flip: bool = False
 
     def __post_init__(self) -> None:
         _known("data.name", self.name, "dpwa.data", "SOURCES")

@@ -32,6 +32,9 @@ class DataError(ConfigError):
 class Split:
     x: torch.Tensor  # uint8 (N, C, H, W); float features with data.features; ImageFiles (decoded on indexing)
     y: torch.Tensor  # int64 (N,)
+    # With data.test_time_flip and fixed features: the features of the mirrored images (val and
+    # test only); images without features are mirrored as they are evaluated.
+    mirror: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -70,6 +73,16 @@ class Data:
     num_classes: int
     source_labels: np.ndarray  # labels of the whole private source (train + val), for the ledger fingerprint
     features: str = "none"     # with fixed features (dpwa.features), x holds them as float, already normalised
+    test_time_flip: bool = False  # data.test_time_flip: val / test predictions average the mirror image's
+
+    def mirrored(self, split: Split, x: torch.Tensor, start: int) -> Optional[torch.Tensor]:
+        """The mirror images of `x` = split.x[start:start + len(x)] as the model reads them, or
+        None where no test-time flip applies (off, or a split other than val / test)."""
+        if not self.test_time_flip or not (split is self.test or split is self.val):
+            return None
+        if self.features != "none":
+            return split.mirror[start:start + len(x)]
+        return torch.flip(x, dims=[-1])
 
     @property
     def in_channels(self) -> int:
@@ -325,11 +338,14 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
     if withhold_train:
         train = Withheld(len(train))
     data = Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
+    data.test_time_flip = cfg.test_time_flip
     if cfg.features != "none":
         for split in (train, test, val):
             if isinstance(split, Withheld):
                 continue
             if split is not None:
+                if cfg.test_time_flip and split is not train:
+                    split.mirror = FEATURES[cfg.features](data.normalize(torch.flip(split.x, dims=[-1])))
                 split.x = FEATURES[cfg.features](data.normalize(split.x))
         data.features = cfg.features
     return data

@@ -31,6 +31,18 @@ def _member_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return rows.fold(model(x).float().softmax(-1)).transpose(0, 1).cpu()
 
 
+def _batch_proba(model: nn.Module, split: Split, data: Data, start: int, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """_member_proba on split.x[start:start + batch_size]; with a test-time flip
+    (`data.test_time_flip`), the mean of it and of the mirror images' softmax."""
+    x = split.x[start:start + batch_size]
+    probs = _member_proba(model, data.normalize(x).to(device))
+    mirror = data.mirrored(split, x, start)
+    if mirror is not None:
+        probs = (probs + _member_proba(model, data.normalize(mirror).to(device))) / 2
+    return probs
+
+
 @torch.no_grad()
 def predict_members(members: Iterable[nn.Module], split: Split, data: Data, *, batch_size: int = 1000
                     ) -> torch.Tensor:
@@ -41,7 +53,7 @@ def predict_members(members: Iterable[nn.Module], split: Split, data: Data, *, b
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        probs = torch.cat([_member_proba(model, data.normalize(split.x[i:i + batch_size]).to(device))
+        probs = torch.cat([_batch_proba(model, split, data, i, batch_size, device)
                            for i in range(0, len(split), batch_size)], dim=1)
         model.train(was_training)
         total = probs if total is None else total.add_(probs)

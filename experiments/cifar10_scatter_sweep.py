@@ -45,6 +45,9 @@ from dpwa.train import plan_run  # noqa: E402
 
 CONFIG = "configs/cifar10_scatter_cpu_eps8.yaml"
 OUT = ROOT / "runs" / "experiments" / "cifar10_scatter_sweep"
+#: Where --final keeps its runs; one folder per version of the shipped config (the recipe without
+#: model.conv_norm kept its runs in "final": results/cifar10_scatter_final_no_conv_norm.md).
+FINAL = OUT / "final-conv-norm"
 LEDGER = ROOT / "runs" / "experiments-ledger.sqlite"
 RESULTS = ROOT / "experiments" / "results"
 N_TRAIN = 50_000
@@ -148,7 +151,7 @@ def sweep(names: list[str], shrink: int) -> None:
 
 def final(runs: int) -> None:
     for i in range(runs):
-        report = dpwa.train(load_config(ROOT / CONFIG, [f"out_dir={OUT / 'final'}", "name=final"]),
+        report = dpwa.train(load_config(ROOT / CONFIG, [f"out_dir={FINAL}", "name=final"]),
                             ledger_path=str(LEDGER), progress=False)
         print(f"# final {i}: test raw {report['test_raw']['accuracy']:.4f}", flush=True)
 
@@ -171,7 +174,7 @@ def sweep_table() -> str:
 
 
 def final_table() -> str:
-    reports = [json.loads(p.read_text()) for p in sorted((OUT / "final").glob("*/report.json"))]
+    reports = [json.loads(p.read_text()) for p in sorted(FINAL.glob("*/report.json"))]
     rows = ["| run | epsilon (PRV) | sigma | steps | per-example grads | " + " | ".join(f"test {a}" for a in AVERAGES)
             + " | train min | wall min |", "|" + "---|" * (7 + len(AVERAGES))]
     for r in reports:

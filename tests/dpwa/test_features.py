@@ -34,3 +34,38 @@ def test_features_refuse_augmult():
 
     with pytest.raises(ConfigError, match="augmult.k=2 with data.features=scattering"):
         tiny(Path("/tmp"), "data.features=scattering", "augmult.k=2")
+
+
+def test_test_time_flip_averages_the_mirror_images_softmax():
+    """data.test_time_flip: a val / test prediction is the mean softmax of the image and its
+    mirror image (features: of the mirrored image's features), against a loop over single
+    examples in float64; the training split is never mirrored."""
+    import copy
+    import dataclasses
+
+    from dpwa.config import DataConfig
+    from dpwa.data import load_data
+    from dpwa.evaluate import predict_proba
+
+    for features, model in (("none", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))),
+                            ("scattering", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(81 * 4, 10)))):
+        cfg = DataConfig(name="digits", val_size=50, features=features, test_time_flip=True)
+        flip, plain = load_data(cfg), load_data(dataclasses.replace(cfg, test_time_flip=False))
+        torch.manual_seed(0)
+        reference = copy.deepcopy(model).double()
+        for name in ("test", "val"):
+            got = predict_proba([model], getattr(flip, name), flip)
+            raw = getattr(plain, name).x
+            for i in (0, 7):
+                image = raw[i:i + 1]
+                if features == "none":
+                    views = [plain.normalize(image), plain.normalize(image.flip(-1))]
+                else:  # the features of the mirrored uint8 image, as the scattering of its normalised pixels
+                    pixels = load_data(dataclasses.replace(cfg, features="none"))
+                    source = getattr(pixels, name).x[i:i + 1]
+                    views = [scattering(pixels.normalize(source)), scattering(pixels.normalize(source.flip(-1)))]
+                    assert torch.allclose(views[0], image, atol=1e-5)
+                want = sum(reference(v.double()).softmax(-1) for v in views) / 2
+                assert torch.allclose(got[i].double(), want[0], atol=1e-5), (features, name, i)
+            assert not torch.allclose(got, predict_proba([model], getattr(plain, name), plain), atol=1e-4)
+        assert flip.train.mirror is None and flip.mirrored(flip.train, flip.train.x[:2], 0) is None
