@@ -32,8 +32,10 @@ class EvalError(ConfigError):
 
 
 def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequence[str]] = None,
-                 swag_samples: Optional[int] = None) -> dict[str, Any]:
+                 swag_samples: Optional[int] = None, test_time_flip: Optional[bool] = None) -> dict[str, Any]:
     """Evaluate a run folder's last checkpoint; writes eval.json and reliability.png into it.
+    `test_time_flip` (None: the run's `data.test_time_flip`) also averages the mirror images'
+    softmax into every prediction.
 
     Raises:
         EvalError: not a run folder, no checkpoint, an unreadable checkpoint, a requested
@@ -53,7 +55,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     if split == "val" and not cfg.data.val_size:
         raise EvalError("--data val: the run's config has data.val_size=0, so there is no validation split")
     try:
-        run = load_run(run_dir)  # reads no private training data
+        run = load_run(run_dir, test_time_flip=test_time_flip)  # reads no private training data
     except UsageError as e:
         raise EvalError(str(e)) from None
     cfg, meta, data, averagers = run.cfg, run.meta, run.data, run.averagers
@@ -87,7 +89,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         results[name] = {**metrics(probs, target.y), **member_metrics(per_member, target.y), "members": counter.n}
     out: dict[str, Any] = {
         "run_id": meta["run_id"], "step": at, "steps": steps, "split": split,
-        "examples": len(target), "private": meta.get("private", True),
+        "examples": len(target), "test_time_flip": cfg.data.test_time_flip, "private": meta.get("private", True),
         "epsilon": run.epsilon,  # None: a non-private run on public data
         "delta": meta["delta"], "collected": counts, "skipped": {k: v for k, v in skipped.items() if k not in wanted},
         "methods": results, "reliability": bins,

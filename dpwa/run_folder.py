@@ -157,9 +157,10 @@ class ReleasedRun:
                                      swag_samples=swag_samples or self.cfg.averaging.swag_samples), **kept}
 
 
-def load_run(run_dir: Path) -> ReleasedRun:
+def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> ReleasedRun:
     """The released run in `run_dir` (from its last checkpoint; runs made before versioned
-    checkpoints load too).
+    checkpoints load too). `test_time_flip` overrides the run's `data.test_time_flip`: how its
+    val / test predictions are made is post-processing, free to choose after training.
 
     Raises:
         ConfigError: not a run folder, no checkpoint (stopped before its first), or a
@@ -174,6 +175,8 @@ def load_run(run_dir: Path) -> ReleasedRun:
 
     folder = RunFolder.existing(run_dir)
     cfg, meta = folder.config(), folder.meta()
+    if test_time_flip is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test_time_flip=test_time_flip))
     raw = folder.load_state()
     if raw is None:
         raise ConfigError(f"{folder.path} has no checkpoint.pt: the run stopped before its first checkpoint "

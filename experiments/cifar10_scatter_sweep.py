@@ -5,7 +5,8 @@ recipe on the test set.
     python experiments/cifar10_scatter_sweep.py --sweep            # validation sweep (TAN proxies)
     python experiments/cifar10_scatter_sweep.py --sweep --only A B # some variants
     python experiments/cifar10_scatter_sweep.py --final 3          # the shipped config, 3 test runs
-    python experiments/cifar10_scatter_sweep.py --table            # rebuild both tables
+    python experiments/cifar10_scatter_sweep.py --flip             # test-time flip: on val, then on test
+    python experiments/cifar10_scatter_sweep.py --table            # rebuild the tables
 
 Sweep: every variant is a *target* recipe (batch B, 60 epochs of the full 50,000-image train
 set, epsilon 8, delta 1e-5, its sigma calibrated by the accountant, including the feature
@@ -22,7 +23,14 @@ Final: `configs/cifar10_scatter_cpu_eps8.yaml` as shipped (all 50,000 train imag
 averages. Every run is an in-process `dpwa.train`; the scattering features are computed once
 per process and reused (a pure function of the public-normalised images).
 
-Writes experiments/results/cifar10_scatter_sweep.md and cifar10_scatter_final.md.
+Flip: `data.test_time_flip` (mean softmax of each image and its mirror image; free, as it only
+changes how released models predict) is decided on validation, by `dpwa eval --data val` of the
+proxy runs on disk with and without it, then measured on test on the final runs (which were
+trained the same either way: the option does not touch training). Each run folder keeps its
+two evaluations in flip.json.
+
+Writes experiments/results/cifar10_scatter_sweep.md, cifar10_scatter_final.md and
+cifar10_scatter_flip.md.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import dpwa  # noqa: E402
 from dpwa import features  # noqa: E402
 from dpwa.config import load_config  # noqa: E402
+from dpwa.evaluate_run import evaluate_run  # noqa: E402
 from dpwa.train import plan_run  # noqa: E402
 
 CONFIG = "configs/cifar10_scatter_cpu_eps8.yaml"
@@ -102,6 +111,12 @@ VARIANTS: dict[str, list[str]] = {
     "cn-bn-imagenet-lr24": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=24", "model.conv_norm=true"],
     "cn-bn-imagenet-cos-lr16": [*PRIVATE, *IMAGENET, *B8K, "optim.lr=16", "optim.schedule=cosine",
                                 "model.conv_norm=true"],
+    # the same recipe at more, smaller (or fewer, larger) steps, same gradient budget, lr by the linear rule:
+    # what the free averages gain against the number of steps
+    "cn-bn-imagenet-b2k-lr3": [*PRIVATE, *IMAGENET, *B2K, "optim.lr=3", "model.conv_norm=true"],
+    "cn-bn-imagenet-b4k-lr6": [*PRIVATE, *IMAGENET, *B4K, "optim.lr=6", "model.conv_norm=true"],
+    "cn-bn-imagenet-b16k-lr24": [*PRIVATE, *IMAGENET, "train.batch_size=16384", "optim.lr=24",
+                                 "model.conv_norm=true"],
 }
 AVERAGES = ("raw", "ema", "polyak", "swa")
 
@@ -161,16 +176,21 @@ def _acc(r: dict[str, Any], split: str, name: str) -> str:
     return f"{100 * m['accuracy']:.2f}" if m else "-"
 
 
-def sweep_table() -> str:
+def sweep_table(previous: str = "") -> str:
+    """The previous table's rows, then a row for each proxy run on disk that it lacks: runs
+    deleted from this machine (or made on another) keep their rows; repeats get one row each."""
     rows = ["| variant | target B | target sigma | steps | proxy B | proxy sigma | val raw | val EMA | val Polyak | "
             "val SWA | per-example grads (proxy) | train min |", "|" + "---|" * 12]
+    kept = [row for row in previous.splitlines()[4:] if row.startswith("| ")]
     for proxy in sorted((OUT / "sweep").glob("*/*/proxy.json")):
         p, r = json.loads(proxy.read_text()), json.loads((proxy.parent / "report.json").read_text())
-        rows.append(f"| {p['name']} (`{' '.join(VARIANTS.get(p['name'], []))}`) | {p['target_batch']} | "
-                    f"{p['target_sigma']:.3f} | {p['steps']} | {p['proxy_batch']} | {p['proxy_sigma']:.4f} | "
-                    f"{_acc(r, 'val', 'raw')} | {_acc(r, 'val', 'ema')} | {_acc(r, 'val', 'polyak')} | {_acc(r, 'val', 'swa')} | "
-                    f"{r['expected_per_example_gradient_evaluations']:.0f} | {r['train_time_s'] / 60:.1f} |")
-    return "\n".join(rows)
+        row = (f"| {p['name']} (`{' '.join(VARIANTS.get(p['name'], []))}`) | {p['target_batch']} | "
+               f"{p['target_sigma']:.3f} | {p['steps']} | {p['proxy_batch']} | {p['proxy_sigma']:.4f} | "
+               f"{_acc(r, 'val', 'raw')} | {_acc(r, 'val', 'ema')} | {_acc(r, 'val', 'polyak')} | {_acc(r, 'val', 'swa')} | "
+               f"{r['expected_per_example_gradient_evaluations']:.0f} | {r['train_time_s'] / 60:.1f} |")
+        if row not in kept:
+            kept.append(row)
+    return "\n".join(rows + kept)
 
 
 def final_table() -> str:
@@ -191,12 +211,55 @@ def final_table() -> str:
     return "\n".join(rows)
 
 
+def flip(run_dir: Path, split: str, compute: bool) -> dict[str, Any] | None:
+    """The run's accuracies on `split` without and with the test-time flip (cached in flip.json;
+    None: not cached and not `compute`)."""
+    cache = run_dir / "flip.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    if not compute:
+        return None
+    out = {"split": split}
+    for on in (False, True):
+        result = evaluate_run(run_dir, split=split, methods=AVERAGES, test_time_flip=on)
+        out["flip" if on else "plain"] = {m: result["methods"][m]["accuracy"] for m in AVERAGES}
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def flip_table(compute: bool) -> str:
+    """Validation (proxy runs) first: the decision; then the final runs on test. Without
+    `compute`, only the runs already evaluated ("" if none)."""
+    rows = ["| run | split | " + " | ".join(f"{a} | {a} + flip" for a in AVERAGES) + " |",
+            "|" + "---|" * (2 + 2 * len(AVERAGES))]
+    groups = (("val", sorted(p.parent for p in (OUT / "sweep").glob("*/*/proxy.json"))),
+              ("test", sorted(p.parent for p in FINAL.glob("*/report.json"))))
+    for split, runs in groups:
+        pairs = [(run, flip(run, split, compute)) for run in runs]
+        pairs = [(run, r) for run, r in pairs if r is not None]
+        results = [r for _, r in pairs]
+        for run, r in pairs:
+            rows.append(f"| {run.name} | {split} | " + " | ".join(
+                f"{100 * r['plain'][a]:.2f} | {100 * r['flip'][a]:.2f}" for a in AVERAGES) + " |")
+        if len(results) > 1:
+            cells = []
+            for a in AVERAGES:
+                for kind in ("plain", "flip"):
+                    accs = [100 * r[kind][a] for r in results]
+                    cells.append(f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}")
+            gain = statistics.mean(100 * (r["flip"]["swa"] - r["plain"]["swa"]) for r in results)
+            rows.append(f"| mean ± sd ({len(results)} runs; SWA + flip gains {gain:+.2f}) | {split} | "
+                        + " | ".join(cells) + " |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="run the validation sweep")
     p.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="sweep only these variants")
     p.add_argument("--shrink", type=int, default=8, help="proxy batch = target batch / this (TAN)")
     p.add_argument("--final", type=int, default=0, help="test runs of the shipped config")
+    p.add_argument("--flip", action="store_true", help="measure the test-time flip (val, then test)")
     p.add_argument("--table", action="store_true", help="only rebuild the tables")
     a = p.parse_args()
     if not a.table:
@@ -210,10 +273,18 @@ def main() -> None:
             "`python experiments/cifar10_scatter_sweep.py --sweep`; TAN proxies (same steps and sigma / B as the "
             "target, batch / 8), trained on 45,000 train images, scored on a 5,000-image validation split of "
             "train.npz. The test set is not read.\n\n")
-    (RESULTS / "cifar10_scatter_sweep.md").write_text(head + sweep_table() + "\n")
+    sweep_md = RESULTS / "cifar10_scatter_sweep.md"
+    sweep_md.write_text(head + sweep_table(sweep_md.read_text() if sweep_md.exists() else "") + "\n")
     (RESULTS / "cifar10_scatter_final.md").write_text(
         f"CIFAR-10, `dpwa train {CONFIG}` (all 50,000 train images), fresh noise each run, scored on the 9,000-image "
         "JPEG test set. Command: `python experiments/cifar10_scatter_sweep.py --final 3`.\n\n" + final_table() + "\n")
+    flips = flip_table(compute=a.flip)
+    if flips:
+        (RESULTS / "cifar10_scatter_flip.md").write_text(
+            "CIFAR-10 ScatterNet + CNN: `data.test_time_flip` (the mean softmax of each image and its mirror image), "
+            "decided on the 5,000-image validation split of the proxy runs, then measured on the 9,000-image test "
+            "set on the final runs. Command: `python experiments/cifar10_scatter_sweep.py --flip`.\n\n"
+            + flips + "\n")
     print((RESULTS / "cifar10_scatter_sweep.md").read_text())
     print((RESULTS / "cifar10_scatter_final.md").read_text())
 

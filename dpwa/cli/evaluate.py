@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   dpwa eval runs/cifar10-swa-cpu-eps8-20261125-101500-ab12
   dpwa eval RUN_DIR --methods raw swa swag --swag-samples 10
   dpwa eval RUN_DIR --data val      # needs data.val_size > 0 in the run's config
+  dpwa eval RUN_DIR --test-time-flip  # also average the mirror images' predictions
 """
 
 # dpwa.averaging.METHODS, repeated here: importing it would pull torch into every verb's start-up.
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
                    help=f"only these ({', '.join(METHODS)}); default: all the run kept")
     p.add_argument("--swag-samples", type=int, help="models drawn for SWAG (default: averaging.swag_samples)")
+    p.add_argument("--test-time-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image's and its mirror image's softmax (default: the run's "
+                        "data.test_time_flip); free, as all evaluation")
     p.add_argument("--json", action="store_true", help="print eval.json")
     p.set_defaults(run=run)
 
@@ -45,11 +49,13 @@ def run(a: argparse.Namespace) -> int:
 
     if a.swag_samples is not None and a.swag_samples < 1:
         raise InvalidParameterError(f"--swag-samples must be >= 1, got {a.swag_samples}")
-    result = evaluate_run(a.run_dir, split=a.data, methods=a.methods, swag_samples=a.swag_samples)
+    result = evaluate_run(a.run_dir, split=a.data, methods=a.methods, swag_samples=a.swag_samples,
+                          test_time_flip=a.test_time_flip)
     if a.json:
         print_json(result)
         return 0
-    print(run_header(result, f"{result['examples']} examples:"))
+    mirror = " and their mirror images" if result["test_time_flip"] else ""
+    print(run_header(result, f"{result['examples']} examples{mirror}:"))
     film = any("member_disagreement" in r for r in result["methods"].values())
     extra = f" {'member acc':>10} {'disagree':>8}" if film else ""
     print(f"  {'method':<10} {'members':>7} {'accuracy':>9} {'NLL':>7} {'ECE':>7} {'Brier':>7}{extra}")

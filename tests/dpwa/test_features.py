@@ -69,3 +69,34 @@ def test_test_time_flip_averages_the_mirror_images_softmax():
                 assert torch.allclose(got[i].double(), want[0], atol=1e-5), (features, name, i)
             assert not torch.allclose(got, predict_proba([model], getattr(plain, name), plain), atol=1e-4)
         assert flip.train.mirror is None and flip.mirrored(flip.train, flip.train.x[:2], 0) is None
+
+
+def test_dpwa_eval_test_time_flip_overrides_the_runs_choice(tmp_path):
+    """`dpwa eval --test-time-flip` on a run trained without it: every prediction is the mean
+    softmax of the image and its mirror image (against a float64 loop over single examples);
+    without the flag the run's own choice (off) stands, and nothing else of the run changes."""
+    import json
+    import shutil
+
+    from dpwa.cli import main
+    from dpwa.run_folder import load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent.parent / "fixtures" / "prechange_run", run_dir)
+    outs = {}
+    for flag in ([], ["--test-time-flip"]):
+        assert main(["eval", str(run_dir), "--methods", "raw", "--json", *flag]) == 0
+        outs[bool(flag)] = json.loads((run_dir / "eval.json").read_text())
+    assert outs[True]["test_time_flip"] and not outs[False]["test_time_flip"]
+    run = load_run(run_dir)
+    assert not run.cfg.data.test_time_flip  # the run folder is untouched
+    model, test = run.model.double().eval(), run.data.test
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(len(test)):
+            image = test.x[i:i + 1]
+            p = (model(run.data.normalize(image).double()).softmax(-1)
+                 + model(run.data.normalize(image.flip(-1)).double()).softmax(-1)) / 2
+            nll -= p[0, int(test.y[i])].log().item()
+    assert outs[True]["methods"]["raw"]["nll"] == pytest.approx(nll / len(test), rel=1e-4)
+    assert outs[False]["methods"]["raw"]["nll"] != pytest.approx(nll / len(test), rel=1e-3)
