@@ -10,8 +10,11 @@
   convolution tree takes ~20 s for ten heterogeneous runs. The grid's mesh and width are
   snapped to powers of 2**(1/16) (finer and wider than the theorem asks) so that nearby
   compositions share a grid, and each mechanism's discretised spectrum is cached per grid:
-  a ledger's n-step and (n + 1)-step questions cost one discretisation. We report the
-  upper bound (estimate + eps_error), so the number is a guarantee, not an estimate.
+  a ledger's n-step and (n + 1)-step questions cost one discretisation. A composition of
+  many steps keeps only a few hundred low frequencies (the rest underflow to exactly 0), so
+  spectra are computed on that band (Bluestein's transform) and the read-out sums the
+  composed pmf's Fourier series in closed form, with its rounding bounded and added. We
+  report the upper bound (estimate + eps_error), so the number is a guarantee, not an estimate.
 * ``pld``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), by
   dp-accounting's PLDAccountant with its default discretisation (pessimistic estimate).
 
@@ -26,7 +29,7 @@ import functools
 import logging
 import math
 import threading
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -263,6 +266,14 @@ def _discretise(prv, domain):
     """
     from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
+    lo, support, mean_shift = _discretise_support(prv, domain)
+    pmf = np.zeros(len(domain))
+    pmf[lo:lo + len(support)] = support
+    return DiscretePrivacyRandomVariable(pmf, domain.shift_right(mean_shift), log_pmc_inf=np.log(1 - prv.pm_inf))
+
+
+def _discretise_support(prv, domain) -> tuple[int, np.ndarray, float]:
+    """`_discretise`'s work: (lo, pmf[lo:hi], mean shift), the pmf zero outside [lo, hi)."""
     tprv = _Truncated(prv, domain.t_min(), domain.t_max())
     size, t_min, dt = len(domain), domain.t_min(), domain.dt()
     node = lambda i: t_min + i * dt  # noqa: E731  (float64 nodes, only where they are needed)
@@ -275,18 +286,17 @@ def _discretise(prv, domain):
     one = np.flatnonzero(left_cdf == 1)     # cells from here on have cdf(left) == 1
     lo = int(coarse[zero[-1]]) if len(zero) else 0
     hi = int(coarse[one[0]]) if len(one) else size
-    pmf = np.zeros(size)
+    support = np.zeros(0)
     if hi > lo:
         edges = node(np.arange(lo, hi + 1)) - half  # cell i is [edge i, edge i + 1]
         # PrivacyRandomVariableTruncated.probability(a, b): clip both ends, divide by the mass.
         cdf = prv.cdf(np.clip(edges, tprv.t_min, tprv.t_max))
-        pmf[lo:hi] = np.diff(cdf) / tprv.remaining_mass
+        support = np.diff(cdf) / tprv.remaining_mass
 
-    mean_shift = tprv.mean() - (np.dot(node(np.arange(lo, hi)), pmf[lo:hi]) if hi > lo else 0.0)
+    mean_shift = tprv.mean() - (np.dot(node(np.arange(lo, hi)), support) if hi > lo else 0.0)
     if not np.abs(mean_shift) < domain.dt() / 2:
         raise AccountantFailedError("PRV discretisation failed: discrete mean differs from continuous mean")
-    return DiscretePrivacyRandomVariable(pmf, domain.shift_right(mean_shift),
-                                         log_pmc_inf=np.log(1 - prv.pm_inf))
+    return lo, support, float(mean_shift)
 
 
 #: Domain parameters are snapped to powers of 2**(1/_SNAP): the mesh down, the half-width up.
@@ -337,25 +347,104 @@ def _grid_domain(mesh: float, size: int):
     return Domain(-k * mesh, (k + 1) * mesh, size)
 
 
+def _dft_band(x: np.ndarray, offset: int, size: int, band: int) -> np.ndarray:
+    """F(k) = sum_m x[m] exp(-2 pi i (offset + m) k / size) for k in [0, band): the first `band`
+    frequencies of the size-point DFT of a signal that is zero outside [offset, offset + len(x)).
+
+    Bluestein's chirp z-transform (Bluestein 1970; Rabiner, Schafer, Rader 1969): with
+    mk = (m^2 + k^2 - (k - m)^2) / 2 the DFT becomes one convolution, three FFTs of about
+    len(x) + band points instead of one of `size`. The chirp's phase pi m^2 / size is reduced
+    modulo 2 pi in integers, so it stays exact for m in the millions.
+    """
+    width = len(x)
+    n = numerics.next_fast_len(width + band - 1)
+    m = np.arange(max(width, band), dtype=np.int64)
+    chirp = np.exp(-1j * np.pi * ((m * m) % (2 * size)) / size)  # w^(m^2 / 2), w = e^(-2 pi i / size)
+    a = np.zeros(n, dtype=np.complex128)
+    a[:width] = x * chirp[:width]
+    b = np.zeros(n, dtype=np.complex128)
+    b[:band] = np.conj(chirp[:band])
+    if width > 1:
+        b[n - width + 1:] = np.conj(chirp[1:width])[::-1]
+    out = np.fft.ifft(np.fft.fft(a) * np.fft.fft(b))[:band] * chirp[:band]
+    k = np.arange(band, dtype=np.int64)
+    return out * np.exp(-2j * np.pi * ((offset * k) % size) / size)
+
+
 class _Spectrum:
     """One mechanism discretised on one domain, as composition needs it: its pmf's Fourier
     transform F with log|F| (a composition of n copies is exp(n * log F)), its mean shift and
-    its log mass at infinity."""
+    its log mass at infinity.
 
-    __slots__ = ("fourier", "log_abs", "shift", "log_pmc_inf", "nbytes")
+    F is computed only at the low frequencies a composition can keep (`band`): |F(k)| is at
+    most TV / (2 sin(pi k / size)) for a pmf of total variation TV (summation by parts), so
+    in a composition of many steps every higher frequency underflows to exactly 0 and was
+    never used. The pmf's support (a small part of the grid) is kept to extend the band.
+    """
+
+    __slots__ = ("support", "offset", "size", "tv", "fourier", "log_abs", "shift", "log_pmc_inf", "nbytes")
 
     def __init__(self, mechanism: Event, mesh: float, size: int) -> None:
-        dprv = _discretise(_fast_prv(mechanism), _grid_domain(mesh, size))
-        self.fourier = np.fft.rfft(np.asarray(dprv.pmf, dtype=np.float64))
+        prv = _fast_prv(mechanism)
+        domain = _grid_domain(mesh, size)
+        start, support, mean_shift = _discretise_support(prv, domain)
+        nonzero = np.flatnonzero(support)
+        lo, hi = (int(nonzero[0]), int(nonzero[-1]) + 1) if len(nonzero) else (0, 1)
+        support = support[lo:hi] if len(nonzero) else np.zeros(1)
+        self.support, self.offset, self.size = support, start + lo, size
+        # circular total variation: the jumps inside the support and onto the zeros around it
+        self.tv = float(np.abs(np.diff(self.support)).sum() + abs(self.support[0]) + abs(self.support[-1]))
+        self.fourier = np.zeros(0, dtype=np.complex128)
+        self.log_abs = np.zeros(0)
+        self.shift = float(domain.shift_right(mean_shift).shifts())
+        self.log_pmc_inf = float(np.log(1 - prv.pm_inf))
+        self.nbytes = self.support.nbytes
+
+    def log_bound(self, k: int) -> float:
+        """log of the bound TV / (2 sin(pi k / size)) on |F(k)| (and on 1: F is a pmf's)."""
+        s = 2.0 * math.sin(math.pi * k / self.size)
+        if s <= self.tv:
+            return 0.0
+        return math.log(self.tv) - math.log(s) if self.tv > 0 else -math.inf
+
+    def extend(self, band: int) -> None:
+        """Have F and log|F| at frequencies [0, band) (at least): Bluestein where it is
+        cheaper than the full real FFT, else the real FFT."""
+        if len(self.fourier) >= band:
+            return
+        half = self.size // 2 + 1
+        band = min(half, max(band, int(1.25 * band) + 16))  # headroom: nearby compositions reuse it
+        width = len(self.support)
+        if 6 * numerics.next_fast_len(width + band - 1) < self.size:
+            fourier = _dft_band(self.support, self.offset, self.size, band)
+        else:
+            pmf = np.zeros(self.size)
+            pmf[self.offset:self.offset + width] = self.support
+            fourier = np.fft.rfft(pmf)[:band]
         with np.errstate(divide="ignore"):
-            self.log_abs = np.log(np.abs(self.fourier))  # -inf where F is exactly 0
-        self.shift = float(dprv.domain.shifts())
-        self.log_pmc_inf = float(dprv.log_pmc_inf)
-        self.nbytes = self.fourier.nbytes + self.log_abs.nbytes
+            log_abs = np.log(np.abs(fourier))  # -inf where F is exactly 0
+        self.fourier, self.log_abs = fourier, log_abs
+        self.nbytes = self.support.nbytes + fourier.nbytes + log_abs.nbytes
+
+
+def _band(spectra: Sequence[tuple[_Spectrum, int]], size: int) -> int:
+    """The number of low frequencies a composition can keep: the bound on
+    sum_i n_i log|F_i(k)| decreases on [1, size / 2]; the first k where it is below _EXP_ZERO
+    and every frequency above it give exactly 0 (bisection over k)."""
+    bound = lambda k: sum(n * s.log_bound(k) for s, n in spectra)  # noqa: E731
+    half = size // 2
+    if bound(half) > _EXP_ZERO:
+        return half + 1
+    lo, hi = 0, half  # bound(hi) <= _EXP_ZERO; bound(0) = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if bound(mid) > _EXP_ZERO else (lo, mid)
+    return hi
 
 
 #: Spectra and read-out grids kept per process, least recently used first, within _CACHE_BYTES
-#: (the README's ledger query at ~22,600 composed steps leaves ~110 MB here).
+#: (the README's ledger query at ~22,600 composed steps leaves ~5 MB here: spectra keep a
+#: pmf's support and a band of frequencies, not the grid).
 _CACHE: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
 _CACHE_BYTES = 128 * 2**20
 _CACHE_LOCK = threading.Lock()
@@ -396,72 +485,157 @@ def _exp_grid(mesh: float, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 #: exp(x) is exactly 0.0 in float64 for x below about -745.13.
 _EXP_ZERO = -746.0
+#: Up to this many non-zero frequencies the read-out sums the composed pmf's Fourier series in
+#: closed form (O(frequencies) per grid point asked, ~25 points); above it, it forms the pmf.
+_SERIES_MAX = 4096
 
 
-def _prv_compose(events: Sequence[Event], eps_error: float, delta_error: float):
+class _Composed:
+    """A composed PRV as the Fourier series of its pmf on the grid (mesh, size):
+    p_j = (1/size) sum_k w_k Re(c_k e^(2 pi i j k / size)) over the non-zero frequencies k
+    (w_k = 2 but 1 at k = 0 and size/2), on `domain` (the grid shifted by the discretisation's
+    mean corrections), with log mass at infinity `log_pmc_inf`."""
+
+    __slots__ = ("freqs", "coeffs", "mesh", "size", "domain", "log_pmc_inf")
+
+    def __init__(self, freqs, coeffs, mesh, size, domain, log_pmc_inf) -> None:
+        self.freqs, self.coeffs, self.mesh, self.size = freqs, coeffs, mesh, size
+        self.domain, self.log_pmc_inf = domain, log_pmc_inf
+
+    def pmf(self) -> np.ndarray:
+        spectrum = np.zeros(self.size // 2 + 1, dtype=np.complex128)
+        spectrum[self.freqs] = self.coeffs
+        return np.fft.irfft(spectrum, n=self.size)  # numpy's pocketfft: scipy.fft's, without its import
+
+
+def _prv_compose(events: Sequence[Event], eps_error: float, delta_error: float) -> _Composed:
     """Compose every event's discretised PRV on one safe domain, in one pass.
 
     Composition is a sum of independent privacy loss variables, i.e. a convolution of
     their pmfs: the product of their Fourier transforms, exp(sum_i n_i log F_i). The domain
-    [-L, L] holds the composed PRV, so the circular convolution does not wrap; the roll puts
-    index 0 back at t_min (as prv-accountant's Fourier composer does for one PRV). Only the
-    frequencies whose product does not underflow to exactly 0 are computed (a wide pmf's
-    spectrum, raised to a power, dies fast), which changes no value of the result.
-
-    Returns (pmf, domain, log_pmc_inf, (mesh, size)): a float64 pmf on `domain` (the grid
-    (mesh, size) shifted by the mean corrections of the discretisation).
+    [-L, L] holds the composed PRV, so the circular convolution does not wrap; a circular
+    shift (a phase) puts index 0 back at t_min (prv-accountant's Fourier composer rolls the
+    pmf). Only the frequencies whose product does not underflow to exactly 0 are kept (a
+    pmf's spectrum raised to a power dies fast: 179 of 972,001 for the README's ledger query),
+    which changes no value of the result.
     """
     mesh, size = _prv_grid(events, eps_error, delta_error)
     spectra = [(_spectrum(e, mesh, size), e.count) for e in events]
     total = sum(n for _, n in spectra)
-    real = np.zeros(size // 2 + 1)
-    for s, n in spectra:
-        real += n * s.log_abs
+    band = _band(spectra, size)
+    with _CACHE_LOCK:  # a spectrum is shared by threads: extend it under the lock
+        for s, _ in spectra:
+            s.extend(band)
+        fourier = [(s.fourier[:band], s.log_abs[:band], n) for s, n in spectra]
+    real = np.zeros(band)
+    for _, log_abs, n in fourier:
+        real += n * log_abs
     keep = np.flatnonzero(real > _EXP_ZERO)
-    phase = np.zeros(len(keep))
-    for s, n in spectra:
-        phase += n * np.angle(s.fourier[keep])
-    spectrum = np.zeros(size // 2 + 1, dtype=np.complex128)
-    spectrum[keep] = np.exp(real[keep] + 1j * phase)
-    pmf = np.fft.irfft(spectrum, n=size)  # numpy's pocketfft: scipy.fft's transforms, without its import
-    pmf = np.roll(pmf, total - 1 + (size // 2 if total % 2 == 0 else 0))
+    roll = total - 1 + (size // 2 if total % 2 == 0 else 0)
+    phase = -2 * np.pi * ((roll * keep.astype(np.int64)) % size) / size
+    for f, _, n in fourier:
+        phase += n * np.angle(f[keep])
     shift = sum(n * s.shift for s, n in spectra)
     log_pmc_inf = sum(n * s.log_pmc_inf for s, n in spectra)
-    return pmf, _grid_domain(mesh, size).shift_right(shift), log_pmc_inf, (mesh, size)
+    return _Composed(keep, np.exp(real[keep] + 1j * phase), mesh, size,
+                     _grid_domain(mesh, size).shift_right(shift), log_pmc_inf)
 
 
-def _epsilon_upper(pmf: np.ndarray, domain, log_pmc_inf: float, grid: tuple[float, int], delta: float,
-                   delta_error: float, eps_error: float) -> float:
+def _epsilon_upper(composed: _Composed, delta: float, delta_error: float, eps_error: float) -> float:
     """prv-accountant's `DiscretePrivacyRandomVariable.compute_epsilon(...)[2]` (the upper bound),
     in float64 and without the lower bound and estimate it also computes (tested equal).
 
     With u the unshifted grid and s the shift (t = u + s), the hockey-stick divergence at
-    t_i is sum_{j>=i} p_j (1 - e^(u_i - u_j)) and epsilon = s + log((d1_i - delta) / d2_i),
-    so the shift never meets an exponential and e^(+-u) is cached per grid; a grid wider
-    than float64's exponential range falls back to prv-accountant's long-double read-out.
+    t_i is d1_i - e^(u_i) d2_i with d1_i = sum_{j>=i} p_j and d2_i = sum_{j>=i} p_j e^(-u_j),
+    and epsilon = s + log((d1_i - delta) / d2_i) at the first i where it is at most delta.
+    A composition with few frequencies has both sums in closed form (geometric series of
+    each frequency), so a bisection over i costs microseconds (`_series_read_out`); one with
+    many forms the pmf and its cumulative sums (`_pmf_read_out`); a grid wider than float64's
+    exponential range falls back to prv-accountant's long-double read-out.
     """
-    delta_inf = 1 - math.exp(log_pmc_inf)
+    delta_inf = 1 - math.exp(composed.log_pmc_inf)
     delta_fin = (delta - delta_inf) / (1 - delta_inf)
     if delta_fin <= 0:
         return math.inf
-    if np.finfo(np.longdouble).eps * len(pmf) > delta_fin - delta_error:
+    if np.finfo(np.longdouble).eps * composed.size > delta_fin - delta_error:
         raise ValueError("Floating point errors will dominate for such small values of delta. "
                          "Increase delta or reduce domain size.")
-    mesh, size = grid
-    if (size // 2) * mesh > 600:
+    if (composed.size // 2) * composed.mesh > 600:
         from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
-        return DiscretePrivacyRandomVariable(pmf, domain, log_pmc_inf).compute_epsilon(
+        return DiscretePrivacyRandomVariable(composed.pmf(), composed.domain, composed.log_pmc_inf).compute_epsilon(
             delta, delta_error, eps_error)[2]
-    exp_u, exp_minus_u = _exp_grid(mesh, size)
     target = delta_fin - delta_error
+    found = _series_read_out(composed, target) if len(composed.freqs) <= _SERIES_MAX else None
+    i, d1, log_d2, rounding = found if found is not None else _pmf_read_out(composed, target)
+    if i <= 0 or i >= composed.size:
+        raise AccountantFailedError("Cannot compute epsilon")
+    return float(composed.domain.shifts() + math.log(d1 - target) - log_d2 + eps_error + rounding)
+
+
+def _pmf_read_out(composed: _Composed, target: float) -> tuple[int, float, float, float]:
+    """(i, d1_i, log d2_i, 0.0) at the first i with e^(u_i) d2_i - d1_i >= -target, from the pmf
+    (its rounding, like prv-accountant's, is not added: ~1e-16 of the pmf's tail sums)."""
+    exp_u, exp_minus_u = _exp_grid(composed.mesh, composed.size)
+    pmf = composed.pmf()
     d1 = np.cumsum(pmf[::-1])[::-1]
     d2 = np.cumsum((pmf * exp_minus_u)[::-1])[::-1]
-    ndelta = exp_u * d2 - d1
-    i = int(np.searchsorted(ndelta, -target, side="left"))
-    if i <= 0:
-        raise AccountantFailedError("Cannot compute epsilon")
-    return float(domain.shifts() + math.log((d1[i] - target) / d2[i]) + eps_error)
+    i = int(np.searchsorted(exp_u * d2 - d1, -target, side="left"))
+    if not 0 < i < composed.size:
+        return i, math.nan, math.nan, 0.0
+    return i, float(d1[i]), math.log(d2[i]), 0.0
+
+
+#: The largest effect on epsilon of the closed form's rounding that `_series_read_out` accepts
+#: (and adds to the bound); above it the pmf's cumulative sums are used.
+_SERIES_ROUNDING = 1e-6
+
+
+def _series_read_out(composed: _Composed, target: float) -> Optional[tuple[int, float, float, float]]:
+    """`_pmf_read_out` from the Fourier series, never forming the pmf (equal to rounding, tested).
+
+    For frequency k with w = e^(2 pi i k / N): sum_{j=i}^{N-1} w^j = (w^i - 1) / (1 - w) (and
+    N - i at k = 0), and sum_{j=i}^{N-1} w^j e^(-(j-i) dt) = (w^i - e^(-(N-i) dt)) / (1 - w e^(-dt)),
+    which is e^(u_i) d2_i's share; e^(u_i) d2_i - d1_i increases with i, so the first i where it
+    reaches -target is found by numpy's searchsorted bisection, ~log2(N) evaluations.
+
+    The two sums cancel down to the tail mass (~delta) from terms of order 1, so their
+    rounding is bounded (K + 4 units of float64 rounding on the sum of the terms' magnitudes,
+    for K frequencies) and its effect on epsilon is added to the result: the bound stays a
+    bound. None when that effect would exceed _SERIES_ROUNDING (tiny deltas): use the pmf.
+    """
+    n, dt = composed.size, composed.mesh
+    k = composed.freqs.astype(np.int64)
+    weight = np.where((k == 0) | (2 * k == n), 1.0, 2.0) / n
+    c = composed.coeffs * weight
+    theta = 2 * np.pi * k / n
+    one_minus_w = 2 * np.sin(theta / 2) ** 2 - 1j * np.sin(theta)          # 1 - e^(i theta), accurately
+    one_minus_wz = -math.expm1(-dt) + math.exp(-dt) * one_minus_w          # 1 - e^(i theta - dt)
+    zero = k == 0
+    safe = np.where(zero, 1.0, one_minus_w)
+
+    def terms(i: int) -> tuple[np.ndarray, np.ndarray]:
+        w_i = np.exp(2j * np.pi * ((i * k) % n) / n)
+        return c * np.where(zero, n - i, (w_i - 1) / safe), c * (w_i - math.exp(-(n - i) * dt)) / one_minus_wz
+
+    lo, hi = 0, n  # the first i in [0, n) with e^(u_i) d2_i - d1_i >= -target, else n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t1, t2 = terms(mid)
+        if np.sum(t2).real - np.sum(t1).real < -target:
+            lo = mid + 1
+        else:
+            hi = mid
+    if not 0 < lo < n:
+        return lo, math.nan, math.nan, 0.0
+    t1, t2 = terms(lo)
+    d1, e = float(np.sum(t1).real), float(np.sum(t2).real)
+    unit = (len(k) + 4) * np.finfo(np.float64).eps
+    rounding = unit * float(np.abs(t1).sum()) / (d1 - target) + unit * float(np.abs(t2).sum()) / e
+    if not (d1 > target and e > 0 and rounding <= _SERIES_ROUNDING):
+        return None
+    u = (lo - (n // 2 - 1)) * dt  # the unshifted grid: t_min = -(n / 2 - 1) dt
+    return lo, d1, math.log(e) - u, rounding
 
 
 def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_EPS_ERROR) -> float:
@@ -469,8 +643,8 @@ def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_E
     Memoised on disk where the memo is enabled (`accounting.memo`: the command line)."""
     def compute() -> float:
         delta_error = delta / 1000
-        pmf, domain, log_pmc_inf, grid = _prv_compose(events, eps_error, delta_error)
-        return max(_epsilon_upper(pmf, domain, log_pmc_inf, grid, delta, delta_error, eps_error), 0.0)
+        composed = _prv_compose(events, eps_error, delta_error)
+        return max(_epsilon_upper(composed, delta, delta_error, eps_error), 0.0)
 
     return float(memo.memoised("prv-epsilon", events, (float(delta), float(eps_error)), compute))
 
@@ -489,7 +663,8 @@ def _prv_delta(events: Sequence[Event], epsilon: float) -> float:
     from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
     delta_error = 1e-12
-    composed = DiscretePrivacyRandomVariable(*_prv_compose(events, PRV_EPS_ERROR, delta_error)[:3])
+    c = _prv_compose(events, PRV_EPS_ERROR, delta_error)
+    composed = DiscretePrivacyRandomVariable(c.pmf(), c.domain, c.log_pmc_inf)
     upper = composed.compute_delta_estimate(epsilon - PRV_EPS_ERROR) + delta_error
     return float(min(max(upper, 0.0), 1.0))
 

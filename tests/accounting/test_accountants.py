@@ -136,14 +136,63 @@ def test_fast_cdf_equals_prv_accountant(event):
 @pytest.mark.parametrize("events", [[dpsgd(3.0, 2468)], [dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 22000)],
                                     [dpsgd(2.0, 120, 0.05), Gaussian(noise_multiplier=30.0)]])
 @pytest.mark.parametrize("d", [1e-5, 1e-8])
-def test_read_out_equals_prv_accountant(events, d):
-    """Our float64 read-out of the upper bound equals prv-accountant's long-double one."""
+def test_read_out_equals_prv_accountant(events, d, monkeypatch):
+    """Our float64 read-outs of the upper bound equal prv-accountant's long-double one on the
+    same composed pmf: the pmf's cumulative sums to rounding; the Fourier series' closed form
+    to its rounding bound, which it adds (so it is never below) and keeps under 1e-6, else
+    it hands over to the pmf (the tiny-delta cases)."""
     from prv_accountant.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
 
-    pmf, domain, log_pmc_inf, grid = acc._prv_compose(events, 0.01, d / 1000)
-    ours = acc._epsilon_upper(pmf, domain, log_pmc_inf, grid, d, d / 1000, 0.01)
-    theirs = DiscretePrivacyRandomVariable(pmf, domain, log_pmc_inf).compute_epsilon(d, d / 1000, 0.01)[2]
-    assert ours == pytest.approx(theirs, rel=1e-10)
+    composed = acc._prv_compose(events, 0.01, d / 1000)
+    theirs = float(DiscretePrivacyRandomVariable(composed.pmf(), composed.domain, composed.log_pmc_inf)
+                   .compute_epsilon(d, d / 1000, 0.01)[2])
+    assert len(composed.freqs) <= acc._SERIES_MAX  # the closed form is tried
+    series = acc._series_read_out(composed, d * (1 - 1e-3))
+    if d == 1e-5:
+        assert series is not None and 0 < series[3] <= acc._SERIES_ROUNDING
+    ours = acc._epsilon_upper(composed, d, d / 1000, 0.01)
+    assert theirs - 1e-12 <= ours <= theirs + acc._SERIES_ROUNDING
+    monkeypatch.setattr(acc, "_SERIES_MAX", 0)
+    assert acc._epsilon_upper(composed, d, d / 1000, 0.01) == pytest.approx(theirs, rel=1e-10)
+
+
+def _full_composition(events, eps_error, delta_error):
+    """The composition without the frequency band: every mechanism's full real FFT, the
+    product of all frequencies, the pmf rolled back to t_min (prv-accountant's Fourier composer)."""
+    mesh, size = acc._prv_grid(events, eps_error, delta_error)
+    log_f = np.zeros(size // 2 + 1, dtype=np.complex128)
+    for e in events:
+        pmf = np.asarray(acc._discretise(acc._fast_prv(e.with_count(0)), acc._grid_domain(mesh, size)).pmf)
+        with np.errstate(divide="ignore"):
+            log_f += e.count * np.log(np.fft.rfft(pmf).astype(np.complex128))
+    total = sum(e.count for e in events)
+    pmf = np.fft.irfft(np.exp(log_f), n=size)
+    return np.roll(pmf, total - 1 + (size // 2 if total % 2 == 0 else 0))
+
+
+@pytest.mark.parametrize("events", [[dpsgd(0.6867, 637, 0.02048), dpsgd(10.0, 22000)], [dpsgd(3.0, 2468)],
+                                    [dpsgd(2.0, 120, 0.05), Gaussian(noise_multiplier=30.0)]])
+def test_band_limited_composition_equals_full_one(events):
+    """Computing each spectrum only on the band of frequencies the composition can keep
+    (Bluestein's transform, bounded by the pmf's total variation) gives the pmf that the full
+    FFT of every frequency gives; the README's ledger query keeps a few hundred of ~1e6."""
+    acc._CACHE.clear()
+    composed = acc._prv_compose(events, 0.01, DELTA / 1000)
+    full = _full_composition(events, 0.01, DELTA / 1000)
+    # equal down to the FFTs' noise floor (~1e-17 against a largest cell of ~1e-6)
+    np.testing.assert_allclose(composed.pmf(), full, rtol=0, atol=1e-10 * full.max())
+    if len(events) == 2 and events[1].count == 22000:
+        assert len(composed.freqs) < 1e-3 * composed.size
+
+
+def test_dft_band_equals_fft():
+    rng = np.random.default_rng(0)
+    for width, offset, size, band in [(7, 3, 64, 20), (1000, 123456, 2**18 + 6, 300), (1, 5, 10, 6)]:
+        x = rng.random(width)
+        signal = np.zeros(size)
+        signal[offset:offset + width] = x
+        np.testing.assert_allclose(acc._dft_band(x, offset, size, band), np.fft.fft(signal)[:band],
+                                   rtol=0, atol=1e-12 * x.sum())
 
 
 def test_snapped_domain_is_finer_and_wider_and_shared():
