@@ -53,9 +53,28 @@ def _horner(x: np.ndarray, coefficients: Sequence[float], monic: bool) -> np.nda
     return y
 
 
-def erfc(x) -> np.ndarray:
-    """The complementary error function of a float64 array, elementwise (Cephes' algorithm)."""
+def erfc(x, *, increasing: bool = False) -> np.ndarray:
+    """The complementary error function of a float64 array, elementwise (Cephes' algorithm).
+
+    `increasing=True` says the array is likely non-decreasing and 1-d (a CDF's arguments on a
+    grid): once that is checked (else the general path runs), Cephes' argument ranges are
+    contiguous slices, found by bisection and evaluated in place of masked copies: the same
+    operations on the same elements, so bit-identical (tested), and faster.
+    """
     a = np.asarray(x, dtype=np.float64)
+    if increasing and a.ndim == 1 and len(a) > 1 and bool(np.all(a[1:] >= a[:-1])):  # NaN fails it
+        out = np.empty_like(a)
+        n8, lo = (int(i) for i in np.searchsorted(a, (-8.0, -1.0), side="right"))
+        hi, p8 = (int(i) for i in np.searchsorted(a, (1.0, 8.0), side="left"))
+        # slices: x <= -8 | -8 < x <= -1 | -1 < x < 1 | 1 <= x < 8 | x >= 8, i.e. by |x| as below
+        if hi > lo:
+            v = a[lo:hi]
+            z = v * v
+            out[lo:hi] = 1.0 - v * _horner(z, _T, False) / _horner(z, _U, True)
+        for start, stop, p, q in ((n8, lo, _P, _Q), (hi, p8, _P, _Q), (0, n8, _R, _S), (p8, len(a), _R, _S)):
+            if stop > start:
+                out[start:stop] = _erfc_tail(a[start:stop], p, q)
+        return out
     flat = a.reshape(-1)
     out = np.empty_like(flat)
     ax = np.abs(flat)
@@ -65,15 +84,19 @@ def erfc(x) -> np.ndarray:
         z = v * v
         out[low] = 1.0 - v * _horner(z, _T, False) / _horner(z, _U, True)
     for band, p, q in ((~low & (ax < 8.0), _P, _Q), (ax >= 8.0, _R, _S)):
-        if not band.any():
-            continue
-        v, av = flat[band], ax[band]
-        with np.errstate(under="ignore", invalid="ignore"):  # invalid: exp(-inf) * inf at +-inf
-            y = np.exp(-v * v) * _horner(av, p, False) / _horner(av, q, True)
-        y[v * v > _MAXLOG] = 0.0  # Cephes' underflow branch
-        out[band] = np.where(v < 0, 2.0 - y, y)
+        if band.any():
+            out[band] = _erfc_tail(flat[band], p, q)
     out[np.isnan(flat)] = np.nan
     return out.reshape(a.shape)
+
+
+def _erfc_tail(v: np.ndarray, p: Sequence[float], q: Sequence[float]) -> np.ndarray:
+    """Cephes' erfc for |x| >= 1: exp(-x^2) P(|x|) / Q(|x|), reflected for x < 0."""
+    av = np.abs(v)
+    with np.errstate(under="ignore", invalid="ignore"):  # invalid: exp(-inf) * inf at +-inf
+        y = np.exp(-v * v) * _horner(av, p, False) / _horner(av, q, True)
+    y[v * v > _MAXLOG] = 0.0  # Cephes' underflow branch
+    return np.where(v < 0, 2.0 - y, y)
 
 
 def ndtr(x) -> np.ndarray:

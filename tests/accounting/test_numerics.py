@@ -31,6 +31,18 @@ def test_erfc_and_ndtr_are_bit_identical_to_scipy():
     assert N.erfc(np.float64(0.5)).shape == () and N.erfc(x[:840000].reshape(10, -1)).shape == (10, 84000)
 
 
+def test_erfc_sliced_path_is_bit_identical():
+    """`erfc(x, increasing=True)`: sorted input takes contiguous slices, the rest (unsorted,
+    NaN, 2-d) the general path; every value equals scipy's."""
+    import scipy.special as sp
+
+    x = _points()
+    finite = np.sort(x[~np.isnan(x)])
+    for a in (finite, finite[(finite > -1.5) & (finite < 1.5)], finite[finite >= 8.0], np.array([-8.0, -1.0, 1.0, 8.0]),
+              x, x[:840000].reshape(10, -1), np.array([2.0])):
+        np.testing.assert_array_equal(N.erfc(a, increasing=True), sp.erfc(a))
+
+
 def test_next_fast_len_equals_scipy():
     import scipy.fft
 
