@@ -256,8 +256,9 @@ class _Truncated:
         return float(sum(float(hi * self.cdf(hi) - lo * self.cdf(lo)) - i for (lo, hi), i in zip(pieces, integrals)))
 
 
-def _discretise(prv, domain):
-    """prv-accountant's cell-centred discretisation, evaluated only where the pmf is non-zero.
+def _discretise_support(prv, domain) -> tuple[int, np.ndarray, float]:
+    """prv-accountant's cell-centred discretisation, evaluated only where the pmf is non-zero:
+    (lo, pmf[lo:hi], mean shift), the pmf zero outside [lo, hi).
 
     A PRV's mass sits in a small part of the safe domain; outside it the truncated CDF is
     exactly 0 or exactly 1 and every cell's mass `cdf(right) - cdf(left)` is exactly 0. A
@@ -266,16 +267,6 @@ def _discretise(prv, domain):
     `prv_accountant.discretisers.CellCentred` (to rounding of the edges, tested) at a
     fraction of its cost.
     """
-    from ._prv_lib.discrete_privacy_random_variable import DiscretePrivacyRandomVariable
-
-    lo, support, mean_shift = _discretise_support(prv, domain)
-    pmf = np.zeros(len(domain))
-    pmf[lo:lo + len(support)] = support
-    return DiscretePrivacyRandomVariable(pmf, domain.shift_right(mean_shift), log_pmc_inf=np.log(1 - prv.pm_inf))
-
-
-def _discretise_support(prv, domain) -> tuple[int, np.ndarray, float]:
-    """`_discretise`'s work: (lo, pmf[lo:hi], mean shift), the pmf zero outside [lo, hi)."""
     tprv = _Truncated(prv, domain.t_min(), domain.t_max())
     size, t_min, dt = len(domain), domain.t_min(), domain.dt()
     node = lambda i: t_min + i * dt  # noqa: E731  (float64 nodes, only where they are needed)

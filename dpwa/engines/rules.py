@@ -219,7 +219,7 @@ class DenseRule:
         non-private backward's own kernel, at its cost (2.3x faster than unfolding patches for a
         bmm, which copies k^2 times the input; `experiments/bench_dp_step.py`).
         """
-        m, b, g, go = self.m, self.batch, self.groups, self.go
+        b, g, go = self.batch, self.groups, self.go
         if not self.conv:
             return (go.reshape(b, -1, go.shape[-1]).transpose(1, 2) @ self.rec.x.reshape(b, -1, self.rec.x.shape[-1])
                     ).unsqueeze(1)
@@ -228,9 +228,14 @@ class DenseRule:
         k, o = n // b, go.shape[1]
         xs = x.reshape(b, k, c, *x.shape[2:]).transpose(0, 1).reshape(k, b * c, *x.shape[2:])
         gos = go.reshape(b, k, o, *go.shape[2:]).transpose(0, 1).reshape(k, b * o, *go.shape[2:])
-        grads = torch.nn.grad.conv2d_weight(xs, (b * o, c // g, *m.kernel_size), gos, stride=m.stride,
-                                            padding=self.padding, dilation=m.dilation, groups=b * g)
-        return grads.reshape(b, g, o // g, -1)
+        return self._conv_weight_grad(xs, gos, b).reshape(b, g, o // g, -1)
+
+    def _conv_weight_grad(self, x: torch.Tensor, go: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """The conv's weight gradient for input x and output gradient go, the non-private
+        backward's kernel; `copies` side-by-side copies of the layer (its groups repeated)."""
+        m = self.m
+        return torch.nn.grad.conv2d_weight(x, (copies * m.weight.shape[0], *m.weight.shape[1:]), go, stride=m.stride,
+                                           padding=self.padding, dilation=m.dilation, groups=copies * m.groups)
 
     def norms2(self) -> torch.Tensor:
         """Per-example squared norms (B,). Afterwards the rule keeps only what its clipped sum
@@ -356,8 +361,7 @@ class DenseRule:
             k = self.go.shape[0] // self.batch
             cgo = self.go * c.repeat_interleave(k).view(-1, *([1] * (self.go.dim() - 1)))
             if self.conv:
-                w_eff_grad = torch.nn.grad.conv2d_weight(self.rec.x, m.weight.shape, cgo, stride=m.stride,
-                                                         padding=self.padding, dilation=m.dilation, groups=m.groups)
+                w_eff_grad = self._conv_weight_grad(self.rec.x, cgo)
             else:
                 w_eff_grad = cgo.reshape(-1, cgo.shape[-1]).t() @ self.rec.x.reshape(-1, self.rec.x.shape[-1])
         if self.ws is None:
