@@ -12,7 +12,7 @@
   compositions share a grid, and each mechanism's discretised spectrum is cached per grid:
   a ledger's n-step and (n + 1)-step questions cost one discretisation. A composition of
   many steps keeps only a few hundred low frequencies (the rest underflow to exactly 0), so
-  spectra are computed on that band (Bluestein's transform) and the read-out sums the
+  spectra are computed on that band (a blocked Taylor DFT) and the read-out sums the
   composed pmf's Fourier series in closed form, with its rounding bounded and added. We
   report the upper bound (estimate + eps_error), so the number is a guarantee, not an estimate.
 * ``pld``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), by
@@ -256,6 +256,10 @@ class _Truncated:
         return float(sum(float(hi * self.cdf(hi) - lo * self.cdf(lo)) - i for (lo, hi), i in zip(pieces, integrals)))
 
 
+#: Cell edges per CDF evaluation (256 KiB of float64; erfc's temporaries then stay in L2).
+_CDF_PIECE = 2**15
+
+
 def _discretise_support(prv, domain) -> tuple[int, np.ndarray, float]:
     """prv-accountant's cell-centred discretisation, evaluated only where the pmf is non-zero:
     (lo, pmf[lo:hi], mean shift), the pmf zero outside [lo, hi).
@@ -281,9 +285,10 @@ def _discretise_support(prv, domain) -> tuple[int, np.ndarray, float]:
     hi = int(coarse[one[0]]) if len(one) else size
     support = np.zeros(0)
     if hi > lo:
-        edges = node(np.arange(lo, hi + 1)) - half  # cell i is [edge i, edge i + 1]
+        edges = np.clip(node(np.arange(lo, hi + 1)) - half, tprv.t_min, tprv.t_max)  # cell i: [edge i, edge i + 1]
         # PrivacyRandomVariableTruncated.probability(a, b): clip both ends, divide by the mass.
-        cdf = prv.cdf(np.clip(edges, tprv.t_min, tprv.t_max))
+        # In pieces that stay in the CPU's L2 cache with their temporaries: 2x faster than whole.
+        cdf = np.concatenate([prv.cdf(edges[i:i + _CDF_PIECE]) for i in range(0, len(edges), _CDF_PIECE)])
         support = np.diff(cdf) / tprv.remaining_mass
 
     # a sum of products, not np.dot: BLAS's dot on ~1e6 elements wakes its threads, which spin
@@ -342,28 +347,69 @@ def _grid_domain(mesh: float, size: int):
     return Domain(-k * mesh, (k + 1) * mesh, size)
 
 
-def _dft_band(x: np.ndarray, offset: int, size: int, band: int) -> np.ndarray:
-    """F(k) = sum_m x[m] exp(-2 pi i (offset + m) k / size) for k in [0, band): the first `band`
-    frequencies of the size-point DFT of a signal that is zero outside [offset, offset + len(x)).
+#: The low-band DFT's Taylor expansion: phases within a block stay within +-_TAYLOR_THETA
+#: radians of the block's centre, and _TAYLOR_TERMS terms leave a remainder below
+#: _TAYLOR_THETA**_TAYLOR_TERMS / _TAYLOR_TERMS! ~ 7e-19 of the signal's l1 norm (float64's
+#: rounding of the sums is larger).
+_TAYLOR_THETA = 0.5
+_TAYLOR_TERMS = 16
+#: Below this block length the low-band DFT saves too little over the full real FFT.
+_TAYLOR_MIN_BLOCK = 16
+#: OpenBLAS multiplies matrices with m * n * k up to 4 * 65536 on the calling thread; above it
+#: it wakes its threads, which spin on a shared core long after a millisecond of work.
+_BLAS_SERIAL = 4 * 65536
 
-    Bluestein's chirp z-transform (Bluestein 1970; Rabiner, Schafer, Rader 1969): with
-    mk = (m^2 + k^2 - (k - m)^2) / 2 the DFT becomes one convolution, three FFTs of about
-    len(x) + band points instead of one of `size`. The chirp's phase pi m^2 / size is reduced
-    modulo 2 pi in integers, so it stays exact for m in the millions.
+
+def _dft_low(x: np.ndarray, offset: int, size: int, band: int) -> Optional[np.ndarray]:
+    """F(k) = sum_m x[m] exp(-2 pi i (offset + m) k / size) for k in [0, band): the first `band`
+    frequencies of the size-point DFT of a real signal that is zero outside [offset, offset + len(x)),
+    or None where the full real FFT is about as cheap.
+
+    A pruned DFT by blocks and Taylor series (the low-frequency special case of the
+    "Taylor-FFT"; e.g. Dutt & Rokhlin 1993 use the same expansion for non-uniform FFTs). Split
+    m into blocks of B samples, B a divisor of `size`, with centre c:
+    e^(-i phi_k m) = e^(-i phi_k c_a) sum_p (-i phi_k (b - c))^p / p! with phi_k = 2 pi k / size,
+    so F(k) = e^(-i phi_k (offset + c)) sum_p (-i k / K)^p G_p(k), where G_p is the
+    (size / B)-point DFT of the blocks' moments sum_b x[aB + b] u_b^p / p! with
+    u_b = phi_K (b - c), |u_b| <= _TAYLOR_THETA (K = band - 1, the largest frequency). The
+    cost is len(x) * _TAYLOR_TERMS multiply-adds and a few small FFTs, against a real FFT of
+    `size` points: for the README's ledger query, ~3 ms instead of ~70 ms.
     """
-    width = len(x)
-    n = numerics.next_fast_len(width + band - 1)
-    m = np.arange(max(width, band), dtype=np.int64)
-    chirp = np.exp(-1j * np.pi * ((m * m) % (2 * size)) / size)  # w^(m^2 / 2), w = e^(-2 pi i / size)
-    a = np.zeros(n, dtype=np.complex128)
-    a[:width] = x * chirp[:width]
-    b = np.zeros(n, dtype=np.complex128)
-    b[:band] = np.conj(chirp[:band])
-    if width > 1:
-        b[n - width + 1:] = np.conj(chirp[1:width])[::-1]
-    out = np.fft.ifft(np.fft.fft(a) * np.fft.fft(b))[:band] * chirp[:band]
+    if band <= 1:
+        return np.array([complex(x.sum())]) if band == 1 else np.zeros(0, dtype=np.complex128)
+    top = band - 1
+    phi = 2.0 * math.pi * top / size
+    limit = int(2.0 * _TAYLOR_THETA / phi) + 1  # (B - 1) / 2 * phi <= theta
+    block = max((d for d in _divisors_up_to(size, limit)), default=1)
+    points = size // block
+    if block < _TAYLOR_MIN_BLOCK or points < 2 * band:
+        return None
+    blocks = -(-len(x) // block)
+    padded = np.zeros(blocks * block)
+    padded[:len(x)] = x
+    u = (np.arange(block) - (block - 1) / 2.0) * phi
+    powers = np.empty((block, _TAYLOR_TERMS))  # u^p / p!
+    powers[:, 0] = 1.0
+    for p in range(1, _TAYLOR_TERMS):
+        powers[:, p] = powers[:, p - 1] * u / p
+    moments = np.empty((blocks, _TAYLOR_TERMS))                 # sum_b x[aB + b] u_b^p / p!
+    rows = max(1, _BLAS_SERIAL // (block * _TAYLOR_TERMS))
+    for i in range(0, blocks, rows):  # products small enough that OpenBLAS runs them on one thread
+        np.matmul(padded[i * block:(i + rows) * block].reshape(-1, block), powers, out=moments[i:i + rows])
+    g = np.fft.rfft(moments, n=points, axis=0)[:band]           # (band, terms): G_p(k)
+    ratio = np.arange(band) / top                               # k / K
+    out = g[:, -1]
+    for p in range(_TAYLOR_TERMS - 2, -1, -1):                  # Horner in (-i k / K)
+        out = g[:, p] + (-1j * ratio) * out
+    # e^(-i phi_k (offset + c)), c = (block - 1) / 2: the phase in integers, exact for any offset
     k = np.arange(band, dtype=np.int64)
-    return out * np.exp(-2j * np.pi * ((offset * k) % size) / size)
+    return out * np.exp(-1j * np.pi * (((2 * offset + block - 1) * k) % (2 * size)) / size)
+
+
+def _divisors_up_to(n: int, limit: int) -> list[int]:
+    """The divisors of n that are at most `limit`."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return [d for d in {*small, *(n // d for d in small)} if d <= limit]
 
 
 class _Spectrum:
@@ -403,18 +449,16 @@ class _Spectrum:
         return math.log(self.tv) - math.log(s) if self.tv > 0 else -math.inf
 
     def extend(self, band: int) -> None:
-        """Have F and log|F| at frequencies [0, band) (at least): Bluestein where it is
-        cheaper than the full real FFT, else the real FFT."""
+        """Have F and log|F| at frequencies [0, band) (at least): the low-band DFT where it
+        is cheaper than the full real FFT, else the real FFT."""
         if len(self.fourier) >= band:
             return
         half = self.size // 2 + 1
         band = min(half, max(band, int(1.25 * band) + 16))  # headroom: nearby compositions reuse it
-        width = len(self.support)
-        if 6 * numerics.next_fast_len(width + band - 1) < self.size:
-            fourier = _dft_band(self.support, self.offset, self.size, band)
-        else:
+        fourier = _dft_low(self.support, self.offset, self.size, band)
+        if fourier is None:
             pmf = np.zeros(self.size)
-            pmf[self.offset:self.offset + width] = self.support
+            pmf[self.offset:self.offset + len(self.support)] = self.support
             fourier = np.fft.rfft(pmf)[:band]
         with np.errstate(divide="ignore"):
             log_abs = np.log(np.abs(fourier))  # -inf where F is exactly 0
