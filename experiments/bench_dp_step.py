@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -86,12 +87,12 @@ def make_step(engine: str, model, views, labels):
     return lambda: sgd.step([(views, labels)])
 
 
-def time_case(case: str, images: int, repeats: int) -> dict[str, list[float]]:
+def time_case(case: str, images: int, repeats: int, engines: list[str]) -> dict[str, list[float]]:
     import copy
 
     model, views, labels = build(case, images)
     steps = {}
-    for engine in ENGINES:
+    for engine in engines:
         step = make_step(engine, copy.deepcopy(model), views, labels)
         if step is not None:
             step()  # warm-up
@@ -165,11 +166,14 @@ def main() -> None:
     p.add_argument("--images", type=int, nargs="+", default=[64, 256],
                    help="images (examples x views) per physical step: a row per value")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=ENGINES,
+                   help="the engines to run (non-private always runs: it is the baseline)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", choices=list(CASES), help="profile non-private vs dpwa-fast on this case")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
+    engines = ["non-private", *(e for e in a.engines if e != "non-private")]
     torch.set_num_threads(a.threads)
     if a.memory_child:
         memory_child(*a.memory_child, a.images[0])
@@ -179,16 +183,15 @@ def main() -> None:
         return
     header = (f"One step, {a.threads} threads, medians of {a.repeats} interleaved rounds; "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}."
-              f"\nCommand: `python experiments/bench_dp_step.py --images {' '.join(map(str, a.images))} "
-              f"--repeats {a.repeats}`\n")
+              f"\nCommand: `python experiments/bench_dp_step.py {shlex.join(sys.argv[1:])}`\n")
     rows = ["| model | images / step | engine | step time (s) | x non-private | peak memory (MB) | x non-private |",
             "|---|---|---|---|---|---|---|"]
     for images in a.images:
         for case in a.cases:
-            times = time_case(case, images, a.repeats)
+            times = time_case(case, images, a.repeats, engines)
             base_t = statistics.median(times["non-private"])
             base_m = memory(case, "non-private", images, a.threads)
-            for engine in ENGINES:
+            for engine in engines:
                 if engine not in times:
                     rows.append(f"| {case} | {images} | {engine} | n/a (clips each view, not each example) | | | |")
                     continue

@@ -1,22 +1,22 @@
 """The dpwa-fast engine: per-example clipping from one forward and one backward pass.
 
-Forward hooks record each trainable layer's input and output. One `autograd.grad` call asks
-only for the gradients of those outputs, so autograd skips the weight-gradient work of
-backprop altogether. Each layer's rule (`rules.py`) then turns (input, output gradient)
-into per-example squared norms, by instantiating per-example gradients or by ghost norm,
-whichever is cheaper for its shape; with the clip factors known, each layer's clipped sum
-is one weight-gradient contraction (book-keeping, Bu et al. 2023). Augmentation
-multiplicity costs nothing extra: an example's K views are more positions of the same
-example in every contraction, so memory is per example, never per view.
+Forward hooks record each trainable layer's input and put a hook on its output. One
+`autograd.grad` call asks only for the outputs of the layers that read the data (every other
+layer's output gradient lies on the way to them), so autograd skips the weight-gradient work
+of backprop altogether. As each layer's output gradient arrives, its hook builds the layer's
+rule (`rules.py`): per-example squared norms by instantiating per-example gradients or by
+ghost norm, whichever is cheaper for its shape, keeping only what the clipped sum will need,
+and the layer's record lets go of its tensors. With the clip factors known, each layer's
+clipped sum is one weight-gradient contraction (book-keeping, Bu et al. 2023) or a pass over
+its per-example gradients. Output gradients are thus released layer by layer, as in a
+non-private backward, except those that book-keeping needs. Augmentation multiplicity costs
+nothing extra: an example's K views are more positions of the same example in every
+contraction, so memory is per example, never per view.
 
 `memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
-backward passes, Li et al. 2021; Bu et al. 2022): the first backward asks only for the
-gradients of the layers that read the data (so autograd still skips every weight gradient),
-and a hook on each layer's output turns (input, output gradient) into that layer's per-example
-squared norms the moment the output gradient exists, keeping nothing else; the second backward
-of sum_b c_b loss_b is an ordinary one whose parameter gradients are the clipped sum. Peak
-memory is then that of non-private training plus one layer's rule, instead of every layer's
-output gradient and rule at once.
+backward passes, Li et al. 2021; Bu et al. 2022): the same first backward, whose hooks keep
+only each layer's per-example squared norms (computed in chunks of examples), then a second,
+ordinary backward of sum_b c_b loss_b whose parameter gradients are the clipped sum.
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ class FastEngine:
             their exact forward (`rules.RULES`).
         mode: "auto" (cheaper of ghost norm and instantiation per layer), "ghost" or
             "instantiate" (all layers; for tests and benchmarks).
-        memory: "fast" (one backward; the clipped sum book-kept from every layer's input and
-            output gradient, all held until the clip factors are known), "lean" (norms in
-            backward hooks, then a second backward for the clipped sum; see the module), or
+        memory: "fast" (one backward; each layer's rule, formed in its output's gradient
+            hook, keeps until the clip factors are known what the clipped sum needs: its input
+            and output gradient, or its per-example gradients), "lean" (only norms in the
+            hooks, then a second backward for the clipped sum; see the module), or
             "auto": fast, unless what fast holds for the first chunk (its layers' inputs, outputs
             and output gradients; shapes only) would exceed half the memory then free on the
             device (`_free_bytes`), then lean for the whole run. `memory` holds the choice after
@@ -91,7 +92,7 @@ class FastEngine:
                               f"parameter(s): {', '.join(bad)}; use privacy.engine=torch-func, which handles any "
                               "layer, or freeze them")
         self._records: Optional[list[Record]] = None
-        self._lean: Optional[_LeanPass] = None
+        self._pass: Optional[_HookPass] = None
         #: How each layer's norms are computed, from shapes only (public): {layer: "ghost norm" |
         #: "instantiated" | its rule's name}, filled by the first chunk; runs report it once.
         self.plan: dict[str, str] = {}
@@ -106,12 +107,12 @@ class FastEngine:
                               "pass (shared weights), and its rule sees one call; use privacy.engine=torch-func")
         x = inputs[0].detach()
         rec = Record(module, x, output, output._version, x._version, reads_data=not inputs[0].requires_grad)
-        if self._lean is not None:
+        if self._pass is not None:
             # The norms hook goes on the output now, so that the record need not hold the output
             # (autograd often does not: a conv before tanh); only a rule that reads it (a
-            # standardised conv's) and the first backward's targets keep it. A hook put on a tensor
+            # standardised conv's) and the backward's targets keep it. A hook put on a tensor
             # before an in-place change gets the gradient of its value before it.
-            self._lean.handles.append(output.register_hook(self._lean.hook(rec)))
+            self._pass.handles.append(output.register_hook(self._pass.hook(rec)))
             if not rec.reads_data and layer_of(module).standardise is None:
                 rec.out = None
         self._records.append(rec)
@@ -134,86 +135,68 @@ class FastEngine:
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
         rows = rows or rows_of(self.model, views)
-        b = rows.examples
         self._records = []
-        if self.memory == "lean":
-            self._lean = _LeanPass(self, rows)
+        if self.memory != "auto":
+            self._pass = _HookPass(self, rows, lean=self.memory == "lean")
         try:
             out = self.model(views.flatten(0, 1))
         except BaseException:
-            if self._lean is not None:
-                self._lean.remove()
+            if self._pass is not None:
+                self._pass.remove()
             raise
         finally:
-            records, self._records, lean, self._lean = self._records, None, self._lean, None
+            records, self._records, hooks, self._pass = self._records, None, self._pass, None
         losses = example_losses(out, labels, rows)
-        if self.memory == "auto":
+        if hooks is None:  # memory="auto": choose now; this chunk's outputs are still held, hook them
             self.memory = self._choose_memory(records, out.device)
-            if self.memory == "lean":  # this chunk's outputs are still held: hook them now
-                lean = _LeanPass(self, rows)
-                lean.handles = [rec.out.register_hook(lean.hook(rec)) for rec in records]
+            hooks = _HookPass(self, rows, lean=self.memory == "lean")
+            hooks.handles = [rec.out.register_hook(hooks.hook(rec)) for rec in records]
         # Parameters of layers that were never called are asked for too (none, usually): one that
         # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
         # any rule.
         called = {id(r.module) for r in records}
         uncalled = [(m, n, p) for m, own in self.layers.items() if id(m) not in called for n, p in own.items()]
-        if self.memory == "lean":
-            return self._lean_backward(lean, records, out, losses, uncalled, clip_norm)
-        grads = torch.autograd.grad(losses.sum(), [r.out for r in records] + [p for _, _, p in uncalled],
-                                    allow_unused=True)
-        self._check_outside(uncalled, grads[len(records):])
-        gos = list(grads[:len(records)])
-        rules, norms2 = [], torch.zeros(b, dtype=out.dtype, device=out.device)
-        del out
-        for rec in records:
-            self._check_versions(rec)
-        for i, rec in enumerate(records):
-            go = gos[i] if gos[i] is not None else torch.zeros_like(rec.out)
-            gos[i] = records[i] = None  # from here on the rule holds only what it still needs
-            rule = self._rule(rec, go, rows)
-            self._note(rec.module, rule)
-            del go, rec
-            norms2 += rule.norms2()
-            rules.append(rule)
-        norms = torch.sqrt(torch.clamp(norms2, min=0))
-        factors = clip_factors(norms, clip_norm)
-        sums: dict[nn.Parameter, torch.Tensor] = {}
-        for rule in rules:
-            for name, value in rule.clipped_sum(factors).items():
-                param = self.layers[rule.m][name]
-                sums[param] = value.reshape(param.shape)
-        return sums, losses.detach(), norms
-
-    def _lean_backward(self, lean: "_LeanPass", records: list[Record], out: torch.Tensor, losses: torch.Tensor,
-                       uncalled: list, clip_norm: float
-                       ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """memory="lean": per-layer norms in output-gradient hooks (`_LeanPass`) during a first
-        backward that asks only for the outputs of the layers reading the data (every other
-        layer's output gradient lies on the way to them), then the clipped sum as the parameter
-        gradients of sum_b c_b loss_b by a second, ordinary backward."""
+        # One backward through every layer, asking only for the outputs of the layers that read
+        # the data (every other layer's output gradient lies on the way to them): autograd skips
+        # every weight gradient, and each layer's hook forms its norms as its output gradient
+        # arrives (`_HookPass`).
         del out
         entries = [rec for rec in records if rec.reads_data and rec.out is not None]
         try:
             for rec in records:
                 self._check_versions(rec)
             grads = torch.autograd.grad(losses.sum(), [rec.out for rec in entries] + [p for _, _, p in uncalled],
-                                        allow_unused=True, retain_graph=True)
+                                        allow_unused=True, retain_graph=hooks.lean)
         finally:
-            lean.remove()
+            hooks.remove()
         self._check_outside(uncalled, grads[len(entries):])
         for rec, go in zip(entries, grads):  # a tensor hook need not fire for a tensor asked for itself
             if go is not None:
-                lean.hook(rec)(go)
+                hooks.hook(rec)(go)
         del grads
-        norms2 = torch.zeros(lean.rows.examples, dtype=losses.dtype, device=losses.device)
-        for part in lean.norms2:
+        norms2 = torch.zeros(rows.examples, dtype=losses.dtype, device=losses.device)
+        for part in hooks.norms2:
             norms2 += part
         norms = torch.sqrt(torch.clamp(norms2, min=0))
         factors = clip_factors(norms, clip_norm)
+        if hooks.lean:
+            return self._lean_sums(records, losses, factors), losses.detach(), norms
+        # Book-keeping: each rule kept what its clipped sum needs; a layer whose output reached
+        # no loss has per-example gradients 0.
+        sums = {p: torch.zeros_like(p) for rec in records for p in self.layers[rec.module].values()}
+        for rule in hooks.rules:
+            for name, value in rule.clipped_sum(factors).items():
+                param = self.layers[rule.m][name]
+                sums[param] = value.reshape(param.shape)
+        return sums, losses.detach(), norms
+
+    def _lean_sums(self, records: list[Record], losses: torch.Tensor, factors: torch.Tensor
+                   ) -> dict[nn.Parameter, torch.Tensor]:
+        """memory="lean": the clipped sum as the parameter gradients of sum_b c_b loss_b, by a
+        second, ordinary backward (the first one kept its graph)."""
         params = [p for rec in records for p in self.layers[rec.module].values()]
         grads = torch.autograd.grad((losses * factors.to(losses.dtype)).sum(), params, allow_unused=True)
-        sums = {p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
-        return sums, losses.detach(), norms
+        return {p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
 
     def _check_versions(self, rec: Record) -> None:
         for kind, t, v in (("output", rec.out, rec.version), ("input", rec.x, rec.x_version)):
@@ -240,7 +223,7 @@ class FastEngine:
 
         def rule(i: int, j: int):
             return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
-                                   rec.version), go[i * r:j * r], j - i, self.mode)
+                                   rec.version), go[i * r:j * r], j - i, "auto-norms" if self.mode == "auto" else self.mode)
         # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
         # temporaries the size of its input.
         key = (rec.module, tuple(x.shape[1:]))
@@ -275,22 +258,39 @@ class FastEngine:
         return rule_for(Record(rec.module, x, out, rec.version), go, rows.examples, self.mode)
 
 
-class _LeanPass:
-    """The lean mode's state during one chunk: a hook per recorded layer output that turns its
+class _HookPass:
+    """One chunk's backward hooks: one per recorded layer output, which turns the output's
     gradient into that layer's per-example squared norms once (however many uses the output
-    has), keeping only the norms."""
+    has), then lets go of the layer's record.
 
-    def __init__(self, engine: FastEngine, rows: Rows) -> None:
-        self.engine, self.rows = engine, rows
+    lean=False (dpwa-fast): the layer's rule is built on the whole chunk and kept for the
+    book-kept clipped sum, holding only what that needs (the input and output gradient, or
+    the per-example gradients when those are smaller, e.g. a GroupNorm's (B, C)). Every
+    layer's output gradient is therefore released as soon as its layer is done with it, and
+    each rule's temporaries (a conv's Gram matrices) live one layer at a time.
+    lean=True (dpwa-lean): norms only, in chunks of examples (`FastEngine._lean_norms2`).
+    """
+
+    def __init__(self, engine: FastEngine, rows: Rows, *, lean: bool) -> None:
+        self.engine, self.rows, self.lean = engine, rows, lean
         self.handles: list = []
         self.norms2: list[torch.Tensor] = []
+        self.rules: list = []
         self.done: set[int] = set()
 
     def hook(self, rec: Record):
         def fire(go: torch.Tensor) -> None:
-            if id(rec) not in self.done:
-                self.done.add(id(rec))
+            if id(rec) in self.done:
+                return
+            self.done.add(id(rec))
+            if self.lean:
                 self.norms2.append(self.engine._lean_norms2(rec, go, self.rows))
+                return
+            rule = self.engine._rule(rec, go, self.rows)
+            self.engine._note(rec.module, rule)
+            rec.x = rec.out = None  # the rule holds what it still needs
+            self.norms2.append(rule.norms2())
+            self.rules.append(rule)
         return fire
 
     def remove(self) -> None:

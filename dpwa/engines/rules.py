@@ -160,6 +160,16 @@ def pad_always_same(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[
     return pad_same(x, m.kernel_size, m.stride, m.dilation), (0, 0)
 
 
+#: dpwa-fast instantiates a layer's per-example gradients only while they take at most this
+#: many times the layer's input and output gradient (which ghost norm holds instead).
+_INSTANTIATE_MEMORY = 3
+#: Output channels per group above which a conv's weight gradient grouped by example is
+#: slower than the dense one in proportion: on 2 CPU threads (oneDNN), 64 examples, 3x3
+#: kernels, it took 1.35x the dense one's time at 64 channels (32x32 pixels), 2.35x at 128
+#: (16x16) and 5.6x at 256 (8x8); O / 48 is 1.33, 2.67 and 5.33.
+_GROUPED_CHANNELS = 48
+
+
 class DenseRule:
     """Linear and (grouped, strided, padded, dilated) Conv2d, plain or weight-standardised, as
     its `Layer` says (standardisation, and the padding its forward does by hand)."""
@@ -175,19 +185,41 @@ class DenseRule:
         o, din = self.m.weight.shape[0], self.m.weight[0].numel()
         k = go.shape[0] // batch
         positions = go[0].numel() // o * k
-        inst = positions * din * o
         if self.conv:  # pixel Gram of the padded input (KU)^2 C, then the output-gradient Gram
             u = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
-            ghost = u * u * rec.x.shape[1] + positions * positions * o
+            gram = u * u * rec.x.shape[1] + positions * positions * o
         else:
-            ghost = positions * positions * (din + o)
-        self.ghost = mode == "ghost" or (mode == "auto" and ghost < inst)
+            gram = positions * positions * (din + o)
+        # A weight gradient grouped by example runs slower per multiply-add than the dense one the
+        # book-kept sum uses, the more so the more output channels per group (_GROUPED_CHANNELS).
+        slowdown = max(1.0, o / self.groups / _GROUPED_CHANNELS) if self.conv else 1.0
+        self.ghost = mode == "ghost" or (mode != "instantiate" and self._ghost_cheaper(
+            gram=gram, weight_grad=positions * din * o, slowdown=slowdown, grads=o * din,
+            held=(rec.x[0].numel() + go[0].numel()) * k, norms_only=mode == "auto-norms"))
         self.per_example: dict[str, torch.Tensor] = {}
         g = self.groups
         if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
             self._transient = 2 * g * positions * positions + (g * u * u if self.conv else 0)
         else:           # the per-example gradients, and for a conv with K views, its input and output gradient regrouped
             self._transient = o * din + (rec.x[0].numel() * k + o * positions if self.conv and k > 1 else 0)
+
+    @staticmethod
+    def _ghost_cheaper(*, gram: int, weight_grad: int, slowdown: float, grads: int, held: int,
+                       norms_only: bool) -> bool:
+        """The mixed rule (Bu et al. 2022) from multiply-adds per example: ghost norm costs its
+        Gram matrices (`gram`); instantiation costs one weight gradient grouped by example
+        (`weight_grad` x `slowdown`) and a pass over the per-example gradients (`grads`) for
+        their norms. When the clipped sum is book-kept (dpwa-fast), ghost norm also pays a dense
+        weight gradient for it, instantiation only a pass over its per-example gradients.
+        Instantiation is chosen only while its per-example gradients take at most
+        _INSTANTIATE_MEMORY times what ghost norm holds for the layer until the clip factors
+        are known (its input and output gradient, `held`), so that the default mode's memory
+        stays near the non-private one's. dpwa-lean (`norms_only`) keeps nothing: the cheaper
+        norm wins.
+        """
+        if norms_only:
+            return gram < weight_grad * slowdown + grads
+        return gram + weight_grad < weight_grad * slowdown + 2 * grads or grads > _INSTANTIATE_MEMORY * held
 
     def transient(self) -> int:
         """Elements per example that `norms2` allocates on top of its inputs (the lean mode
@@ -507,5 +539,8 @@ def problem(module: nn.Module) -> Optional[str]:
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):
+    """The layer's rule. mode: "auto" (choose for per-example norms and a book-kept clipped
+    sum: dpwa-fast), "auto-norms" (choose for the norms alone: dpwa-lean, whose second
+    backward forms the clipped sum), "ghost" or "instantiate" (forced, for tests and benchmarks)."""
     layer = layer_of(rec.module)
     return layer.rule(rec, go, batch, mode, layer)
