@@ -15,8 +15,11 @@ contraction, so memory is per example, never per view.
 
 `memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
 backward passes, Li et al. 2021; Bu et al. 2022): the same first backward, whose hooks keep
-only each layer's per-example squared norms (computed in chunks of examples), then a second,
-ordinary backward of sum_b c_b loss_b whose parameter gradients are the clipped sum.
+only each layer's per-example squared norms (computed in chunks of examples) and which does
+not keep its graph, then a second, ordinary forward and backward of sum_b c_b loss_b whose
+parameter gradients are the clipped sum; the forward is repeated with the random state of
+the first (dropout draws the same masks). Both passes free each layer's saved tensors as they
+go, so peak memory is a non-private step's plus one layer's rule, at the cost of one more forward.
 """
 
 from __future__ import annotations
@@ -109,11 +112,12 @@ class FastEngine:
         rec = Record(module, x, output, output._version, x._version, reads_data=not inputs[0].requires_grad)
         if self._pass is not None:
             # The norms hook goes on the output now, so that the record need not hold the output
-            # (autograd often does not: a conv before tanh); only a rule that reads it (a
-            # standardised conv's) and the backward's targets keep it. A hook put on a tensor
-            # before an in-place change gets the gradient of its value before it.
+            # (autograd often does not: a conv before tanh); only the backward's targets and, in
+            # the fast mode, a rule that reads it (a standardised conv's; the lean one recomputes
+            # what it needs) keep it. A hook put on a tensor before an in-place change gets the
+            # gradient of its value before it.
             self._pass.handles.append(output.register_hook(self._pass.hook(rec)))
-            if not rec.reads_data and layer_of(module).standardise is None:
+            if not rec.reads_data and (self._pass.lean or layer_of(module).standardise is None):
                 rec.out = None
         self._records.append(rec)
 
@@ -135,6 +139,7 @@ class FastEngine:
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
         rows = rows or rows_of(self.model, views)
+        rng = _rng_state(views.device)  # dpwa-lean repeats this forward, with the same randomness
         self._records = []
         if self.memory != "auto":
             self._pass = _HookPass(self, rows, lean=self.memory == "lean")
@@ -166,9 +171,12 @@ class FastEngine:
             for rec in records:
                 self._check_versions(rec)
             grads = torch.autograd.grad(losses.sum(), [rec.out for rec in entries] + [p for _, _, p in uncalled],
-                                        allow_unused=True, retain_graph=hooks.lean)
+                                        allow_unused=True)
         finally:
             hooks.remove()
+        # The graph's nodes below the entries never ran, and hold what they saved (e.g. the
+        # input of the first layer) for as long as the graph lives: let it go.
+        losses = losses.detach()
         self._check_outside(uncalled, grads[len(entries):])
         for rec, go in zip(entries, grads):  # a tensor hook need not fire for a tensor asked for itself
             if go is not None:
@@ -180,7 +188,7 @@ class FastEngine:
         norms = torch.sqrt(torch.clamp(norms2, min=0))
         factors = clip_factors(norms, clip_norm)
         if hooks.lean:
-            return self._lean_sums(records, losses, factors), losses.detach(), norms
+            return self._lean_sums(records, views, labels, rows, rng, factors), losses, norms
         # Book-keeping: each rule kept what its clipped sum needs; a layer whose output reached
         # no loss has per-example gradients 0.
         sums = {p: torch.zeros_like(p) for rec in records for p in self.layers[rec.module].values()}
@@ -188,13 +196,23 @@ class FastEngine:
             for name, value in rule.clipped_sum(factors).items():
                 param = self.layers[rule.m][name]
                 sums[param] = value.reshape(param.shape)
-        return sums, losses.detach(), norms
+        return sums, losses, norms
 
-    def _lean_sums(self, records: list[Record], losses: torch.Tensor, factors: torch.Tensor
-                   ) -> dict[nn.Parameter, torch.Tensor]:
+    def _lean_sums(self, records: list[Record], views: torch.Tensor, labels: torch.Tensor, rows: Rows, rng: tuple,
+                   factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """memory="lean": the clipped sum as the parameter gradients of sum_b c_b loss_b, by a
-        second, ordinary backward (the first one kept its graph)."""
+        second, ordinary forward and backward. The first backward did not keep its graph (so
+        both passes free each layer's saved tensors as they go, as a non-private step does);
+        the forward is repeated with the random state it had (dropout, stochastic depth draw
+        the same), so the second pass differentiates the very function whose per-example
+        norms gave the clip factors."""
         params = [p for rec in records for p in self.layers[rec.module].values()]
+        devices = [views.device] if views.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            _set_rng_state(views.device, rng)
+            out = self.model(views.flatten(0, 1))  # not recorded: self._records is None
+            losses = example_losses(out, labels, rows)
+            del out
         grads = torch.autograd.grad((losses * factors.to(losses.dtype)).sum(), params, allow_unused=True)
         return {p: g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)}
 
@@ -268,7 +286,8 @@ class _HookPass:
     the per-example gradients when those are smaller, e.g. a GroupNorm's (B, C)). Every
     layer's output gradient is therefore released as soon as its layer is done with it, and
     each rule's temporaries (a conv's Gram matrices) live one layer at a time.
-    lean=True (dpwa-lean): norms only, in chunks of examples (`FastEngine._lean_norms2`).
+    lean=True (dpwa-lean): norms only, in chunks of examples (`FastEngine._lean_norms2`); the
+    record lets go of its tensors too.
     """
 
     def __init__(self, engine: FastEngine, rows: Rows, *, lean: bool) -> None:
@@ -285,6 +304,7 @@ class _HookPass:
             self.done.add(id(rec))
             if self.lean:
                 self.norms2.append(self.engine._lean_norms2(rec, go, self.rows))
+                rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
                 return
             rule = self.engine._rule(rec, go, self.rows)
             self.engine._note(rec.module, rule)
@@ -297,6 +317,18 @@ class _HookPass:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _rng_state(device: torch.device) -> tuple:
+    """The random state a forward on `device` draws from: the CPU generator's, and the
+    device's own for CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:

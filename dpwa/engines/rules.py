@@ -369,8 +369,17 @@ class DenseRule:
         return box.permute(0, 2, 3, 1).reshape(self.batch, -1, g)
 
     def _a_dot_w_hat(self, w_hat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """(B, P, g, O/g): a_p . w_hat_o, from the layer's output when m has no zero."""
+        """(B, P, g, O/g): a_p . w_hat_o, from the layer's output when it was kept and m has
+        no zero; else the layer's own contraction with w_hat (dpwa-lean does not keep outputs:
+        one more convolution, instead of every standardised layer's output held)."""
         g = self.groups
+        if self.rec.out is None:
+            if self.conv:
+                pre = F.conv2d(self.rec.x, w_hat.view_as(self.m.weight), stride=self.m.stride, padding=self.padding,
+                               dilation=self.m.dilation, groups=g)
+            else:
+                pre = self.rec.x @ w_hat.t()
+            return self._go(pre)
         if bool((m != 0).all()):
             pre = self.rec.out.detach()
             if self.m.bias is not None:

@@ -140,6 +140,27 @@ def test_memory_auto_turns_lean_when_fast_would_not_fit(monkeypatch, free, chose
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_lean_repeats_the_forward_with_its_randomness():
+    """dpwa-lean's clipped sum comes from a second forward: with dropout in the model it must
+    draw the masks of the first (whose per-example norms gave the clip factors), so it equals
+    dpwa-fast's single-forward result from the same random state, and every example's clipped
+    gradient stays within C."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Tanh(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Dropout(0.3), nn.Linear(6 * 8 * 8, 5)).double()
+    views, labels = make_inputs(2, 3)
+    results = {}
+    for engine in ("dpwa-fast", "dpwa-lean"):
+        eng = make_engine(engine, model)
+        torch.manual_seed(7)
+        results[engine] = eng.clipped_sum(views, labels, 0.05)
+        eng.remove()
+    (fast, fast_losses, fast_norms), (lean, lean_losses, lean_norms) = results["dpwa-fast"], results["dpwa-lean"]
+    assert torch.equal(fast_losses, lean_losses) and torch.allclose(fast_norms, lean_norms, rtol=1e-10)
+    assert bool((fast_norms > 0.05).all())  # every example clipped: a wrong mask would show in the sums
+    assert_sums_close(lean, fast, rtol=1e-10)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_noised_update_matches_reference(engine):
     """The whole step (chunks, clipping, noise once per logical batch, / B, momentum SGD) with a
