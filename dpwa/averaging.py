@@ -289,37 +289,51 @@ def _collected(rule: Rule, total_steps: int) -> int:
     return sum(rule(t) for t in range(1, total_steps + 1))
 
 
+def length_problems(cfg: AveragingConfig, *, total_steps: int,
+                    is_minimum: Optional[Callable[[int], bool]] = None) -> list[str]:
+    """Every way the averagers a config asks for would not fit a `total_steps`-step run (each
+    must collect at least one iterate, SWAG two), as messages naming the setting. Without
+    `is_minimum` (the schedule's lr minima, when the schedule itself is refused) the checks
+    that need it are skipped."""
+    out = []
+    if cfg.polyak_start >= total_steps:
+        out.append(f"averaging.polyak_start={cfg.polyak_start} is beyond the run ({total_steps} steps)")
+    if cfg.swa or cfg.swag:
+        if cfg.swa_start >= total_steps:
+            out.append(f"averaging.swa_start={cfg.swa_start} is beyond the run ({total_steps} steps)")
+        elif cfg.swa_every or is_minimum is not None:
+            rule: Rule = Every(cfg.swa_start, cfg.swa_every) if cfg.swa_every else AtMinima(is_minimum, cfg.swa_start)
+            n = _collected(rule, total_steps)
+            if n < (2 if cfg.swag else 1):
+                how = f"every {cfg.swa_every} steps" if cfg.swa_every else "at the lr minima of the cycles"
+                out.append(f"SWA/SWAG would collect {n} iterate(s) after averaging.swa_start={cfg.swa_start} {how} "
+                           f"in a {total_steps}-step run; " + ("SWAG needs at least 2" if cfg.swag else
+                                                                "it needs at least 1"))
+    if cfg.snapshots and is_minimum is not None and _collected(AtMinima(is_minimum), total_steps) < 1:
+        out.append(f"averaging.snapshots: no lr minimum falls within the {total_steps}-step run")
+    return out
+
+
 def make_averagers(cfg: AveragingConfig, model: nn.Module, *, total_steps: int,
                    is_minimum: Callable[[int], bool]) -> dict[str, Averager]:
     """The averagers a config asks for, checked against the run's length before any privacy
-    is spent: every one must collect at least one iterate (SWAG two) within `total_steps`.
+    is spent (`length_problems`).
 
     Raises:
-        ConfigError: a start beyond the run, or a rule that collects too little.
+        ConfigError: a start beyond the run, or a rule that collects too little (every one found).
     """
-    if cfg.polyak_start >= total_steps:
-        raise ConfigError(f"averaging.polyak_start={cfg.polyak_start} is beyond the run ({total_steps} steps)")
+    problems = length_problems(cfg, total_steps=total_steps, is_minimum=is_minimum)
+    if problems:
+        raise ConfigError("; ".join(problems))
     out: dict[str, Averager] = {"ema": EMA(model, decay=cfg.ema_decay, warmup=cfg.ema_warmup),
                                 "polyak": Polyak(model, start=cfg.polyak_start)}
     rule: Rule = Every(cfg.swa_start, cfg.swa_every) if cfg.swa_every else AtMinima(is_minimum, cfg.swa_start)
-    if cfg.swa or cfg.swag:
-        if cfg.swa_start >= total_steps:
-            raise ConfigError(f"averaging.swa_start={cfg.swa_start} is beyond the run ({total_steps} steps)")
-        n = _collected(rule, total_steps)
-        if n < (2 if cfg.swag else 1):
-            how = f"every {cfg.swa_every} steps" if cfg.swa_every else "at the lr minima of the cycles"
-            raise ConfigError(f"SWA/SWAG would collect {n} iterate(s) after averaging.swa_start={cfg.swa_start} "
-                              f"{how} in a {total_steps}-step run; " + ("SWAG needs at least 2" if cfg.swag else
-                                                                        "it needs at least 1"))
     if cfg.swa:
         out["swa"] = SWA(model, rule=rule)
     if cfg.swag:
         out["swag"] = SWAG(model, rule=rule, rank=cfg.swag_rank, scale=cfg.swag_scale)
     if cfg.snapshots:
-        snap = AtMinima(is_minimum)
-        if _collected(snap, total_steps) < 1:
-            raise ConfigError(f"averaging.snapshots: no lr minimum falls within the {total_steps}-step run")
-        out["fge"] = Snapshots(model, rule=snap)
+        out["fge"] = Snapshots(model, rule=AtMinima(is_minimum))
     return out
 
 

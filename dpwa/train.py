@@ -37,7 +37,7 @@ from accounting.errors import AccountantFailedError, AccountingError, LedgerErro
 from accounting.ledger import check_delta_below_1_over_n
 
 from .augmult import augmult_views
-from .averaging import make_averagers, prediction_methods
+from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
 from .data import Data, load_data
@@ -299,6 +299,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if cfg.train.batch_size % world.size:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the world size "
                               f"{world.size} (each rank's expected share of a logical batch is B / world size)")
+        if cfg.train.steps is not None:  # the length is known before the data: refuse a bad one before loading it
+            _check_length(cfg, cfg.train.steps)
         data = load_data(cfg.data, seed=cfg.train.seed)
         n_source = len(data.source_labels)
         if private:
@@ -512,6 +514,20 @@ def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, 
     cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa") and a.count}}
     return {f"{cfg.train.eval_split}_{name}_{k}": v for name, m in cheap.items()
             for k, v in evaluate(m, split, data).items()}
+
+
+def _check_length(cfg: RunConfig, steps: int) -> None:
+    """The schedule's and the averagers' settings against a `steps`-step run, every problem
+    in one message (they are checked again where they are built, once the data gives the
+    length of a run set in epochs)."""
+    problems, is_minimum = [], None
+    try:
+        is_minimum = Schedule(cfg.optim, steps, swa_start=cfg.averaging.swa_start).is_minimum
+    except ConfigError as e:
+        problems.append(str(e))
+    problems += length_problems(cfg.averaging, total_steps=steps, is_minimum=is_minimum)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _plan_report(cfg: RunConfig, plan: Plan, mechanism: Any, statistics: Optional[StatisticsMechanism],

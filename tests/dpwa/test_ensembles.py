@@ -199,6 +199,21 @@ def test_bad_averaging_input_is_refused_before_any_charge(tmp_path, capsys, extr
     assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
 
 
+def test_run_length_problems_come_all_at_once_before_the_data(tmp_path, capsys):
+    """With train.steps given, every averaging start beyond the run is named in one message,
+    before the data is read (a CIFAR config's ScatterNet features take minutes): here the data
+    folder does not even exist, and its error must not be the one shown."""
+    led = tmp_path / "l.sqlite"
+    args = ["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'runs'}",
+            "train.steps=14", "train.batch_size=64", *ALL, "averaging.polyak_start=14", "averaging.swa_start=20",
+            "averaging.swa_every=1", "data.name=npz", f"data.root={tmp_path / 'missing'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "polyak_start=14 is beyond the run" in err and "swa_start=20 is beyond the run" in err
+    assert "missing" not in err
+    assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+
+
 def test_eval_refuses_runs_that_lack_what_it_needs(tmp_path, capsys):
     led = str(tmp_path / "l.sqlite")
     plain = train(load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=4", "train.checkpoint_every=2",
