@@ -380,7 +380,7 @@ def _dft_low(x: np.ndarray, offset: int, size: int, band: int) -> Optional[np.nd
     top = band - 1
     phi = 2.0 * math.pi * top / size
     limit = int(2.0 * _TAYLOR_THETA / phi) + 1  # (B - 1) / 2 * phi <= theta
-    block = max((d for d in _divisors_up_to(size, limit)), default=1)
+    block = max(_divisors_up_to(size, limit), default=1)
     points = size // block
     if block < _TAYLOR_MIN_BLOCK or points < 2 * band:
         return None

@@ -139,7 +139,8 @@ class FastEngine:
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
         rows = rows or rows_of(self.model, views)
-        rng = _rng_state(views.device)  # dpwa-lean repeats this forward, with the same randomness
+        # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
+        rng = None if self.memory == "fast" else _rng_state(views.device)
         self._records = []
         if self.memory != "auto":
             self._pass = _HookPass(self, rows, lean=self.memory == "lean")
@@ -191,14 +192,18 @@ class FastEngine:
             return self._lean_sums(records, views, labels, rows, rng, factors), losses, norms
         # Book-keeping: each rule kept what its clipped sum needs; a layer whose output reached
         # no loss has per-example gradients 0.
-        sums = {p: torch.zeros_like(p) for rec in records for p in self.layers[rec.module].values()}
+        sums: dict[nn.Parameter, torch.Tensor] = {}
         for rule in hooks.rules:
             for name, value in rule.clipped_sum(factors).items():
                 param = self.layers[rule.m][name]
                 sums[param] = value.reshape(param.shape)
+        for rec in records:
+            for param in self.layers[rec.module].values():
+                if param not in sums:
+                    sums[param] = torch.zeros_like(param)
         return sums, losses, norms
 
-    def _lean_sums(self, records: list[Record], views: torch.Tensor, labels: torch.Tensor, rows: Rows, rng: tuple,
+    def _lean_sums(self, records: list[Record], views: torch.Tensor, labels: torch.Tensor, rows: Rows, rng: Optional[tuple],
                    factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         """memory="lean": the clipped sum as the parameter gradients of sum_b c_b loss_b, by a
         second, ordinary forward and backward. The first backward did not keep its graph (so
@@ -303,14 +308,14 @@ class _HookPass:
                 return
             self.done.add(id(rec))
             if self.lean:
-                self.norms2.append(self.engine._lean_norms2(rec, go, self.rows))
-                rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
-                return
-            rule = self.engine._rule(rec, go, self.rows)
-            self.engine._note(rec.module, rule)
-            rec.x = rec.out = None  # the rule holds what it still needs
-            self.norms2.append(rule.norms2())
-            self.rules.append(rule)
+                norms2 = self.engine._lean_norms2(rec, go, self.rows)
+            else:
+                rule = self.engine._rule(rec, go, self.rows)
+                self.engine._note(rec.module, rule)
+                norms2 = rule.norms2()
+                self.rules.append(rule)  # it holds what its clipped sum still needs
+            rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
+            self.norms2.append(norms2)
         return fire
 
     def remove(self) -> None:
