@@ -99,6 +99,16 @@ def register_rule(cls: type, layer: Layer) -> None:
     RULES[cls] = layer
 
 
+def _inside(offset: int, stride: int, n_out: int, n_in: int) -> Optional[tuple[slice, slice]]:
+    """(output indices, input indices) along one axis of a conv whose output index t reads input
+    index stride * t + offset, for the t where that lies inside [0, n_in); None if there are none."""
+    lo = max(0, -(offset // stride))  # ceil(-offset / stride)
+    hi = min(n_out, (n_in - 1 - offset) // stride + 1)
+    if hi <= lo:
+        return None
+    return slice(lo, hi), slice(stride * lo + offset, stride * (hi - 1) + offset + 1, stride)
+
+
 def _sq_norms(per_example: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,) squared L2 norms, without a squared copy of the input."""
     flat = per_example.reshape(per_example.shape[0], -1)
@@ -168,6 +178,10 @@ _INSTANTIATE_MEMORY = 3
 #: kernels, it took 1.35x the dense one's time at 64 channels (32x32 pixels), 2.35x at 128
 #: (16x16) and 5.6x at 256 (8x8); O / 48 is 1.33, 2.67 and 5.33.
 _GROUPED_CHANNELS = 48
+#: Per-example conv gradients offset by offset (`DenseRule._instantiate_shifted`) took 1.10-1.53x
+#: the dense weight gradient's time per multiply-add on the padded grid (2 CPU threads, 64-256
+#: examples, 64 channels at 32x32 pixels to 256 at 8x8; /tmp/p16/inst.py).
+_SHIFTED_OVERHEAD = 1.25
 
 
 class DenseRule:
@@ -185,21 +199,35 @@ class DenseRule:
         o, din = self.m.weight.shape[0], self.m.weight[0].numel()
         k = go.shape[0] // batch
         positions = go[0].numel() // o * k
-        if self.conv:  # pixel Gram of the padded input (KU)^2 C, then the output-gradient Gram
-            u = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
+        if self.conv:  # pixel Gram of the input (KU)^2 C, then the output-gradient Gram
+            u = k * rec.x.shape[-2] * rec.x.shape[-1]  # the unpadded pixels (`_gram_a`)
             gram = u * u * rec.x.shape[1] + positions * positions * o
         else:
             gram = positions * positions * (din + o)
-        # A weight gradient grouped by example runs slower per multiply-add than the dense one the
-        # book-kept sum uses, the more so the more output channels per group (_GROUPED_CHANNELS).
-        slowdown = max(1.0, o / self.groups / _GROUPED_CHANNELS) if self.conv else 1.0
+        # Per-example gradients run slower per multiply-add than the dense weight gradient the
+        # book-kept sum uses: grouped by example, the more so the more output channels per group
+        # (_GROUPED_CHANNELS); offset by offset (`_instantiate_shifted`), by the padded grid's
+        # size over the output's and small matrices (_SHIFTED_OVERHEAD). The faster kernel is used.
+        self.shifted, slowdown = False, 1.0
+        if self.conv:
+            slowdown = max(1.0, o / self.groups / _GROUPED_CHANNELS)
+            if self._shiftable():
+                hw = go.shape[-2] * go.shape[-1]
+                grid = (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
+                if self.m.stride != (1, 1):  # a 1x1 kernel reads every stride-th pixel, no padding
+                    grid = hw
+                shifted = _SHIFTED_OVERHEAD * grid / hw
+                self.shifted, slowdown = shifted < slowdown, min(slowdown, shifted)
         self.ghost = mode == "ghost" or (mode != "instantiate" and self._ghost_cheaper(
             gram=gram, weight_grad=positions * din * o, slowdown=slowdown, grads=o * din,
             held=(rec.x[0].numel() + go[0].numel()) * k, norms_only=mode == "auto-norms"))
+        self.shifted = self.shifted and not self.ghost
         self.per_example: dict[str, torch.Tensor] = {}
         g = self.groups
         if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
             self._transient = 2 * g * positions * positions + (g * u * u if self.conv else 0)
+        elif self.shifted:  # the per-example gradients, the input channels-last and the padded output gradient
+            self._transient = o * din + u * (rec.x.shape[1] + o)
         else:           # the per-example gradients, and for a conv with K views, its input and output gradient regrouped
             self._transient = o * din + (rec.x[0].numel() * k + o * positions if self.conv and k > 1 else 0)
 
@@ -236,11 +264,16 @@ class DenseRule:
         return x.reshape(b, -1, 1, x.shape[-1])
 
     def _go(self, go: torch.Tensor) -> torch.Tensor:
+        """(B, g, O/g, P): an output(-shaped) gradient channels first, a view of a conv's
+        (N, O, H, W) unless an example has K > 1 views (whose positions are then put together)."""
         b, g = self.batch, self.groups
         if self.conv:
             n, o = go.shape[:2]
-            return go.reshape(n, g, o // g, -1).permute(0, 3, 1, 2).reshape(b, -1, g, o // g)
-        return go.reshape(b, -1, 1, go.shape[-1])
+            k = n // b
+            if k == 1:
+                return go.reshape(b, g, o // g, -1)
+            return go.reshape(b, k, g, o // g, -1).permute(0, 2, 3, 1, 4).reshape(b, g, o // g, -1)
+        return go.reshape(b, -1, 1, go.shape[-1]).permute(0, 2, 3, 1)
 
     def _instantiate(self) -> torch.Tensor:
         """(B, g, O/g, din): per-example gradients w.r.t. the effective weight.
@@ -255,12 +288,52 @@ class DenseRule:
         if not self.conv:
             return (go.reshape(b, -1, go.shape[-1]).transpose(1, 2) @ self.rec.x.reshape(b, -1, self.rec.x.shape[-1])
                     ).unsqueeze(1)
+        if self.shifted:
+            return self._instantiate_shifted()
         x = self.rec.x
         n, c = x.shape[:2]
         k, o = n // b, go.shape[1]
         xs = x.reshape(b, k, c, *x.shape[2:]).transpose(0, 1).reshape(k, b * c, *x.shape[2:])
         gos = go.reshape(b, k, o, *go.shape[2:]).transpose(0, 1).reshape(k, b * o, *go.shape[2:])
         return self._conv_weight_grad(xs, gos, b).reshape(b, g, o // g, -1)
+
+    def _shiftable(self) -> bool:
+        """A conv `_instantiate_shifted` handles: one group, and stride 1 or a 1x1 kernel without padding."""
+        m = self.m
+        return m.groups == 1 and (tuple(m.stride) == (1, 1) or
+                                  (tuple(m.kernel_size) == (1, 1) and tuple(self.padding) == (0, 0)))
+
+    def _instantiate_shifted(self) -> torch.Tensor:
+        """(kh kw, B, O, C): a one-group conv's per-example gradients, one batched matmul per
+        kernel offset, for stride 1.
+
+        On the padded input's grid (width Wp), output pixel p reads input pixel p + d for kernel
+        offset (i, j), d = i dil_h Wp + j dil_w. With the input's pixels flattened channels-last,
+        the pixels an offset reads are a window of rows, a plain matrix (no unfolded patches); the
+        output gradient padded with zeros to the same grid meets it in one GEMM per offset,
+        go^T (O, KU) @ x[d:] (KU, C), an example's K views as more rows. That is the dense weight
+        gradient's work (on the padded grid), where the grouped kernel of `_instantiate` slows down
+        with the channels (2-6x the dense time at 128-256 channels, _GROUPED_CHANNELS). A 1x1
+        kernel of stride s reads every s-th pixel: those are the grid."""
+        m, b, go = self.m, self.batch, self.go
+        x = self._padded()
+        if tuple(m.stride) != (1, 1):
+            x = x[..., ::m.stride[0], ::m.stride[1]]
+        n, c, hp, wp = x.shape
+        o, ho, wo = go.shape[1:]
+        k, u = n // b, hp * wp
+        xf = x.permute(0, 2, 3, 1).reshape(b, k * u, c)
+        gp = F.pad(go, (0, wp - wo, 0, hp - ho)).reshape(b, k, o, u)
+        gp = gp.reshape(b, o, u) if k == 1 else gp.transpose(1, 2).reshape(b, o, k * u)
+        kh, kw = m.kernel_size
+        out = go.new_empty(kh * kw, b, o, c)
+        for i in range(kh):
+            for j in range(kw):
+                d = i * m.dilation[0] * wp + j * m.dilation[1]
+                # rows past k u - d of the output gradient are padding (zeros): every real output
+                # pixel's input pixel lies in its own view
+                torch.bmm(gp[:, :, :k * u - d], xf[:, d:], out=out[i * kw + j])
+        return out
 
     def _conv_weight_grad(self, x: torch.Tensor, go: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """The conv's weight gradient for input x and output gradient go, the non-private
@@ -285,26 +358,25 @@ class DenseRule:
         g = self.groups
         scale = None if self.ws is None else (self.ws[1] / self.ws[2]).view(g, -1)  # m/s, (g, O/g)
         if not self.ghost:
-            self.grads = self._instantiate()                                  # (B, g, O/g, din)
+            self.grads = self._instantiate()           # (B, g, O/g, din), or (kh kw, B, O, C) if shifted
             self.go = self.rec = None
             if scale is None:
-                return total + _sq_norms(self.grads)
-            sq = (torch.einsum("bgoj,bgoj->bgo", self.grads, self.grads) * scale.square()).sum((1, 2))
-            w_hat = self.ws[0].view(g, -1, self.ws[0].shape[1])
-            s1 = self.grads.sum(-1)                                          # (B, g, O/g)
-            s2 = torch.einsum("bgoj,goj->bgo", self.grads, w_hat)
+                return total + (sum(_sq_norms(part) for part in self.grads) if self.shifted else _sq_norms(self.grads))
+            sq = (self._grad_dots(None) * scale.square()).sum((1, 2))
+            s1 = self.grads.sum((0, 3)).unsqueeze(1) if self.shifted else self.grads.sum(-1)  # (B, g, O/g)
+            s2 = self._grad_dots(self.ws[0].view(g, -1, self.ws[0].shape[1]))
         else:
-            go = self._go(go)
+            go = self._go(go)                                                # (B, g, O/g, P)
             gram_a = self._gram_a()
             if scale is None:
-                gram_g = torch.einsum("bpgo,bqgo->bgpq", go, go)
+                gram_g = torch.einsum("bgop,bgoq->bgpq", go, go)
                 self.rec.out = None
-                return total + (gram_a * gram_g).sum((1, 2, 3))
-            gs = go * scale
-            sq = (gram_a * torch.einsum("bpgo,bqgo->bgpq", gs, gs)).sum((1, 2, 3))  # sum_o (m/s)^2 |G_o|^2
-            del gram_a, gs
-            s1 = torch.einsum("bpgo,bpg->bgo", go, self._a_sum())
-            s2 = torch.einsum("bpgo,bpgo->bgo", go, self._a_dot_w_hat(self.ws[0], self.ws[1]))
+                return total + torch.einsum("bgpq,bgpq->b", gram_a, gram_g)
+            gram_g = torch.einsum("bgop,bgoq->bgpq", go * scale.square().unsqueeze(-1), go)
+            sq = torch.einsum("bgpq,bgpq->b", gram_a, gram_g)                # sum_o (m/s)^2 |G_o|^2
+            del gram_a, gram_g
+            s1 = torch.einsum("bgop,bpg->bgo", go, self._a_sum())
+            s2 = torch.einsum("bgop,bgop->bgo", go, self._a_dot_w_hat(self.ws[0], self.ws[1]))
             self.rec.out = None
         # Through the standardisation: |dL/dw_o|^2 = (m/s)^2 (|G_o|^2 - S1^2/n - S2^2 (2n - |w_hat_o|^2)/n^2).
         w_hat = self.ws[0]
@@ -319,6 +391,17 @@ class DenseRule:
             self.per_example["gain"] = gg
         return total
 
+    def _grad_dots(self, w: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, g, O/g): each output channel's per-example gradient dotted with w (g, O/g, din), or
+        with itself (w None), in either layout of the instantiated gradients."""
+        grads = self.grads
+        if not self.shifted:
+            return torch.einsum("bgoj,bgoj->bgo", grads, grads if w is None else w.unsqueeze(0))
+        kk, _, o, c = grads.shape
+        w = None if w is None else w.view(o, c, kk)  # din is (C, kh, kw)
+        return sum(torch.einsum("boc,boc->bo", part, part) if w is None else torch.einsum("boc,oc->bo", part, w[..., t])
+                   for t, part in enumerate(grads)).unsqueeze(1)
+
     def _gain_trained(self) -> bool:
         return self.ws is not None and self.ws[3] is not None and self.m.gain.requires_grad
 
@@ -331,45 +414,54 @@ class DenseRule:
 
         For a conv, without unfolding: a_p . a_q = sum over kernel offsets d of
         x[p + d] . x[q + d] on the padded input, read from the Gram matrix of its pixels
-        (an example's K views are more pixels)."""
+        (an example's K views are more pixels). Padding is zeros, so the Gram of the unpadded
+        pixels is enough: offset d adds to the pairs of output pixels whose input pixels p + d,
+        q + d both lie inside (a rectangle of output rows and columns, `_inside`), a strided
+        slice of the pixel Gram seen as (B, g, K, H, W, K, H, W), no gather and no padded copy."""
         if not self.conv:
             a = self._a()
             return torch.einsum("bpgj,bqgj->bgpq", a, a)
         m, b, g = self.m, self.batch, self.groups
-        xp = self._padded()
-        n, c, hp, wp = xp.shape
+        x = self.rec.x
+        n, c, h, w = x.shape
         k = n // b
-        xv = xp.reshape(b, k, g, c // g, hp * wp).permute(0, 2, 3, 1, 4).reshape(b, g, c // g, k * hp * wp)
-        pixels = xv.transpose(-1, -2) @ xv                                   # (B, g, KU, KU)
+        xv = x.reshape(b, k, g, c // g, h * w).permute(0, 2, 3, 1, 4).reshape(b, g, c // g, k * h * w)
+        pix = (xv.transpose(-1, -2) @ xv).view(b, g, k, h, w, k, h, w)      # (B, g, KU, KU)
         ho, wo = self.go.shape[-2:]
-        # Kernel offset (i, j) pairs output pixel p with input pixel stride * p + dilation * (i, j):
-        # a strided slice of the pixel Gram seen as (B, g, K, Hp, Wp, K, Hp, Wp), no gather.
-        pix = pixels.view(b, g, k, hp, wp, k, hp, wp)
-        gram = None
+        blocks = []
         for i in range(m.kernel_size[0]):
+            rows = _inside(i * m.dilation[0] - self.padding[0], m.stride[0], ho, h)
             for j in range(m.kernel_size[1]):
-                r0, c0 = i * m.dilation[0], j * m.dilation[1]
-                rs = slice(r0, r0 + (ho - 1) * m.stride[0] + 1, m.stride[0])
-                cs = slice(c0, c0 + (wo - 1) * m.stride[1] + 1, m.stride[1])
-                part = pix[:, :, :, rs, cs, :, rs, cs]
-                gram = part.contiguous() if gram is None else gram.add_(part)
-        gram = gram.view(b, g, k * ho * wo, k * ho * wo)
-        return gram
+                cols = _inside(j * m.dilation[1] - self.padding[1], m.stride[1], wo, w)
+                if rows and cols:
+                    blocks.append((rows, cols))
+        # an offset whose inputs cover every output pixel (a "same" conv's centre) starts the sum
+        full = [bl for bl in blocks if bl[0][0] == slice(0, ho) and bl[1][0] == slice(0, wo)]
+        if full:
+            (_, ih), (_, iw) = full[0]
+            blocks.remove(full[0])
+            gram = pix[:, :, :, ih, iw, :, ih, iw]  # may be all of pix: a copy, if more blocks read pix
+            gram = gram.clone(memory_format=torch.contiguous_format) if blocks else gram.contiguous()
+        else:
+            gram = pix.new_zeros(b, g, k, ho, wo, k, ho, wo)
+        for (oh, ih), (ow, iw) in blocks:
+            gram[:, :, :, oh, ow, :, oh, ow] += pix[:, :, :, ih, iw, :, ih, iw]
+        return gram.view(b, g, k * ho * wo, k * ho * wo)
 
     def _a_sum(self) -> torch.Tensor:
         """(B, P, g): sum over each position's patch (a box filter for a conv, no unfold)."""
         if not self.conv:
             return self._a().sum(-1)
         m, g = self.m, self.groups
-        xp = self._padded()
-        n, c, hp, wp = xp.shape
-        xs = xp.reshape(n, g, c // g, hp, wp).sum(2)
+        x = self.rec.x
+        n, c = x.shape[:2]
+        xs = x.reshape(n, g, c // g, *x.shape[2:]).sum(2)
         ones = xs.new_ones(g, 1, *m.kernel_size)
-        box = F.conv2d(xs, ones, stride=m.stride, dilation=m.dilation, groups=g)  # (N, g, Ho, Wo)
+        box = F.conv2d(xs, ones, stride=m.stride, padding=self.padding, dilation=m.dilation, groups=g)  # (N, g, Ho, Wo)
         return box.permute(0, 2, 3, 1).reshape(self.batch, -1, g)
 
     def _a_dot_w_hat(self, w_hat: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """(B, P, g, O/g): a_p . w_hat_o, from the layer's output when it was kept and m has
+        """(B, g, O/g, P): a_p . w_hat_o, from the layer's output when it was kept and m has
         no zero; else the layer's own contraction with w_hat (dpwa-lean does not keep outputs:
         one more convolution, instead of every standardised layer's output held)."""
         g = self.groups
@@ -385,7 +477,7 @@ class DenseRule:
             if self.m.bias is not None:
                 pre = pre - self.m.bias.detach().view(1, -1, *([1] * (pre.dim() - 2)))
             return self._go(pre / m.view(1, -1, *([1] * (pre.dim() - 2))))
-        return torch.einsum("bpgj,goj->bpgo", self._a(), w_hat.view(g, -1, w_hat.shape[1]))
+        return torch.einsum("bpgj,goj->bgop", self._a(), w_hat.view(g, -1, w_hat.shape[1]))
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.m
@@ -396,7 +488,10 @@ class DenseRule:
             out["gain"] = (c @ self.per_example["gain"]).view_as(m.gain)
         if not m.weight.requires_grad:
             return out
-        if not self.ghost:
+        if self.shifted:  # (kh kw, B, O, C) -> (O, C, kh, kw)
+            kk, b, o, ci = self.grads.shape
+            w_eff_grad = (c @ self.grads.view(kk, b, -1)).view(*m.kernel_size, o, ci).permute(2, 3, 0, 1).contiguous()
+        elif not self.ghost:
             w_eff_grad = torch.einsum("b,bgoj->goj", c, self.grads).reshape(m.weight.shape)
         else:  # book-keeping: the weight gradient of (c * go), as in a non-private backward pass
             k = self.go.shape[0] // self.batch

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import GroupNorm, GroupNorm1Act, GroupNormAct, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import (GroupNorm, GroupNorm1Act, GroupNormAct, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d,
+                         StdConv2dSame)
 from timm.layers.conv2d_same import Conv2dSame
 
 from dpwa.engines import EngineError, FastEngine
+from dpwa.engines import rules
 from dpwa.engines.rules import problem
 from dpwa.models.ws import WSConv2d
 
@@ -39,6 +41,8 @@ LAYERS = {
     "Conv2d_replicate_strided": lambda: nn.Conv2d(C, 6, 3, stride=2, padding=2, padding_mode="replicate"),
     "Conv2d_circular": lambda: nn.Conv2d(C, 6, 3, padding=(1, 2), padding_mode="circular"),
     "WSConv2d_padding_same": lambda: WSConv2d(C, 6, 3, padding="same"),
+    "ScaledStdConv2d_dilated": lambda: ScaledStdConv2d(C, 6, 3, padding=2, dilation=2),
+    "Conv2d_1x1_strided": lambda: nn.Conv2d(C, 6, 1, stride=2),
     # timm.layers.norm_act: act(drop(group_norm(x))); timm's default act is ReLU(inplace=True)
     "GroupNormAct_relu_inplace": lambda: GroupNormAct(C, 2),
     "GroupNormAct_gelu": lambda: GroupNormAct(C, 2, act_layer="gelu"),
@@ -63,10 +67,18 @@ def loop_reference(model, views, labels, clip):
     return {p: sum(f * gs[j] for f, gs in zip(factors, grads)) for j, p in enumerate(params)}, norms
 
 
-@pytest.mark.parametrize("mode", ["ghost", "instantiate"])
+@pytest.mark.parametrize("mode", ["ghost", "instantiate", "instantiate-shifted"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_rule_is_exact_against_the_single_example_loop(name, k, mode):
+def test_rule_is_exact_against_the_single_example_loop(name, k, mode, monkeypatch):
+    """instantiate-shifted: every one-group conv of stride 1 (or 1x1) instantiates offset by
+    offset (`DenseRule._instantiate_shifted`), the model's first conv at least."""
+    shifted, forced = [], mode == "instantiate-shifted"
+    if forced:
+        mode = "instantiate"
+        monkeypatch.setattr(rules, "_SHIFTED_OVERHEAD", 0.0)
+        kernel = rules.DenseRule._instantiate_shifted
+        monkeypatch.setattr(rules.DenseRule, "_instantiate_shifted", lambda self: shifted.append(self.m) or kernel(self))
     torch.manual_seed(0)
     model = model_around(LAYERS[name]()).double()
     with torch.no_grad():  # GroupNorm's affine starts at (1, 0): make it generic
@@ -85,6 +97,11 @@ def test_rule_is_exact_against_the_single_example_loop(name, k, mode):
     assert set(got) == set(want)
     for p, w in want.items():
         assert (got[p] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12, tuple(w.shape)
+    if forced:
+        layer = model[2]
+        assert model[0] in shifted
+        assert (layer in shifted) == (isinstance(layer, nn.Conv2d) and layer.groups == 1 and
+                                      (layer.stride == (1, 1) or layer.kernel_size == (1, 1))), name
 
 
 def test_group_norm_act_with_frozen_weight_trains_its_bias_alone():
