@@ -173,15 +173,25 @@ def pad_always_same(m: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[
 #: dpwa-fast instantiates a layer's per-example gradients only while they take at most this
 #: many times the layer's input and output gradient (which ghost norm holds instead).
 _INSTANTIATE_MEMORY = 3
-#: Output channels per group above which a conv's weight gradient grouped by example is
-#: slower than the dense one in proportion: on 2 CPU threads (oneDNN), 64 examples, 3x3
-#: kernels, it took 1.35x the dense one's time at 64 channels (32x32 pixels), 2.35x at 128
-#: (16x16) and 5.6x at 256 (8x8); O / 48 is 1.33, 2.67 and 5.33.
-_GROUPED_CHANNELS = 48
-#: Per-example conv gradients offset by offset (`DenseRule._instantiate_shifted`) took 1.10-1.53x
-#: the dense weight gradient's time per multiply-add on the padded grid (2 CPU threads, 64-256
-#: examples, 64 channels at 32x32 pixels to 256 at 8x8; /tmp/p16/inst.py).
-_SHIFTED_OVERHEAD = 1.25
+#: The speed of ghost norm's parts and of per-example conv gradients, relative to the dense
+#: weight gradient's multiply-adds: fitted to the per-layer times of
+#: `python experiments/bench_layer_rules.py` (2 CPU threads, oneDNN and OpenBLAS; WRN-16-4's and
+#: the tanh CNN's conv shapes at 16-256 examples, K = 1 and 4; experiments/results/bench_layer_rules.md).
+_GRAM_MATMUL = 2.1   # a Gram matrix's multiply-add (batched matmul of small matrices)
+_GRAM_ENTRY = 24     # one pass over a Gram entry (strided adds of the offsets, the final dot)
+
+
+def _grouped_slowdown(positions: int) -> float:
+    """Per-example conv gradients as one convolution grouped by example: near the dense
+    kernel's speed for many positions per example, ~2.3x at 256, ~7x at 64 (oneDNN)."""
+    return max(1.0, 0.8 + 400 / positions)
+
+
+def _shifted_slowdown(positions: int, in_channels: int, kernel: tuple[int, int]) -> float:
+    """Per-example conv gradients offset by offset (`DenseRule._instantiate_shifted`): one GEMM
+    per offset, slower the fewer positions and input channels (smaller matrices); a 1x1 kernel's
+    single GEMM runs near the dense weight gradient (itself slow for 1x1)."""
+    return 1.5 if kernel == (1, 1) else 1.0 + 225 / positions + 16 / in_channels
 
 
 class DenseRule:
@@ -199,24 +209,26 @@ class DenseRule:
         o, din = self.m.weight.shape[0], self.m.weight[0].numel()
         k = go.shape[0] // batch
         positions = go[0].numel() // o * k
-        if self.conv:  # pixel Gram of the input (KU)^2 C, then the output-gradient Gram
-            u = k * rec.x.shape[-2] * rec.x.shape[-1]  # the unpadded pixels (`_gram_a`)
-            gram = u * u * rec.x.shape[1] + positions * positions * o
+        # Costs per example in multiply-adds of the dense weight gradient (its kernel's speed),
+        # with factors fitted to experiments/bench_layer_rules.py. Ghost norm: its Gram matrices'
+        # multiply-adds (_GRAM_MATMUL times slower) and, per Gram entry, one add per kernel offset
+        # and two more (_GRAM_ENTRY times slower: strided, memory-bound). For a conv, the pixel
+        # Gram of the unpadded input (KU)^2 C (`_gram_a`), then the output gradient's P^2 O.
+        kk = self.m.weight[0, 0].numel() if self.conv else 1
+        if self.conv:
+            u = k * rec.x.shape[-2] * rec.x.shape[-1]
+            gram = _GRAM_MATMUL * (u * u * rec.x.shape[1] + positions * positions * o)
         else:
-            gram = positions * positions * (din + o)
-        # Per-example gradients run slower per multiply-add than the dense weight gradient the
-        # book-kept sum uses: grouped by example, the more so the more output channels per group
-        # (_GROUPED_CHANNELS); offset by offset (`_instantiate_shifted`), by the padded grid's
-        # size over the output's and small matrices (_SHIFTED_OVERHEAD). The faster kernel is used.
+            gram = _GRAM_MATMUL * positions * positions * (din + o)
+        gram += _GRAM_ENTRY * (kk + 2) * positions * positions * self.groups
+        # Instantiation: the per-example gradients' kernel, slower per multiply-add than the dense
+        # one, the faster of grouped by example (`_grouped_slowdown`) and, where it applies, offset
+        # by offset (`_instantiate_shifted`, `_shifted_slowdown`).
         self.shifted, slowdown = False, 1.0
         if self.conv:
-            slowdown = max(1.0, o / self.groups / _GROUPED_CHANNELS)
+            slowdown = _grouped_slowdown(positions)
             if self._shiftable():
-                hw = go.shape[-2] * go.shape[-1]
-                grid = (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
-                if self.m.stride != (1, 1):  # a 1x1 kernel reads every stride-th pixel, no padding
-                    grid = hw
-                shifted = _SHIFTED_OVERHEAD * grid / hw
+                shifted = _shifted_slowdown(positions, rec.x.shape[1], tuple(self.m.kernel_size))
                 self.shifted, slowdown = shifted < slowdown, min(slowdown, shifted)
         self.ghost = mode == "ghost" or (mode != "instantiate" and self._ghost_cheaper(
             gram=gram, weight_grad=positions * din * o, slowdown=slowdown, grads=o * din,
@@ -227,7 +239,8 @@ class DenseRule:
         if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
             self._transient = 2 * g * positions * positions + (g * u * u if self.conv else 0)
         elif self.shifted:  # the per-example gradients, the input channels-last and the padded output gradient
-            self._transient = o * din + u * (rec.x.shape[1] + o)
+            grid = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
+            self._transient = o * din + grid * (rec.x.shape[1] + o)
         else:           # the per-example gradients, and for a conv with K views, its input and output gradient regrouped
             self._transient = o * din + (rec.x[0].numel() * k + o * positions if self.conv and k > 1 else 0)
 
@@ -313,7 +326,7 @@ class DenseRule:
         output gradient padded with zeros to the same grid meets it in one GEMM per offset,
         go^T (O, KU) @ x[d:] (KU, C), an example's K views as more rows. That is the dense weight
         gradient's work (on the padded grid), where the grouped kernel of `_instantiate` slows down
-        with the channels (2-6x the dense time at 128-256 channels, _GROUPED_CHANNELS). A 1x1
+        with fewer positions per example (2-7x the dense time at 256-64 positions, `_grouped_slowdown`). A 1x1
         kernel of stride s reads every s-th pixel: those are the grid."""
         m, b, go = self.m, self.batch, self.go
         x = self._padded()

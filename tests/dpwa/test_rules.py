@@ -76,7 +76,7 @@ def test_rule_is_exact_against_the_single_example_loop(name, k, mode, monkeypatc
     shifted, forced = [], mode == "instantiate-shifted"
     if forced:
         mode = "instantiate"
-        monkeypatch.setattr(rules, "_SHIFTED_OVERHEAD", 0.0)
+        monkeypatch.setattr(rules, "_shifted_slowdown", lambda *a: 0.0)
         kernel = rules.DenseRule._instantiate_shifted
         monkeypatch.setattr(rules.DenseRule, "_instantiate_shifted", lambda self: shifted.append(self.m) or kernel(self))
     torch.manual_seed(0)
