@@ -7,7 +7,8 @@ markdown table; `dpwa.engines.rules` fits its cost model (`_GRAM_MATMUL`, `_GRAM
 
     python experiments/bench_layer_rules.py --out experiments/results/bench_layer_rules.md
 
-Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
+Each option runs as dpwa-fast runs it on a CPU: on chunks of examples whose tensors fit the
+cache (`dpwa.engines.fast.cache_chunk`). Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
 (per-example gradients as one convolution grouped by example), shifted (one GEMM per kernel
 offset; stride-1 or 1x1 convs). The layer is a weight-standardised conv (WSConv2d). Times are
 medians of --repeats interleaved rounds in one process.
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import dpwa.engines.rules as rules  # noqa: E402
+from dpwa.engines.fast import cache_chunk, even_chunks  # noqa: E402
 from dpwa.models.ws import WSConv2d  # noqa: E402
 
 #: (examples B, views K, input channels, output channels, input pixels per side, stride, kernel)
@@ -41,19 +43,33 @@ SHAPES = [
 ]
 
 
-def _run(layer, x, out, go, batch: int, kind: str) -> str:
-    """One option's norms and clipped sum; returns what the cost model would choose."""
+def _rule(layer, x, out, go, batch: int, mode: str):
+    """The layer's rule as dpwa-fast runs it on a CPU: on chunks of examples sized to the cache
+    (`dpwa.engines.fast.cache_chunk`); returns (the rule, examples per chunk)."""
+    k = x.shape[0] // batch
+
+    def rule(i: int, j: int):
+        return rules.DenseRule(rules.Record(layer, x[i * k:j * k], out[i * k:j * k], 0), go[i * k:j * k], j - i, mode,
+                               rules.layer_of(layer))
+    bounds = even_chunks(batch, cache_chunk(x[:k].numel() + go[:k].numel() + rule(0, 1).transient(), x.element_size()))
+    return rules.Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds]), bounds[0][1]
+
+
+def _run(layer, x, out, go, batch: int, kind: str) -> tuple[str, int]:
+    """One option's norms and clipped sum; returns what the cost model would choose, and the
+    examples per chunk."""
     saved = rules._shifted_slowdown
     if kind != "auto":
         rules._shifted_slowdown = (lambda *a: 0.0) if kind == "shifted" else (lambda *a: float("inf"))
     try:
         mode = {"ghost": "ghost", "auto": "auto"}.get(kind, "instantiate")
-        rule = rules.DenseRule(rules.Record(layer, x, out, 0), go, batch, mode, rules.layer_of(layer))
+        rule, chunk = _rule(layer, x, out, go, batch, mode)
         rule.norms2()
         rule.clipped_sum(torch.rand(batch))
     finally:
         rules._shifted_slowdown = saved
-    return "ghost" if rule.ghost else "shifted" if rule.shifted else "grouped"
+    first = rule.rules[0]
+    return "ghost" if first.ghost else "shifted" if first.shifted else "grouped", chunk
 
 
 def bench(shape: tuple, repeats: int) -> str:
@@ -78,10 +94,10 @@ def bench(shape: tuple, repeats: int) -> str:
             times[kind].append(time.perf_counter() - t0)
     base = statistics.median(times["dense"])
     ratio = {kind: statistics.median(times[kind]) / base for kind in kinds}
-    chosen = _run(layer, x, out, go, b, "auto")
+    chosen, chunk = _run(layer, x, out, go, b, "auto")
     best = min(ratio, key=ratio.get)
     cells = " | ".join(f"{ratio[kind]:.2f}" if kind in ratio else "n/a" for kind in ("ghost", "grouped", "shifted"))
-    return (f"| {b} | {k} | {c} -> {o} | {h}x{h} | {s} | {kernel}x{kernel} | {base * 1e3:.0f} | {cells} | {chosen} | "
+    return (f"| {b} | {k} | {c} -> {o} | {h}x{h} | {s} | {kernel}x{kernel} | {base * 1e3:.0f} | {cells} | {chosen} | {chunk} | "
             f"{ratio[chosen] / ratio[best]:.2f} |")
 
 
@@ -98,10 +114,12 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
              f"Command: `python experiments/bench_layer_rules.py {shlex.join(sys.argv[1:])}`", "",
              "Norms plus clipped sum as multiples of the layer's dense weight gradient (ghost includes its book-kept "
-             "weight gradient, 1.00); *chosen* is what the cost model in `dpwa.engines.rules` picks, *x best* its "
-             "time over the fastest option's.", "",
-             "| B | K | channels | input | stride | kernel | dense (ms) | ghost | grouped | shifted | chosen | x best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "weight gradient, 1.00), each option run as dpwa-fast runs it on a CPU, on chunks of examples sized to "
+             "the cache; the dense weight gradient is the non-private backward's, on all B examples at once. "
+             "*chosen* is what the cost model in `dpwa.engines.rules` picks, *chunk* its examples per chunk, "
+             "*x best* its time over the fastest option's.", "",
+             "| B | K | channels | input | stride | kernel | dense (ms) | ghost | grouped | shifted | chosen | chunk | x best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for shape in shapes:
         lines.append(bench(shape, a.repeats))

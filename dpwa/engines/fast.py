@@ -11,7 +11,9 @@ clipped sum is one weight-gradient contraction (book-keeping, Bu et al. 2023) or
 its per-example gradients. Output gradients are thus released layer by layer, as in a
 non-private backward, except those that book-keeping needs. Augmentation multiplicity costs
 nothing extra: an example's K views are more positions of the same example in every
-contraction, so memory is per example, never per view.
+contraction, so memory is per example, never per view. On a CPU each layer's rule runs on
+chunks of examples whose tensors fit the cache (`_CACHE_BYTES`, `rules.Chunks`): a rule reads
+them several times over, and the batch's whole tensors would be read from memory each time.
 
 `memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
 backward passes, Li et al. 2021; Bu et al. 2022): the same first backward, whose hooks keep
@@ -32,9 +34,9 @@ import torch.nn as nn
 from ..rows import Rows, example_losses, rows_of
 from .errors import EngineError
 from .reference import clip_factors
-from .rules import Record, layer_of, problem, rule_for
+from .rules import Chunks, Record, layer_of, problem, rule_for
 
-__all__ = ["FastEngine", "EngineError", "unsupported_parameters"]
+__all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "even_chunks"]
 
 
 def unsupported_parameters(model: nn.Module) -> list[str]:
@@ -57,6 +59,23 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
                 out.append(f"{f} (the same Parameter as {owner[id(p)]}: tied weights)")
             owner.setdefault(id(p), f)
     return sorted(set(out), key=out.index)
+
+
+#: On a CPU, a layer's rule runs on chunks of examples whose tensors take about this many bytes
+#: (`FastEngine._chunks`): within the cache of a core (L2 1 MB, shared L3 32 MB here), fitted to
+#: per-layer times at 2-256 examples per chunk (experiments/bench_layer_rules.py).
+_CACHE_BYTES = 12 << 20
+
+
+def cache_chunk(elements: int, element_size: int) -> int:
+    """Examples per chunk on a CPU for a rule that touches `elements` per example."""
+    return max(1, _CACHE_BYTES // max(1, elements * element_size))
+
+
+def even_chunks(n: int, most: int) -> list[tuple[int, int]]:
+    """[first, end) of the fewest chunks of at most `most` (>= 1) of n items, of sizes within one."""
+    parts = -(-n // max(1, min(n, most)))
+    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
 
 
 class FastEngine:
@@ -99,7 +118,7 @@ class FastEngine:
         #: How each layer's norms are computed, from shapes only (public): {layer: "ghost norm" |
         #: "instantiated" | its rule's name}, filled by the first chunk; runs report it once.
         self.plan: dict[str, str] = {}
-        self._transient: dict[tuple, int] = {}  # lean mode: a rule's temporaries per example, by layer and shape
+        self._transient: dict[tuple, int] = {}  # a rule's temporaries per example, by layer, shape and mode
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -236,27 +255,51 @@ class FastEngine:
                               "self.fc.weight), which no per-layer rule sees); call the layer, or use "
                               "privacy.engine=torch-func")
 
-    def _lean_norms2(self, rec: Record, go: torch.Tensor, rows: Rows) -> torch.Tensor:
-        """One layer's per-example squared norms, in chunks of examples small enough that
-        what the rule allocates (`transient`, e.g. a conv's ghost Gram matrices) stays within
+    def _chunks(self, rec: Record, go: torch.Tensor, rows: Rows, lean: bool):
+        """One layer's rules on consecutive chunks of its examples (rows put example-major), as a
+        list of (first, end) and a function that builds the rule of examples [first, end).
+
+        A chunk keeps its input, output gradient and the rule's own temporaries (`transient`,
+        e.g. a conv's per-example gradients or Gram matrices) within _CACHE_BYTES on a CPU: a
+        rule passes over them several times (once per kernel offset, then for the norms), and
+        from the cache those passes run 1.3-2x faster than from memory
+        (`experiments/bench_layer_rules.py`). dpwa-lean's chunks also keep the temporaries within
         a quarter of the layer's output gradient, which backward holds anyway."""
         x, out, go = self._example_major(rec, go, rows)
         b = rows.examples
         r = x.shape[0] // b  # rows per example
+        mode = "auto-norms" if lean and self.mode == "auto" else self.mode
 
         def rule(i: int, j: int):
             return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
-                                   rec.version), go[i * r:j * r], j - i, "auto-norms" if self.mode == "auto" else self.mode)
+                                   rec.version), go[i * r:j * r], j - i, mode)
         # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
         # temporaries the size of its input.
-        key = (rec.module, tuple(x.shape[1:]))
+        key = (rec.module, tuple(x.shape[1:]), mode)
         per = self._transient.get(key)
         if per is None:  # once per layer and shape, not on every step
             first = rule(0, 1)
             self._note(rec.module, first)
             per = self._transient[key] = getattr(first, "transient", lambda: 2 * x[:r].numel())()
-        chunk = max(1, min(b, go.numel() // 4 // max(per, 1)))
-        return torch.cat([rule(i, min(b, i + chunk)).norms2() for i in range(0, b, chunk)])
+        chunk = b
+        if lean:
+            chunk = go.numel() // 4 // max(per, 1)
+        if x.device.type == "cpu":
+            chunk = min(chunk, cache_chunk(x[:r].numel() + go[:r].numel() + per, x.element_size()))
+        return even_chunks(b, chunk), rule
+
+    def _lean_norms2(self, rec: Record, go: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """One layer's per-example squared norms, chunk by chunk, each chunk's rule let go of
+        before the next is built."""
+        bounds, rule = self._chunks(rec, go, rows, lean=True)
+        return torch.cat([rule(i, j).norms2() for i, j in bounds])
+
+    def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
+        """The layer's rule (`Chunks` of it, where a chunk holds fewer examples than the batch)."""
+        bounds, rule = self._chunks(rec, go, rows, lean=False)
+        if len(bounds) == 1:
+            return rule(*bounds[0])
+        return Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds])
 
     @staticmethod
     def _choose_memory(records: list[Record], device: torch.device) -> str:
@@ -275,19 +318,14 @@ class FastEngine:
         out = None if rec.out is None else rows.example_major(rec.out.detach(), what)
         return rows.example_major(rec.x, what), out, rows.example_major(go.detach(), what)
 
-    def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
-        """The layer's rule on its rows put example-major."""
-        x, out, go = self._example_major(rec, go, rows)
-        return rule_for(Record(rec.module, x, out, rec.version), go, rows.examples, self.mode)
-
 
 class _HookPass:
     """One chunk's backward hooks: one per recorded layer output, which turns the output's
     gradient into that layer's per-example squared norms once (however many uses the output
     has), then lets go of the layer's record.
 
-    lean=False (dpwa-fast): the layer's rule is built on the whole chunk and kept for the
-    book-kept clipped sum, holding only what that needs (the input and output gradient, or
+    lean=False (dpwa-fast): the layer's rule is built on the whole chunk (on a CPU, as
+    `Chunks` of cache-sized groups of its examples) and kept for the book-kept clipped sum, holding only what that needs (the input and output gradient, or
     the per-example gradients when those are smaller, e.g. a GroupNorm's (B, C)). Every
     layer's output gradient is therefore released as soon as its layer is done with it, and
     each rule's temporaries (a conv's Gram matrices) live one layer at a time.
@@ -311,7 +349,6 @@ class _HookPass:
                 norms2 = self.engine._lean_norms2(rec, go, self.rows)
             else:
                 rule = self.engine._rule(rec, go, self.rows)
-                self.engine._note(rec.module, rule)
                 norms2 = rule.norms2()
                 self.rules.append(rule)  # it holds what its clipped sum still needs
             rec.x = rec.out = None  # autograd frees its own references as it goes: so may we

@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Record", "Layer", "RULES", "register_rule", "layer_of", "rule_for", "is_supported", "problem",
-           "DenseRule", "GroupNormRule", "GroupNormActRule", "ScalarGainRule", "pad_module", "pad_functional",
+           "Chunks", "DenseRule", "GroupNormRule", "GroupNormActRule", "ScalarGainRule", "pad_module", "pad_functional",
            "pad_tf_same", "pad_always_same"]
 
 
@@ -176,15 +176,17 @@ _INSTANTIATE_MEMORY = 3
 #: The speed of ghost norm's parts and of per-example conv gradients, relative to the dense
 #: weight gradient's multiply-adds: fitted to the per-layer times of
 #: `python experiments/bench_layer_rules.py` (2 CPU threads, oneDNN and OpenBLAS; WRN-16-4's and
-#: the tanh CNN's conv shapes at 16-256 examples, K = 1 and 4; experiments/results/bench_layer_rules.md).
+#: the tanh CNN's conv shapes at 16-256 examples, K = 1 and 4, each option on cache-sized chunks of
+#: examples as `FastEngine` runs it; experiments/results/bench_layer_rules.md).
 _GRAM_MATMUL = 2.1   # a Gram matrix's multiply-add (batched matmul of small matrices)
 _GRAM_ENTRY = 24     # one pass over a Gram entry (strided adds of the offsets, the final dot)
 
 
 def _grouped_slowdown(positions: int) -> float:
-    """Per-example conv gradients as one convolution grouped by example: near the dense
-    kernel's speed for many positions per example, ~2.3x at 256, ~7x at 64 (oneDNN)."""
-    return max(1.0, 0.8 + 400 / positions)
+    """Per-example conv gradients as one convolution grouped by example, on a cache-sized chunk
+    of examples: near the dense kernel's speed for many positions per example, ~1.5x at 256,
+    ~3.7x at 64 (oneDNN)."""
+    return max(1.0, 0.76 + 188 / positions)
 
 
 def _shifted_slowdown(positions: int, in_channels: int, kernel: tuple[int, int]) -> float:
@@ -326,7 +328,7 @@ class DenseRule:
         output gradient padded with zeros to the same grid meets it in one GEMM per offset,
         go^T (O, KU) @ x[d:] (KU, C), an example's K views as more rows. That is the dense weight
         gradient's work (on the padded grid), where the grouped kernel of `_instantiate` slows down
-        with fewer positions per example (2-7x the dense time at 256-64 positions, `_grouped_slowdown`). A 1x1
+        with fewer positions per example (1.5-3.7x the dense time at 256-64 positions, `_grouped_slowdown`). A 1x1
         kernel of stride s reads every s-th pixel: those are the grid."""
         m, b, go = self.m, self.batch, self.go
         x = self._padded()
@@ -493,6 +495,11 @@ class DenseRule:
         return torch.einsum("bpgj,goj->bgop", self._a(), w_hat.view(g, -1, w_hat.shape[1]))
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.finish(self.partial_sum(c))
+
+    def partial_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The clipped sum with the weight's part still w.r.t. the effective weight (`finish`
+        pulls it back through a standardisation): linear in c, so chunks of examples add."""
         m = self.m
         out: dict[str, torch.Tensor] = {}
         if "bias" in self.per_example:
@@ -513,14 +520,19 @@ class DenseRule:
                 w_eff_grad = self._conv_weight_grad(self.rec.x, cgo)
             else:
                 w_eff_grad = cgo.reshape(-1, cgo.shape[-1]).t() @ self.rec.x.reshape(-1, self.rec.x.shape[-1])
-        if self.ws is None:
-            out["weight"] = w_eff_grad
-            return out
-        # The clipped sum is linear in the per-example gradients: pull it back through the
-        # standardisation once (the gain's part is computed above from S2).
+        out["weight"] = w_eff_grad
+        return out
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The clipped sum from `partial_sum`s (added over chunks of examples): linear in the
+        per-example gradients, so pulled back through the standardisation once (the gain's part
+        is computed from S2 already)."""
+        if self.ws is None or "weight" not in parts:
+            return parts
+        m, out = self.m, dict(parts)
         with torch.enable_grad():
             weight = m.weight.detach().requires_grad_(True)
-            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight, self.ws[1]), weight, w_eff_grad)
+            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight, self.ws[1]), weight, parts["weight"])
         return out
 
 
@@ -653,6 +665,27 @@ def problem(module: nn.Module) -> Optional[str]:
     if extra:
         return f"no per-example rule for parameter {', '.join(extra)} of {name}"
     return layer.check(module) if layer.check else None
+
+
+class Chunks:
+    """One layer's rule run on consecutive chunks of its examples (`FastEngine` sizes them so
+    that a chunk's tensors stay in the CPU's cache, which every pass of a rule reads again):
+    the norms side by side, the clipped sums added (a rule's `partial_sum`, then its `finish`
+    once, where it has them), exactly the whole batch's."""
+
+    def __init__(self, rules: list, sizes: list[int]) -> None:
+        self.rules, self.sizes, self.m = rules, sizes, rules[0].m
+
+    def norms2(self) -> torch.Tensor:
+        return torch.cat([rule.norms2() for rule in self.rules])
+
+    def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
+        total: dict[str, torch.Tensor] = {}
+        for rule, part in zip(self.rules, c.split(self.sizes)):
+            for name, value in getattr(rule, "partial_sum", rule.clipped_sum)(part).items():
+                total[name] = total[name] + value if name in total else value
+        finish = getattr(self.rules[0], "finish", None)
+        return finish(total) if finish else total
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):

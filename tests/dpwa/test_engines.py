@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame
 
-from dpwa.engines import ENGINES, EngineError, FastEngine, make_engine
+from dpwa.engines import ENGINES, EngineError, FastEngine, fast, make_engine
+from dpwa.engines.rules import Chunks
 from dpwa.models import create_model
 from dpwa.models.wrn import WideResNet
 from dpwa.models.ws import WSConv2d
@@ -78,8 +79,8 @@ def assert_sums_close(got, want, rtol=1e-5):
         assert (g - w).abs().max() <= rtol * w.abs().max() + 1e-12, tuple(w.shape)
 
 
-ENGINE_CASES = [("dpwa-fast", "auto"), ("dpwa-fast", "ghost"), ("dpwa-fast", "instantiate"), ("dpwa-lean", None),
-                ("torch-func", None), ("opacus-hooks", None), ("opacus-functorch", None), ("opacus-ghost", None)]
+ENGINE_CASES = [("dpwa-fast", "auto"), ("dpwa-fast", "ghost"), ("dpwa-fast", "instantiate"), ("dpwa-fast", "chunked"),
+                ("dpwa-lean", None), ("dpwa-lean", "chunked"), ("torch-func", None), ("opacus-hooks", None), ("opacus-functorch", None), ("opacus-ghost", None)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,16 +101,24 @@ CASES = [(e, m, k) for e, m in ENGINE_CASES for k in (1, 3) if not (e == "opacus
 
 @pytest.mark.parametrize("engine, mode, k", CASES, ids=[f"{e}-{m}-K{k}" if m else f"{e}-K{k}" for e, m, k in CASES])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_clipped_sums_and_norms_match_single_example_loop(model_name, engine, mode, k):
+def test_clipped_sums_and_norms_match_single_example_loop(monkeypatch, model_name, engine, mode, k):
+    """mode "chunked": every layer's rule runs on chunks of at most two of the five examples
+    (sizes 1, 2, 2), as a CPU's cache-sized chunks do at larger batches."""
+    chunked = []
+    if mode == "chunked":
+        monkeypatch.setattr(fast, "cache_chunk", lambda *a: 2)
+        monkeypatch.setattr(fast, "Chunks", lambda rules, sizes: chunked.append(sizes) or Chunks(rules, sizes))
     state, views, labels, names, grads, want_norms = reference_case(model_name, k)
     model = MODELS[model_name][0]().double()
     model.load_state_dict(state)
     by_name = dict(model.named_parameters())
     clip = float(want_norms.median())  # some examples clipped, some not: both branches of min(1, C/|g|)
     want = clip_and_add([by_name[n] for n in names], grads, want_norms, clip)
-    eng = FastEngine(model, mode=mode) if mode else make_engine(engine, model)
+    eng = FastEngine(model, mode=mode) if mode in ("auto", "ghost", "instantiate") else make_engine(engine, model)
     got, losses, norms = eng.clipped_sum(views, labels, clip)
     eng.remove()
+    if engine == "dpwa-fast" and mode == "chunked":
+        assert chunked and all(sizes == [1, 2, 2] for sizes in chunked)
     assert torch.allclose(norms, want_norms, rtol=1e-5, atol=1e-12)
     assert_sums_close(got, want)
     assert losses.shape == (len(labels),)
