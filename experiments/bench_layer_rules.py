@@ -7,8 +7,9 @@ markdown table; `dpwa.engines.rules` fits its cost model (`_GRAM_MATMUL`, `_GRAM
 
     python experiments/bench_layer_rules.py --out experiments/results/bench_layer_rules.md
 
-Each option runs as dpwa-fast runs it on a CPU: on chunks of examples whose tensors fit the
-cache (`dpwa.engines.fast.cache_chunk`). Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
+Each option runs as dpwa-fast runs it on a CPU: instantiated per-example gradients on chunks of
+examples whose tensors fit the cache (`dpwa.engines.fast.cache_chunk`), ghost norm on the whole
+batch (`cache_chunked`). Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
 (per-example gradients as one convolution grouped by example), shifted (one GEMM per kernel
 offset; stride-1 or 1x1 convs). The layer is a weight-standardised conv (WSConv2d). Times are
 medians of --repeats interleaved rounds in one process.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import dpwa.engines.rules as rules  # noqa: E402
-from dpwa.engines.fast import cache_chunk, even_chunks  # noqa: E402
+from dpwa.engines.fast import cache_chunk, cache_chunked, even_chunks  # noqa: E402
 from dpwa.models.ws import WSConv2d  # noqa: E402
 
 #: (examples B, views K, input channels, output channels, input pixels per side, stride, kernel)
@@ -45,13 +46,18 @@ SHAPES = [
 
 def _rule(layer, x, out, go, batch: int, mode: str):
     """The layer's rule as dpwa-fast runs it on a CPU: on chunks of examples sized to the cache
-    (`dpwa.engines.fast.cache_chunk`); returns (the rule, examples per chunk)."""
+    (`dpwa.engines.fast.cache_chunk`) unless it is ghost norm's (`cache_chunked`); returns (the
+    rule, examples per chunk)."""
     k = x.shape[0] // batch
 
     def rule(i: int, j: int):
         return rules.DenseRule(rules.Record(layer, x[i * k:j * k], out[i * k:j * k], 0), go[i * k:j * k], j - i, mode,
                                rules.layer_of(layer))
-    bounds = even_chunks(batch, cache_chunk(x[:k].numel() + go[:k].numel() + rule(0, 1).transient(), x.element_size()))
+    first = rule(0, 1)
+    chunk = batch
+    if cache_chunked(first):
+        chunk = cache_chunk(x[:k].numel() + go[:k].numel() + first.transient(), x.element_size())
+    bounds = even_chunks(batch, chunk)
     return rules.Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds]), bounds[0][1]
 
 
@@ -114,8 +120,8 @@ def main() -> None:
              f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}.",
              f"Command: `python experiments/bench_layer_rules.py {shlex.join(sys.argv[1:])}`", "",
              "Norms plus clipped sum as multiples of the layer's dense weight gradient (ghost includes its book-kept "
-             "weight gradient, 1.00), each option run as dpwa-fast runs it on a CPU, on chunks of examples sized to "
-             "the cache; the dense weight gradient is the non-private backward's, on all B examples at once. "
+             "weight gradient, 1.00), each option run as dpwa-fast runs it on a CPU: instantiated on chunks of examples sized to "
+             "the cache, ghost norm on the whole batch; the dense weight gradient is the non-private backward's, on all B examples at once. "
              "*chosen* is what the cost model in `dpwa.engines.rules` picks, *chunk* its examples per chunk, "
              "*x best* its time over the fastest option's.", "",
              "| B | K | channels | input | stride | kernel | dense (ms) | ghost | grouped | shifted | chosen | chunk | x best |",
