@@ -8,8 +8,7 @@ markdown table; `dpwa.engines.rules` fits its cost model (`_GRAM_MATMUL`, `_GRAM
     python experiments/bench_layer_rules.py --out experiments/results/bench_layer_rules.md
 
 Each option runs as dpwa-fast runs it on a CPU: instantiated per-example gradients on chunks of
-examples whose tensors fit the cache (`dpwa.engines.fast.cache_chunk`), ghost norm on the whole
-batch (`cache_chunked`). Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
+examples whose tensors fit the cache, ghost norm on the whole batch (`dpwa.engines.fast.cache_chunk`). Options: ghost (ghost norm, book-kept sum: it includes one dense weight gradient), grouped
 (per-example gradients as one convolution grouped by example), shifted (one GEMM per kernel
 offset; stride-1 or 1x1 convs). The layer is a weight-standardised conv (WSConv2d). Times are
 medians of --repeats interleaved rounds in one process.
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import dpwa.engines.rules as rules  # noqa: E402
-from dpwa.engines.fast import cache_chunk, cache_chunked, even_chunks  # noqa: E402
+from dpwa.engines.fast import cache_chunk, even_chunks  # noqa: E402
 from dpwa.models.ws import WSConv2d  # noqa: E402
 
 #: (examples B, views K, input channels, output channels, input pixels per side, stride, kernel)
@@ -46,18 +45,14 @@ SHAPES = [
 
 def _rule(layer, x, out, go, batch: int, mode: str):
     """The layer's rule as dpwa-fast runs it on a CPU: on chunks of examples sized to the cache
-    (`dpwa.engines.fast.cache_chunk`) unless it is ghost norm's (`cache_chunked`); returns (the
-    rule, examples per chunk)."""
+    (`dpwa.engines.fast.cache_chunk`: ghost norm's on the whole batch); returns (the rule,
+    examples per chunk)."""
     k = x.shape[0] // batch
 
     def rule(i: int, j: int):
         return rules.DenseRule(rules.Record(layer, x[i * k:j * k], out[i * k:j * k], 0), go[i * k:j * k], j - i, mode,
                                rules.layer_of(layer))
-    first = rule(0, 1)
-    chunk = batch
-    if cache_chunked(first):
-        chunk = cache_chunk(x[:k].numel() + go[:k].numel() + first.transient(), x.element_size())
-    bounds = even_chunks(batch, chunk)
+    bounds = even_chunks(batch, cache_chunk(rule(0, 1), x[:k], go[:k]))
     return rules.Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds]), bounds[0][1]
 
 

@@ -13,7 +13,7 @@ non-private backward, except those that book-keeping needs. Augmentation multipl
 nothing extra: an example's K views are more positions of the same example in every
 contraction, so memory is per example, never per view. On a CPU each layer's instantiated
 per-example gradients are formed on chunks of examples whose tensors fit the cache
-(`_CACHE_BYTES`, `rules.Chunks`, `cache_chunked`): the rule reads them several times over, and
+(`_CACHE_BYTES`, `rules.Chunks`, `cache_chunk`): the rule reads them several times over, and
 the batch's whole tensors would be read from memory each time.
 
 `memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
@@ -27,6 +27,7 @@ go, so peak memory is a non-private step's plus one layer's rule, at the cost of
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -37,7 +38,7 @@ from .errors import EngineError
 from .reference import clip_factors
 from .rules import Chunks, Record, layer_of, problem, rule_for
 
-__all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "cache_chunked", "even_chunks"]
+__all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "even_chunks", "transient"]
 
 
 def unsupported_parameters(model: nn.Module) -> list[str]:
@@ -68,19 +69,26 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
 _CACHE_BYTES = 12 << 20
 
 
-def cache_chunk(elements: int, element_size: int) -> int:
-    """Examples per chunk on a CPU for a rule that touches `elements` per example."""
-    return max(1, _CACHE_BYTES // max(1, elements * element_size))
+def transient(rule, x1: torch.Tensor) -> int:
+    """Elements a rule allocates per example besides its input and output gradient (x1: one
+    example's rows of the input). A rule without its own estimate (GroupNorm's, FiLM's:
+    elementwise) makes a few temporaries the size of its input."""
+    return getattr(rule, "transient", lambda: 2 * x1.numel())()
 
 
-def cache_chunked(rule) -> bool:
-    """Whether a layer's rule runs on cache-sized chunks: all but ghost norm. Its work is per
-    example already (each example's Gram matrices fit the cache) and its book-kept clipped sum
-    is one dense weight-gradient GEMM, which is fastest on the whole batch: chunked, its layers
-    ran 0.9-1.3x slower; instantiated ones 1.2-1.4x faster (WRN-16-4's shapes at 256 examples).
-    Measured in whole steps, chunking all layers against all but ghost's: WRN-16-4 at 256 images
-    1.37x vs 1.27x non-private, ScatterNet 1.19x vs 1.09x."""
-    return not getattr(rule, "ghost", False)
+def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
+    """Examples per chunk on a CPU for a layer whose rule on one example (rows x1, go1) is
+    `rule`: as many as keep the input, output gradient and temporaries within _CACHE_BYTES.
+
+    Ghost norm runs on the whole batch: its work is per example already (each example's Gram
+    matrices fit the cache) and its book-kept clipped sum is one dense weight-gradient GEMM,
+    fastest on all examples at once. Chunked, its layers ran 0.9-1.3x slower; instantiated ones
+    1.2-1.4x faster (WRN-16-4's shapes at 256 examples). In whole steps, chunking all layers
+    against all but ghost's: WRN-16-4 at 256 images 1.37x vs 1.27x non-private, ScatterNet 1.19x
+    vs 1.09x."""
+    if getattr(rule, "ghost", False):
+        return sys.maxsize
+    return max(1, _CACHE_BYTES // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
 
 
 def even_chunks(n: int, most: int) -> list[tuple[int, int]]:
@@ -129,7 +137,7 @@ class FastEngine:
         #: How each layer's norms are computed, from shapes only (public): {layer: "ghost norm" |
         #: "instantiated" | its rule's name}, filled by the first chunk; runs report it once.
         self.plan: dict[str, str] = {}
-        self._transient: dict[tuple, int] = {}  # a rule's temporaries per example, by layer, shape and mode
+        self._sizes: dict[tuple, tuple[int, int]] = {}  # (temporaries per example, CPU chunk) by layer, rows per example, shape, mode
         self._handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -272,10 +280,10 @@ class FastEngine:
 
         On a CPU a chunk keeps its input, output gradient and the rule's own temporaries
         (`transient`, e.g. a conv's per-example gradients) within _CACHE_BYTES, except for ghost
-        norm (`cache_chunked`): an instantiating rule passes over them several times (once per
+        norm (`cache_chunk`): an instantiating rule passes over them several times (once per
         kernel offset, then for the norms), and from the cache those passes run 1.2-2x faster
-        than from memory (`experiments/bench_layer_rules.py`). dpwa-lean's chunks also keep the temporaries within
-        a quarter of the layer's output gradient, which backward holds anyway."""
+        than from memory (`experiments/bench_layer_rules.py`). dpwa-lean's chunks also keep the
+        temporaries within a quarter of the layer's output gradient, which backward holds anyway."""
         x, out, go = self._example_major(rec, go, rows)
         b = rows.examples
         r = x.shape[0] // b  # rows per example
@@ -284,21 +292,16 @@ class FastEngine:
         def rule(i: int, j: int):
             return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
                                    rec.version), go[i * r:j * r], j - i, mode)
-        # A rule without its own estimate (GroupNorm's, FiLM's: elementwise) makes a few
-        # temporaries the size of its input.
-        key = (rec.module, tuple(x.shape[1:]), mode)
-        known = self._transient.get(key)
-        if known is None:  # once per layer and shape, not on every step
+        key = (rec.module, r, tuple(x.shape[1:]), mode)
+        sizes = self._sizes.get(key)
+        if sizes is None:  # once per layer and shape, not on every step
             first = rule(0, 1)
             self._note(rec.module, first)
-            known = self._transient[key] = (getattr(first, "transient", lambda: 2 * x[:r].numel())(),
-                                            cache_chunked(first))
-        per, cached = known
-        chunk = b
-        if lean:
-            chunk = go.numel() // 4 // max(per, 1)
-        if cached and x.device.type == "cpu":
-            chunk = min(chunk, cache_chunk(x[:r].numel() + go[:r].numel() + per, x.element_size()))
+            sizes = self._sizes[key] = (transient(first, x[:r]), cache_chunk(first, x[:r], go[:r]))
+        per, cpu_chunk = sizes
+        chunk = go.numel() // 4 // max(per, 1) if lean else b
+        if x.device.type == "cpu":
+            chunk = min(chunk, cpu_chunk)
         return even_chunks(b, chunk), rule
 
     def _lean_norms2(self, rec: Record, go: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -338,7 +341,8 @@ class _HookPass:
     has), then lets go of the layer's record.
 
     lean=False (dpwa-fast): the layer's rule is built on the whole chunk (on a CPU, as
-    `Chunks` of cache-sized groups of its examples) and kept for the book-kept clipped sum, holding only what that needs (the input and output gradient, or
+    `Chunks` of cache-sized groups of its examples) and kept for the book-kept clipped sum,
+    holding only what that needs (the input and output gradient, or
     the per-example gradients when those are smaller, e.g. a GroupNorm's (B, C)). Every
     layer's output gradient is therefore released as soon as its layer is done with it, and
     each rule's temporaries (a conv's Gram matrices) live one layer at a time.

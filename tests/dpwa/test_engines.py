@@ -108,7 +108,6 @@ def test_clipped_sums_and_norms_match_single_example_loop(monkeypatch, model_nam
     chunked = []
     if mode == "chunked":
         monkeypatch.setattr(fast, "cache_chunk", lambda *a: 2)
-        monkeypatch.setattr(fast, "cache_chunked", lambda rule: True)
         monkeypatch.setattr(fast, "Chunks", lambda rules, sizes: chunked.append(sizes) or Chunks(rules, sizes))
     state, views, labels, names, grads, want_norms = reference_case(model_name, k)
     model = MODELS[model_name][0]().double()
