@@ -82,10 +82,8 @@ def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
 
     Ghost norm runs on the whole batch: its work is per example already (each example's Gram
     matrices fit the cache) and its book-kept clipped sum is one dense weight-gradient GEMM,
-    fastest on all examples at once. Chunked, its layers ran 0.9-1.3x slower; instantiated ones
-    1.2-1.4x faster (WRN-16-4's shapes at 256 examples). In whole steps, chunking all layers
-    against all but ghost's: WRN-16-4 at 256 images 1.37x vs 1.27x non-private, ScatterNet 1.19x
-    vs 1.09x."""
+    fastest on all examples at once, where instantiating rules gain from cache-sized chunks
+    (the *chunk* column of experiments/results/bench_layer_rules.md)."""
     if getattr(rule, "ghost", False):
         return sys.maxsize
     return max(1, _CACHE_BYTES // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
