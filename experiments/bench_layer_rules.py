@@ -47,11 +47,11 @@ def _rule(layer, x, out, go, batch: int, mode: str):
     """The layer's rule as dpwa-fast runs it on a CPU: on chunks of examples sized to the cache
     (`dpwa.engines.fast.cache_chunk`: ghost norm's on the whole batch); returns (the rule,
     examples per chunk)."""
-    k = x.shape[0] // batch
+    k, shared = x.shape[0] // batch, {}  # the chunks share the standardised weight, as in a step
 
     def rule(i: int, j: int):
-        return rules.DenseRule(rules.Record(layer, x[i * k:j * k], out[i * k:j * k], 0), go[i * k:j * k], j - i, mode,
-                               rules.layer_of(layer))
+        return rules.DenseRule(rules.Record(layer, x[i * k:j * k], out[i * k:j * k], 0, shared=shared),
+                               go[i * k:j * k], j - i, mode, rules.layer_of(layer))
     bounds = even_chunks(batch, cache_chunk(rule(0, 1), x[:k], go[:k]))
     return rules.Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds]), bounds[0][1]
 

@@ -289,7 +289,7 @@ class FastEngine:
 
         def rule(i: int, j: int):
             return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
-                                   rec.version), go[i * r:j * r], j - i, mode)
+                                   rec.version, shared=rec.shared), go[i * r:j * r], j - i, mode)
         key = (rec.module, r, tuple(x.shape[1:]), mode)
         sizes = self._sizes.get(key)
         if sizes is None:  # once per layer and shape, not on every step

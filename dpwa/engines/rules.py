@@ -43,7 +43,7 @@ output over m.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -67,6 +67,11 @@ class Record:
     version: int
     x_version: int = 0
     reads_data: bool = False
+    #: What the rules of one layer's chunks of examples share within one step (`FastEngine._chunks`
+    #: gives them one dict): values of the parameters alone, e.g. the standardised weight
+    #: (`_ws_parts`), computed by the first chunk's rule. It lives one step, so it never outlives
+    #: an update of the weights (a memo across steps would have to see every in-place change).
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,25 @@ def _sq_norms(per_example: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bi,bi->b", flat, flat)
 
 
-def _ws_parts(module: nn.Module, standardise: Optional[str]
-              ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[str]]]:
-    """(w_hat (O, n), m (O,), s (O,), gain param name or None) for standardised convs, else None."""
+@dataclass(frozen=True)
+class Standardised:
+    """A weight-standardised conv's weight: w_hat (O, n), the multiplier m (O,) of w_eff = m w_hat,
+    the per-channel std s (O,), the gain's parameter name (or None), and what every rule
+    reads of them: m/s and |w_hat_o|^2 (O,)."""
+
+    w_hat: torch.Tensor
+    m: torch.Tensor
+    s: torch.Tensor
+    gain: Optional[str]
+    scale: torch.Tensor
+    w_hat_sq: torch.Tensor
+
+
+def _ws_parts(module: nn.Module, standardise: Optional[str]) -> Optional[Standardised]:
+    """The standardisation of the weight as it is now, for standardised convs, else None.
+
+    Two passes (mean, then the mean square of the centred weight): as exact as torch.var and
+    2-7x faster on these (O, n) shapes, whose per-row Welford reduction is slow."""
     if standardise is None:
         return None
     w = module.weight.detach().flatten(1)
@@ -125,9 +146,17 @@ def _ws_parts(module: nn.Module, standardise: Optional[str]
         m, gain = (module.gain.detach() * module.scale).flatten(), "gain"
     else:
         m, gain = torch.ones(w.shape[0], dtype=w.dtype, device=w.device), None
-    mean = w.mean(1, keepdim=True)
-    s = torch.sqrt(w.var(1, unbiased=False, keepdim=True) + module.eps)
-    return (w - mean) / s, m, s.flatten(), gain
+    centred = w - w.mean(1, keepdim=True)
+    s = torch.sqrt(centred.square().mean(1) + module.eps)
+    w_hat = centred / s.unsqueeze(1)
+    return Standardised(w_hat, m, s, gain, m / s, w_hat.square().sum(1))
+
+
+def _shared_ws_parts(rec: Record, standardise: Optional[str]) -> Optional[Standardised]:
+    """`_ws_parts`, once per layer and step: the chunks of one layer's examples share it."""
+    if "ws" not in rec.shared:
+        rec.shared["ws"] = _ws_parts(rec.module, standardise)
+    return rec.shared["ws"]
 
 
 def _effective_weight(module: nn.Module, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -207,7 +236,7 @@ class DenseRule:
         if self.conv:  # the input as the conv sees it: any padding its forward does by hand, done here
             rec.x, self.padding = layer.pad(self.m, rec.x)
         self.go = go
-        self.ws = _ws_parts(self.m, layer.standardise)
+        self.ws = _shared_ws_parts(rec, layer.standardise)
         o, din = self.m.weight.shape[0], self.m.weight[0].numel()
         k = go.shape[0] // batch
         positions = go[0].numel() // o * k
@@ -371,7 +400,7 @@ class DenseRule:
             self.go = self.rec = None
             return total
         g = self.groups
-        scale = None if self.ws is None else (self.ws[1] / self.ws[2]).view(g, -1)  # m/s, (g, O/g)
+        scale = None if self.ws is None else self.ws.scale.view(g, -1)  # m/s, (g, O/g)
         if not self.ghost:
             self.grads = self._instantiate()           # (B, g, O/g, din), or (kh kw, B, O, C) if shifted
             self.go = self.rec = None
@@ -379,7 +408,7 @@ class DenseRule:
                 return total + (sum(_sq_norms(part) for part in self.grads) if self.shifted else _sq_norms(self.grads))
             sq = (self._grad_dots(None) * scale.square()).sum((1, 2))
             s1 = self.grads.sum((0, 3)).unsqueeze(1) if self.shifted else self.grads.sum(-1)  # (B, g, O/g)
-            s2 = self._grad_dots(self.ws[0].view(g, -1, self.ws[0].shape[1]))
+            s2 = self._grad_dots(self.ws.w_hat.view(g, -1, self.ws.w_hat.shape[1]))
         else:
             go = self._go(go)                                                # (B, g, O/g, P)
             gram_a = self._gram_a()
@@ -391,12 +420,11 @@ class DenseRule:
             sq = torch.einsum("bgpq,bgpq->b", gram_a, gram_g)                # sum_o (m/s)^2 |G_o|^2
             del gram_a, gram_g
             s1 = torch.einsum("bgop,bpg->bgo", go, self._a_sum())
-            s2 = torch.einsum("bgop,bgop->bgo", go, self._a_dot_w_hat(self.ws[0], self.ws[1]))
+            s2 = torch.einsum("bgop,bgop->bgo", go, self._a_dot_w_hat(self.ws.w_hat, self.ws.m))
             self.rec.out = None
         # Through the standardisation: |dL/dw_o|^2 = (m/s)^2 (|G_o|^2 - S1^2/n - S2^2 (2n - |w_hat_o|^2)/n^2).
-        w_hat = self.ws[0]
-        n = w_hat.shape[1]
-        w_hat_sq = w_hat.square().sum(1).view(g, -1)
+        n = self.ws.w_hat.shape[1]
+        w_hat_sq = self.ws.w_hat_sq.view(g, -1)
         if self.m.weight.requires_grad:
             corr = (scale.square() * (s1.square() / n + s2.square() * (2 * n - w_hat_sq) / n ** 2)).sum((1, 2))
             total = total + sq - corr
@@ -418,7 +446,7 @@ class DenseRule:
                    for t, part in enumerate(grads)).unsqueeze(1)
 
     def _gain_trained(self) -> bool:
-        return self.ws is not None and self.ws[3] is not None and self.m.gain.requires_grad
+        return self.ws is not None and self.ws.gain is not None and self.m.gain.requires_grad
 
     def _padded(self) -> torch.Tensor:
         ph, pw = self.padding
@@ -532,7 +560,7 @@ class DenseRule:
         m, out = self.m, dict(parts)
         with torch.enable_grad():
             weight = m.weight.detach().requires_grad_(True)
-            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight, self.ws[1]), weight, parts["weight"])
+            (out["weight"],) = torch.autograd.grad(_effective_weight(m, weight, self.ws.m), weight, parts["weight"])
         return out
 
 

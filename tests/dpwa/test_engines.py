@@ -126,6 +126,27 @@ def test_clipped_sums_and_norms_match_single_example_loop(monkeypatch, model_nam
     assert all(p.grad is None for p in model.parameters())  # engines leave no gradient behind
 
 
+@pytest.mark.parametrize("memory", ["fast", "lean"])
+def test_standardised_weight_is_not_reused_across_steps(monkeypatch, memory):
+    """The chunks of a layer share its standardised weight within one step (`Record.shared`):
+    after an in-place update through `p.data` (which no version counter sees), the next step's
+    norms and clipped sums are the new weights' (the loop over single examples)."""
+    monkeypatch.setattr(fast, "cache_chunk", lambda *a: 2)
+    state, views, labels, _, _, _ = reference_case("cnn_tanh_ws", 1)
+    model = MODELS["cnn_tanh_ws"][0]().double()
+    model.load_state_dict(state)
+    eng = FastEngine(model, memory=memory)
+    eng.clipped_sum(views, labels, 1.0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(1.5).add_(0.1 * torch.randn_like(p))
+    want, want_norms = loop_reference(model, views, labels, 1.0)
+    got, _, norms = eng.clipped_sum(views, labels, 1.0)
+    eng.remove()
+    assert torch.allclose(norms, want_norms, rtol=1e-5, atol=1e-12)
+    assert_sums_close(got, want)
+
+
 @pytest.mark.parametrize("free, chosen", [(None, "fast"), (2**40, "fast"), (1, "lean")])
 def test_memory_auto_turns_lean_when_fast_would_not_fit(monkeypatch, free, chosen):
     """dpwa-fast's memory="auto": fast unless what it holds exceeds half the free memory; then
