@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .alloc import MAX_MB
 from .errors import UsageError
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
@@ -473,11 +474,18 @@ class TrainConfig:
     # DataLoader worker processes that decode data.name=imagefolder images, the next Poisson
     # batch while a step runs (dpwa.loader); 0: in the training process. Same batches, same views.
     workers: int = 0
+    # glibc only: blocks under this many MB come from the heap and freed ones stay for the next
+    # step instead of fresh zeroed pages each time (dpwa.alloc); 0: glibc's dynamic thresholds
+    retain_freed_mb: int = 1024
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.workers >= 0, f"train.workers must be >= 0 (0: decode in the training process), "
                                     f"got {self.workers}")
+        _require(isinstance(self.retain_freed_mb, int) and not isinstance(self.retain_freed_mb, bool)
+                 and 0 <= self.retain_freed_mb <= MAX_MB,
+                 f"train.retain_freed_mb must be an integer from 0 to {MAX_MB} (MB; 0: glibc's own thresholds), "
+                 f"got {self.retain_freed_mb!r}")
         _require(self.physical_batch_size >= 1,
                  f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}")
         _require(self.steps is None or self.epochs is None,

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from .alloc import retain_freed_memory
 from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIVE for OpenMP to read
 
 import torch
@@ -287,6 +288,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     resume, ledger_path, show_progress, stop_after = opts.resume, opts.ledger_path, opts.progress, opts.stop_after
     folder = RunFolder(Path(resume) if resume is not None else Path(cfg.out_dir) / run_id)
     thread_choice = set_threads(cfg.train.threads)  # count and reason, for the report
+    allocator = retain_freed_memory(cfg.train.retain_freed_mb)  # the config checked the limit
     torch.manual_seed(cfg.train.seed)
     private, p = cfg.privacy.enabled, cfg.privacy
 
@@ -482,7 +484,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                   **_plan_report(cfg, plan, mechanism, statistics, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
-                  **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice)}
+                  **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice),
+                  "allocator": allocator}
         folder.save_weights(model)  # the last iterate: model.pretrained can read it
         folder.write_report(report)
         draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",

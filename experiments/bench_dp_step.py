@@ -10,7 +10,10 @@ A B C D E, ...) for --repeats rounds after a warm-up step each, and the table gi
 medians, because these machines' speed drifts up to 2.5x between identical runs.
 Memory: each (model, engine) runs alone in a fresh process; "peak" is the growth of the
 resident set during one step (sampled every millisecond) above what the process holds
-before it (model, batch, optimizer state, after a warm-up step).
+before it (model, batch, optimizer state, after a warm-up step). Those processes have glibc
+mmap every block above 64 KB, so freed memory leaves the resident set and the peak is what
+the step holds live; the timing process keeps freed memory for reuse instead, as a training
+run does (`train.retain_freed_mb`, dpwa.alloc; `--glibc-malloc`: glibc's own thresholds).
 A DP step is `PrivateSGD.step` (per-example clipping, noise, momentum SGD); the non-private
 step is forward, mean loss, backward, momentum SGD on the same views. Every model sees the
 same number of images per step (--images): K=1 uses B=images examples, K=4 and K=16 use
@@ -35,6 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from dpwa.alloc import retain_freed_memory  # noqa: E402
+from dpwa.config import TrainConfig  # noqa: E402
 
 ENGINES = ["non-private", "opacus-hooks", "opacus-functorch", "opacus-ghost", "dpwa-fast", "dpwa-lean"]
 CASES = {  # name -> (model, weight standardisation, K)
@@ -171,6 +177,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument("--profile", choices=list(CASES), help="profile non-private vs dpwa-fast on this case")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="time under glibc's own malloc thresholds, not dpwa's default train.retain_freed_mb")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     engines = ["non-private", *(e for e in a.engines if e != "non-private")]
@@ -178,11 +186,13 @@ def main() -> None:
     if a.memory_child:
         memory_child(*a.memory_child, a.images[0])
         return
+    allocator = retain_freed_memory(0 if a.glibc_malloc else TrainConfig.retain_freed_mb)  # every engine alike
     if a.profile:
         print(profile(a.profile, a.images[0]))
         return
     header = (f"One step, {a.threads} threads, medians of {a.repeats} interleaved rounds; "
               f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}."
+              f"\nTimed under one allocator setting for every engine: {allocator} (dpwa.alloc)."
               f"\nCommand: `python experiments/bench_dp_step.py {shlex.join(sys.argv[1:])}`\n")
     rows = ["| model | images / step | engine | step time (s) | x non-private | peak memory (MB) | x non-private |",
             "|---|---|---|---|---|---|---|"]
