@@ -5,10 +5,10 @@ mmap, and gives the heap's top back to the OS once twice that threshold lies fre
 DP step allocates and frees many MB-sized temporaries in each layer's gradient hook
 (`dpwa.engines.fast`: per-example gradients in cache-sized chunks, Gram matrices), so on
 every step the kernel maps and zeroes fresh pages for them, where the non-private step
-reuses its memory. With both thresholds fixed at `limit_mb`, blocks below it come from the heap and freed ones stay
-there for the next step; the faults and their cost go (`experiments/bench_dp_step.py`
-runs every engine, the non-private one included, under the same setting; `--glibc-malloc`
-runs them under glibc's own).
+reuses its memory. With both thresholds fixed at `limit_mb`, blocks below it come from the
+heap and freed ones stay there for the next step; the faults and their cost go
+(`experiments/bench_dp_step.py` runs every engine, the non-private one included, under the
+same setting; `--glibc-malloc` runs them under glibc's own).
 
 The cost: up to `limit_mb` of freed memory stays resident between steps instead of going
 back to the OS; a block of `limit_mb` or more is still mmapped. Like the OpenMP wait policy
@@ -26,7 +26,7 @@ import os
 import platform
 from typing import Callable, Optional
 
-__all__ = ["retain_freed_memory", "MAX_MB"]
+__all__ = ["retain_freed_memory", "limit_error", "MAX_MB"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 MAX_MB = 2047  # mallopt takes a C int of bytes
@@ -45,8 +45,13 @@ def _environment_choice() -> Optional[str]:
     return None
 
 
-def _glibc_mallopt() -> Callable[[int, int], int]:
-    return ctypes.CDLL(None).mallopt
+def limit_error(limit_mb: object) -> Optional[str]:
+    """Why `limit_mb` is no valid train.retain_freed_mb, or None (the config's check and this
+    module's are this one)."""
+    if isinstance(limit_mb, int) and not isinstance(limit_mb, bool) and 0 <= limit_mb <= MAX_MB:
+        return None
+    return (f"train.retain_freed_mb must be an integer from 0 to {MAX_MB} (MB; 0: glibc's own thresholds), "
+            f"got {limit_mb!r}")
 
 
 def retain_freed_memory(limit_mb: int, *, libc: Optional[str] = None,
@@ -57,8 +62,9 @@ def retain_freed_memory(limit_mb: int, *, libc: Optional[str] = None,
     libc, mallopt: the C library's name and its mallopt (for tests; default: this process's).
     A setting glibc refuses is reported, not raised: the run goes on with its defaults.
     Raises ValueError for a limit outside 0..MAX_MB."""
-    if not isinstance(limit_mb, int) or isinstance(limit_mb, bool) or not 0 <= limit_mb <= MAX_MB:
-        raise ValueError(f"train.retain_freed_mb must be an integer from 0 to {MAX_MB} (MB), got {limit_mb!r}")
+    error = limit_error(limit_mb)
+    if error is not None:
+        raise ValueError(error)
     if limit_mb == 0:
         return "glibc's own thresholds (train.retain_freed_mb=0)"
     chosen = _environment_choice()
@@ -67,10 +73,10 @@ def retain_freed_memory(limit_mb: int, *, libc: Optional[str] = None,
     libc = platform.libc_ver()[0] if libc is None else libc
     if libc != "glibc":
         return f"the C library's defaults ({libc or 'not glibc'}: no mallopt)"
-    mallopt = _glibc_mallopt() if mallopt is None else mallopt
+    mallopt = ctypes.CDLL(None).mallopt if mallopt is None else mallopt
     value = limit_mb * 2 ** 20
     # The mmap threshold first: a fixed trim threshold alone also fixes the mmap threshold at
-    # its 128 KB start, and every larger block would then be mmapped (1.8x slower steps).
+    # its 128 KB start, and every larger block would then be mmapped (steps 1.7-1.9x slower in bench_dp_step.py).
     if mallopt(M_MMAP_THRESHOLD, value) != 1:
         return f"glibc's own thresholds (glibc refused mallopt(M_MMAP_THRESHOLD, {value}))"
     if mallopt(M_TRIM_THRESHOLD, value) != 1:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .alloc import MAX_MB
+from .alloc import limit_error
 from .errors import UsageError
 
 __all__ = ["RunConfig", "DataConfig", "ModelConfig", "AugmultConfig", "PrivacyConfig", "OptimConfig",
@@ -482,10 +482,8 @@ class TrainConfig:
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(self.workers >= 0, f"train.workers must be >= 0 (0: decode in the training process), "
                                     f"got {self.workers}")
-        _require(isinstance(self.retain_freed_mb, int) and not isinstance(self.retain_freed_mb, bool)
-                 and 0 <= self.retain_freed_mb <= MAX_MB,
-                 f"train.retain_freed_mb must be an integer from 0 to {MAX_MB} (MB; 0: glibc's own thresholds), "
-                 f"got {self.retain_freed_mb!r}")
+        retain_error = limit_error(self.retain_freed_mb)
+        _require(retain_error is None, str(retain_error))
         _require(self.physical_batch_size >= 1,
                  f"train.physical_batch_size must be >= 1, got {self.physical_batch_size}")
         _require(self.steps is None or self.epochs is None,
