@@ -211,11 +211,11 @@ _GRAM_MATMUL = 2.1   # a Gram matrix's multiply-add (batched matmul of small mat
 _GRAM_ENTRY = 24     # one pass over a Gram entry (strided adds of the offsets, the final dot)
 
 
-def _grouped_slowdown(positions: int) -> float:
+def _grouped_slowdown(positions: int, in_channels: int) -> float:
     """Per-example conv gradients as one convolution grouped by example, on a cache-sized chunk
-    of examples: near the dense kernel's speed for many positions per example, ~1.5x at 256,
-    ~3.7x at 64 (oneDNN)."""
-    return max(1.0, 0.76 + 188 / positions)
+    of examples: near the dense kernel's speed for many positions per example and input
+    channels per group, ~1.5x at 256 positions, ~3.7x at 64; 6-9x with 3 input channels (oneDNN)."""
+    return max(1.0, 0.76 + 188 / positions) + 60 / in_channels ** 2
 
 
 def _shifted_slowdown(positions: int, in_channels: int, kernel: tuple[int, int]) -> float:
@@ -223,6 +223,15 @@ def _shifted_slowdown(positions: int, in_channels: int, kernel: tuple[int, int])
     per offset, slower the fewer positions and input channels (smaller matrices); a 1x1 kernel's
     single GEMM runs near the dense weight gradient (itself slow for 1x1)."""
     return 1.5 if kernel == (1, 1) else 1.0 + 225 / positions + 16 / in_channels
+
+
+def _unfolded_slowdown(din: int) -> float:
+    """Per-example conv gradients as one batched matmul with the unfolded patches
+    (`DenseRule._instantiate_unfolded`): it writes k^2 copies of the input, so it pays only where
+    a patch is short (a first layer's few input channels, din = C kh kw), where the grouped and
+    shifted kernels are slowest (6-10x the dense time at C = 3, where this is 4.4-5.2x; 2.2-2.4x at
+    C = 16 with a 3x3 kernel, where the grouped kernel is faster)."""
+    return 2.0 + 80 / din
 
 
 class DenseRule:
@@ -253,18 +262,21 @@ class DenseRule:
             gram = _GRAM_MATMUL * positions * positions * (din + o)
         gram += _GRAM_ENTRY * (kk + 2) * positions * positions * self.groups
         # Instantiation: the per-example gradients' kernel, slower per multiply-add than the dense
-        # one, the faster of grouped by example (`_grouped_slowdown`) and, where it applies, offset
-        # by offset (`_instantiate_shifted`, `_shifted_slowdown`).
-        self.shifted, slowdown = False, 1.0
+        # one, the fastest of grouped by example (`_grouped_slowdown`), offset by offset where that
+        # applies (`_instantiate_shifted`, `_shifted_slowdown`) and unfolded patches
+        # (`_instantiate_unfolded`, `_unfolded_slowdown`).
+        self.how, slowdown = "grouped", 1.0
         if self.conv:
-            slowdown = _grouped_slowdown(positions)
+            options = {"grouped": _grouped_slowdown(positions, rec.x.shape[1] // self.groups),
+                       "unfolded": _unfolded_slowdown(din)}
             if self._shiftable():
-                shifted = _shifted_slowdown(positions, rec.x.shape[1], tuple(self.m.kernel_size))
-                self.shifted, slowdown = shifted < slowdown, min(slowdown, shifted)
+                options["shifted"] = _shifted_slowdown(positions, rec.x.shape[1], tuple(self.m.kernel_size))
+            self.how = min(options, key=options.get)
+            slowdown = options[self.how]
         self.ghost = mode == "ghost" or (mode != "instantiate" and self._ghost_cheaper(
             gram=gram, weight_grad=positions * din * o, slowdown=slowdown, grads=o * din,
             held=(rec.x[0].numel() + go[0].numel()) * k, norms_only=mode == "auto-norms"))
-        self.shifted = self.shifted and not self.ghost
+        self.shifted, self.unfolded = (not self.ghost and self.how == h for h in ("shifted", "unfolded"))
         self.per_example: dict[str, torch.Tensor] = {}
         g = self.groups
         if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
@@ -272,6 +284,8 @@ class DenseRule:
         elif self.shifted:  # the per-example gradients, the input channels-last and the padded output gradient
             grid = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
             self._transient = o * din + grid * (rec.x.shape[1] + o)
+        elif self.unfolded:  # the per-example gradients and the unfolded patches
+            self._transient = o * din + positions * din * g
         else:           # the per-example gradients, and for a conv with K views, its input and output gradient regrouped
             self._transient = o * din + (rec.x[0].numel() * k + o * positions if self.conv and k > 1 else 0)
 
@@ -334,12 +348,31 @@ class DenseRule:
                     ).unsqueeze(1)
         if self.shifted:
             return self._instantiate_shifted()
+        if self.unfolded:
+            return self._instantiate_unfolded()
         x = self.rec.x
         n, c = x.shape[:2]
         k, o = n // b, go.shape[1]
         xs = x.reshape(b, k, c, *x.shape[2:]).transpose(0, 1).reshape(k, b * c, *x.shape[2:])
         gos = go.reshape(b, k, o, *go.shape[2:]).transpose(0, 1).reshape(k, b * o, *go.shape[2:])
         return self._conv_weight_grad(xs, gos, b).reshape(b, g, o // g, -1)
+
+    def _instantiate_unfolded(self) -> torch.Tensor:
+        """(B, g, O/g, din): per-example gradients as batched matmuls of the unfolded patches with
+        the output gradient, a_b^T (din, P) @ go_b (P, O/g) per example and group (in this order
+        1.4x faster than go_b^T a_b, whose transpose it is), an example's K views added one view
+        at a time (no regrouped copy). Unfolding copies each input pixel k^2 times: cheap only for
+        short patches, where the grouped kernel is slowest (`_unfolded_slowdown`)."""
+        m, b, g, go = self.m, self.batch, self.groups, self.go
+        cols = F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+        n, d, p = cols.shape
+        k, o = n // b, go.shape[1]
+        cols = cols.view(b, k, g, d // g, p)                         # (B, K, g, din, P)
+        gos = go.reshape(b, k, g, o // g, p).transpose(-1, -2)       # (B, K, g, P, O/g)
+        out = cols[:, 0] @ gos[:, 0]
+        for v in range(1, k):
+            out += cols[:, v] @ gos[:, v]
+        return out.transpose(-1, -2)
 
     def _shiftable(self) -> bool:
         """A conv `_instantiate_shifted` handles: one group, and stride 1 or a 1x1 kernel without padding."""

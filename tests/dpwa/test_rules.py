@@ -67,18 +67,21 @@ def loop_reference(model, views, labels, clip):
     return {p: sum(f * gs[j] for f, gs in zip(factors, grads)) for j, p in enumerate(params)}, norms
 
 
-@pytest.mark.parametrize("mode", ["ghost", "instantiate", "instantiate-shifted"])
+@pytest.mark.parametrize("mode", ["ghost", "instantiate", "instantiate-shifted", "instantiate-unfolded"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_rule_is_exact_against_the_single_example_loop(name, k, mode, monkeypatch):
     """instantiate-shifted: every one-group conv of stride 1 (or 1x1) instantiates offset by
-    offset (`DenseRule._instantiate_shifted`), the model's first conv at least."""
-    shifted, forced = [], mode == "instantiate-shifted"
+    offset (`DenseRule._instantiate_shifted`), the model's first conv at least;
+    instantiate-unfolded: every conv instantiates from its unfolded patches
+    (`DenseRule._instantiate_unfolded`)."""
+    forced = mode.removeprefix("instantiate-") if mode.startswith("instantiate-") else None
+    used = []
     if forced:
         mode = "instantiate"
-        monkeypatch.setattr(rules, "_shifted_slowdown", lambda *a: 0.0)
-        kernel = rules.DenseRule._instantiate_shifted
-        monkeypatch.setattr(rules.DenseRule, "_instantiate_shifted", lambda self: shifted.append(self.m) or kernel(self))
+        monkeypatch.setattr(rules, f"_{forced}_slowdown", lambda *a: 0.0)
+        kernel = getattr(rules.DenseRule, f"_instantiate_{forced}")
+        monkeypatch.setattr(rules.DenseRule, f"_instantiate_{forced}", lambda self: used.append(self.m) or kernel(self))
     torch.manual_seed(0)
     model = model_around(LAYERS[name]()).double()
     with torch.no_grad():  # GroupNorm's affine starts at (1, 0): make it generic
@@ -99,9 +102,10 @@ def test_rule_is_exact_against_the_single_example_loop(name, k, mode, monkeypatc
         assert (got[p] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12, tuple(w.shape)
     if forced:
         layer = model[2]
-        assert model[0] in shifted
-        assert (layer in shifted) == (isinstance(layer, nn.Conv2d) and layer.groups == 1 and
-                                      (layer.stride == (1, 1) or layer.kernel_size == (1, 1))), name
+        assert model[0] in used
+        handled = isinstance(layer, nn.Conv2d) and (forced == "unfolded" or layer.groups == 1 and
+                                                    (layer.stride == (1, 1) or layer.kernel_size == (1, 1)))
+        assert (layer in used) == handled, name
 
 
 def test_group_norm_act_with_frozen_weight_trains_its_bias_alone():
