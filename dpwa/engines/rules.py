@@ -225,13 +225,14 @@ def _shifted_slowdown(positions: int, in_channels: int, kernel: tuple[int, int])
     return 1.5 if kernel == (1, 1) else 1.0 + 225 / positions + 16 / in_channels
 
 
-def _unfolded_slowdown(din: int) -> float:
+def _unfolded_slowdown(positions: int, din: int) -> float:
     """Per-example conv gradients as one batched matmul with the unfolded patches
-    (`DenseRule._instantiate_unfolded`): it writes k^2 copies of the input, so it pays only where
-    a patch is short (a first layer's few input channels, din = C kh kw), where the grouped and
-    shifted kernels are slowest (6-10x the dense time at C = 3, where this is 4.4-5.2x; 2.2-2.4x at
-    C = 16 with a 3x3 kernel, where the grouped kernel is faster)."""
-    return 2.0 + 80 / din
+    (`DenseRule._instantiate_unfolded`): it writes k^2 copies of the input, and its matmuls are
+    small for few positions per example (10-16x the dense time at 8x8), so it pays only where a
+    patch is short (a first layer's few input channels, din = C kh kw): 4x the dense time at
+    C = 3, where the grouped and shifted kernels run 5-10x; 2.5-3x at C = 16 with a 3x3 kernel,
+    where the grouped kernel runs 1.5x."""
+    return 2.2 + 600 / positions + 50 / din
 
 
 class DenseRule:
@@ -268,7 +269,7 @@ class DenseRule:
         self.how, slowdown = "grouped", 1.0
         if self.conv:
             options = {"grouped": _grouped_slowdown(positions, rec.x.shape[1] // self.groups),
-                       "unfolded": _unfolded_slowdown(din)}
+                       "unfolded": _unfolded_slowdown(positions, din)}
             if self._shiftable():
                 options["shifted"] = _shifted_slowdown(positions, rec.x.shape[1], tuple(self.m.kernel_size))
             self.how = min(options, key=options.get)
