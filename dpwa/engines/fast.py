@@ -13,7 +13,7 @@ non-private backward, except those that book-keeping needs. Augmentation multipl
 nothing extra: an example's K views are more positions of the same example in every
 contraction, so memory is per example, never per view. On a CPU each layer's instantiated
 per-example gradients are formed on chunks of examples whose tensors fit the cache
-(`_CACHE_BYTES`, `rules.Chunks`, `cache_chunk`): the rule reads them several times over, and
+(`_CACHE_BYTES`, `_INSTANTIATE_BYTES`, `rules.Chunks`, `cache_chunk`): the rule reads them several times over, and
 the batch's whole tensors would be read from memory each time.
 
 `memory="lean"` (registered as `dpwa-lean`) trades time for memory (ghost clipping's two
@@ -65,8 +65,13 @@ def unsupported_parameters(model: nn.Module) -> list[str]:
 
 #: On a CPU, a layer's rule runs on chunks of examples whose tensors take about this many bytes
 #: (`FastEngine._chunks`): within the cache (2 MB of L2 per core, 32 MB of shared L3 here), fitted to
-#: per-layer times at 2-256 examples per chunk (experiments/bench_layer_rules.py).
+#: per-layer times at 2-256 examples per chunk (experiments/bench_layer_rules.py). That is for
+#: elementwise rules (GroupNorm's); a conv's or linear layer's instantiated per-example gradients
+#: take _INSTANTIATE_BYTES: fewer, larger calls of their kernels. Timed per layer inside whole
+#: steps with freed memory kept for reuse (`dpwa.alloc`), their rules took 1.5-7% less time at 48 MB
+#: than at 12 MB on WRN-16-4 (64 and 256 images, K = 1 and 4), the same within noise on the tanh CNN.
 _CACHE_BYTES = 12 << 20
+_INSTANTIATE_BYTES = 48 << 20
 
 
 def transient(rule, x1: torch.Tensor) -> int:
@@ -78,7 +83,8 @@ def transient(rule, x1: torch.Tensor) -> int:
 
 def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
     """Examples per chunk on a CPU for a layer whose rule on one example (rows x1, go1) is
-    `rule`: as many as keep the input, output gradient and temporaries within _CACHE_BYTES.
+    `rule`: as many as keep the input, output gradient and temporaries within _CACHE_BYTES
+    (_INSTANTIATE_BYTES for a dense layer's instantiated per-example gradients).
 
     Ghost norm runs on the whole batch: its work is per example already (each example's Gram
     matrices fit the cache) and its book-kept clipped sum is one dense weight-gradient GEMM,
@@ -86,7 +92,8 @@ def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
     (the *chunk* column of experiments/results/bench_layer_rules.md)."""
     if getattr(rule, "ghost", False):
         return sys.maxsize
-    return max(1, _CACHE_BYTES // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
+    budget = _INSTANTIATE_BYTES if hasattr(rule, "ghost") else _CACHE_BYTES  # DenseRule, instantiating
+    return max(1, budget // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
 
 
 def even_chunks(n: int, most: int) -> list[tuple[int, int]]:
