@@ -90,9 +90,10 @@ def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
     matrices fit the cache) and its book-kept clipped sum is one dense weight-gradient GEMM,
     fastest on all examples at once, where instantiating rules gain from cache-sized chunks
     (the *chunk* column of experiments/results/bench_layer_rules.md)."""
-    if getattr(rule, "ghost", False):
+    ghost = getattr(rule, "ghost", None)  # None: not a dense layer's rule (elementwise)
+    if ghost:
         return sys.maxsize
-    budget = _INSTANTIATE_BYTES if hasattr(rule, "ghost") else _CACHE_BYTES  # DenseRule, instantiating
+    budget = _CACHE_BYTES if ghost is None else _INSTANTIATE_BYTES
     return max(1, budget // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
 
 

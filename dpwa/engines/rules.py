@@ -277,7 +277,8 @@ class DenseRule:
         self.ghost = mode == "ghost" or (mode != "instantiate" and self._ghost_cheaper(
             gram=gram, weight_grad=positions * din * o, slowdown=slowdown, grads=o * din,
             held=(rec.x[0].numel() + go[0].numel()) * k, norms_only=mode == "auto-norms"))
-        self.shifted, self.unfolded = (not self.ghost and self.how == h for h in ("shifted", "unfolded"))
+        self.how = "ghost" if self.ghost else self.how  # ghost, or how the per-example gradients are formed
+        self.shifted = self.how == "shifted"
         self.per_example: dict[str, torch.Tensor] = {}
         g = self.groups
         if self.ghost:  # the Gram matrices (and, for a conv, the padded input's pixel Gram)
@@ -285,7 +286,7 @@ class DenseRule:
         elif self.shifted:  # the per-example gradients, the input channels-last and the padded output gradient
             grid = k * (rec.x.shape[-2] + 2 * self.padding[0]) * (rec.x.shape[-1] + 2 * self.padding[1])
             self._transient = o * din + grid * (rec.x.shape[1] + o)
-        elif self.unfolded:  # the per-example gradients and the unfolded patches
+        elif self.how == "unfolded":  # the per-example gradients and the unfolded patches
             self._transient = o * din + positions * din * g
         else:           # the per-example gradients, and for a conv with K views, its input and output gradient regrouped
             self._transient = o * din + (rec.x[0].numel() * k + o * positions if self.conv and k > 1 else 0)
@@ -314,10 +315,15 @@ class DenseRule:
         return self._transient
 
     # -- layout: a (B, P, g, din), go (B, P, g, dout) -------------------------------------
+    def _unfold(self) -> torch.Tensor:
+        """A conv's patches (N, C kh kw, P), as the convolution reads its input."""
+        m = self.m
+        return F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+
     def _a(self) -> torch.Tensor:
-        x, m, b, g = self.rec.x, self.m, self.batch, self.groups
+        x, b, g = self.rec.x, self.batch, self.groups
         if self.conv:
-            cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+            cols = self._unfold()
             n, d, t = cols.shape
             return cols.view(n, g, d // g, t).permute(0, 3, 1, 2).reshape(b, -1, g, d // g)
         return x.reshape(b, -1, 1, x.shape[-1])
@@ -349,7 +355,7 @@ class DenseRule:
                     ).unsqueeze(1)
         if self.shifted:
             return self._instantiate_shifted()
-        if self.unfolded:
+        if self.how == "unfolded":
             return self._instantiate_unfolded()
         x = self.rec.x
         n, c = x.shape[:2]
@@ -364,8 +370,8 @@ class DenseRule:
         1.4x faster than go_b^T a_b, whose transpose it is), an example's K views added one view
         at a time (no regrouped copy). Unfolding copies each input pixel k^2 times: cheap only for
         short patches, where the grouped kernel is slowest (`_unfolded_slowdown`)."""
-        m, b, g, go = self.m, self.batch, self.groups, self.go
-        cols = F.unfold(self.rec.x, m.kernel_size, dilation=m.dilation, padding=self.padding, stride=m.stride)
+        b, g, go = self.batch, self.groups, self.go
+        cols = self._unfold()
         n, d, p = cols.shape
         k, o = n // b, go.shape[1]
         cols = cols.view(b, k, g, d // g, p)                         # (B, K, g, din, P)
