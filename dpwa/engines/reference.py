@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..rows import Rows, RowsError, example_losses, rows_of
 from .errors import EngineError
+from .rules import _sq_norms
 
 __all__ = ["TorchFuncEngine", "OpacusEngine", "OpacusGhostEngine", "clip_and_sum", "clip_factors",
            "per_example_grads"]
@@ -30,7 +31,7 @@ def clip_and_sum(grads: dict[nn.Parameter, torch.Tensor], clip_norm: float
                  ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
     """Per-example gradients {param: (B, *shape)} -> ({param: sum_b c_b g_b}, norms), with
     Opacus's clip factor c_b = min(1, C / (|g_b| + 1e-6)). 0-dim parameters have (B,) gradients."""
-    norms = torch.sqrt(sum(g.reshape(len(g), -1).square().sum(1) for g in grads.values()))
+    norms = torch.sqrt(sum(_sq_norms(g) for g in grads.values()))
     factors = clip_factors(norms, clip_norm)
     return {p: torch.einsum("b,b...->...", factors, g) for p, g in grads.items()}, norms
 
@@ -125,7 +126,7 @@ class OpacusEngine:
                 gs = p.grad_sample
                 if gs.shape[0] != b * k:
                     raise RowsError(f"opacus gave {name} {gs.shape[0]} per-row gradients for {b * k} rows")
-                grads[p] = gs.view(b, k, *p.shape).sum(1)  # rows hold (1/K) CE each
+                grads[p] = gs if k == 1 else gs.view(b, k, *p.shape).sum(1)  # rows hold (1/K) CE each
         finally:
             for p in names:
                 p.grad_sample, p.grad = None, None
