@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpwa.config import TrainConfig  # noqa: E402
 BASELINE = ROOT.parent / "shared" / "baselines" / "opacus_cifar10_cpu.py"
 CONFIG = "configs/cifar10_cnn_cpu_eps8.yaml"
 TABLE = ROOT / "experiments" / "results" / "baseline_throughput.md"
@@ -36,10 +39,13 @@ TABLE = ROOT / "experiments" / "results" / "baseline_throughput.md"
 
 def opacus(retain: bool = False) -> float:
     """The baseline as users run it, or (retain) with freed memory kept for reuse as `dpwa
-    train` keeps it (`train.retain_freed_mb`: glibc's mmap and trim thresholds at 1024 MB)."""
+    train` keeps it by default: glibc's mmap and trim thresholds at `train.retain_freed_mb`, set
+    through the environment (the baseline script calls no mallopt; `dpwa.alloc` leaves such a
+    setting alone)."""
     env = dict(os.environ)
     if retain:
-        env.update(MALLOC_MMAP_THRESHOLD_=str(2 ** 30), MALLOC_TRIM_THRESHOLD_=str(2 ** 30))
+        limit = str(TrainConfig.retain_freed_mb << 20)
+        env.update(MALLOC_MMAP_THRESHOLD_=limit, MALLOC_TRIM_THRESHOLD_=limit)
     out = subprocess.run([sys.executable, str(BASELINE), "--mode", "timing", "--epochs", "13", "--max-steps", "8",
                           "--batch-size", "1024", "--max-physical", "256", "--threads", "2"],
                          capture_output=True, text=True, check=True, cwd=BASELINE.parent, env=env)
