@@ -105,6 +105,10 @@ class GradientMechanism:
             if len(labels) == 0:
                 continue
             rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
+            # The engine sees the layout the probe checked it on (contiguous random inputs):
+            # Opacus 1.6.0's conv rule gives wrong per-example gradients on channels-last
+            # inputs, which a probe on contiguous ones would pass (tests/dpwa/test_memory_format.py).
+            views = views.contiguous()
             part, losses, _ = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
             for p, value in part.items():
                 sums[p] += value.detach()

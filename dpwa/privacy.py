@@ -113,7 +113,7 @@ class PrivateSGD:
 
             world = World(rank=dist.get_rank(), size=world_size)
         self.model, self.optimizer = model, optimizer
-        self.engine_name, self.probed = engine, False
+        self.engine_name, self.probed = engine, None  # what the probe checked: `_probe_key`
         self.engine = make_engine(engine, model)
         self.mechanism = GradientMechanism(
             model, engine=self.engine, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
@@ -136,9 +136,15 @@ class PrivateSGD:
 
         chunks = iter(chunks)
         first = next(chunks, None)
-        if not self.probed and first is not None:  # the probe, on the first batch's shape
+        if first is not None and self.probed != self._probe_key(first[0]):
             self._probe(first[0])
         return apply_release(self.optimizer, self.mechanism.release(itertools.chain([] if first is None else [first], chunks)))
+
+    def _probe_key(self, views: torch.Tensor) -> tuple:
+        """What the probe's verdict depends on: the views' shape and K, and the parameters'
+        layout (a model moved to channels-last after the probe meets activations in a layout
+        the probe never saw, on which Opacus's conv rule is wrong): a change is probed again."""
+        return tuple(views.shape[1:]), tuple(p.stride() for p in self.model.parameters())
 
     def _probe(self, views: torch.Tensor) -> None:
         """`dpwa.probe` before the first release, as `dpwa train` does before its reservation:
@@ -152,4 +158,4 @@ class PrivateSGD:
             classes = self.model.eval()(torch.zeros(2 * k, *shape, dtype=views.dtype, device=views.device)).shape[-1]
         self.model.train(was)
         probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes))
-        self.probed = True
+        self.probed = self._probe_key(views)

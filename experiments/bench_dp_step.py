@@ -3,7 +3,7 @@
 median step time and peak memory, with ratios to non-private. Prints a markdown table.
 
     python experiments/bench_dp_step.py --out experiments/results/bench_dp_step.md
-    python experiments/bench_dp_step.py --profile wrn16_4     # where dpwa-fast's time goes
+    python experiments/bench_dp_step.py --profile "WRN-16-4 WS+GN"   # where dpwa-fast's time goes
 
 Time: all engines of a model live in one process and take turns step by step (A B C D E,
 A B C D E, ...) for --repeats rounds after a warm-up step each, and the table gives

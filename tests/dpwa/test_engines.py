@@ -192,13 +192,24 @@ def test_lean_repeats_the_forward_with_its_randomness():
     assert_sums_close(lean, fast, rtol=1e-10)
 
 
+def channels_last_views(views):
+    """(B, K, C, H, W) whose every (C, H, W) view is stored channels-last, as a batch of
+    channels-last images is once B and K are flattened."""
+    return views.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_noised_update_matches_reference(engine):
+def test_noised_update_matches_reference(engine, layout):
     """The whole step (chunks, clipping, noise once per logical batch, / B, momentum SGD) with a
-    fixed noise seed equals the loop reference plus the same noise."""
+    fixed noise seed equals the loop reference plus the same noise. Channels-last input
+    batches too: Opacus's conv rule is wrong on them (norms off by 7% on this model), and
+    the probe checks on contiguous inputs, so the mechanism hands every engine contiguous ones."""
     torch.manual_seed(0)
     base = mixed_model().double()
     views, labels = make_inputs(1 if engine == "opacus-ghost" else 2, 3, b=6)
+    if layout == "channels_last":
+        views = channels_last_views(views)
     sigma, clip, b = 1.3, 4.5, 6.0
     model = copy.deepcopy(base)
     opt = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9)
