@@ -10,7 +10,8 @@ that the model and the engine really give what the mechanism's guarantee assumes
 2. Engine exactness: on a float64 copy of the model (its parameters perturbed, so that
    zero-initialised heads or skip-init gains do not hide the layers behind them), the
    engine's per-example norms, losses and clipped sum (a clip norm that clips some examples
-   and not others) equal a loop over single examples with plain autograd, for every trainable
+   and not others), on every path it may take at run time (`dpwa.engines.PATHS`: dpwa-fast's
+   fast and lean modes), equal a loop over single examples with plain autograd, for every trainable
    parameter, to `RTOL` relative to the largest entry. A mismatch, a parameter the engine
    gives no gradient, or a trainable parameter that gets no gradient at all is refused, named,
    with the engine that can handle it.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -254,7 +255,7 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     Raises:
         ProbeError: the model mixes examples, or the engine is not exact on it (named).
     """
-    from .engines import make_engine
+    from .engines import engine_paths
     from .engines.reference import clip_factors
 
     t0 = time.time()
@@ -291,31 +292,57 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     clip = float(norms_ref.median())  # some examples clipped, some not
     factors = clip_factors(norms_ref, clip)
     sums_ref = {n: torch.einsum("b,b...->...", factors, g) for n, g in want.items()}
+    ref = _Reference(x, labels, rows, clip, names, want, want_losses, norms_ref, sums_ref)
+    errors = [_check_path(label, build, work, ref, in_place, engine) for label, build in engine_paths(engine).items()]
+    norm_err, worst = (max(e) for e in zip(*errors))
+    return ProbeReport(engine=engine, examples=examples, views=views, parameters=len(want),
+                       max_norm_error=norm_err, max_sum_error=worst, seconds=time.time() - t0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """The loop over single examples that every path of the engine is checked against."""
+
+    x: torch.Tensor
+    labels: torch.Tensor
+    rows: Rows
+    clip: float
+    names: dict[nn.Parameter, str]
+    grads: dict[str, torch.Tensor]  # per-example gradients by parameter name
+    losses: torch.Tensor
+    norms: torch.Tensor
+    sums: dict[str, torch.Tensor]  # clipped sums by parameter name
+
+
+def _check_path(label: str, build: Callable[[nn.Module], Any], work: nn.Module, ref: _Reference,
+                in_place: list[str], engine: str) -> tuple[float, float]:
+    """Engine exactness (step 2) on one run-time path of the engine (`dpwa.engines.PATHS`),
+    named `label` in a refusal; returns its largest norm and clipped-sum errors."""
     try:
-        eng = make_engine(engine, work)
+        eng = build(work)
         try:
-            sums, losses, norms = eng.clipped_sum(x, labels, clip, rows)
+            sums, losses, norms = eng.clipped_sum(ref.x, ref.labels, ref.clip, ref.rows)
         finally:
             eng.remove()
     except UsageError as e:  # the engine's own refusal, which names the layer and the engine
-        raise ProbeError(str(e) if str(e).startswith(f"privacy.engine={engine}") else f"privacy.engine={engine}: {e}") \
+        raise ProbeError(str(e) if str(e).startswith(f"privacy.engine={engine}") else f"{label}: {e}") \
             from None
     except Exception as e:  # noqa: BLE001 - Opacus and autograd errors on the model, named
         hint = (f"; the output of {', '.join(in_place)} is modified in place after the layer (e.g. "
                 "ReLU(inplace=True)), which hook-based engines cannot follow: make it out of place") if in_place else ""
-        raise ProbeError(f"privacy.engine={engine} fails on this model ({type(e).__name__}: {_first_sentence(e)})"
+        raise ProbeError(f"{label} fails on this model ({type(e).__name__}: {_first_sentence(e)})"
                          f"{hint}; {_fallback(engine)}") from None
-    norm_err = float(((norms - norms_ref).abs() / norms_ref.max().clamp_min(1e-300)).max())
-    loss_err = float((losses - want_losses).abs().max())
-    got = {names[p]: v for p, v in sums.items() if p in names}
-    missing = [n for n in want if n not in got]
+    norm_err = float(((norms - ref.norms).abs() / ref.norms.max().clamp_min(1e-300)).max())
+    loss_err = float((losses - ref.losses).abs().max())
+    got = {ref.names[p]: v for p, v in sums.items() if p in ref.names}
+    missing = [n for n in ref.grads if n not in got]
     wrong = []
     worst = 0.0
-    for n, ref in sums_ref.items():
+    for n, want in ref.sums.items():
         if n in got:
             # relative to the parameter's own gradient, or to 1e-3 C where that is ~0 (a conv bias
             # before a GroupNorm of one channel per group has a zero gradient up to rounding)
-            err = float((got[n].reshape(ref.shape) - ref).abs().max() / ref.abs().max().clamp_min(1e-3 * clip))
+            err = float((got[n].reshape(want.shape) - want).abs().max() / want.abs().max().clamp_min(1e-3 * ref.clip))
             worst = max(worst, err)
             if err > RTOL:
                 wrong.append(f"{n} (relative error {err:.2g})")
@@ -331,7 +358,6 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
                          "does not bound an example's influence by C)")
         if loss_err > 1e-8:
             parts.append(f"gets per-example losses wrong by {loss_err:.2g}")
-        raise ProbeError(f"privacy.engine={engine} is not exact on this model against a loop over single examples: "
+        raise ProbeError(f"{label} is not exact on this model against a loop over single examples: "
                          f"it {'; '.join(parts)}. {_fallback(engine).capitalize()}")
-    return ProbeReport(engine=engine, examples=examples, views=views, parameters=len(want),
-                       max_norm_error=norm_err, max_sum_error=worst, seconds=time.time() - t0)
+    return norm_err, worst

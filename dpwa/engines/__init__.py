@@ -13,7 +13,7 @@ per logical batch, in `dpwa.mechanism.GradientMechanism`, whatever the engine.
 
 An engine is `clipped_sum(views, labels, clip_norm, rows) -> (sums by Parameter, losses,
 norms)`. Whatever the engine, `dpwa.probe` checks it on the model against a loop over single
-examples before any privacy is charged.
+examples before any privacy is charged, on every path it may take at run time (`PATHS`).
 """
 
 from __future__ import annotations
@@ -26,19 +26,36 @@ from .errors import EngineError
 from .fast import FastEngine
 from .reference import OpacusEngine, OpacusGhostEngine, TorchFuncEngine, clip_and_sum
 
-__all__ = ["ENGINES", "register_engine", "make_engine", "EngineError", "FastEngine", "TorchFuncEngine",
+__all__ = ["ENGINES", "PATHS", "register_engine", "engine_paths", "make_engine", "EngineError", "FastEngine", "TorchFuncEngine",
            "OpacusEngine", "OpacusGhostEngine", "clip_and_sum"]
 
 ENGINES: dict[str, Callable[[nn.Module], object]] = {}
+#: The code paths an engine may take at run time, by engine: {what to call it in a refusal:
+#: a builder}; `dpwa.probe` checks every one (an engine that picks its path at run time from
+#: the free memory could otherwise run one the probe never saw).
+PATHS: dict[str, dict[str, Callable[[nn.Module], object]]] = {}
 
 
-def register_engine(name: str, build: Callable[[nn.Module], object]) -> None:
+def register_engine(name: str, build: Callable[[nn.Module], object],
+                    paths: dict[str, Callable[[nn.Module], object]] | None = None) -> None:
+    """`paths`: the engine's run-time paths (default: `build` is its only one)."""
     if name in ENGINES:
         raise ValueError(f"engine {name!r} is registered twice")
     ENGINES[name] = build
+    PATHS[name] = paths or {f"privacy.engine={name}": build}
 
 
-register_engine("dpwa-fast", lambda model: FastEngine(model, memory="auto"))
+def engine_paths(name: str) -> dict[str, Callable[[nn.Module], object]]:
+    """The paths of engine `name` the probe must check (`PATHS`)."""
+    if name not in ENGINES:
+        raise EngineError(f"privacy.engine must be one of {', '.join(ENGINES)}; got {name!r}")
+    return PATHS[name]
+
+
+register_engine("dpwa-fast", lambda model: FastEngine(model, memory="auto"), paths={
+    "privacy.engine=dpwa-fast": lambda model: FastEngine(model, memory="fast"),
+    "privacy.engine=dpwa-fast (in its lean mode, which it switches to when the fast one would not fit in memory)":
+        lambda model: FastEngine(model, memory="lean")})
 register_engine("dpwa-lean", lambda model: FastEngine(model, memory="lean"))
 register_engine("torch-func", TorchFuncEngine)
 register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))

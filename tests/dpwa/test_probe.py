@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dpwa.engines import ENGINES, make_engine
+from dpwa.engines import ENGINES, FastEngine, make_engine
 from dpwa.errors import UsageError
 from dpwa.models.nfnet import ScalarGain
 from dpwa.probe import ProbeError, probe
@@ -301,6 +301,19 @@ def test_probe_refuses_by_name_or_the_engine_is_exact(name, engine):
     assert torch.allclose(got_norms, norms, rtol=1e-5, atol=1e-12)
     for p, w in want.items():
         assert (got.get(p, torch.zeros_like(w)) - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12, tuple(w.shape)
+
+
+def test_dpwa_fast_is_probed_in_its_lean_mode_too(monkeypatch):
+    """dpwa-fast turns lean at run time when its fast mode would not fit in memory, a path a
+    probe of 4 examples never takes by itself; the probe checks both (`dpwa.engines.PATHS`),
+    so a bug planted in the lean mode alone is refused, named."""
+    real = FastEngine._lean_sums
+    monkeypatch.setattr(FastEngine, "_lean_sums", lambda self, *a: {p: 1.01 * v for p, v in real(self, *a).items()})
+    model, kw = build("timm_std_conv")
+    with pytest.raises(ProbeError, match=r"^privacy.engine=dpwa-fast \(in its lean mode, .*\) is not exact on this "
+                                         r"model.*wrong clipped gradients"):
+        probe(model, FAST, **kw)
+    probe(model, FUNC, **kw)  # the planted bug is dpwa's alone
 
 
 def test_probe_leaves_the_model_alone():
