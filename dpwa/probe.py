@@ -235,11 +235,16 @@ def _check_at_scale(model: nn.Module, batch: int, views: int, example_shape: Seq
 
 
 def _clean_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model as it trains: with its own hooks (a user's forward hook that scales
+    or mixes a layer's output is part of the function the engine must clip), without the
+    recording hooks of dpwa-fast engines built on the original (the only engine whose hooks
+    outlive a call; they belong to the original's engine)."""
+    from .engines import FastEngine
+
     work = copy.deepcopy(model)
-    for m in work.modules():  # hooks of engines built on the original do not belong to the copy
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-        m._backward_hooks.clear()
+    for m in work.modules():
+        for key in [k for k, hook in m._forward_hooks.items() if isinstance(getattr(hook, "__self__", None), FastEngine)]:
+            del m._forward_hooks[key]
     return work
 
 

@@ -313,7 +313,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         model = (opts.model if opts.model is not None else build_model(cfg, data, load_pretrained=fresh)).to(device)
         views = 1 if data.features != "none" else cfg.augmult.k
         model.train()  # the mode the mechanism trains in, and the one the probe checks
-        probe_s = probe(model, p.engine, example_shape=tuple(data.test.x.shape[1:]), views=views,
+        probe_s = probe(model, p.engine, example_shape=tuple(data.train.x.shape[1:]), views=views,
                         num_classes=data.num_classes, batch=cfg.train.physical_batch_size).seconds if private else 0.0
         schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
         averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)

@@ -114,9 +114,9 @@ class FastEngine:
             and output gradient, or its per-example gradients), "lean" (only norms in the
             hooks, then a second backward for the clipped sum; see the module), or
             "auto": fast, unless what fast holds for the first chunk (its layers' inputs, outputs
-            and output gradients; shapes only) would exceed half the memory then free on the
-            device (`_free_bytes`), then lean for the whole run. `memory` holds the choice after
-            the first chunk.
+            and output gradients; shapes only, from a forward without autograd before it) would
+            exceed half the memory then free on the device (`_free_bytes`), then lean for the
+            whole run. `memory` holds the choice from the first chunk on.
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast") -> None:
@@ -154,15 +154,14 @@ class FastEngine:
                               "pass (shared weights), and its rule sees one call; use privacy.engine=torch-func")
         x = inputs[0].detach()
         rec = Record(module, x, output, output._version, x._version, reads_data=not inputs[0].requires_grad)
-        if self._pass is not None:
-            # The norms hook goes on the output now, so that the record need not hold the output
-            # (autograd often does not: a conv before tanh); only the backward's targets and, in
-            # the fast mode, a rule that reads it (a standardised conv's; the lean one recomputes
-            # what it needs) keep it. A hook put on a tensor before an in-place change gets the
-            # gradient of its value before it.
-            self._pass.handles.append(output.register_hook(self._pass.hook(rec)))
-            if not rec.reads_data and (self._pass.lean or layer_of(module).standardise is None):
-                rec.out = None
+        # The norms hook goes on the output now, so that the record need not hold the output
+        # (autograd often does not: a conv before tanh); only the backward's targets and, in
+        # the fast mode, a rule that reads it (a standardised conv's; the lean one recomputes
+        # what it needs) keep it. A hook put on a tensor before an in-place change gets the
+        # gradient of its value before it.
+        self._pass.handles.append(output.register_hook(self._pass.hook(rec)))
+        if not rec.reads_data and (self._pass.lean or layer_of(module).standardise is None):
+            rec.out = None
         self._records.append(rec)
 
     def _name(self, module: nn.Module) -> str:
@@ -183,24 +182,20 @@ class FastEngine:
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
         rows = rows or rows_of(self.model, views)
+        if self.memory == "auto":  # chosen before the first chunk's forward: the run is fast or lean throughout
+            self.memory = _choose_memory(self._held_bytes(views), views.device)
         # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
         rng = None if self.memory == "fast" else _rng_state(views.device)
         self._records = []
-        if self.memory != "auto":
-            self._pass = _HookPass(self, rows, lean=self.memory == "lean")
+        self._pass = _HookPass(self, rows, lean=self.memory == "lean")
         try:
             out = self.model(views.flatten(0, 1))
         except BaseException:
-            if self._pass is not None:
-                self._pass.remove()
+            self._pass.remove()
             raise
         finally:
             records, self._records, hooks, self._pass = self._records, None, self._pass, None
         losses = example_losses(out, labels, rows)
-        if hooks is None:  # memory="auto": choose now; this chunk's outputs are still held, hook them
-            self.memory = self._choose_memory(records, out.device)
-            hooks = _HookPass(self, rows, lean=self.memory == "lean")
-            hooks.handles = [rec.out.register_hook(hooks.hook(rec)) for rec in records]
         # Parameters of layers that were never called are asked for too (none, usually): one that
         # still reaches the loss is used outside its layer (F.linear(x, self.fc.weight)), unseen by
         # any rule.
@@ -323,11 +318,24 @@ class FastEngine:
             return rule(*bounds[0])
         return Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds])
 
-    @staticmethod
-    def _choose_memory(records: list[Record], device: torch.device) -> str:
-        held = sum((rec.x.numel() + 2 * rec.out.numel()) * rec.out.element_size() for rec in records)
-        free = _free_bytes(device)
-        return "lean" if free is not None and held > free / 2 else "fast"
+    def _held_bytes(self, views: torch.Tensor) -> int:
+        """What the fast mode would hold for this chunk: its layers' inputs, outputs and output
+        gradients. From the shapes of a forward without autograd, whose random draws are put
+        back after it, so that memory="auto" runs exactly the fast or the lean mode from the
+        first chunk on, the two paths the probe checks (`dpwa.engines.PATHS`)."""
+        held = [0]
+
+        def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            held[0] += (inputs[0].numel() + 2 * output.numel()) * output.element_size()
+
+        handles = [m.register_forward_hook(count) for m in self.layers]
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[views.device] if views.device.type == "cuda" else []):
+                self.model(views.flatten(0, 1))
+        finally:
+            for h in handles:
+                h.remove()
+        return held[0]
 
     def _note(self, module: nn.Module, rule: object) -> None:
         ghost = getattr(rule, "ghost", None)
@@ -394,6 +402,11 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+def _choose_memory(held: int, device: torch.device) -> str:
+    free = _free_bytes(device)
+    return "lean" if free is not None and held > free / 2 else "fast"
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:

@@ -316,6 +316,71 @@ def test_dpwa_fast_is_probed_in_its_lean_mode_too(monkeypatch):
     probe(model, FUNC, **kw)  # the planted bug is dpwa's alone
 
 
+def _hooked(hook) -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), head(4))
+    model[0].register_forward_hook(hook)
+    return model
+
+
+KW = dict(example_shape=(C, S, S), views=1, num_classes=CLASSES)
+
+
+def test_the_models_own_forward_hooks_are_probed():
+    """The probe's copy keeps the model's own hooks: training runs them. One that subtracts the
+    batch mean from a layer's output mixes examples (an example's influence on the clipped sum
+    was 7 C when the probe ran without it); one that scales a layer's output changes what a
+    per-layer rule must compute (dpwa-fast's hook sees the scaled output: norms off by up to
+    5x), while torch-func differentiates the whole function, hook included, and is exact."""
+    with pytest.raises(ProbeError, match=r"mix|depends on other examples|independen"):
+        probe(_hooked(lambda m, i, o: o - o.mean(0, keepdim=True)), FAST, **KW, batch=16)
+    with pytest.raises(ProbeError, match=r"privacy.engine=dpwa-fast is not exact on this model.*norms wrong"):
+        probe(_hooked(lambda m, i, o: 5 * o), FAST, **KW)
+    probe(_hooked(lambda m, i, o: 5 * o), FUNC, **KW)
+
+
+def test_an_engines_own_hooks_are_not_copied_into_the_probe():
+    """dpwa-fast's recording hooks on the original model (PrivateSGD builds its engine before
+    its first step's probe) stay out of the probe's copy, which builds its own; the user's
+    hook stays in."""
+    from dpwa.probe import _clean_copy
+
+    model = _hooked(lambda m, i, o: 5 * o)
+    engine = make_engine(FAST, model)
+    work = _clean_copy(model)
+    assert len(model[0]._forward_hooks) == 2 and len(work[0]._forward_hooks) == 1
+    x = torch.randn(2, C, S, S)
+    assert torch.equal(work(x), model(x))  # the user's hook, copied
+    engine.remove()
+    model[0]._forward_hooks.clear()
+    assert not torch.equal(work(x), model(x))
+
+
+def test_dpwa_fast_auto_runs_a_probed_path_from_its_first_chunk():
+    """memory="auto" (what privacy.engine=dpwa-fast builds) chooses before its first forward,
+    so it runs the fast or the lean mode, both probed, from the start: a model they handle
+    (an in-place ReLU after a conv, whose norms hook is on the output before the change)
+    passes the probe and then trains, instead of failing at the first release after the
+    reservation."""
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.ReLU(inplace=True), head(4)).double()
+    probe(model, FAST, **KW)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, C, S, S, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (5,), generator=g)
+    want, norms = loop_clipped_sum(model, x, labels, clip=1.0)
+    clip = float(norms.median())
+    want, _ = loop_clipped_sum(model, x, labels, clip)
+    eng = make_engine(FAST, model)
+    try:
+        got, _, got_norms = eng.clipped_sum(x, labels, clip)
+    finally:
+        eng.remove()
+    assert eng.memory == "fast"
+    assert torch.allclose(got_norms, norms, rtol=1e-5, atol=1e-12)
+    for p, w in want.items():
+        assert (got[p] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12
+
+
 def test_probe_leaves_the_model_alone():
     model, kw = build("timm_std_conv")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
