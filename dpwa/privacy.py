@@ -79,6 +79,9 @@ def secret_generator(seed: Optional[int], device: str | torch.device = "cpu") ->
     return g
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 class PrivateSGD:
     """A `GradientMechanism` and an optimizer in one object, for the audit and for tests that
     want one DP-SGD step per call. Training goes through the session loop (`dpwa.train`),
@@ -141,15 +144,19 @@ class PrivateSGD:
         return apply_release(self.optimizer, self.mechanism.release(itertools.chain([] if first is None else [first], chunks)))
 
     def _probe_key(self, views: torch.Tensor) -> tuple:
-        """What the probe's verdict depends on: the views' shape and K, and the parameters'
-        layout (a model moved to channels-last after the probe meets activations in a layout
-        the probe never saw, on which Opacus's conv rule is wrong): a change is probed again."""
-        return tuple(views.shape[1:]), tuple(p.stride() for p in self.model.parameters())
+        """What the probe's verdict depends on, besides the parameters' values: the views'
+        shape and K; the modules and their hooks (a hook or a layer added after the probe
+        may mix examples); the parameters' layout (a model moved to channels-last meets
+        activations in a layout the probe never saw, on which Opacus's conv rule is wrong).
+        A change is probed again, on a fresh engine."""
+        modules = tuple((id(m), *(tuple(getattr(m, d)) for d in _HOOK_DICTS)) for m in self.model.modules())
+        return tuple(views.shape[1:]), modules, tuple(p.stride() for p in self.model.parameters())
 
     def _probe(self, views: torch.Tensor) -> None:
         """`dpwa.probe` before the first release, as `dpwa train` does before its reservation:
         a model that mixes examples, or an engine that is not exact on it, is refused here.
         Only shapes are read from the batch (random inputs are probed, not the data)."""
+        from .engines import make_engine
         from .probe import probe
 
         shape, k = tuple(views.shape[2:]), views.shape[1]
@@ -157,5 +164,8 @@ class PrivateSGD:
         with torch.no_grad():  # the number of classes, from the model's output on zeros
             classes = self.model.eval()(torch.zeros(2 * k, *shape, dtype=views.dtype, device=views.device)).shape[-1]
         self.model.train(was)
+        if self.probed is not None:  # the model changed: its engine is rebuilt on it as it is now
+            self.engine.remove()
+            self.engine = self.mechanism.engine = make_engine(self.engine_name, self.model)
         probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes))
         self.probed = self._probe_key(views)

@@ -52,11 +52,22 @@ def engine_paths(name: str) -> dict[str, Callable[[nn.Module], object]]:
     return PATHS[name]
 
 
-register_engine("dpwa-fast", lambda model: FastEngine(model, memory="auto"), paths={
-    "privacy.engine=dpwa-fast": lambda model: FastEngine(model, memory="fast"),
-    "privacy.engine=dpwa-fast (in its lean mode, which it switches to when the fast one would not fit in memory)":
-        lambda model: FastEngine(model, memory="lean")})
-register_engine("dpwa-lean", lambda model: FastEngine(model, memory="lean"))
+_CHUNKED = "in chunks of 2 examples, as large batches run"
+_LEAN = "in its lean mode, which it switches to when the fast one would not fit in memory"
+
+
+def _fast(memory: str, max_chunk: int | None = None) -> Callable[[nn.Module], FastEngine]:
+    return lambda model: FastEngine(model, memory=memory, max_chunk=max_chunk)
+
+
+register_engine("dpwa-fast", _fast("auto"), paths={
+    "privacy.engine=dpwa-fast": _fast("fast"),
+    f"privacy.engine=dpwa-fast ({_CHUNKED})": _fast("fast", 2),
+    f"privacy.engine=dpwa-fast ({_LEAN})": _fast("lean"),
+    f"privacy.engine=dpwa-fast ({_LEAN}, {_CHUNKED})": _fast("lean", 2)})
+register_engine("dpwa-lean", _fast("lean"), paths={
+    "privacy.engine=dpwa-lean": _fast("lean"),
+    f"privacy.engine=dpwa-lean ({_CHUNKED})": _fast("lean", 2)})
 register_engine("torch-func", TorchFuncEngine)
 register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))
 register_engine("opacus-functorch", lambda model: OpacusEngine(model, functorch=True))

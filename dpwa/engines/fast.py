@@ -117,14 +117,20 @@ class FastEngine:
             and output gradients; shapes only, from a forward without autograd before it) would
             exceed half the memory then free on the device (`_free_bytes`), then lean for the
             whole run. `memory` holds the choice from the first chunk on.
+        max_chunk: at most this many examples per chunk wherever a layer's rule runs in chunks
+            at large batches (a CPU's instantiating and elementwise rules, dpwa-lean's norms):
+            the probe sets 2, so that its 4 examples take the chunked code large batches take.
     """
 
-    def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast") -> None:
+    def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast",
+                 max_chunk: Optional[int] = None) -> None:
         if mode not in ("auto", "ghost", "instantiate"):
             raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
         if memory not in ("fast", "lean", "auto"):
             raise ValueError(f"memory must be fast, lean or auto, got {memory!r}")
-        self.model, self.mode, self.memory = model, mode, memory
+        if max_chunk is not None and max_chunk < 1:
+            raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
+        self.model, self.mode, self.memory, self.max_chunk = model, mode, memory, max_chunk
         self.name = "dpwa-lean" if memory == "lean" else "dpwa-fast"
         self.names = {m: n for n, m in model.named_modules()}
         self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
@@ -183,7 +189,7 @@ class FastEngine:
         """
         rows = rows or rows_of(self.model, views)
         if self.memory == "auto":  # chosen before the first chunk's forward: the run is fast or lean throughout
-            self.memory = _choose_memory(self._held_bytes(views), views.device)
+            self.memory = _choose_memory(*self._held_bytes(views), views.device)
         # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
         rng = None if self.memory == "fast" else _rng_state(views.device)
         self._records = []
@@ -301,8 +307,11 @@ class FastEngine:
             sizes = self._sizes[key] = (transient(first, x[:r]), cache_chunk(first, x[:r], go[:r]))
         per, cpu_chunk = sizes
         chunk = go.numel() // 4 // max(per, 1) if lean else b
-        if x.device.type == "cpu":
+        cpu = x.device.type == "cpu"
+        if cpu:
             chunk = min(chunk, cpu_chunk)
+        if self.max_chunk is not None and (lean or (cpu and cpu_chunk < sys.maxsize)):
+            chunk = min(chunk, self.max_chunk)
         return even_chunks(b, chunk), rule
 
     def _lean_norms2(self, rec: Record, go: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -318,15 +327,19 @@ class FastEngine:
             return rule(*bounds[0])
         return Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds])
 
-    def _held_bytes(self, views: torch.Tensor) -> int:
-        """What the fast mode would hold for this chunk: its layers' inputs, outputs and output
-        gradients. From the shapes of a forward without autograd, whose random draws are put
-        back after it, so that memory="auto" runs exactly the fast or the lean mode from the
-        first chunk on, the two paths the probe checks (`dpwa.engines.PATHS`)."""
-        held = [0]
+    def _held_bytes(self, views: torch.Tensor) -> tuple[int, int]:
+        """(what the fast mode's records would hold for this chunk: its layers' inputs, outputs
+        and output gradients; what the forward itself saves for backward, about its layers'
+        inputs), from the shapes of a forward without autograd, so that memory="auto" runs
+        exactly the fast or the lean mode from the first chunk on, the paths the probe checks
+        (`dpwa.engines.PATHS`). Its random draws (the CPU's and the device's generator) are
+        put back after it; Python-side effects of a forward (a counter, a logging hook) happen
+        once more, on the first chunk only."""
+        held = [0, 0]
 
         def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             held[0] += (inputs[0].numel() + 2 * output.numel()) * output.element_size()
+            held[1] += inputs[0].numel() * output.element_size()
 
         handles = [m.register_forward_hook(count) for m in self.layers]
         try:
@@ -335,7 +348,7 @@ class FastEngine:
         finally:
             for h in handles:
                 h.remove()
-        return held[0]
+        return held[0], held[1]
 
     def _note(self, module: nn.Module, rule: object) -> None:
         ghost = getattr(rule, "ghost", None)
@@ -404,9 +417,11 @@ def _set_rng_state(device: torch.device, state: tuple) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _choose_memory(held: int, device: torch.device) -> str:
+def _choose_memory(held: int, saved: int, device: torch.device) -> str:
+    """Lean when the fast mode's records would take more than half of what is free once the
+    forward has saved its tensors."""
     free = _free_bytes(device)
-    return "lean" if free is not None and held > free / 2 else "fast"
+    return "lean" if free is not None and held > (free - saved) / 2 else "fast"
 
 
 def _free_bytes(device: torch.device) -> Optional[int]:

@@ -153,3 +153,21 @@ def test_batchnorm_is_refused_with_a_pointer_to_groupnorm():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     with pytest.raises(ModelError, match="GroupNorm"):
         check_dp_compatible(model)
+
+
+def test_a_hook_added_after_the_probe_is_probed_again():
+    """PrivateSGD probes on its first step; a forward hook added later (here one that subtracts
+    the batch mean, so examples mix) changes what trains, and the next step probes again and
+    refuses it before releasing anything."""
+    from dpwa.probe import ProbeError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip_norm=1.0,
+                     expected_batch_size=4, releases=3)
+    views, labels = torch.randn(4, 1, 3, 8, 8), torch.randint(0, 5, (4,))
+    sgd.step([(views, labels)])
+    model[1].register_forward_hook(lambda m, i, o: o - o.mean(0, keepdim=True))
+    with pytest.raises(ProbeError, match="mix"):
+        sgd.step([(views, labels)])
+    assert sgd.mechanism.released == 1

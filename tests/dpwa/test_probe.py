@@ -316,6 +316,20 @@ def test_dpwa_fast_is_probed_in_its_lean_mode_too(monkeypatch):
     probe(model, FUNC, **kw)  # the planted bug is dpwa's alone
 
 
+def test_dpwa_fast_is_probed_in_chunks_too(monkeypatch):
+    """At large batches a CPU runs a layer's instantiating rule in cache-sized chunks of
+    examples (`rules.Chunks`), which the probe's 4 examples would not need; the probe runs a
+    path in chunks of 2, so a bug planted in the chunked code alone is refused, named."""
+    from dpwa.engines.rules import Chunks
+
+    real = Chunks.clipped_sum
+    monkeypatch.setattr(Chunks, "clipped_sum", lambda self, c: {n: 1.5 * v for n, v in real(self, c).items()})
+    model, kw = build("timm_std_conv")
+    with pytest.raises(ProbeError, match=r"^privacy.engine=dpwa-fast \(in chunks of 2 examples, as large batches "
+                                         r"run\) is not exact on this model.*wrong clipped gradients"):
+        probe(model, FAST, **kw)
+
+
 def _hooked(hook) -> nn.Module:
     model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), head(4))
     model[0].register_forward_hook(hook)

@@ -157,3 +157,33 @@ def test_f_batch_norm_in_forward_is_refused(tmp_path, capsys):
         assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
     finally:
         del MODELS["probe_f_batch_norm"]
+
+
+def test_the_probe_runs_on_the_training_splits_shape(tmp_path, capsys):
+    """The private examples are the training split's: a model that mixes examples only at its
+    size (16x16; the public test split is 8x8) is refused before the reservation."""
+    from dpwa.data import SOURCES, Split, register_source
+
+    class MixesAt16(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0, keepdim=True) if x.shape[-1] == 16 else x
+
+    @register_source("probe-shapes")
+    def _source(cfg):
+        g = torch.Generator().manual_seed(0)
+        train = Split(torch.randint(0, 256, (300, 1, 16, 16), generator=g, dtype=torch.uint8), torch.arange(300) % 10)
+        test = Split(torch.randint(0, 256, (50, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(50) % 10)
+        return train, test, 10
+
+    register_model("probe_mixes_at_16")(lambda **kw: nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), MixesAt16(), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10)))
+    try:
+        led = tmp_path / "l.sqlite"
+        code = main(["train", str(QUICK), "--no-progress", "--ledger", str(led), f"out_dir={tmp_path / 'runs'}",
+                     "data.name=probe-shapes", "model.name=probe_mixes_at_16", "train.steps=3", "train.batch_size=64",
+                     "augmult.k=1"])
+        err = capsys.readouterr().err
+        assert code == 2 and "mixes" in err, err
+        assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
+    finally:
+        del MODELS["probe_mixes_at_16"], SOURCES["probe-shapes"]
