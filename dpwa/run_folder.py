@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from accounting import PoissonGaussian, epsilon
+from accounting import Gaussian, PoissonGaussian, epsilon
 
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
@@ -197,9 +197,12 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
                          f"{str(e).splitlines()[0]}") from None
     releases = int(state["mechanism"]["released"])
     eps: Optional[float] = None
-    if cfg.privacy.enabled:
-        event = PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
-                                steps=releases)
-        eps = epsilon([event], delta=meta["delta"], accountant=cfg.privacy.accountant) if releases else 0.0
+    if cfg.privacy.enabled:  # every release the run made: the feature statistics', then the gradients'
+        stats = int(state.get("statistics", {}).get("released", 0))
+        events = [Gaussian(noise_multiplier=cfg.feature_stats.noise_multiplier, count=stats)] if stats else []
+        if releases:
+            events.append(PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
+                                          steps=releases))
+        eps = epsilon(events, delta=meta["delta"], accountant=cfg.privacy.accountant) if events else 0.0
     return ReleasedRun(folder, cfg, meta, data, model, averagers, int(state["step"]), releases, eps,
                        state.get("method"))

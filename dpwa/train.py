@@ -200,6 +200,16 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
                          f"run started with; run {run.run_id!r} stays reserved (counted in full)")
 
 
+def _check_resume_data(folder: RunFolder, run: Any, record: Any, source_labels: Any) -> None:
+    """A resumed run trains on the data its reservation was charged to: the same fingerprint
+    and size as the ledger's record of its dataset (other data would be spent on uncharged)."""
+    if record.fingerprint != fingerprint(source_labels) or record.size != len(source_labels):
+        raise StateError(f"Cannot resume {folder.path}: its training data is not the data reserved in the ledger "
+                         f"(dataset {run.dataset!r}: fingerprint {record.fingerprint}, {record.size} examples; the "
+                         f"data now: {fingerprint(source_labels)}, {len(source_labels)} examples). Restore the data "
+                         f"the run started on; run {run.run_id!r} stays reserved (counted in full)")
+
+
 def _resume_error(run_dir: Path, run_id: str, why: Any) -> StateError:
     return StateError(f"Cannot resume {run_dir}: {why}. Run {run_id!r} stays reserved in the ledger (counted in "
                       f"full); `dpwa ledger release {run_id} --reason ...` gives back what it did not spend")
@@ -351,6 +361,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
             if private:
                 _check_resume_plan(folder, run, cfg, plan)
+                _check_resume_data(folder, run, ledger.dataset(run.dataset), data.source_labels)
             return
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
                        events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,

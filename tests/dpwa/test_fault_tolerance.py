@@ -200,3 +200,33 @@ def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
 
     assert batch_sizes("a") != batch_sizes("b")
     assert batch_sizes("c", "privacy.noise_seed=3") == batch_sizes("d", "privacy.noise_seed=3")
+
+
+def test_resume_on_other_training_data_is_refused(tmp_path):
+    """The reservation was charged to one dataset (its fingerprint and size): a resume that
+    finds other data under the same name would spend on uncharged data, and is refused before
+    any step; the run stays reserved, its spent steps unchanged."""
+    import numpy as np
+
+    from dpwa.errors import UsageError
+
+    root = tmp_path / "npz"
+    root.mkdir()
+
+    def write(seed):
+        g = np.random.default_rng(seed)
+        for part, n in (("train", 600), ("test", 100)):
+            np.savez(root / f"{part}.npz", x=g.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8), y=g.integers(0, 10, n))
+
+    write(0)
+    cfg = load_config(QUICK, ["data.name=npz", f"data.root={root}", "train.steps=10", "train.checkpoint_every=5",
+                              "train.batch_size=64", "privacy.accountant=rdp", f"out_dir={tmp_path / 'runs'}"])
+    led = str(tmp_path / "l.sqlite")
+    stopped = train(cfg, ledger_path=led, progress=False, stop_after=5)
+    before = ledger_snapshot(led)
+    write(1)
+    with pytest.raises(UsageError, match="its training data is not the data reserved in the ledger"):
+        train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)
+    assert ledger_snapshot(led) == before
+    write(0)  # the reserved data back: the run resumes and finishes
+    assert train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)["releases"] == 10

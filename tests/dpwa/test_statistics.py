@@ -116,6 +116,10 @@ def test_run_charges_the_statistics_and_composes_them(tmp_path):
     state = torch.load(Path(report["run_dir"]) / "checkpoint.pt", weights_only=True)
     assert state["statistics"] == {"released": 2, "releases": 2}
     assert not torch.equal(state["model"]["0.var"], torch.full_like(state["model"]["0.var"], 1 - 1e-5))
+    # what the post-training tools (dpwa eval, curvature, landscape) report: the same joint epsilon
+    from dpwa.run_folder import load_run
+
+    assert load_run(Path(report["run_dir"])).epsilon == pytest.approx(joint, rel=1e-9)
 
 
 def test_over_budget_refuses_before_the_statistics_are_computed(tmp_path, monkeypatch):
