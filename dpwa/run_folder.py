@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml          the config (resume and eval read it back)
     RUN_DIR/run.json             run id, dataset, the planned mechanism (sigma, q, steps, delta)
-    RUN_DIR/metrics.jsonl        one row per step (loss and batch size: local diagnostics)
+    RUN_DIR/metrics.jsonl        one row per step, written at checkpoints (loss and batch size: local diagnostics)
     RUN_DIR/checkpoint.pt        the training state (`dpwa.state`), written atomically
     RUN_DIR/weights.safetensors  the last iterate
     RUN_DIR/report.json          the final report
@@ -19,7 +19,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -61,23 +61,36 @@ def _row_step(line: str) -> float:
 
 
 class MetricsLog:
-    """metrics.jsonl, appended row by row; `sync` makes the rows so far durable (before the
-    checkpoint that follows them, so a kill in between redoes the step and loses no row)."""
+    """metrics.jsonl. A row is derived from releases (its iterate's accuracy, its epsilon) and
+    reaches the file only once a checkpoint covers them (`publish`, after the checkpoint
+    that holds `pending`): a run killed in between redoes those releases on resume, and rows
+    of the lost ones, had anyone seen them, would be releases the ledger never counts. The
+    checkpoint keeps the rows it covers until they are written (`held`), so a kill between
+    the two loses none."""
 
-    def __init__(self, path: Path, *, after_step: int) -> None:
+    def __init__(self, path: Path, *, after_step: int, held: Sequence[dict[str, Any]] = ()) -> None:
+        kept = []
         if path.exists():  # drop rows of steps to be redone and any torn row
             kept = [line for line in path.read_text().splitlines() if _row_step(line) <= after_step]
             atomic_write_text(path, "".join(line + "\n" for line in kept))
+        last = max((_row_step(line) for line in kept), default=-math.inf)
         self.file = open(path, "a")
+        self.pending: list[dict[str, Any]] = [row for row in held if row["step"] > last]
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        """Hold the row until the checkpoint that covers its step (`publish`)."""
+        self.pending.append(row)
 
-    def sync(self) -> None:
+    def publish(self) -> list[dict[str, Any]]:
+        """Write the held rows, durably; call once a checkpoint holds them. Returns them."""
         import os
 
+        rows, self.pending = self.pending, []
+        for row in rows:
+            self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
         os.fsync(self.file.fileno())
+        return rows
 
     def close(self) -> None:
         self.file.close()
@@ -108,8 +121,8 @@ class RunFolder:
     def meta(self) -> dict[str, Any]:
         return json.loads((self.path / "run.json").read_text())
 
-    def metrics(self, *, after_step: int) -> MetricsLog:
-        return MetricsLog(self.path / "metrics.jsonl", after_step=after_step)
+    def metrics(self, *, after_step: int, held: Sequence[dict[str, Any]] = ()) -> MetricsLog:
+        return MetricsLog(self.path / "metrics.jsonl", after_step=after_step, held=held)
 
     def rows(self) -> list[dict[str, Any]]:
         """The rows of metrics.jsonl (a torn last row is skipped)."""

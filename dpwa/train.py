@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import secrets
 import signal
 import sys
@@ -388,11 +389,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
         return (statistics.events() if statistics else []) + mechanism.events()
 
+    held_rows: list[dict[str, Any]] = []
     if resume is not None:
         try:  # a private run's checkpoint holds no generator state: it goes on with fresh secret coins
             saved = world.on_main(folder.load_state)  # None: killed before its first checkpoint
             if saved is not None:
                 state.load_state_dict(saved)
+                held_rows = json.loads(saved.get("rows", "[]"))  # covered by it, perhaps not yet written
         except UsageError as e:  # unreadable, or not this run's
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
@@ -423,8 +426,20 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             raise world.failure(e, run_id, folder.path) from None
 
     try:
-        metrics = folder.metrics(after_step=start) if world.main else None  # rank 0 keeps the books
+        metrics = folder.metrics(after_step=start, held=held_rows) if world.main else None  # rank 0 keeps the books
         board = tensorboard(str(folder.path / "tensorboard")) if tensorboard and world.main else None
+
+        def checkpoint() -> None:  # rank 0: the state, the ledger's count, then the rows they cover
+            folder.save_state({**state.state_dict(), "rows": json.dumps(metrics.pending)})
+            ledger.progress(run_id, spent())
+            for covered in metrics.publish():
+                if board:
+                    log_row(board, covered)
+
+        if metrics is not None:
+            for covered in metrics.publish():  # rows the checkpoint resumed from holds, if a kill kept them back
+                if board:
+                    log_row(board, covered)
         eval_split = data.test if cfg.train.eval_split == "test" else data.val
         if cfg.train.eval_split == "val" and private and world.main:
             warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
@@ -442,11 +457,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # 4. The method's steps; averages, rows and checkpoints after each.
         for step in range(start, plan.steps):
             if (stop_after is not None and step >= stop_after) or stop:
+                if stop and metrics is not None:  # SIGINT / SIGTERM: checkpoint at this step boundary
+                    checkpoint()
                 for closable in (metrics, bar, board):
                     if closable:
                         closable.close()
-                if stop:  # SIGINT / SIGTERM: checkpoint at this step boundary, then say how to go on
-                    raise _interrupted(stop[0], state, folder, ledger, spent(), run_id, eps_now)
+                if stop:  # then say how to go on
+                    raise _interrupted(stop[0], state, folder, eps_now)
                 return {"stopped_at": step, "run_dir": str(folder.path), "run_id": run_id}
             t0 = time.time()
             lr = schedule(step)
@@ -468,13 +485,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 eps_now = row["epsilon"] = (curve.exact if at_checkpoint else curve.at)(mechanism.released)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
                 row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data))
-            metrics.write(row)
-            if board:
-                log_row(board, row)
-            if at_checkpoint:  # after its row is on disk: a kill in between redoes the step, no row is lost
-                metrics.sync()
-                folder.save_state(state.state_dict())
-                ledger.progress(run_id, spent())
+            metrics.write(row)  # held back until the checkpoint that covers its releases
+            if at_checkpoint:
+                checkpoint()
             if bar:
                 bar.set_postfix(loss=f"{stats.get('private_batch_loss_diagnostic', 0.0):.3f}",
                                 eps="public" if not private else f"{eps_now:.2f}")
@@ -612,11 +625,8 @@ def _planned_epsilon(cfg: RunConfig, plan: Plan) -> float:
                           "use privacy.accountant=rdp, a looser bound that is always computable") from None
 
 
-def _interrupted(signum: int, state: TrainState, folder: RunFolder, ledger: Any, spent: list[Event], run_id: str,
-                 eps: Optional[float]) -> Interrupted:
-    """Checkpoint the step boundary reached, record it in the ledger, and say how to go on."""
-    folder.save_state(state.state_dict())
-    ledger.progress(run_id, spent)
+def _interrupted(signum: int, state: TrainState, folder: RunFolder, eps: Optional[float]) -> Interrupted:
+    """How to go on after a signal (the step boundary reached is checkpointed)."""
     spent = "nothing (public data)" if eps is None else f"epsilon {eps:.3f} so far"
     return Interrupted(f"{signal.Signals(signum).name}: stopped after step {state.step}, checkpoint written in "
                        f"{folder.path} ({spent}; the run stays reserved in the ledger, counted in full until it "

@@ -230,3 +230,37 @@ def test_resume_on_other_training_data_is_refused(tmp_path):
     assert ledger_snapshot(led) == before
     write(0)  # the reserved data back: the run resumes and finishes
     assert train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)["releases"] == 10
+
+
+def test_rows_reach_the_disk_only_once_a_checkpoint_covers_their_releases(tmp_path, monkeypatch):
+    """A row shows its iterate's accuracy and epsilon: derived from releases. A run killed
+    between checkpoints redoes those releases on resume, so their rows must never have been
+    written (they would be releases the ledger never counts). The checkpoint holds the rows it
+    covers until they are written: a kill between the two loses none."""
+    from dpwa.run_folder import MetricsLog, RunFolder
+
+    cfg = load_config(QUICK, ["train.steps=12", "train.checkpoint_every=5", "train.eval_every=1",
+                              "train.batch_size=64", f"out_dir={tmp_path / 'runs'}"])
+    led = str(tmp_path / "l.sqlite")
+    stopped = train(cfg, ledger_path=led, progress=False, stop_after=8)  # killed after step 8
+    folder = RunFolder(Path(stopped["run_dir"]))
+    assert [r["step"] for r in folder.rows()] == [1, 2, 3, 4, 5]  # steps 6-8 released nothing to the disk
+    assert all(any(k.startswith("test_raw_") for k in r) for r in folder.rows())  # an accuracy in each
+
+    real, calls = MetricsLog.publish, []
+
+    def killed_after_the_checkpoint(self):  # the second checkpoint (step 10) is saved, then the process dies
+        calls.append(len(self.pending))
+        if len(calls) == 2:  # the first: rows held by the checkpoint resumed from (none)
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(MetricsLog, "publish", killed_after_the_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(resume=folder.path, ledger_path=led, progress=False)
+    assert folder.load_state()["step"] == 10 and [r["step"] for r in folder.rows()] == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(MetricsLog, "publish", real)
+    report = train(resume=folder.path, ledger_path=led, progress=False)
+    assert [r["step"] for r in folder.rows()] == list(range(1, 13)) and report["releases"] == 12
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[-1].steps == 12

@@ -49,12 +49,12 @@ def test_sigint_checkpoints_says_how_to_resume_and_the_resumed_run_commits_once(
     led, runs = tmp_path / "l.sqlite", tmp_path / "runs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "dpwa", "train", str(QUICK), "--no-progress", "--ledger", str(led),
-                             f"out_dir={runs}", "train.steps=400", "train.checkpoint_every=1000", *SMALL],
+                             f"out_dir={runs}", "train.steps=400", "train.checkpoint_every=50", *SMALL],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         metrics = list(runs.glob("*/metrics.jsonl"))
-        if metrics and len(metrics[0].read_text().splitlines()) >= 5:
+        if metrics and len(metrics[0].read_text().splitlines()) >= 50:  # rows appear at checkpoints
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -65,7 +65,7 @@ def test_sigint_checkpoints_says_how_to_resume_and_the_resumed_run_commits_once(
     assert "SIGINT: stopped after step" in err and f"dpwa train --resume {run_dir}" in err and "Traceback" not in err
     state = RunFolder(run_dir).load_state()
     step = state["step"]
-    assert 5 <= step < 400 and len(RunFolder(run_dir).rows()) == step  # checkpoint at the boundary, rows to it
+    assert 50 <= step < 400 and len(RunFolder(run_dir).rows()) == step  # checkpoint at the boundary, rows to it
     (run,) = Ledger(led).runs()
     assert run.status == "reserved" and run.spent[0].steps == step
     resumed = subprocess.run([sys.executable, "-m", "dpwa", "train", "--resume", str(run_dir), "--no-progress",
