@@ -40,6 +40,14 @@ class Split:
         return len(self.y)
 
 
+def outside_guarantee(what: str) -> str:
+    """The warning for evaluations on the validation split: its examples come from the private
+    source (the ledger's fingerprint covers them) but are held out of DP training, so what is
+    measured on them has no DP protection."""
+    return (f"{what}: accuracy on examples held out of the private training data is not covered by the DP "
+            "guarantee; use it to tune locally, do not publish it")
+
+
 class PrivateDataAccess(RefusalError, RuntimeError):
     """Something tried to read private training data where only released iterates may be
     used: refused (exit 1), nothing read."""

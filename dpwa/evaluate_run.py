@@ -6,6 +6,7 @@ withheld (`data.Withheld`), so no method can read it."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -13,6 +14,7 @@ from typing import Any, Optional, Sequence
 from .averaging import METHODS
 from .checkpoint import atomic_write_text
 from .config import ConfigError
+from .data import outside_guarantee
 from .errors import UsageError
 from .evaluate import member_metrics, metrics, predict_members, reliability_bins
 from .reliability import draw_reliability
@@ -79,6 +81,9 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
 
     target = data.test if split == "test" else data.val
     assert target is not None
+    covered = split == "test" or not cfg.privacy.enabled
+    if not covered:
+        warnings.warn(outside_guarantee("--data val"), stacklevel=2)
     results: dict[str, dict[str, Any]] = {}
     bins: dict[str, list] = {}
     for name in wanted:
@@ -91,6 +96,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         "run_id": meta["run_id"], "step": at, "steps": steps, "split": split,
         "examples": len(target), "test_time_flip": cfg.data.test_time_flip, "private": meta.get("private", True),
         "epsilon": run.epsilon,  # None: a non-private run on public data
+        "covered_by_guarantee": covered,  # False: the validation split of a private run
         "delta": meta["delta"], "collected": counts, "skipped": {k: v for k, v in skipped.items() if k not in wanted},
         "methods": results, "reliability": bins,
     }

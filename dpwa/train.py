@@ -42,7 +42,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
-from .data import Data, load_data
+from .data import Data, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -442,8 +442,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                     log_row(board, covered)
         eval_split = data.test if cfg.train.eval_split == "test" else data.val
         if cfg.train.eval_split == "val" and private and world.main:
-            warnings.warn("train.eval_split=val: accuracy on examples held out of the private training data is not "
-                          "covered by the DP guarantee; use it to tune locally, do not publish it", stacklevel=2)
+            warnings.warn(outside_guarantee("train.eval_split=val"), stacklevel=2)
         bar = None
         if show_progress:
             from tqdm import tqdm

@@ -214,6 +214,19 @@ def test_run_length_problems_come_all_at_once_before_the_data(tmp_path, capsys):
     assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
 
 
+def test_eval_on_the_validation_split_says_it_is_outside_the_guarantee(tmp_path):
+    """The validation split is carved from the private source but held out of DP training:
+    `dpwa eval --data val` warns, as training's eval_split=val does, and eval.json says the
+    numbers are not covered; on the test split they are."""
+    from dpwa.evaluate_run import evaluate_run
+
+    run = train(load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=64",
+                                    "data.val_size=100"]), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    with pytest.warns(UserWarning, match="--data val: .* not covered by the DP guarantee"):
+        assert evaluate_run(Path(run["run_dir"]), split="val")["covered_by_guarantee"] is False
+    assert evaluate_run(Path(run["run_dir"]))["covered_by_guarantee"] is True
+
+
 def test_eval_refuses_runs_that_lack_what_it_needs(tmp_path, capsys):
     led = str(tmp_path / "l.sqlite")
     plain = train(load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=4", "train.checkpoint_every=2",
