@@ -18,10 +18,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from accounting import fingerprint
+
 from .config import ConfigError, DataConfig
 from .errors import RefusalError
 
-__all__ = ["Split", "Withheld", "ImageFiles", "Data", "load_data", "register_source", "DataError", "PrivateDataAccess"]
+__all__ = ["Split", "Withheld", "ImageFiles", "Data", "Source", "load_data", "register_source", "DataError", "PrivateDataAccess"]
 
 
 class DataError(ConfigError):
@@ -70,6 +72,16 @@ class Withheld(Split):
         return super().__getattribute__(name)
 
 
+@dataclass(frozen=True)
+class Source:
+    """The whole private source (train + val, before any class subset) as the ledger knows it:
+    the fingerprint of its labels and its size. Only these are kept, not the labels, so that
+    code after training (where the training split is `Withheld`) cannot read them."""
+
+    fingerprint: str
+    size: int
+
+
 @dataclass
 class Data:
     name: str
@@ -79,7 +91,7 @@ class Data:
     mean: torch.Tensor   # per channel, in [0, 1] units, computed on the training split
     std: torch.Tensor
     num_classes: int
-    source_labels: np.ndarray  # labels of the whole private source (train + val), for the ledger fingerprint
+    source: "Source"  # the private source's identity in the ledger (its labels are not kept)
     features: str = "none"     # with fixed features (dpwa.features), x holds them as float, already normalised
     test_time_flip: bool = False  # data.test_time_flip: val / test predictions average the mirror image's
 
@@ -319,7 +331,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
     train, test, num_classes = SOURCES[cfg.name](cfg)
     # The ledger's identity of the dataset: the labels of the whole source, before any class
     # subset or validation carve-out, so that a subset composes with its parent by construction.
-    source_labels = train.y.numpy().copy()
+    source = Source(fingerprint(train.y.tolist()), len(train))
     if cfg.classes is not None:
         missing = [c for c in cfg.classes if c >= num_classes]
         if missing:
@@ -345,7 +357,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
                         f"{std.tolist()}")
     if withhold_train:
         train = Withheld(len(train))
-    data = Data(cfg.name, train, test, val, mean, std, num_classes, source_labels)
+    data = Data(cfg.name, train, test, val, mean, std, num_classes, source)
     data.test_time_flip = cfg.test_time_flip
     if cfg.features != "none":
         for split in (train, test, val):

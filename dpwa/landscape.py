@@ -485,12 +485,10 @@ def _private_split(run: Any, split: str) -> Any:
     """The private split, read only now (after the reservation)."""
     if split == "val":
         return run.data.val
-    from accounting import fingerprint
-
     from .data import PrivateDataAccess, load_data
 
     data = load_data(run.cfg.data, seed=run.cfg.train.seed)
-    if fingerprint(data.source_labels) != fingerprint(run.data.source_labels):
+    if data.source != run.data.source:
         raise PrivateDataAccess("the training data changed since the reservation (fingerprint differs): refused")
     return data.train
 

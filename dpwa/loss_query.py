@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from accounting import AccountingError, Event, Gaussian, Ledger, default_ledger_path, fingerprint
+from accounting import AccountingError, Event, Gaussian, Ledger, default_ledger_path
 
 from .mechanism import ReleaseRefused
 
@@ -111,8 +111,8 @@ def reserved_query(run: Any, *, events: list[Event], spent: Callable[[], list[Ev
     ledger = Ledger(query_ledger_path(run, ledger_path))
     query_id = f"{run.meta['run_id']}-{purpose}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     dataset = run.meta.get("dataset") or run.cfg.data.ledger_name or run.cfg.data.name
-    reserved = ledger.reserve(run_id=query_id, dataset=dataset, fingerprint=fingerprint(run.data.source_labels),
-                              events=events, size=len(run.data.source_labels), delta=run.meta["delta"])
+    reserved = ledger.reserve(run_id=query_id, dataset=dataset, fingerprint=run.data.source.fingerprint,
+                              events=events, size=run.data.source.size, delta=run.meta["delta"])
     record: dict[str, Any] = {"ledger": str(ledger.path), "query_run_id": query_id, "dataset": reserved.dataset,
                               "events": [e.to_dict() for e in events]}
     try:

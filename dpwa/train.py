@@ -33,7 +33,7 @@ from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIV
 
 import torch
 
-from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, fingerprint, noise_multiplier_for,
+from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, noise_multiplier_for,
                         sample_rate_and_steps)
 from accounting.errors import AccountantFailedError, AccountingError, LedgerError
 from accounting.ledger import check_delta_below_1_over_n
@@ -42,7 +42,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
-from .data import Data, load_data, outside_guarantee
+from .data import Data, Source, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -201,13 +201,13 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
                          f"run started with; run {run.run_id!r} stays reserved (counted in full)")
 
 
-def _check_resume_data(folder: RunFolder, run: Any, record: Any, source_labels: Any) -> None:
+def _check_resume_data(folder: RunFolder, run: Any, record: Any, source: Source) -> None:
     """A resumed run trains on the data its reservation was charged to: the same fingerprint
     and size as the ledger's record of its dataset (other data would be spent on uncharged)."""
-    if record.fingerprint != fingerprint(source_labels) or record.size != len(source_labels):
+    if record.fingerprint != source.fingerprint or record.size != source.size:
         raise StateError(f"Cannot resume {folder.path}: its training data is not the data reserved in the ledger "
                          f"(dataset {run.dataset!r}: fingerprint {record.fingerprint}, {record.size} examples; the "
-                         f"data now: {fingerprint(source_labels)}, {len(source_labels)} examples). Restore the data "
+                         f"data now: {source.fingerprint}, {source.size} examples). Restore the data "
                          f"the run started on; run {run.run_id!r} stays reserved (counted in full)")
 
 
@@ -315,7 +315,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if cfg.train.steps is not None:  # the length is known before the data: refuse a bad one before loading it
             _check_length(cfg, cfg.train.steps)
         data = load_data(cfg.data, seed=cfg.train.seed)
-        n_source = len(data.source_labels)
+        n_source = data.source.size
         if private:
             _check_delta(cfg, n_source)
         plan = plan_run(cfg, len(data.train))
@@ -346,7 +346,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         failed = e
     world.check(failed)
     world.agree("config", _config_hash(cfg))
-    world.agree("training data", fingerprint(data.source_labels))
+    world.agree("training data", data.source.fingerprint)
     dataset = cfg.data.ledger_name or cfg.data.name
     if opts.dry_run:  # everything up to the reservation: nothing is charged or written
         return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
@@ -362,9 +362,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
             if private:
                 _check_resume_plan(folder, run, cfg, plan)
-                _check_resume_data(folder, run, ledger.dataset(run.dataset), data.source_labels)
+                _check_resume_data(folder, run, ledger.dataset(run.dataset), data.source)
             return
-        ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=fingerprint(data.source_labels),
+        ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=data.source.fingerprint,
                        events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,
                        delta=p.delta)
         try:

@@ -7,15 +7,16 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import dpwa.train as train_module
-from accounting import Ledger
+from accounting import Ledger, fingerprint
 from dpwa.cli import main
 from dpwa.config import load_config
-from dpwa.data import Data, PrivateDataAccess, Split, Withheld, load_data
+from dpwa.data import Data, PrivateDataAccess, Source, Split, Withheld, load_data
 from dpwa.evaluate import evaluate_members, metrics, reliability_bins
 from dpwa.privacy import poisson_batches
 from dpwa.train import train
@@ -104,6 +105,11 @@ def test_eval_cannot_read_the_private_split(tmp_path):
         data.train.x
     with pytest.raises(PrivateDataAccess):
         data.train.y
+    # nor its labels through the ledger's identity of the source: only their fingerprint is kept
+    full = load_data(load_config(QUICK).data)
+    assert data.source == full.source == Source(fingerprint(full.train.y.tolist()), 1497)
+    labels = full.train.y
+    assert not any(isinstance(v, (torch.Tensor, np.ndarray)) and v.shape == labels.shape for v in vars(data).values())
 
 
 def final_state(run_dir):
@@ -157,7 +163,8 @@ def test_ensemble_prediction_is_the_mean_of_member_softmaxes():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (20, 1, 4, 4), dtype=torch.uint8)
     split = Split(x, torch.randint(0, 3, (20,)))
-    data = Data("t", split, split, None, torch.tensor([0.5]), torch.tensor([0.25]), 3, split.y.numpy())
+    data = Data("t", split, split, None, torch.tensor([0.5]), torch.tensor([0.25]), 3,
+                Source(fingerprint(split.y.tolist()), len(split)))
     members = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(3)]
     got = evaluate_members(members, split, data)
     xf = data.normalize(x)

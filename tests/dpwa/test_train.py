@@ -134,7 +134,7 @@ def test_missing_cifar_names_data_root(tmp_path):
 def test_npz_cifar10_and_validation_split():
     data = load_data(DataConfig(name="npz", root=str(SHARED_DATA / "cifar10"), val_size=5000))
     assert data.train.x.shape == (45000, 3, 32, 32) and len(data.val) == 5000 and len(data.test) == 9000
-    assert len(data.source_labels) == 50000 and data.num_classes == 10
+    assert data.source.size == 50000 and data.num_classes == 10
     train_ids = {bytes(x.numpy().tobytes()) for x in data.train.x[:200]}
     assert not train_ids & {bytes(x.numpy().tobytes()) for x in data.val.x}  # disjoint (on a sample)
 
