@@ -285,10 +285,13 @@ def test_probe_refuses_by_name_or_the_engine_is_exact(name, engine):
         return
     report = probe(model, engine, **kw)
     assert report.max_norm_error < 1e-5 and report.max_sum_error < 1e-5
-    # and independently of the probe: the engine on the model itself, against the loop
-    model = model.double()
+    assert_engine_exact(model.double(), engine, kw["example_shape"])  # and independently of the probe
+
+
+def assert_engine_exact(model, engine, example_shape):
+    """The engine on the model itself against the loop (5 examples, float64); returns it."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 1, *kw["example_shape"], generator=g, dtype=torch.float64)
+    x = torch.randn(5, 1, *example_shape, generator=g, dtype=torch.float64)
     labels = torch.randint(0, CLASSES, (5,), generator=g)
     want, norms = loop_clipped_sum(model, x, labels, clip=1.0)
     clip = float(norms.median())
@@ -301,6 +304,7 @@ def test_probe_refuses_by_name_or_the_engine_is_exact(name, engine):
     assert torch.allclose(got_norms, norms, rtol=1e-5, atol=1e-12)
     for p, w in want.items():
         assert (got.get(p, torch.zeros_like(w)) - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12, tuple(w.shape)
+    return eng
 
 
 def test_dpwa_fast_is_probed_in_its_lean_mode_too(monkeypatch):
@@ -378,21 +382,7 @@ def test_dpwa_fast_auto_runs_a_probed_path_from_its_first_chunk():
     model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 4, 3, padding=1),
                           nn.ReLU(inplace=True), head(4)).double()
     probe(model, FAST, **KW)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 1, C, S, S, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, CLASSES, (5,), generator=g)
-    want, norms = loop_clipped_sum(model, x, labels, clip=1.0)
-    clip = float(norms.median())
-    want, _ = loop_clipped_sum(model, x, labels, clip)
-    eng = make_engine(FAST, model)
-    try:
-        got, _, got_norms = eng.clipped_sum(x, labels, clip)
-    finally:
-        eng.remove()
-    assert eng.memory == "fast"
-    assert torch.allclose(got_norms, norms, rtol=1e-5, atol=1e-12)
-    for p, w in want.items():
-        assert (got[p] - w).abs().max() <= 1e-5 * w.abs().max() + 1e-12
+    assert assert_engine_exact(model, FAST, (C, S, S)).memory == "fast"
 
 
 def test_probe_leaves_the_model_alone():
