@@ -84,6 +84,9 @@ class Plan:
         return [self.statistics, self.event] if self.statistics else [self.event]
 
 
+_USE_RDP = "use privacy.accountant=rdp, a looser bound that is always computable"
+
+
 def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
     """Sample rate, iterations, releases and noise for a config on `dataset_size` examples."""
     b = cfg.train.batch_size
@@ -95,10 +98,14 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
     p = cfg.privacy
     statistics = (Gaussian(noise_multiplier=cfg.feature_stats.noise_multiplier, count=RELEASES_PER_ESTIMATE)
                   if cfg.model.input_norm == "private" else None)
-    sigma = 0.0 if not p.enabled else (  # public data: plain gradients (the config refuses this for private data)
-        float(p.noise_multiplier) if p.noise_multiplier is not None else
-        noise_multiplier_for(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=releases,
-                             accountant=p.accountant, prior=[statistics] if statistics else []))
+    try:
+        sigma = 0.0 if not p.enabled else (  # public data: plain gradients (the config refuses this for private data)
+            float(p.noise_multiplier) if p.noise_multiplier is not None else
+            noise_multiplier_for(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=releases,
+                                 accountant=p.accountant, prior=[statistics] if statistics else []))
+    except AccountantFailedError as e:
+        raise ConfigError(f"privacy.accountant={p.accountant} cannot calibrate the noise for epsilon {p.epsilon} "
+                          f"(q {q:.4g}, {releases} releases: {e}); {_USE_RDP}") from None
     return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, releases=releases, noise_multiplier=sigma,
                 statistics=statistics)
 
@@ -621,7 +628,7 @@ def _planned_epsilon(cfg: RunConfig, plan: Plan) -> float:
     except AccountantFailedError as e:
         raise ConfigError(f"privacy.accountant={p.accountant} cannot compute the epsilon of this run (sigma "
                           f"{plan.noise_multiplier:.4g}, q {plan.sample_rate:.4g}, {plan.releases} releases: {e}); "
-                          "use privacy.accountant=rdp, a looser bound that is always computable") from None
+                          f"{_USE_RDP}") from None
 
 
 def _interrupted(signum: int, state: TrainState, folder: RunFolder, eps: Optional[float]) -> Interrupted:

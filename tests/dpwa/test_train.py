@@ -194,3 +194,19 @@ def test_unknown_options_are_still_refused(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", str(QUICK), "--no-progress", "--bogus"])
     assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_an_accountant_that_cannot_calibrate_is_a_usage_error_with_the_way_out():
+    """PRV's discretisation fails for some small-data plans (N=600, q=0.107, 10 steps at
+    epsilon 3): a usage error (exit 2) naming the accountant and the plan, pointing to rdp,
+    before anything is reserved; rdp calibrates the same plan."""
+    from dpwa.config import ConfigError
+    from dpwa.train import plan_run
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["train.steps=10", "train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"privacy.accountant=prv cannot calibrate the noise for epsilon 3.0 "
+                                          r"\(q 0.1067, 10 releases: .*use privacy.accountant=rdp"):
+        plan_run(cfg, 600)
+    rdp = load_config(ROOT / "configs" / "quickstart.yaml", ["train.steps=10", "train.batch_size=64",
+                                                             "privacy.accountant=rdp"])
+    assert plan_run(rdp, 600).noise_multiplier > 0
