@@ -11,6 +11,9 @@ classes can be kept (`data.classes`), e.g. to split a dataset into a public and 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -201,35 +204,76 @@ class ImageFiles:
         return ImageFiles([self.files[i] for i in self._indices(key)], self.size)
 
     def __getitem__(self, key) -> torch.Tensor:
-        from PIL import Image
         from torchvision.transforms.v2 import functional as TF
 
         out = torch.empty((0, 3, self.size, self.size), dtype=torch.uint8)
         images = []
-        for i in self._indices(key):
-            try:
-                with Image.open(self.files[i]) as img:
-                    x = TF.pil_to_tensor(img.convert("RGB"))
-            except Exception as e:  # neither the file nor e's text (PIL's names the file): both tell the batch
-                raise DataError(f"cannot decode an image of this split ({type(e).__name__}). Which file is not "
-                                "said: in a private Poisson batch it would tell which examples the step drew. "
-                                "`ImageFiles.unreadable()` lists the files no image can be decoded from") from None
-            images.append(TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size, self.size]))
+        with _quiet_decoding():
+            for i in self._indices(key):
+                try:
+                    x = _decode(self.files[i])
+                except Exception as e:  # neither the file nor e's text (PIL's names the file): both tell the batch
+                    raise DataError(f"cannot decode an image of this split ({type(e).__name__}). Which file is "
+                                    "not said: in a private Poisson batch it would tell which examples the step "
+                                    "drew. `ImageFiles.unreadable()` lists the files no image can be decoded "
+                                    "from") from None
+                images.append(TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size, self.size]))
         return torch.stack(images) if images else out
 
     def unreadable(self) -> list[str]:
         """The files that cannot be decoded, from one pass over all of them in order: what a
         decoding error withholds, found without any secret batch (e.g. before training)."""
-        from PIL import Image
+        return [f for f, problem in self.problems() if problem.startswith("error")]
 
-        bad = []
+    def problems(self) -> list[tuple[str, str]]:
+        """(file, what PIL said) for every file whose decoding fails ("error: ...") or warns
+        ("warning: ...", e.g. a palette image with transparency, or one past
+        `PIL.Image.MAX_IMAGE_PIXELS`), from one pass over all files in order. Decoding a batch
+        says none of this (see `_quiet_decoding`); this pass depends on no secret batch."""
+        found = []
         for f in self.files:
-            try:
-                with Image.open(f) as img:
-                    img.convert("RGB")
-            except Exception:  # noqa: BLE001 - any failure to decode is what is listed
-                bad.append(f)
-        return bad
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    _decode(f)
+                except Exception as e:  # noqa: BLE001 - any failure to decode is what is listed
+                    found.append((f, f"error: {type(e).__name__}: {e}"))
+            found += [(f, f"warning: {w.category.__name__}: {w.message}") for w in caught]
+        return found
+
+
+def _decode(file: str) -> torch.Tensor:
+    """One image file as a uint8 (3, H, W) tensor at its full size."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    with Image.open(file) as img:
+        return TF.pil_to_tensor(img.convert("RGB"))
+
+
+@contextlib.contextmanager
+def _quiet_decoding():
+    """Decoding a secret batch says nothing. PIL warns when it decodes certain images (a palette
+    with transparency; a decompression-bomb warning with the image's pixel count) and logs each
+    PNG chunk's length at DEBUG: printed or logged as a private batch is decoded, either would
+    tell which examples the step drew. So, in this block, warnings are dropped and PIL's loggers
+    (all of them, its plugins imported first) are disabled; `ImageFiles.problems()` reports the
+    same warnings from a pass over every file, which depends on no batch."""
+    from PIL import Image
+
+    Image.init()  # the plugins' loggers exist before they are disabled
+    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if (name == "PIL" or name.startswith("PIL.")) and isinstance(logger, logging.Logger)]
+    was = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, disabled in zip(loggers, was):
+            logger.disabled = disabled
 
 
 def _take(x, key):

@@ -13,7 +13,8 @@ parallel, and the next batch while the current step runs. What the loader may an
 * It fetches what it was given: `fetch(idx)` yields the chunks `idx.split(chunk_size)`, the
   same uint8 tensors (decoded by the same `ImageFiles.__getitem__`) as the in-process path, in
   the same order; a batch decoded ahead is used only if it is exactly `idx`.
-* It writes nothing: no logs, no files, and a decoding failure in a worker is re-raised
+* It writes nothing: no logs, no files, no warnings (PIL's are dropped as a batch decodes,
+  `dpwa.data._quiet_decoding`), and a decoding failure in a worker is re-raised
   without its file, index or worker traceback. Decoded chunks come back through the workers'
   pipes as arrays, not as shared-memory tensors, whose file descriptors Python hands over
   through a socket file it makes in TMPDIR (this also spares a small /dev/shm, as in Docker).

@@ -2,12 +2,15 @@
 nothing a step sees (indices, order, pixels, weights, kill-and-resume) and reveal nothing of
 which examples a private batch drew (no file or index in errors, no output, no files)."""
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +161,46 @@ def test_a_corrupt_image_is_reported_without_its_file_or_index(tmp_path, workers
     out, err = capfd.readouterr()
     assert "img05" not in out + err and not caplog.records  # nothing printed or logged, by any process
     assert x.unreadable() == [str(bad)]  # a pass over all files, independent of any batch, finds it
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_a_batch_prints_and_logs_nothing_of_its_images(tmp_path, workers, capfd, monkeypatch):
+    """PIL warns on a palette image with transparency and on one past MAX_IMAGE_PIXELS (naming its
+    pixel count), and logs each PNG chunk's length at DEBUG: emitted as a private batch is decoded,
+    in this process or a worker's, any of these would tell which examples the step drew."""
+    root = make_folder(tmp_path / "data")
+    palette = Image.fromarray(np.zeros((20, 20), np.uint8), "L").convert("P")
+    palette.save(root / "train" / "n001" / "palette.png", transparency=b"\x00" * 256)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "train" / "n002" / "large.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1599)  # 40 x 40 warns, the others are smaller; the fork carries it to the workers
+    x = images(root)
+    odd = [x.files.index(str(root / "train" / c / f)) for c, f in (("n001", "palette.png"), ("n002", "large.png"))]
+    handler = logging.StreamHandler(sys.stderr)  # as `logging.basicConfig(level=DEBUG)`; workers inherit it
+    logging.getLogger().addHandler(handler)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.DEBUG)
+    try:
+        with _no_warnings():
+            with BatchLoader(x, workers=workers, chunk_size=CHUNK, expected_batch=4) as loader:
+                chunks = list(loader.fetch(torch.tensor([0, odd[0], 3, odd[1], 20]), torch.tensor(odd)))
+                chunks += list(loader.fetch(torch.tensor(odd), None))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [c.shape[0] for c in chunks] == [5, 2]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert logging.getLogger("PIL").disabled is False  # restored
+    said = x.problems()  # the same warnings, from a pass over every file
+    assert {f for f, _ in said} == {x.files[i] for i in odd}
+    assert any("DecompressionBombWarning" in p and "1600 pixels" in p for _, p in said)
+    assert any("Transparency" in p for _, p in said) and x.unreadable() == []
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    assert [str(w.message) for w in caught] == []
 
 
 def test_the_loader_writes_no_file(folder, tmp_path, monkeypatch, capfd):
