@@ -14,7 +14,10 @@ Run life cycle::
     release(reason)   ->  status "released": counts the `spent` recorded so far (often none)
 
 A dataset is keyed by a fingerprint of its contents (`fingerprint(labels)` of the whole
-source data, before any class subset or split), not by the name a run types:
+source data, before any class subset or split), not by the name a run types. The ledger stores
+and shows it keyed (`Ledger.keyed`): an HMAC-SHA256 under a secret key of this file, so that an
+export or a `dpwa ledger show` reveals nothing of the labels (a plain hash of them would: who
+knew every label but one could find the last in as many guesses as there are classes):
 
 * a run on data whose fingerprint is already registered under another name is charged to
   that dataset (the new name is kept as an alias, and queries by either name see one
@@ -32,9 +35,12 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import math
 import os
+import re
+import secrets
 import sqlite3
 import warnings
 from dataclasses import dataclass
@@ -57,8 +63,14 @@ TIMEOUT_ENV = "DPWA_LEDGER_TIMEOUT"
 # (which would charge an alias to a fresh, empty dataset). `run_deltas` (the delta each run
 # reports at, for display) is an added table that older version-2 readers ignore without
 # harm, so it keeps version 2; a file without it gains it on its first write.
-SCHEMA_VERSION = 2
-_READABLE_VERSIONS = ("1", "2")
+# 3 stores fingerprints keyed (`meta.fingerprint_key`); the first write to an older file makes
+# the key and keys every stored fingerprint. A dpwa that reads only up to version 2 refuses a
+# version 3 file instead of comparing its labels' plain fingerprints with the keyed ones (which
+# would charge the same data, under a new name, to a fresh dataset).
+SCHEMA_VERSION = 3
+_READABLE_VERSIONS = ("1", "2", "3")
+_KEY = "fingerprint_key"
+_KEYED = re.compile(r"(n\d+-)?k[0-9a-f]{16}")  # the form `Ledger.keyed` gives (plain ones are hex)
 _APPLICATION_ID = 0x64707761  # "dpwa": marks the SQLite file as ours
 
 _SCHEMA = """
@@ -119,6 +131,17 @@ def fingerprint(labels: Iterable[int]) -> str:
     values = [int(v) for v in labels]
     digest = hashlib.sha256(",".join(map(str, values)).encode()).hexdigest()[:16]
     return f"n{len(values)}-{digest}"
+
+
+def _keyed(key: Optional[str], fp: str) -> str:
+    """`fp` as a ledger with `key` stores it: its size prefix, then `k` and 16 hex digits of
+    HMAC-SHA256(key, fp). A fingerprint already in that form, or any on a file without a key
+    (version 2 or older, not yet written to by this dpwa), is returned as it is."""
+    if key is None or _KEYED.fullmatch(fp):
+        return fp
+    size = re.match(r"n\d+-", fp)
+    digest = hmac.new(bytes.fromhex(key), fp.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{size.group(0) if size else ''}k{digest}"
 
 
 def check_delta_below_1_over_n(delta: float, size: int, *, accept: bool = False, what: str = "delta",
@@ -269,6 +292,7 @@ class Ledger:
                         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                      (str(SCHEMA_VERSION),))
+                        conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, secrets.token_hex(32)))
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None or row[0] not in _READABLE_VERSIONS:
                     raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "
@@ -330,17 +354,37 @@ class Ledger:
 
     @staticmethod
     def _upgrade(conn: sqlite3.Connection) -> None:
-        """Bring a version 1 file to version 2, and add `run_deltas` to a file without it,
-        inside the caller's write transaction."""
+        """Bring an older file to version 3 inside the caller's write transaction: add
+        `aliases` (version 1) and `run_deltas` where missing, then make the fingerprint key and
+        key every stored fingerprint (what a plain fingerprint matched, its keyed form matches)."""
         if not Ledger._has_table(conn, "meta"):
-            return  # a new file being created at version 2
+            return  # a new file being created at the current version
         if not Ledger._has_aliases(conn):
-            row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is not None and row[0] == "1":
-                conn.execute(_ALIASES)
-                conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            conn.execute(_ALIASES)
         if not Ledger._has_table(conn, "run_deltas"):
             conn.execute(_RUN_DELTAS)
+        if Ledger._key(conn) is None:
+            key = secrets.token_hex(32)
+            conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, key))
+            for name, fp in conn.execute("SELECT name, fingerprint FROM datasets WHERE fingerprint IS NOT NULL"
+                                         ).fetchall():
+                conn.execute("UPDATE datasets SET fingerprint=? WHERE name=?", (_keyed(key, fp), name))
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _key(conn: sqlite3.Connection) -> Optional[str]:
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (_KEY,)).fetchone()
+        return row[0] if row else None
+
+    def keyed(self, fingerprint: str) -> str:
+        """How this ledger stores, shows and compares data with this fingerprint
+        (`fingerprint(labels)`): keyed under the file's secret key, so that the stored form
+        tells nothing of the labels without the file. The keyed form itself is returned as it is
+        (e.g. as `dpwa ledger show` printed it); on a file not yet keyed, or none, the plain one."""
+        if self._conn is None:
+            return fingerprint
+        with self._locked_errors():
+            return _keyed(self._key(self._conn), fingerprint)
 
     def _require_conn(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -604,7 +648,8 @@ class Ledger:
             dataset: dataset name; created on first use (without a budget), unless the
                 fingerprint is already registered, when it becomes an alias.
             fingerprint: `fingerprint(labels)` of the whole source data the run reads from
-                (before any subset or split: the people who can be affected).
+                (before any subset or split: the people who can be affected), or its keyed
+                form in this ledger (`keyed`); stored keyed.
             events: every mechanism the run plans to apply.
             config_hash: hash of the run's resolved config, for the record.
             size: number of examples (checks delta < 1/N; recorded on first use).
@@ -624,6 +669,7 @@ class Ledger:
             check_delta(delta)
         events = merge(events)
         with self._transaction() as conn:
+            fingerprint = _keyed(self._key(conn), fingerprint)  # the key exists: the transaction upgraded
             if conn.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
                 raise RunStateError(f"Run {run_id!r} is already in ledger {self.path}; use a new run id "
                                     "(a resumed run keeps its reservation)")

@@ -208,13 +208,15 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
                          f"run started with; run {run.run_id!r} stays reserved (counted in full)")
 
 
-def _check_resume_data(folder: RunFolder, run: Any, record: Any, source: Source) -> None:
+def _check_resume_data(folder: RunFolder, run: Any, ledger: Any, source: Source) -> None:
     """A resumed run trains on the data its reservation was charged to: the same fingerprint
-    and size as the ledger's record of its dataset (other data would be spent on uncharged)."""
-    if record.fingerprint != source.fingerprint or record.size != source.size:
+    (in the ledger's keyed form) and size as the ledger's record of its dataset (other data would
+    be spent on uncharged)."""
+    record, now = ledger.dataset(run.dataset), ledger.keyed(source.fingerprint)
+    if record.fingerprint != now or record.size != source.size:
         raise StateError(f"Cannot resume {folder.path}: its training data is not the data reserved in the ledger "
                          f"(dataset {run.dataset!r}: fingerprint {record.fingerprint}, {record.size} examples; the "
-                         f"data now: {source.fingerprint}, {source.size} examples). Restore the data "
+                         f"data now: {now}, {source.size} examples). Restore the data "
                          f"the run started on; run {run.run_id!r} stays reserved (counted in full)")
 
 
@@ -369,7 +371,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 raise LedgerError(f"Run {run_id!r} is {run.status} in the ledger; there is nothing to resume")
             if private:
                 _check_resume_plan(folder, run, cfg, plan)
-                _check_resume_data(folder, run, ledger.dataset(run.dataset), data.source)
+                _check_resume_data(folder, run, ledger, data.source)
             return
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=data.source.fingerprint,
                        events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,

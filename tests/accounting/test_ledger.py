@@ -1,3 +1,4 @@
+import json
 import multiprocessing as mp
 import sqlite3
 
@@ -79,7 +80,7 @@ def test_persists_across_instances(ledger_path):
     Ledger(ledger_path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
     again = Ledger(ledger_path)
     assert [r.run_id for r in again.runs("d")] == ["r1"]
-    assert again.dataset("d").fingerprint == FP
+    assert again.dataset("d").fingerprint == again.keyed(FP) != FP
 
 
 def test_budget_refuses_a_run_before_it_starts(ledger_path):
@@ -123,7 +124,7 @@ def test_budget_set_before_first_run_binds_on_first_run(ledger_path):
     ledger.set_budget("d", epsilon=8.0, delta=DELTA, size=1000)
     assert ledger.dataset("d").fingerprint is None
     ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
-    assert ledger.dataset("d").fingerprint == FP
+    assert ledger.dataset("d").fingerprint == ledger.keyed(FP)
 
 
 def test_duplicate_run_id_is_refused(ledger_path):
@@ -180,33 +181,93 @@ def test_an_alias_is_still_one_name_one_dataset(ledger_path):
     assert ledger_snapshot(ledger_path) == before and ledger.dataset("other").fingerprint is None
 
 
+def _unkeyed(ledger_path, fp):
+    """Turn a file written by this dpwa back into a version 2 one: no key, plain fingerprints."""
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("DELETE FROM meta WHERE key='fingerprint_key'")
+        conn.execute("UPDATE datasets SET fingerprint=? WHERE fingerprint IS NOT NULL", (fp,))
+        conn.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+
+
+def _version(ledger_path):
+    with sqlite3.connect(ledger_path) as conn:
+        return conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+
+
 def test_a_version_1_ledger_is_read_and_upgraded_by_its_first_write(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
     ledger.close()
+    _unkeyed(ledger_path, FP)
     with sqlite3.connect(ledger_path) as conn:  # what dpwa wrote before aliases existed
         conn.execute("DROP TABLE aliases")
         conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     old = Ledger(ledger_path)
     assert old.dataset("d").aliases == () and old.spent("d", delta=DELTA) > 0
+    assert old.dataset("d").fingerprint == old.keyed(FP) == FP  # not keyed before the first write
     old.reserve(run_id="r2", dataset="d-subset", fingerprint=FP, events=[ev()])
     assert old.dataset("d").aliases == ("d-subset",) and len(old.runs("d")) == 2
-    with sqlite3.connect(ledger_path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert old.dataset("d").fingerprint == old.keyed(FP) != FP and _version(ledger_path) == "3"
 
 
 def test_a_ledger_written_before_run_deltas_is_read_and_gains_them_on_its_first_write(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()], delta=1e-6)
     ledger.close()
+    _unkeyed(ledger_path, FP)
     with sqlite3.connect(ledger_path) as conn:  # a version 2 file of an earlier dpwa
         conn.execute("DROP TABLE run_deltas")
     old = Ledger(ledger_path, create=False)
     assert old.run("r1").delta is None and old.spent("d", delta=DELTA) > 0
     old.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev()], delta=1e-6)
-    assert [r.delta for r in old.runs("d")] == [None, 1e-6]
+    assert [r.delta for r in old.runs("d")] == [None, 1e-6] and _version(ledger_path) == "3"
+
+
+def test_stored_fingerprints_are_keyed_and_a_version_2_file_is_keyed_by_its_first_write(ledger_path, tmp_path):
+    """The plain fingerprint is a hash of the labels: who knew every label but one could find
+    the last by hashing each class. The ledger stores, shows and exports it keyed under a secret
+    of its file, which differs between files and is not exported; the same data still composes."""
+    labels = [i % 10 for i in range(1000)]
+    known = labels[:-1]  # all but the last
+    ledger = Ledger(ledger_path)
+    one = ev(sigma=6.0, steps=1000)
+    budget = (epsilon([one] * 2, delta=DELTA) + epsilon([one] * 3, delta=DELTA)) / 2  # admits two runs
+    ledger.set_budget("d", epsilon=budget, delta=DELTA, size=1000)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=fingerprint(labels), events=[one])
+    exported = json.dumps(ledger.export())
     with sqlite3.connect(ledger_path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        key = conn.execute("SELECT value FROM meta WHERE key='fingerprint_key'").fetchone()[0]
+    assert len(bytes.fromhex(key)) == 32 and key not in exported
+    guesses = {fingerprint([*known, c]) for c in range(10)}
+    assert fingerprint(labels) in guesses and not any(g in exported for g in guesses)
+    assert ledger.dataset("d").fingerprint in exported and ledger.dataset("d").fingerprint.startswith("n1000-k")
+    other = Ledger(tmp_path / "other.sqlite")
+    other.reserve(run_id="r1", dataset="d", fingerprint=fingerprint(labels), events=[one])
+    assert other.dataset("d").fingerprint != ledger.dataset("d").fingerprint  # another file, another key
+    # The keyed form, as `dpwa ledger show` prints it, names the same data.
+    ledger.reserve(run_id="r2", dataset="alias", fingerprint=ledger.dataset("d").fingerprint, events=[one])
+    assert ledger.dataset("alias") == ledger.dataset("d")
+    # A version 2 file (plain fingerprints, no key) is read as it is and keyed by its first write,
+    # and its runs still count against the budget of the same data.
+    ledger.close()
+    _unkeyed(ledger_path, fingerprint(labels))
+    old = Ledger(ledger_path)
+    assert old.dataset("d").fingerprint == fingerprint(labels) and _version(ledger_path) == "2"
+    with pytest.raises(BudgetExceededError, match="already spent or reserved"):
+        old.reserve(run_id="r3", dataset="d", fingerprint=fingerprint(labels), events=[one])
+    assert _version(ledger_path) == "2"  # the refused reservation rolled the upgrade back too
+    old.release("r2", reason="test")
+    old.reserve(run_id="r3", dataset="renamed", fingerprint=fingerprint(labels), events=[one])
+    assert old.dataset("renamed").name == "d" and _version(ledger_path) == "3"
+    assert old.dataset("d").fingerprint == old.keyed(fingerprint(labels)) != fingerprint(labels)
+
+
+def test_a_newer_ledger_is_refused(ledger_path):
+    Ledger(ledger_path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("UPDATE meta SET value='4' WHERE key='schema_version'")
+    with pytest.raises(LedgerCorruptError, match="schema version '4'.*reads versions 1, 2, 3"):
+        Ledger(ledger_path).spent("d", delta=DELTA)
 
 
 def test_a_run_records_its_delta_and_budget_checks_ignore_it(ledger_path):

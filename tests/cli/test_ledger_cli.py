@@ -78,7 +78,7 @@ def test_record_external_run(capsys, ledger_path, tmp_path):
                    "opacus-1", "--sigma", "1.1", "--sample-rate", "0.02", "--steps", "100")
     assert out["status"] == "committed"
     ledger = Ledger(ledger_path)
-    assert ledger.dataset("toy").fingerprint == fingerprint(labels) and ledger.dataset("toy").size == 500
+    assert ledger.dataset("toy").fingerprint == ledger.keyed(fingerprint(labels)) and ledger.dataset("toy").size == 500
 
 
 def test_export(capsys, filled, tmp_path):
