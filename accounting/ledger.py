@@ -268,6 +268,12 @@ class Ledger:
     # ------------------------------------------------------------------ connection
 
     def _open(self) -> None:
+        try:  # a new file is the owner's alone (0600): it holds the fingerprint key
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise LedgerError(f"Cannot create the ledger {self.path}: {e}") from None
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         except sqlite3.Error as e:

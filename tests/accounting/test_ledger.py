@@ -1,6 +1,7 @@
 import json
 import multiprocessing as mp
 import sqlite3
+import stat
 
 import pytest
 
@@ -260,6 +261,14 @@ def test_stored_fingerprints_are_keyed_and_a_version_2_file_is_keyed_by_its_firs
     old.reserve(run_id="r3", dataset="renamed", fingerprint=fingerprint(labels), events=[one])
     assert old.dataset("renamed").name == "d" and _version(ledger_path) == "3"
     assert old.dataset("d").fingerprint == old.keyed(fingerprint(labels)) != fingerprint(labels)
+
+
+def test_a_new_ledger_file_is_its_owners_alone(tmp_path):
+    """It holds the fingerprint key: 0600, and SQLite gives its WAL file the same mode."""
+    path = tmp_path / "new.sqlite"
+    Ledger(path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.sqlite-*"))
 
 
 def test_a_newer_ledger_is_refused(ledger_path):
