@@ -88,7 +88,8 @@ def _curve_ledger(cfg: RunConfig, ends: Sequence[Any], ledger_path: Optional[str
     charged to. Refused unless it holds every private endpoint run, so that the dataset's spend
     there composes the endpoints and the curve."""
     from accounting import Ledger
-    from accounting.errors import UnknownRunError
+
+    from .loss_query import check_holds_run
 
     recorded = sorted({e.meta["ledger"] for e in ends if e.meta.get("ledger")})
     chosen = ledger_path or cfg.privacy.ledger or (recorded[0] if len(recorded) == 1 else None)
@@ -96,14 +97,7 @@ def _curve_ledger(cfg: RunConfig, ends: Sequence[Any], ledger_path: Optional[str
         return chosen
     ledger = Ledger(chosen, create=False)
     for e in ends:
-        if not e.meta.get("ledger"):
-            continue  # a public-data run charged nothing
-        try:
-            ledger.run(e.meta["run_id"])
-        except UnknownRunError:
-            raise ConfigError(f"curve endpoint {e.path}: its run {e.meta['run_id']!r} is not in ledger {ledger.path} "
-                              f"(it was charged to {e.meta['ledger']}); charge the curve where its endpoints are, "
-                              "so that the dataset's spend composes them: --ledger FILE") from None
+        check_holds_run(ledger, e.meta, f"curve endpoint {e.path}")
     return str(ledger.path)
 
 

@@ -3,7 +3,7 @@ training split, or the validation split carved from it), released with the Gauss
 
 A plot of the training loss at new weight vectors (a loss landscape, a curve between two
 runs) reads private examples, so each value is a query (methods.md rule R4, design rule 5).
-Each example's loss is clipped to [0, B] (`loss_clip`); the sum over the N examples then has
+Each example's loss is clipped to [0, B] (`loss_clip`; a non-finite one counts as B); the sum over the N examples then has
 sensitivity B under adding or removing one example, and is released once with N(0, sigma^2 B^2)
 noise, then divided by N, which dpwa treats as public (as `dpwa.statistics` does for feature
 statistics and the sample rate q = B / N does for DP-SGD). k values (one per grid point) are k
@@ -33,7 +33,7 @@ from accounting import AccountingError, Event, Gaussian, Ledger, default_ledger_
 
 from .mechanism import ReleaseRefused
 
-__all__ = ["LossMechanism", "reserved_query", "query_ledger_path"]
+__all__ = ["LossMechanism", "reserved_query", "query_ledger_path", "check_holds_run"]
 
 
 class LossMechanism:
@@ -72,7 +72,10 @@ class LossMechanism:
             raise ReleaseRefused(f"loss query refused: the ledger reserved {self.releases} releases and all were made")
         total, n = torch.zeros((), dtype=torch.float64), 0
         for part in losses:
-            total += part.detach().double().clamp(0.0, self.loss_clip).sum().cpu()
+            # a NaN loss (clamp keeps NaN) would make the sum NaN, telling that its example is
+            # in the data whatever the noise: non-finite losses count as B, the clip's top
+            total += part.detach().double().nan_to_num(nan=self.loss_clip, posinf=self.loss_clip, neginf=0.0
+                                                       ).clamp(0.0, self.loss_clip).sum().cpu()
             n += len(part)
         if n != self.dataset_size:
             raise ValueError(f"Expected {self.dataset_size} examples (the public N), got {n}")
@@ -84,6 +87,28 @@ class LossMechanism:
     def __repr__(self) -> str:
         return (f"LossMechanism(sigma={self.noise_multiplier:g}, B={self.loss_clip:g}, N={self.dataset_size}, "
                 f"released {self.released}/{self.releases})")
+
+
+def check_holds_run(ledger: Ledger, meta: dict[str, Any], what: str) -> None:
+    """Refuse to charge `what` to a ledger that does not hold the private run `meta` describes
+    (run.json): the dataset's spend there would leave out the run's own, and a fresh ledger
+    would admit any query. Checked before anything is reserved.
+
+    Raises:
+        UsageError: the run is not in `ledger` (naming where it was charged).
+    """
+    from accounting.errors import UnknownRunError
+
+    from .errors import UsageError
+
+    if not meta.get("ledger"):
+        return  # a public-data run charged nothing
+    try:
+        ledger.run(meta["run_id"])
+    except UnknownRunError:
+        raise UsageError(f"{what}: its run {meta['run_id']!r} is not in ledger {ledger.path} (it was charged to "
+                         f"{meta['ledger']}); charge it where the run is, so that the dataset's spend composes "
+                         "both: --ledger FILE") from None
 
 
 def query_ledger_path(run: Any, ledger_path: Optional[str] = None) -> Path:
@@ -108,7 +133,8 @@ def reserved_query(run: Any, *, events: list[Event], spent: Callable[[], list[Ev
     Raises:
         BudgetExceededError: the query would take the dataset past its budget (nothing reserved).
     """
-    ledger = Ledger(query_ledger_path(run, ledger_path))
+    ledger = Ledger(query_ledger_path(run, ledger_path), create=False)
+    check_holds_run(ledger, run.meta, f"{purpose} of run {run.meta['run_id']!r}")
     query_id = f"{run.meta['run_id']}-{purpose}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     dataset = run.meta.get("dataset") or run.cfg.data.ledger_name or run.cfg.data.name
     reserved = ledger.reserve(run_id=query_id, dataset=dataset, fingerprint=run.data.source.fingerprint,

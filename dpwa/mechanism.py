@@ -109,7 +109,20 @@ class GradientMechanism:
             # Opacus 1.6.0's conv rule gives wrong per-example gradients on channels-last
             # inputs, which a probe on contiguous ones would pass (tests/dpwa/test_memory_format.py).
             views = views.contiguous()
-            part, losses, _ = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
+            part, losses, norms = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
+            while not (bool(torch.isfinite(norms).all()) and bool(torch.isfinite(losses).all())):
+                # An example whose gradient or loss is not finite (an overflow, an inf pixel)
+                # would make the whole sum NaN and so tell, whatever the noise, that it is in the
+                # batch. Its clipped gradient is taken as 0, a function of it alone (the
+                # sensitivity stays C): the chunk is summed again without it. The probe showed
+                # that no example's gradient depends on another's, so the others' are unchanged.
+                keep = (torch.isfinite(norms) & torch.isfinite(losses)).nonzero().flatten()
+                views, labels = views[keep.to(views.device)], labels[keep.to(labels.device)]
+                if len(labels) == 0:
+                    part, losses = {}, losses[:0]
+                    break
+                rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
+                part, losses, norms = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
             for p, value in part.items():
                 sums[p] += value.detach()
             loss_sum += float(losses.sum())

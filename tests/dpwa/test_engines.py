@@ -4,6 +4,7 @@ augmentation multiplicity, for every layer type dpwa's and timm's models use."""
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -225,6 +226,29 @@ def test_noised_update_matches_reference(engine, layout):
     torch.optim.SGD(ref.parameters(), lr=0.7, momentum=0.9).step()
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_example_with_a_non_finite_gradient_counts_as_zero(engine):
+    """One example with an inf pixel has NaN loss and gradient: summed with the others it made
+    the release NaN whatever the noise, telling that it was drawn. The mechanism takes its
+    clipped gradient as 0 (a function of it alone) and sums the rest as the loop does."""
+    torch.manual_seed(0)
+    base = mixed_model().double()
+    views, labels = make_inputs(1 if engine == "opacus-ghost" else 2, 3, b=6)
+    views[2, 0, 1, 4, 4] = float("inf")
+    clip = 4.5
+    model = copy.deepcopy(base)
+    opt = torch.optim.SGD(model.parameters(), lr=0.7)
+    sgd = PrivateSGD(model, opt, noise_multiplier=0.0, clip_norm=clip, expected_batch_size=6.0,
+                     generator=secret_generator(7), engine=engine)
+    out = sgd.step([(views[:4], labels[:4]), (views[4:], labels[4:])])
+    keep = [0, 1, 3, 4, 5]
+    sums, _ = loop_reference(base, views[keep], labels[keep], clip)
+    for p, q in zip(base.parameters(), model.parameters()):
+        assert torch.allclose(q, p - 0.7 * sums[p] / 6.0, rtol=1e-5, atol=1e-10)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert all(math.isfinite(v) for v in out.values())
 
 
 @pytest.mark.parametrize("mode", ["ghost", "instantiate"])

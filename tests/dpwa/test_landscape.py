@@ -194,12 +194,41 @@ def test_private_split_without_a_budget_is_refused_before_anything_is_read(runs,
 
 
 def test_a_query_past_the_budget_is_refused_before_the_reservation(runs, tmp_path, capsys):
-    ledger = tmp_path / "tight.sqlite"
-    Ledger(ledger).set_budget("digits", epsilon=0.05, delta=1e-4)
+    import sqlite3
+
+    ledger = tmp_path / "tight.sqlite"  # the runs' ledger, with a budget just above their spend
+    with sqlite3.connect(runs[2]) as src, sqlite3.connect(ledger) as dst:
+        src.backup(dst)
+    Ledger(ledger).set_budget("digits", epsilon=Ledger(ledger).spent("digits", delta=1e-4) + 0.05, delta=1e-4)
     before = ledger_snapshot(ledger)
     assert main(["landscape", str(runs[0]), "--split", "train", "--train-noise-multiplier", "1", "--loss-clip", "2",
                  "--points", "3", "--ledger", str(ledger), "--no-progress"]) == 1
     assert "past its budget" in capsys.readouterr().err and ledger_snapshot(ledger) == before
+
+
+def test_a_query_charged_to_a_ledger_without_the_run_is_refused(runs, tmp_path, capsys):
+    """A fresh --ledger has no budget and none of the run's spend: a query there would be admitted
+    and the dataset's real ledger never see it."""
+    first, _, ledger = runs
+    before = ledger_snapshot(ledger)
+    other = tmp_path / "fresh.sqlite"
+    assert main(["landscape", str(first), "--split", "train", "--train-noise-multiplier", "1", "--loss-clip", "2",
+                 "--points", "3", "--ledger", str(other), "--no-progress", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "is not in ledger" in err and str(other) in err
+    assert ledger_snapshot(ledger) == before and not other.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_loss_counts_as_the_clip():
+    """clamp keeps NaN: one example's NaN loss made the noisy sum NaN, telling it was in the data."""
+    from dpwa.loss_query import LossMechanism
+
+    def mech():
+        return LossMechanism(noise_multiplier=1.0, loss_clip=2.0, dataset_size=4, releases=1,
+                             generator=torch.Generator().manual_seed(0))
+
+    losses = torch.tensor([0.5, float("nan"), float("inf"), -float("inf")])
+    assert mech().release([losses]) == pytest.approx(mech().release([torch.tensor([0.5, 2.0, 2.0, 0.0])]), abs=0)
 
 
 def test_train_surface_is_charged_once_and_matches_a_float64_reference(runs, tmp_path):
