@@ -471,6 +471,10 @@ class TrainConfig:
     # also write each metrics row as TensorBoard scalars to RUN_DIR/tensorboard (needs the
     # optional `tensorboard` package; refused before any charge when it is missing)
     tensorboard: bool = False
+    # write each private batch's mean loss and realised size to metrics.jsonl, TensorBoard,
+    # curves.png and the progress bar: not covered by the DP guarantee (an evaluation on private
+    # training data; the size tells the secret sampling), for local debugging only (warns)
+    private_diagnostics: bool = False
     # DataLoader worker processes that decode data.name=imagefolder images, the next Poisson
     # batch while a step runs (dpwa.loader); 0: in the training process. Same batches, same views.
     workers: int = 0

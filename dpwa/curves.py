@@ -5,8 +5,9 @@ point of a fixed grid at or above the releases made so far: an upper bound, comp
 per grid point (32 accountant calls over a whole run, spread as it goes), exact at every
 grid point and at checkpoints (where the loop asks for the exact value).
 
-`draw_curves` plots metrics.jsonl: the local diagnostics of the private batches (labelled:
-outside the guarantee), the evaluations on the test or held-out split, and epsilon.
+`draw_curves` plots metrics.jsonl: the learning rate, or the private batches' losses where
+`train.private_diagnostics=true` kept them (labelled: outside the guarantee), the evaluations
+on the test or held-out split, and epsilon.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[f
 
 def draw_curves(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "",
                 final: Optional[dict[str, float]] = None) -> Path:
-    """training diagnostics | evaluation accuracy | epsilon, against steps, as one PNG;
+    """private batch loss (when kept) or learning rate | evaluation accuracy | epsilon,
+    against steps, as one PNG;
     `final`: the end-of-run accuracies by method, drawn at the last step."""
     import matplotlib
 
@@ -66,8 +68,13 @@ def draw_curves(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "",
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     steps, loss = _series(rows, "private_batch_loss_diagnostic")
-    axes[0].plot(steps, loss, lw=0.8, color="tab:gray")
-    axes[0].set_title("private batch loss\n(local diagnostic, outside the DP guarantee)", fontsize=9)
+    if loss:  # train.private_diagnostics=true (or a public run)
+        axes[0].plot(steps, loss, lw=0.8, color="tab:gray")
+        axes[0].set_title("private batch loss\n(local diagnostic, outside the DP guarantee)", fontsize=9)
+    else:  # the learning rate, public
+        steps, lr = _series(rows, "lr")
+        axes[0].plot(steps, lr, lw=0.8, color="tab:gray")
+        axes[0].set_title("learning rate\n(private batch losses: train.private_diagnostics=true)", fontsize=9)
     accuracy = sorted({k for r in rows for k in r if k.endswith("_accuracy")})
     colors: dict[str, str] = {}
 

@@ -45,12 +45,13 @@ class Split:
         return len(self.y)
 
 
-def outside_guarantee(what: str) -> str:
-    """The warning for evaluations on the validation split: its examples come from the private
-    source (the ledger's fingerprint covers them) but are held out of DP training, so what is
-    measured on them has no DP protection."""
-    return (f"{what}: accuracy on examples held out of the private training data is not covered by the DP "
-            "guarantee; use it to tune locally, do not publish it")
+def outside_guarantee(what: str, measured: str = "accuracy on examples held out of the private training data"
+                      ) -> str:
+    """The warning for what is measured on private examples without the mechanism: the
+    validation split's (its examples come from the private source, which the ledger's
+    fingerprint covers, but are held out of DP training) or the private batches' own
+    diagnostics. Neither has DP protection."""
+    return f"{what}: {measured} is not covered by the DP guarantee; use it to tune locally, do not publish it"
 
 
 class PrivateDataAccess(RefusalError, RuntimeError):

@@ -452,6 +452,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         eval_split = data.test if cfg.train.eval_split == "test" else data.val
         if cfg.train.eval_split == "val" and private and world.main:
             warnings.warn(outside_guarantee("train.eval_split=val"), stacklevel=2)
+        if cfg.train.private_diagnostics and private and world.main:
+            warnings.warn(outside_guarantee("train.private_diagnostics=true", "each private batch's loss and "
+                                            "realised size (in metrics.jsonl and curves.png)"), stacklevel=2)
         bar = None
         if show_progress:
             from tqdm import tqdm
@@ -482,6 +485,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             state.train_time_s += time.time() - t0
             if metrics is None:
                 continue  # not rank 0: no averages, rows, checkpoints or epsilons to keep
+            if private and not cfg.train.private_diagnostics:  # the private batch's loss and size stay here
+                stats = {k: v for k, v in stats.items() if not k.startswith("private_")}
             row: dict[str, Any] = {"step": done, "lr": lr, **stats}
             if step == start and private:  # once: how the engine computes each layer's norms (shapes only)
                 engine = getattr(mechanism, "engine", None)
@@ -497,7 +502,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             if at_checkpoint:
                 checkpoint()
             if bar:
-                bar.set_postfix(loss=f"{stats.get('private_batch_loss_diagnostic', 0.0):.3f}",
+                loss = stats.get("private_batch_loss_diagnostic")
+                bar.set_postfix(**({} if loss is None else {"loss": f"{loss:.3f}"}),
                                 eps="public" if not private else f"{eps_now:.2f}")
                 bar.update(1)
         if bar:

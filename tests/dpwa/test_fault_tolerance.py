@@ -193,7 +193,8 @@ def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
     """Two private runs of one config draw different Poisson batches (the sampling seed is
     secret, not train.seed); two test runs with a noise seed draw the same ones."""
     def batch_sizes(name, *extra):
-        report = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}", *extra]),
+        report = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}", "train.private_diagnostics=true",
+                                           *extra]),
                        ledger_path=str(tmp_path / f"{name}.sqlite"), progress=False)
         lines = (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["private_batch_size_diagnostic"] for line in lines]

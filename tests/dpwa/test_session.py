@@ -74,7 +74,20 @@ def test_dpsgd_reserves_and_commits_exactly_its_releases(tmp_path):
     assert run.status == "committed" and [e.steps for e in run.spent] == [6] == [report["releases"]]
     assert "examples_seen" not in report and report["expected_examples"] == pytest.approx(6 * 64)
     rows = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert all("private_batch_size_diagnostic" in r and "batch_size" not in r for r in rows)
+    assert not any("batch_size" in k or "loss" in k for r in rows for k in r)  # the private batch's stay here
+
+
+def test_private_diagnostics_are_written_only_when_asked_for_and_warn(tmp_path):
+    """Each private batch's mean loss and realised size are measured on private data without
+    the mechanism: kept out of metrics.jsonl, TensorBoard and curves.png unless asked for."""
+    led = tmp_path / "l.sqlite"
+    with pytest.warns(UserWarning, match="train.private_diagnostics=true: each private batch's loss and realised "
+                                         "size .* not covered by the DP guarantee"):
+        report = train(tiny(tmp_path, "privacy.noise_seed=1", "train.private_diagnostics=true"), ledger_path=str(led),
+                       progress=False)
+    rows = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert all({"private_batch_loss_diagnostic", "private_batch_size_diagnostic"} <= set(r) for r in rows)
+    assert "private_batch" not in (Path(report["run_dir"]) / "report.json").read_text()
 
 
 @pytest.mark.parametrize("delta", [1e-3, 0.5])
