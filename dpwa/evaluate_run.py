@@ -100,10 +100,13 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         "delta": meta["delta"], "collected": counts, "skipped": {k: v for k, v in skipped.items() if k not in wanted},
         "methods": results, "reliability": bins,
     }
-    png = draw_reliability(bins, results, run_dir / "reliability.png",
-                           title=f"{meta['run_id']} ({split}, step {at})")
+    # the validation split's numbers go to files of their own, labelled, never in place of the test ones
+    suffix, label = ("", split) if covered else ("-val", f"{split}: outside the DP guarantee")
+    png = draw_reliability(bins, results, run_dir / f"reliability{suffix}.png",
+                           title=f"{meta['run_id']} ({label}, step {at})")
     out["reliability_diagram"] = str(png)
-    atomic_write_text(run_dir / "eval.json", json.dumps(out, indent=2))
+    out["eval_json"] = str(run_dir / f"eval{suffix}.json")
+    atomic_write_text(Path(out["eval_json"]), json.dumps(out, indent=2))
     return out
 
 

@@ -26,7 +26,8 @@ def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = No
 def run_header(r: dict, what: str) -> str:
     """The first line of a verb that reads a run folder (`dpwa eval`, `dpwa curvature`)."""
     eps = "not private" if r["epsilon"] is None else f"epsilon {r['epsilon']:.3f}"
-    return f"run {r['run_id']} at step {r['step']} of {r['steps']} ({eps}), {r['split']} split, {what}"
+    split = f"{r['split']} split" + ("" if r.get("covered_by_guarantee", True) else " (outside the DP guarantee)")
+    return f"run {r['run_id']} at step {r['step']} of {r['steps']} ({eps}), {split}, {what}"
 
 
 def fmt(x: Any) -> str:

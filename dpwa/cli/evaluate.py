@@ -67,5 +67,5 @@ def run(a: argparse.Namespace) -> int:
     if film:  # an implicit ensemble: its members' accuracy (mean) and disagreement (pairs)
         print("  (FiLM-Ensemble: accuracy of the members' mean softmax; member acc: their mean accuracy; "
               "disagree: examples two members predict differently, mean over pairs)")
-    print(f"  wrote {Path(a.run_dir) / 'eval.json'} and {result['reliability_diagram']}")
+    print(f"  wrote {result['eval_json']} and {result['reliability_diagram']}")
     return 0
