@@ -200,16 +200,23 @@ def _loop(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, rows: Row
     return out, torch.stack(losses)
 
 
-def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer and parameter (frozen ones too: `nn.Parameter(requires_grad=False)` is a
+    common home for a running statistic), as saved with the weights."""
+    return {n: t.detach().clone() for n, t in [*model.named_buffers(), *model.named_parameters()]}
 
 
-def _check_buffers(before: dict[str, torch.Tensor], model: nn.Module) -> None:
-    changed = [n for n, b in model.named_buffers() if n in before and not torch.equal(before[n], b)]
+def _check_state(before: dict[str, torch.Tensor], model: nn.Module, when: str) -> None:
+    """Nothing a forward or a backward writes may stay in the model: it is saved with the
+    weights, unnoised. Checked after the passes without gradients and after those with them (a
+    statistic may be written only while gradients are on)."""
+    now = dict([*model.named_buffers(), *model.named_parameters()])
+    changed = [n for n, t in before.items() if n in now and not torch.equal(t, now[n].detach())]
     if changed:
-        raise ProbeError(f"buffer(s) {', '.join(changed)} change when the model runs on a batch in training mode: a "
-                         "statistic of the private data (a running mean?) would be released unnoised with the "
-                         "weights. Compute it from public data, or make it a parameter")
+        raise ProbeError(f"buffer(s) or parameter(s) {', '.join(changed)} change when the model runs on a batch in "
+                         f"training mode ({when}): a statistic of the private data (a running mean?) would be "
+                         "released unnoised with the weights. Compute it from public data, or make it a trained "
+                         "parameter")
 
 
 def _check_at_scale(model: nn.Module, batch: int, views: int, example_shape: Sequence[int], rows_tiling: Any,
@@ -221,7 +228,7 @@ def _check_at_scale(model: nn.Module, batch: int, views: int, example_shape: Seq
     x = torch.randn(batch, views, *example_shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     rows = Rows(examples=batch, views=views, tiling=rows_tiling)
     one = Rows(examples=1, views=views, tiling=rows_tiling)
-    before = _buffers(work)
+    before = _state(work)
     with torch.no_grad():
         out = rows.fold(work(x.flatten(0, 1)))
         scale = out.abs().max().clamp_min(1e-6)
@@ -233,7 +240,7 @@ def _check_at_scale(model: nn.Module, batch: int, views: int, example_shape: Seq
                                  f"example {i}'s output changes by {err:.2g} of the output scale with the other "
                                  "examples of its batch. Batch statistics (BatchNorm, x - x.mean(0)) make one "
                                  "example's gradient depend on the others; use GroupNorm or per-example operations")
-    _check_buffers(before, work)
+    _check_state(before, work, f"a forward of {batch} examples")
 
 
 def _clean_copy(model: nn.Module) -> nn.Module:
@@ -277,10 +284,10 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     x = torch.randn(examples, views, *example_shape, generator=gen, dtype=torch.float64).to(device)
     labels = torch.randint(0, num_classes, (examples,), generator=gen).to(device)
     rows = Rows(examples=examples, views=views, tiling=tiling_of(model))
-    before = _buffers(work)
+    before = _state(work)
     try:
         in_place = _check_independence(work, x, rows)
-        _check_buffers(before, work)
+        _check_state(before, work, "forwards without gradients")
         if batch > 1:
             _check_at_scale(model, batch, views, example_shape, tiling_of(model), gen, device)
     except ProbeError:
@@ -291,6 +298,7 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
 
     names = {p: n for n, p in work.named_parameters() if p.requires_grad}
     want, want_losses = _loop(work, x, labels, rows)
+    _check_state(before, work, "a forward and backward per example")
     dead = [n for n, g in want.items() if g is None]
     if dead:
         raise ProbeError(f"trainable parameter(s) {', '.join(dead)} get no gradient from the loss: freeze them "
@@ -300,7 +308,10 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     factors = clip_factors(norms_ref, clip)
     sums_ref = {n: torch.einsum("b,b...->...", factors, g) for n, g in want.items()}
     ref = _Reference(x, labels, rows, clip, names, want, want_losses, norms_ref, sums_ref)
-    errors = [_check_path(label, build, work, ref, in_place, engine) for label, build in engine_paths(engine).items()]
+    errors = []
+    for label, build in engine_paths(engine).items():
+        errors.append(_check_path(label, build, work, ref, in_place, engine))
+        _check_state(before, work, label)
     norm_err, worst = (max(e) for e in zip(*errors))
     return ProbeReport(engine=engine, examples=examples, views=views, parameters=len(want),
                        max_norm_error=norm_err, max_sum_error=worst, seconds=time.time() - t0)

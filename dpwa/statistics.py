@@ -47,12 +47,17 @@ class FeatureStatistics:
 def clipped_moment_sums(features: torch.Tensor, mean_clip: float, second_moment_clip: float,
                         chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over examples of the clipped per-example channel means and mean squares,
-    float64 (C,) each. `features`: (N, C, ...) with the spatial dimensions after C."""
+    float64 (C,) each. `features`: (N, C, ...) with the spatial dimensions after C. An
+    example's moment vector that is not finite counts as 0 (a function of it alone, so the
+    sensitivity stays C_j): inf times its clip factor 0 is NaN, and a NaN in the sum would
+    tell, whatever the noise, that the example is in the data."""
     c = features.shape[1]
     sums = torch.zeros(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
     for part in features.split(chunk):
         x = part.to(torch.float64).reshape(len(part), c, -1)
         for total, moment, bound in zip(sums, (x.mean(-1), x.square().mean(-1)), (mean_clip, second_moment_clip)):
+            finite = torch.isfinite(moment).all(dim=1, keepdim=True)
+            moment = torch.where(finite, moment, 0.0)
             norms = moment.norm(dim=1, keepdim=True)
             total += (moment * (bound / norms.clamp_min(1e-300)).clamp(max=1.0)).sum(0)
     return sums
@@ -65,7 +70,8 @@ class StatisticsMechanism:
         second_moment_clip: C_2, the same for its vector of channel mean squares.
         dataset_size: N, the (public) number of training examples the sums are divided by.
         releases: what the ledger reserved for this run (2 for one estimate, 0 for none).
-        generator: the secret noise RNG (`dpwa.privacy.secret_generator`).
+        generator: the secret noise RNG (`dpwa.privacy.secret_generator`; by default a fresh
+            one, never torch's global generator, which `torch.manual_seed` makes known).
         released: releases already made (a resumed run).
     """
 
@@ -79,6 +85,10 @@ class StatisticsMechanism:
             raise ValueError(f"Expected 0 <= {released=} <= {releases=}")
         self.noise_multiplier, self.mean_clip, self.second_moment_clip = noise_multiplier, mean_clip, second_moment_clip
         self.dataset_size, self.releases, self.released = dataset_size, releases, released
+        if generator is None:
+            from .privacy import secret_generator
+
+            generator = secret_generator(None)
         self.generator = generator
 
     def events(self, releases: Optional[int] = None) -> list[Gaussian]:

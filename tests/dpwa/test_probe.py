@@ -188,6 +188,29 @@ def nf_micro_dm():
     return create_model("nf_micro_dm", in_channels=3, num_classes=CLASSES)
 
 
+class RunningMean(nn.Module):
+    """Keeps a running mean of its inputs, unused by its output (so it mixes no examples), in a
+    frozen parameter or in a buffer written only while gradients are on: either way a statistic
+    of the private batch, saved unnoised with the weights."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.conv, self.head, self.where = nn.Conv2d(C, 4, 3, padding=1), head(4), where
+        if where == "buffer_written_with_gradients_only":
+            self.register_buffer("stat", torch.zeros(C))
+        else:
+            self.stat = nn.Parameter(torch.zeros(C), requires_grad=False)
+
+    def forward(self, x):
+        if self.where == "frozen_parameter" or torch.is_grad_enabled():
+            with torch.no_grad():
+                self.stat.mul_(0.9).add_(0.1 * x.mean((0, 2, 3)))
+        return self.head(torch.tanh(self.conv(x)))
+
+
+STATE = r"parameter\(s\) stat change when the model runs on a batch in training mode \({}\)"
+
+
 # name -> (build, {engine: PASS, or a pattern its ProbeError must match}); every engine is in each row.
 MIXES = r"mixes examples"
 OUTSIDE_ANY_LAYER = MIXES + r".*the input of 'head' already mixes them: the mixing is in the forward code of the model"
@@ -211,6 +234,10 @@ CASES = {
                               nn.Linear(18, CLASSES)),
         every(MIXES + r": it runs on a batch but fails on example 0 alone")),
     "batch_mean": (BatchMean, every(OUTSIDE_ANY_LAYER)),
+    "running_mean_in_a_frozen_parameter": (lambda: RunningMean("frozen_parameter"),
+                                           every(STATE.format("forwards without gradients"))),
+    "running_mean_written_with_gradients_only": (lambda: RunningMean("buffer_written_with_gradients_only"),
+                                                 every(STATE.format("a forward and backward per example"))),
     "reflect_padding": (lambda: conv(padding=1, padding_mode="reflect"),
                         {**ALL_PASS, HOOKS: r"wrong clipped gradients for 0\.weight",
                          GHOST: r"wrong clipped gradients for 0\.weight"}),

@@ -62,6 +62,27 @@ def test_release_adds_the_calibrated_noise_and_counts_two_releases():
     assert mech.released == 2 and mech.events() == [Gaussian(noise_multiplier=3.0, count=2)]
 
 
+def test_an_example_with_non_finite_features_counts_as_zero_and_the_noise_is_secret():
+    """inf times its clip factor 0 is NaN: one such example made the released statistics NaN
+    whatever the noise. It counts as 0, as in the loop without it. Without a generator the
+    noise is not torch's global one (which torch.manual_seed makes known)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, 2, 2, generator=g, dtype=torch.float64)
+    bad = x.clone()
+    bad[4, 0, 1, 1], bad[7, 2, 0, 0] = float("inf"), float("nan")
+    keep = [i for i in range(12) if i not in (4, 7)]
+    for got, want in zip(clipped_moment_sums(bad, 0.5, 0.8), reference_sums(x[keep], 0.5, 0.8)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    def release():
+        torch.manual_seed(0)
+        return StatisticsMechanism(noise_multiplier=3.0, mean_clip=0.5, second_moment_clip=0.8,
+                                   dataset_size=12).release(bad)
+
+    a, b = release(), release()
+    assert bool(torch.isfinite(a.mean).all() and torch.isfinite(a.var).all()) and not torch.equal(a.mean, b.mean)
+
+
 class Unreadable:
     """Features that fail on any read: a refusal must come first."""
 
