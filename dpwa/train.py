@@ -48,6 +48,7 @@ from .engines import make_engine
 from .errors import RefusalError, UsageError
 from .evaluate import evaluate, evaluate_members
 from .loader import BatchLoader
+from .loss_query import check_holds_run
 from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
 from .models.from_config import build_model
@@ -361,6 +362,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
+    built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
+    # private: DP noise from a secret seed, on released runs that were private too
+    is_private = private and p.noise_seed is None and all(meta.get("private") for meta in built_on)
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.
@@ -373,6 +377,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 _check_resume_plan(folder, run, cfg, plan)
                 _check_resume_data(folder, run, ledger, data.source)
             return
+        if private:  # a curve's endpoints: their spend must compose with the run's, in one ledger
+            for meta in built_on:
+                check_holds_run(ledger, meta, f"{cfg.method.name} run {run_id!r}, built on a released run")
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=data.source.fingerprint,
                        events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,
                        delta=p.delta)
@@ -380,7 +387,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             folder.create(cfg, {"run_id": run_id, "dataset": dataset, "ledger": str(ledger.path) if private else None,
                                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                                 "steps": plan.steps, "releases": plan.releases, "delta": p.delta,
-                                "private": private and p.noise_seed is None, "world_size": world.size,
+                                "private": is_private, "world_size": world.size,
                                 "method": cfg.method.name})
         except OSError as e:
             raise _folder_error(e, ledger, run_id, folder.path, released=True) from None
@@ -438,9 +445,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         metrics = folder.metrics(after_step=start, held=held_rows) if world.main else None  # rank 0 keeps the books
         board = tensorboard(str(folder.path / "tensorboard")) if tensorboard and world.main else None
 
-        def checkpoint() -> None:  # rank 0: the state, the ledger's count, then the rows they cover
-            folder.save_state({**state.state_dict(), "rows": json.dumps(metrics.pending)})
+        def checkpoint() -> None:  # rank 0: the ledger's count, the state, then the rows they cover
+            # the count first: a kill between the two leaves the ledger ahead of the checkpoint
+            # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps
             ledger.progress(run_id, spent())
+            folder.save_state({**state.state_dict(), "rows": json.dumps(metrics.pending)})
             for covered in metrics.publish():
                 if board:
                     log_row(board, covered)
@@ -517,7 +526,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # 5. Evaluate (on public/held-out data), write weights, report and curves, then commit
         #    what the mechanism released: a kill before the commit leaves a resumable run.
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
-        report = {"run_id": run_id, "dataset": dataset, "private": private and p.noise_seed is None,
+        report = {"run_id": run_id, "dataset": dataset, "private": is_private,
+                  "outside_guarantee": [what for what, on in (("train.eval_split=val", cfg.train.eval_split == "val"),
+                                                              ("train.private_diagnostics=true",
+                                                               cfg.train.private_diagnostics)) if on and private],
                   "epsilon": eps_now, **_dataset_spent(ledger, dataset, p),
                   **_plan_report(cfg, plan, mechanism, statistics, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},

@@ -59,6 +59,14 @@ class Method(abc.ABC):
         guarantee: they may depend on the private batch)."""
 
     @classmethod
+    def built_on(cls, cfg: RunConfig) -> list[dict[str, Any]]:
+        """The run.json of each released run this method starts from (a curve's endpoints),
+        whose weights its checkpoints carry: the ledger a private run is charged to must hold
+        them, so that the dataset's spend there composes theirs, and the run is labelled private
+        only if they are. None by default."""
+        return []
+
+    @classmethod
     def released_models(cls, cfg: RunConfig, model: nn.Module, state: dict[str, Any]
                         ) -> dict[str, Callable[[], Iterator[nn.Module]]]:
         """Models the method keeps in its checkpointed `state` besides the last iterate (EDST's

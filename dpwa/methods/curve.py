@@ -221,6 +221,12 @@ class Curve(Method):
     def releases(cls, cfg, steps: int) -> int:
         return steps
 
+    @classmethod
+    def built_on(cls, cfg) -> list[dict]:
+        from ..run_folder import RunFolder
+
+        return [RunFolder.existing(Path(path)).meta() for path in cfg.method.curve_endpoints]
+
     @torch.no_grad()
     def _load(self, t: float) -> list[float]:
         """The model's trainable weights <- w(t); returns the coefficients b_j(t)."""

@@ -184,6 +184,22 @@ def test_a_killed_curve_run_resumes_where_an_uninterrupted_one_ends(ends, tmp_pa
     assert Ledger(ends[2]).run(resumed["run_id"]).spent == Ledger(ends[2]).run(full["run_id"]).spent
 
 
+def test_a_curve_through_dpwa_train_needs_its_endpoints_ledger_and_is_private_only_if_they_are(ends, tmp_path):
+    """`dpwa train` with method.name=curve (not only `dpwa curve`) refuses a ledger that does
+    not hold the endpoint runs, whose weights the curve's checkpoints carry, before reserving;
+    endpoints trained with a test noise seed are not private, and neither is the curve."""
+    from dpwa.errors import UsageError
+
+    fresh = tmp_path / "fresh.sqlite"
+    with pytest.raises(UsageError, match="built on a released run: its run .* is not in ledger"):
+        train(_curve(ends, f"out_dir={tmp_path / 'runs'}", steps=2), ledger_path=str(fresh), progress=False)
+    assert Ledger(fresh).runs() == [] and not (tmp_path / "runs").exists()
+    report = train(_curve(ends, f"out_dir={tmp_path / 'runs'}", "privacy.noise_seed=null", steps=2),
+                   ledger_path=ends[2], progress=False)
+    assert [json.loads((d / "run.json").read_text())["private"] for d in ends[:2]] == [False, False]
+    assert report["private"] is False and json.loads((Path(report["run_dir"]) / "run.json").read_text())["private"] is False
+
+
 def _edited_copy(src, dst, config=None, meta=None):
     shutil.copytree(src, dst)
     if config:

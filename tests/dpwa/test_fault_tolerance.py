@@ -189,6 +189,26 @@ def test_a_private_run_writes_its_noise_seed_nowhere(tmp_path, monkeypatch):
         assert fingerprint_bytes not in blob, path.name
 
 
+def test_the_ledger_records_a_checkpoints_releases_before_it_is_saved(tmp_path, monkeypatch):
+    """A kill between the two must leave the ledger ahead of the checkpoint: a checkpoint whose
+    weights hold releases the ledger has not recorded would be under-counted by
+    `dpwa ledger release`, which keeps only the recorded steps."""
+    from dpwa.run_folder import RunFolder
+
+    led = tmp_path / "l.sqlite"
+    seen = []
+    save = RunFolder.save_state
+
+    def recording(self, state):
+        run_id = json.loads((self.path / "run.json").read_text())["run_id"]
+        seen.append((sum(e.steps for e in Ledger(led).run(run_id).spent), state["mechanism"]["released"]))
+        return save(self, state)
+
+    monkeypatch.setattr(RunFolder, "save_state", recording)
+    train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=str(led), progress=False)
+    assert len(seen) >= 2 and all(recorded == released for recorded, released in seen), seen
+
+
 def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
     """Two private runs of one config draw different Poisson batches (the sampling seed is
     secret, not train.seed); two test runs with a noise seed draw the same ones."""

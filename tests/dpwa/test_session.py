@@ -72,6 +72,7 @@ def test_dpsgd_reserves_and_commits_exactly_its_releases(tmp_path):
     report = train(tiny(tmp_path, "privacy.noise_seed=1"), ledger_path=str(led), progress=False)
     (run,) = Ledger(led).runs()
     assert run.status == "committed" and [e.steps for e in run.spent] == [6] == [report["releases"]]
+    assert report["outside_guarantee"] == []
     assert "examples_seen" not in report and report["expected_examples"] == pytest.approx(6 * 64)
     rows = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert not any("batch_size" in k or "loss" in k for r in rows for k in r)  # the private batch's stay here
@@ -88,6 +89,7 @@ def test_private_diagnostics_are_written_only_when_asked_for_and_warn(tmp_path):
     rows = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert all({"private_batch_loss_diagnostic", "private_batch_size_diagnostic"} <= set(r) for r in rows)
     assert "private_batch" not in (Path(report["run_dir"]) / "report.json").read_text()
+    assert report["outside_guarantee"] == ["train.private_diagnostics=true"]
 
 
 @pytest.mark.parametrize("delta", [1e-3, 0.5])
