@@ -342,7 +342,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         method = make_method(cfg, model, noise_std=noise_std if private else 0.0)  # public: std of a release's noise
         coins = Coins(noise=secret_generator(p.noise_seed, device),  # the noise: used by rank 0 alone
                       sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None)
-        mechanism = (GradientMechanism(model, engine=make_engine(p.engine, model), clip_norm=p.clip_norm,
+        engine = make_engine(p.engine, model) if private else None
+        if hasattr(engine, "chunk_examples"):  # dpwa-fast's memory=auto: decided for a public chunk size
+            engine.chunk_examples = cfg.train.physical_batch_size
+        mechanism = (GradientMechanism(model, engine=engine, clip_norm=p.clip_norm,
                                        noise_multiplier=plan.noise_multiplier,
                                        expected_batch_size=cfg.train.batch_size, sample_rate=plan.sample_rate,
                                        releases=plan.releases, generator=coins.noise, world=world,

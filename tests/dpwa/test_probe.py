@@ -412,6 +412,31 @@ def test_dpwa_fast_auto_runs_a_probed_path_from_its_first_chunk():
     assert assert_engine_exact(model, FAST, (C, S, S)).memory == "fast"
 
 
+def test_dpwa_fast_auto_decides_for_the_public_chunk_size_not_the_first_chunks(monkeypatch):
+    """The first chunk's size follows the secret sampling (a Poisson batch smaller than the
+    physical batch is one smaller chunk), and the choice is written in the run's metrics: with
+    chunk_examples set, as the trainer sets it, a chunk of that size decides."""
+    from dpwa.engines import fast
+
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), head(4)).double()
+    views = torch.randn(64, 1, C, S, S, dtype=torch.float64)
+    labels = torch.randint(0, CLASSES, (64,))
+    held, saved = FastEngine(model)._held_bytes(views[:1])
+    monkeypatch.setattr(fast, "_free_bytes", lambda device: saved * 45 + 2 * held * 45)  # fits 45 examples
+
+    def chosen(first: int, chunk_examples) -> str:
+        eng = FastEngine(model, memory="auto")
+        eng.chunk_examples = chunk_examples
+        try:
+            eng.clipped_sum(views[:first], labels[:first], 1.0)
+        finally:
+            eng.remove()
+        return eng.memory
+
+    assert (chosen(30, None), chosen(60, None)) == ("fast", "lean")  # the first chunk's size decided
+    assert chosen(30, 64) == chosen(60, 64) == "lean" and chosen(30, 40) == chosen(60, 40) == "fast"
+
+
 def test_probe_leaves_the_model_alone():
     model, kw = build("timm_std_conv")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
