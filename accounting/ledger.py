@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from . import accountants as _accountants
+from . import memo as _memo
 from .accountants import DEFAULT_ACCOUNTANT, check_delta, check_accountant, epsilon
 from .errors import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError, InvalidParameterError,
                      LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
@@ -626,8 +627,9 @@ class Ledger:
             else:
                 dataset = record.name
                 counted = self._counted(conn, dataset)
-                spent = _accountants.epsilon(counted, delta=delta, accountant=accountant)
-                if spent > epsilon and not force:
+                with _memo.bypassed():  # enforced: never from a cache file someone could write
+                    spent = _accountants.epsilon(counted, delta=delta, accountant=accountant)
+                if not spent <= epsilon and not force:  # NaN is past any budget
                     raise BudgetExceededError(
                         f"Dataset {dataset!r} has already spent epsilon={spent:.4f} at delta={delta:g} "
                         f"({accountant}), more than the new budget epsilon={epsilon:g}; pass --force to "
@@ -717,8 +719,9 @@ class Ledger:
                                 "--accept-delta-above-1-over-n` (or set a delta below 1/N)")
             if record.budget_epsilon is not None:
                 counted = self._counted(conn, dataset)
-                after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
-                if after > record.budget_epsilon:
+                with _memo.bypassed():  # enforced: never from a cache file someone could write
+                    after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
+                if not after <= record.budget_epsilon:  # NaN is past any budget
                     before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
                     raise BudgetExceededError(
                         f"Run {run_id!r} would take dataset {dataset!r}"

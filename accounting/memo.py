@@ -12,24 +12,29 @@ The memo is off unless enabled (`enable(path)` or `enable_from_environment()`), 
 library and its tests compute every value; the command line enables it at
 `$DPWA_ACCOUNTING_CACHE` (``off`` disables it), else ``~/.cache/dpwa/accounting.sqlite``.
 It is a cache, never a record: deleting the file loses nothing, and a file that cannot be
-opened, read or written is ignored (the value is computed).
+opened, read or written is ignored (the value is computed). It is never trusted where a
+budget is enforced: `Ledger.reserve` and `set_budget` compute under `bypassed()` (anyone who
+can write the cache file could put an epsilon of 0 there), and a cached value that is not a
+number >= 0 (NaN, negative; +inf is allowed) is computed afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .events import Event
 
 CACHE_ENV = "DPWA_ACCOUNTING_CACHE"
 
 _lock = threading.Lock()
+_local = threading.local()  # .bypassed: this thread computes every value (a budget check)
 _conn: Optional[sqlite3.Connection] = None
 _path: Optional[Path] = None
 _tag: Optional[str] = None
@@ -58,6 +63,24 @@ def enable_from_environment() -> None:
 
 def disable() -> None:
     enable(None)
+
+
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """In this block (this thread), every value is computed, none read from or written to the
+    memo: for the checks that enforce a budget."""
+    was = getattr(_local, "bypassed", False)
+    _local.bypassed = True
+    try:
+        yield
+    finally:
+        _local.bypassed = was
+
+
+def _plausible(value: Any) -> bool:
+    """An epsilon or an RDP curve: numbers >= 0 (+inf allowed), never NaN or negative."""
+    values = value if isinstance(value, list) else [value]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _code_tag() -> str:
@@ -114,6 +137,8 @@ def key(kind: str, events: Sequence[Event], *params: Any) -> str:
 def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callable[[], Any]) -> Any:
     """`compute()`, or the value it returned before for the same (kind, events, params) and code.
     Values must survive JSON (floats round-trip exactly, lists of floats too)."""
+    if getattr(_local, "bypassed", False):
+        return compute()
     with _lock:  # never held while computing: computations nest (an epsilon needs RDP curves)
         conn = _connection()
         row, k = None, None
@@ -127,9 +152,11 @@ def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callabl
         return compute()
     if row is not None:
         try:
-            return json.loads(row[0])
+            cached = json.loads(row[0])
         except ValueError:
-            pass
+            cached = None
+        if _plausible(cached):
+            return cached
     value = compute()
     with _lock:
         try:

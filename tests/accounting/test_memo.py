@@ -87,3 +87,24 @@ def test_command_line_uses_and_refills_the_cache(tmp_path, ledger_path):
     off = run_dpwa("ledger", "remaining", "--dataset", "d", "--sigma", "10", "--sample-rate", "0.08192",
                    "--json", env={"DPWA_ACCOUNTING_CACHE": "off"})
     assert off.stdout == outs[0].stdout
+
+
+@pytest.mark.parametrize("forged", ["0.0", "NaN", "-5.0", "\"x\""])
+def test_a_forged_or_damaged_entry_is_never_a_budget_check(cache, ledger_path, forged):
+    """Anyone who can write the cache file can compute its keys (public code and inputs): a
+    budget check computes every value itself, and an entry that is not a number >= 0 is
+    computed afresh where the memo is read."""
+    import sqlite3
+
+    from accounting import BudgetExceededError, Ledger, fingerprint
+
+    ledger = Ledger(ledger_path)
+    ledger.set_budget("d", epsilon=1.0, delta=1e-5, size=50000)
+    truth = epsilon(EVENTS, delta=1e-5)  # 7.97: past the budget; now in the memo
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE memo SET value = ?", (forged,))
+    if forged != "0.0":  # implausible: computed again, not read
+        assert epsilon(EVENTS, delta=1e-5) == truth
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
+    assert ledger.runs() == []
