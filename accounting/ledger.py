@@ -738,11 +738,15 @@ class Ledger:
         return run
 
     def progress(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
-        """Record what a reserved run has spent so far (it still counts its full plan)."""
+        """Record what a reserved run has spent so far (it still counts its full plan).
+        Recorded spend never goes down (see `commit`)."""
         return self._update_spent(run_id, spent, new_status="reserved")
 
     def commit(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
-        """Finish a run: from now on it counts what it actually spent, not its plan."""
+        """Finish a run: from now on it counts what it actually spent, not its plan. Each
+        mechanism counts the most steps ever recorded for it, never fewer: a resumed run that
+        redoes steps records fewer for a while, and a caller passing less than it recorded must
+        not shrink what a release or a commit keeps."""
         return self._update_spent(run_id, spent, new_status="committed")
 
     def _update_spent(self, run_id: str, spent: Sequence[Event], *, new_status: str) -> RunRecord:
@@ -755,6 +759,10 @@ class Ledger:
             if run.status != "reserved":
                 raise RunStateError(f"Run {run_id!r} is {run.status}; only a reserved run can record spend")
             _check_within(run, spent)
+            most = {e.with_count(0): e.count for e in run.spent}
+            for e in spent:
+                most[e.with_count(0)] = max(most.get(e.with_count(0), 0), e.count)
+            spent = [key.with_count(n) for key, n in most.items() if n > 0]
             conn.execute("UPDATE runs SET spent=?, status=?, updated_at=? WHERE run_id=?",
                          (_dump(spent), new_status, _now(), run_id))
             return self._runs(conn, run_id=run_id)[0]

@@ -55,6 +55,18 @@ def test_spend_cannot_exceed_the_reservation(ledger_path):
         ledger.commit("nope", [])
 
 
+def test_recorded_spend_never_goes_down(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=1000)])
+    ledger.progress("r1", [ev(steps=600)])
+    assert ledger.progress("r1", [ev(steps=10)]).spent == (ev(steps=600),)
+    assert ledger.commit("r1", [ev(steps=10)]).spent == (ev(steps=600),)
+    ledger.reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev(steps=1000)])
+    ledger.progress("r2", [ev(steps=900)])
+    ledger.progress("r2", [])
+    assert ledger.release("r2", reason="test").counted == (ev(steps=900),)
+
+
 def test_release_keeps_recorded_progress(ledger_path):
     ledger = Ledger(ledger_path)
     ledger.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=1000)])
