@@ -673,11 +673,17 @@ class Ledger:
         """
         _check_name(dataset)
         _check_name(run_id, what="run id")
+        _check_name(fingerprint, what="fingerprint")
         if delta is not None:
             check_delta(delta)
         events = merge(events)
         with self._transaction() as conn:
-            fingerprint = _keyed(self._key(conn), fingerprint)  # the key exists: the transaction upgraded
+            given, fingerprint = fingerprint, _keyed(self._key(conn), fingerprint)  # the transaction made the key
+            if _KEYED.fullmatch(given) and self._owner(conn, fingerprint) is None:
+                raise InvalidParameterError(
+                    f"Fingerprint {given} is in a ledger's keyed form, but no dataset in ledger {self.path} has it: "
+                    "it comes from another ledger (each keys with its own secret) or is mistyped. Pass the data's "
+                    "labels (--labels) or its plain fingerprint (accounting.fingerprint(labels)); nothing was reserved")
             if conn.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
                 raise RunStateError(f"Run {run_id!r} is already in ledger {self.path}; use a new run id "
                                     "(a resumed run keeps its reservation)")

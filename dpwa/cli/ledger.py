@@ -103,7 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--dataset", required=True, help="the dataset the run trained on (a name or an alias)")
     fp = rec.add_mutually_exclusive_group(required=True)
     fp.add_argument("--labels", type=Path, help=".npz (array 'y') or .npy file of the dataset's labels, in order")
-    fp.add_argument("--fingerprint", help="the dataset's fingerprint, as `dpwa ledger show` prints it")
+    fp.add_argument("--fingerprint", help="the dataset's fingerprint, as `dpwa ledger show` prints it for this ledger "
+                                           "(a keyed one from another ledger is refused)")
     rec.add_argument("--run-id", required=True, help="a new, unique id for the run")
     rec.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, required=True,
                      help="the run's noise multiplier")

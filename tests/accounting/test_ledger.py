@@ -257,6 +257,13 @@ def test_stored_fingerprints_are_keyed_and_a_version_2_file_is_keyed_by_its_firs
     other = Ledger(tmp_path / "other.sqlite")
     other.reserve(run_id="r1", dataset="d", fingerprint=fingerprint(labels), events=[one])
     assert other.dataset("d").fingerprint != ledger.dataset("d").fingerprint  # another file, another key
+    before = ledger_snapshot(tmp_path / "other.sqlite")
+    for foreign in (ledger.dataset("d").fingerprint, "n5-k0123456789abcdef"):  # not issued by `other`: refused
+        with pytest.raises(InvalidParameterError, match="keyed form, but no dataset in ledger"):
+            other.reserve(run_id="r2", dataset="copy", fingerprint=foreign, events=[one])
+    with pytest.raises(InvalidParameterError, match="non-empty fingerprint"):
+        other.reserve(run_id="r2", dataset="copy", fingerprint="", events=[one])
+    assert ledger_snapshot(tmp_path / "other.sqlite") == before
     # The keyed form, as `dpwa ledger show` prints it, names the same data.
     ledger.reserve(run_id="r2", dataset="alias", fingerprint=ledger.dataset("d").fingerprint, events=[one])
     assert ledger.dataset("alias") == ledger.dataset("d")
