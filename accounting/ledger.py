@@ -376,7 +376,31 @@ class Ledger:
             for name, fp in conn.execute("SELECT name, fingerprint FROM datasets WHERE fingerprint IS NOT NULL"
                                          ).fetchall():
                 conn.execute("UPDATE datasets SET fingerprint=? WHERE name=?", (_keyed(key, fp), name))
+            Ledger._merge_same_data(conn)
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+
+    @staticmethod
+    def _merge_same_data(conn: sqlite3.Connection) -> None:
+        """Version 1 made a new dataset for each new name of the same data, and each counted
+        only its own runs. Each later one becomes an alias of the oldest, its runs (and aliases)
+        move there, and the budget is the oldest's, or where it has none the tightest epsilon
+        of the others (so that no budget that held before is lost)."""
+        rows = conn.execute("SELECT name, fingerprint, budget_epsilon, budget_delta, accountant FROM datasets "
+                            "WHERE fingerprint IS NOT NULL ORDER BY created_at, name").fetchall()
+        owners: dict[str, tuple] = {}
+        for name, fp, budget, delta, accountant in rows:
+            owner = owners.setdefault(fp, (name, budget, delta, accountant))
+            if owner[0] == name:
+                continue
+            if owner[1] is None and budget is not None or (owner[1] is not None and budget is not None
+                                                           and budget < owner[1] and delta == owner[2]):
+                owners[fp] = owner = (owner[0], budget, delta, accountant)
+                conn.execute("UPDATE datasets SET budget_epsilon=?, budget_delta=?, accountant=? WHERE name=?",
+                             (budget, delta, accountant, owner[0]))
+            conn.execute("UPDATE runs SET dataset=? WHERE dataset=?", (owner[0], name))
+            conn.execute("UPDATE aliases SET dataset=? WHERE dataset=?", (owner[0], name))
+            conn.execute("DELETE FROM datasets WHERE name=?", (name,))
+            conn.execute("INSERT INTO aliases VALUES (?, ?, ?)", (name, owner[0], _now()))
 
     @staticmethod
     def _key(conn: sqlite3.Connection) -> Optional[str]:

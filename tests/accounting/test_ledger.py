@@ -282,6 +282,37 @@ def test_stored_fingerprints_are_keyed_and_a_version_2_file_is_keyed_by_its_firs
     assert old.dataset("d").fingerprint == old.keyed(fingerprint(labels)) != fingerprint(labels)
 
 
+def test_the_upgrade_merges_datasets_a_version_1_file_kept_apart_for_the_same_data(ledger_path):
+    """Version 1 made a dataset per name, so one data could sit under two names, each
+    counting only its own runs. The first write of this version makes the later one an alias
+    of the oldest: one spend, one budget (the tighter of theirs)."""
+    ledger = Ledger(ledger_path)
+    one = ev(sigma=6.0, steps=1000)
+    ledger.reserve(run_id="r1", dataset="cifar", fingerprint=FP, events=[one])
+    ledger.reserve(run_id="r2", dataset="other", fingerprint=fingerprint(range(999)), events=[one])
+    ledger.close()
+    with sqlite3.connect(ledger_path) as conn:  # what version 1 allowed: a second name, bound to the same data
+        conn.execute("UPDATE datasets SET name='cifar-copy', created_at='9999' WHERE name='other'")
+        conn.execute("UPDATE runs SET dataset='cifar-copy' WHERE run_id='r2'")
+    budget = (epsilon([one] * 2, delta=DELTA) + epsilon([one] * 3, delta=DELTA)) / 2  # admits two runs
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("UPDATE datasets SET budget_epsilon=?, budget_delta=? WHERE name='cifar-copy'", (budget, DELTA))
+    _unkeyed(ledger_path, FP)
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("DROP TABLE aliases")
+        conn.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    old = Ledger(ledger_path)
+    assert [d.name for d in old.datasets()] == ["cifar", "cifar-copy"]
+    with pytest.raises(BudgetExceededError, match="dataset 'cifar'.*named 'cifar-copy'"):  # both runs count
+        old.reserve(run_id="r3", dataset="cifar-copy", fingerprint=FP, events=[one])
+    assert [d.name for d in old.datasets()] == ["cifar", "cifar-copy"]  # refused: nothing written, not upgraded
+    old.commit("r1", [one])  # a write: the upgrade
+    assert [d.name for d in old.datasets()] == ["cifar"] and old.dataset("cifar").aliases == ("cifar-copy",)
+    assert old.dataset("cifar").budget_epsilon == budget  # the oldest had none: the copy's is kept
+    assert [r.run_id for r in old.runs("cifar")] == ["r1", "r2"]
+    assert old.spent("cifar", delta=DELTA) == pytest.approx(epsilon([one, one], delta=DELTA))
+
+
 def test_a_new_ledger_file_is_its_owners_alone(tmp_path):
     """It holds the fingerprint key: 0600, and SQLite gives its WAL file the same mode."""
     path = tmp_path / "new.sqlite"
