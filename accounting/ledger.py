@@ -359,12 +359,11 @@ class Ledger:
                 raise
             conn.execute("COMMIT")
 
-    @staticmethod
-    def _upgrade(conn: sqlite3.Connection) -> None:
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Bring an older file to version 3 inside the caller's write transaction: add
         `aliases` (version 1) and `run_deltas` where missing, then make the fingerprint key and
         key every stored fingerprint (what a plain fingerprint matched, its keyed form matches)."""
-        if not Ledger._has_table(conn, "meta"):
+        if not self._has_table(conn, "meta"):
             return  # a new file being created at the current version
         if not Ledger._has_aliases(conn):
             conn.execute(_ALIASES)
@@ -378,7 +377,19 @@ class Ledger:
                 conn.execute("UPDATE datasets SET fingerprint=? WHERE name=?", (_keyed(key, fp), name))
             Ledger._merge_same_data(conn)
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            self._owner_only()
 
+    def _owner_only(self) -> None:
+        """The file now holds the key: readable by its owner only, as a new one is made (its
+        WAL and shared-memory files too). A file this user does not own keeps its mode, with a
+        warning that says so."""
+        for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            try:
+                if path.exists() and path.stat().st_mode & 0o077:
+                    os.chmod(path, 0o600)
+            except OSError as e:
+                warnings.warn(f"Ledger {path} now holds the key of its fingerprints but stays readable by others "
+                              f"({e}); make it readable by its owner only (chmod 600)", stacklevel=4)
     @staticmethod
     def _merge_same_data(conn: sqlite3.Connection) -> None:
         """Version 1 made a new dataset for each new name of the same data, and each counted

@@ -319,6 +319,12 @@ def test_a_new_ledger_file_is_its_owners_alone(tmp_path):
     Ledger(path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.sqlite-*"))
+    _unkeyed(path, FP)  # a version 2 file, readable by all: its first write keys it and narrows its mode
+    for p in tmp_path.glob("new.sqlite*"):
+        p.chmod(0o644)
+    Ledger(path).commit("r1", [ev()])
+    assert _version(path) == "3" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.sqlite-*"))
 
 
 def test_a_newer_ledger_is_refused(ledger_path):
