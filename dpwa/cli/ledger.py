@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from accounting import accountants, calibrate
-from accounting.errors import InvalidParameterError, LedgerError
+from accounting.errors import AccountantFailedError, InvalidParameterError, LedgerError
 from accounting.events import Event, Gaussian, PoissonGaussian
-from accounting.ledger import TIMEOUT_ENV, Ledger, RunRecord
+from accounting.ledger import TIMEOUT_ENV, Ledger, RunRecord, check_delta_below_1_over_n
 
 from ._format import fmt, print_json, print_table
 
@@ -39,7 +39,7 @@ DELTA_HELP = ("report epsilon at this delta (default: the budget's; without a bu
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ledger", type=Path, default=None,
+    common.add_argument("--ledger", type=_ledger_path, default=None,
                         help="ledger file (default: $DPWA_LEDGER or ~/.dpwa/ledger.sqlite)")
     common.add_argument("--lock-timeout", type=float, default=None,
                         help=f"seconds to wait for another process's lock (default: ${TIMEOUT_ENV} or 30)")
@@ -111,7 +111,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rec.add_argument("--sample-rate", type=float, required=True, help="the run's Poisson sample rate q in (0, 1]")
     rec.add_argument("--steps", type=int, required=True, help="the number of DP-SGD steps the run took")
     rec.add_argument("--delta", type=float,
-                     help="the delta the run reports its epsilon at (recorded; `show` uses it without a budget)")
+                     help="the delta the run reports its epsilon at (recorded; `show` uses it without a budget); "
+                          "refused at or above 1/N when N is known")
+    rec.add_argument("--accept-delta-above-1-over-n", action="store_true",
+                     help="accept a --delta at or above 1/N (it allows releasing whole examples)")
     rec.set_defaults(run=_record)
 
     rel = verbs.add_parser("release", parents=[common], help="give back a reservation that will not be used",
@@ -121,11 +124,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rel.set_defaults(run=_release)
 
 
+def _ledger_path(text: str) -> Path:
+    if not text.strip():  # Path("") is ".", the working folder: say what is wrong instead
+        raise argparse.ArgumentTypeError("--ledger is empty; give a file path")
+    return Path(text)
+
+
 def _open(a: argparse.Namespace, *, create: bool) -> Ledger:
-    path = a.ledger
-    if path is not None and not str(path).strip():
-        raise InvalidParameterError("--ledger is empty; give a file path")
-    return Ledger(path, timeout=a.lock_timeout, create=create)
+    return Ledger(a.ledger, timeout=a.lock_timeout, create=create)
 
 
 def _describe(events: tuple[Event, ...] | list[Event]) -> str:
@@ -159,15 +165,26 @@ def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant:
     d, source = ledger.reporting_delta(name, delta)
     acc = accountant or record.accountant
     runs = ledger.runs(name)
-    spent = ledger.spent(name, delta=d, accountant=acc) if d is not None else None
+    failed = None
+
+    def epsilon_of(compute):  # an accountant that cannot compose one dataset's events fails its line only
+        nonlocal failed
+        try:
+            return compute() if d is not None else None
+        except AccountantFailedError as e:
+            failed = str(e)
+            return None
+
+    spent = epsilon_of(lambda: ledger.spent(name, delta=d, accountant=acc))
     remaining = None
     if record.budget_epsilon is not None and spent is not None and (d, acc) == (record.budget_delta,
                                                                                 record.accountant):
         remaining = max(record.budget_epsilon - spent, 0.0)
     summary = {**record.to_dict(), "delta_reported": d, "delta_source": source if d is not None else None,
                "accountant_reported": acc, "epsilon_spent": spent, "epsilon_remaining": remaining, "runs": [
-                   {**r.to_dict(), "epsilon_counted": accountants.epsilon(r.counted, delta=d, accountant=acc)
-                    if d is not None else None} for r in runs]}
+                   {**r.to_dict(), "epsilon_counted": epsilon_of(lambda r=r: accountants.epsilon(
+                       r.counted, delta=d, accountant=acc))} for r in runs]}
+    summary["epsilon_error"] = failed
     return summary, runs
 
 
@@ -175,7 +192,7 @@ def _show(a: argparse.Namespace) -> int:
     if a.delta is not None:
         accountants.check_delta(a.delta)
     ledger = _open(a, create=False)
-    names = [a.dataset] if a.dataset else [d.name for d in ledger.datasets()]
+    names = [a.dataset] if a.dataset is not None else [d.name for d in ledger.datasets()]
     shown = [_dataset_summary(ledger, n, a.delta, a.accountant) for n in names]
     if a.json:
         print_json({"ledger": str(ledger.path), "datasets": [s for s, _ in shown]})
@@ -191,6 +208,9 @@ def _show(a: argparse.Namespace) -> int:
             spent = f"epsilon {fmt(s['epsilon_spent'])} at delta {fmt(s['delta_reported'])} ({s['accountant_reported']})"
             if s["delta_source"] not in ("budget", "given"):
                 spent += f"; delta: {DELTA_SOURCES[s['delta_source']]}"
+        elif s["epsilon_error"]:
+            spent = f"cannot be computed at delta {fmt(s['delta_reported'])} ({s['accountant_reported']}): " \
+                    f"{s['epsilon_error']}"
         else:
             spent = f"{len(runs)} run(s) recorded; epsilon needs a delta: pass --delta (no budget, run delta or size)"
         print()
@@ -372,15 +392,28 @@ def _labels(path: Path) -> list[int]:
         raise InvalidParameterError(f"Cannot read labels from {path}: {e}") from None
 
 
+def _recorded_size(a: argparse.Namespace) -> int | None:
+    """N of `--dataset` as the ledger knows it (None: no ledger, no such dataset, or unknown)."""
+    with _open(a, create=False) as known:
+        try:
+            return known.dataset(a.dataset).size
+        except LedgerError:
+            return None
+
+
 def _record(a: argparse.Namespace) -> int:
     from accounting.ledger import fingerprint
 
     event = PoissonGaussian(noise_multiplier=a.sigma, sample_rate=a.sample_rate, steps=a.steps)  # validates
     labels = _labels(a.labels) if a.labels is not None else None
     fp = fingerprint(labels) if labels is not None else a.fingerprint
-    ledger = _open(a, create=True)
-    if a.delta is not None:
+    if a.delta is not None:  # all checks before the ledger file is opened (or made)
         accountants.check_delta(a.delta)
+        size = len(labels) if labels is not None else _recorded_size(a)
+        if size:
+            check_delta_below_1_over_n(a.delta, size, what="--delta", accept=a.accept_delta_above_1_over_n,
+                                       accept_hint="--accept-delta-above-1-over-n")
+    ledger = _open(a, create=True)
     ledger.reserve(run_id=a.run_id, dataset=a.dataset, fingerprint=fp, events=[event],
                    config_hash="external", size=len(labels) if labels is not None else None, delta=a.delta)
     run = ledger.commit(a.run_id, [event])

@@ -69,6 +69,17 @@ def test_set_budget_and_release(capsys, filled):
     assert out["status"] == "released" and out["reason"] == "crashed before step 1"
 
 
+@pytest.mark.parametrize("delta", ["nan", "0.5"])
+def test_record_with_a_bad_delta_makes_no_ledger_file(capsys, tmp_path, delta):
+    import numpy as np
+
+    np.savez(tmp_path / "train.npz", x=np.zeros((500, 1), np.uint8), y=np.arange(500) % 10)
+    path = tmp_path / "new.sqlite"
+    assert main(["ledger", "record", "--ledger", str(path), "--dataset", "toy", "--labels", str(tmp_path / "train.npz"),
+                 "--run-id", "r", "--sigma", "1.1", "--sample-rate", "0.02", "--steps", "10", "--delta", delta]) == 2
+    assert "delta" in capsys.readouterr().err and not path.exists()
+
+
 def test_record_external_run(capsys, ledger_path, tmp_path):
     import numpy as np
 
@@ -222,3 +233,14 @@ def test_ledger_verbs_import_neither_torch_nor_matplotlib(filled):
              "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]\nassert not bad, bad\nprint('CLEAN')\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "CLEAN" in out.stdout, out.stderr
+
+
+def test_show_says_which_dataset_an_accountant_cannot_compose_and_shows_the_others(capsys, ledger_path):
+    ledger = Ledger(ledger_path)
+    for name, steps in (("huge", 10**12), ("small", 10)):
+        ledger.reserve(run_id=name, dataset=name, fingerprint=fingerprint(range(len(name))),
+                       events=[PoissonGaussian(noise_multiplier=1.0, sample_rate=0.1, steps=steps)])
+    assert main(["ledger", "show", "--ledger", str(ledger_path), "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot be computed at delta 1e-05 (prv)" in out and "use the RDP accountant" in out
+    assert "epsilon 2.86486 at delta 1e-05 (prv)" in out
