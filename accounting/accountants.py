@@ -184,19 +184,34 @@ def _fast_prv(event: Event):
     return _FastGaussianPRV(event.noise_multiplier)
 
 
-@functools.lru_cache(maxsize=4096)
 def _rdp_curve(mechanism: Event) -> np.ndarray:
     """RDP of one step of `mechanism` at RDP_ORDERS (prv-accountant's formulas, in
-    `numerics`), cached: the ledger and the calibrations ask for the same mechanisms again
-    and again."""
-    def compute() -> list[float]:
-        if isinstance(mechanism, PoissonGaussian):
-            return numerics.poisson_gaussian_rdp(mechanism.sample_rate, mechanism.noise_multiplier, RDP_ORDERS)
-        return [a / (2 * mechanism.noise_multiplier**2) for a in RDP_ORDERS]  # the Gaussian mechanism
+    `numerics`), cached in this process: the ledger and the calibrations ask for the same
+    mechanisms again and again. Where a budget is enforced (`memo.bypassed()`), from the
+    curves this process computed itself, never from those the on-disk memo gave."""
+    return (_computed_rdp_curve if memo.is_bypassed() else _memoised_rdp_curve)(mechanism)
 
-    curve = np.array(memo.memoised("rdp-curve", [mechanism], (RDP_ORDERS,), compute), dtype=np.float64)
+
+def _rdp_values(mechanism: Event) -> list[float]:
+    if isinstance(mechanism, PoissonGaussian):
+        return numerics.poisson_gaussian_rdp(mechanism.sample_rate, mechanism.noise_multiplier, RDP_ORDERS)
+    return [a / (2 * mechanism.noise_multiplier**2) for a in RDP_ORDERS]  # the Gaussian mechanism
+
+
+def _frozen(values: list[float]) -> np.ndarray:
+    curve = np.array(values, dtype=np.float64)
     curve.flags.writeable = False
     return curve
+
+
+@functools.lru_cache(maxsize=4096)
+def _computed_rdp_curve(mechanism: Event) -> np.ndarray:
+    return _frozen(_rdp_values(mechanism))
+
+
+@functools.lru_cache(maxsize=4096)
+def _memoised_rdp_curve(mechanism: Event) -> np.ndarray:
+    return _frozen(memo.memoised("rdp-curve", [mechanism], (RDP_ORDERS,), lambda: _rdp_values(mechanism)))
 
 
 def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:

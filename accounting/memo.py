@@ -77,6 +77,12 @@ def bypassed() -> Iterator[None]:
         _local.bypassed = was
 
 
+def is_bypassed() -> bool:
+    """Whether this thread is in a `bypassed()` block (in-process caches of memoised values
+    keep a separate store for it)."""
+    return getattr(_local, "bypassed", False)
+
+
 def _plausible(value: Any) -> bool:
     """An epsilon or an RDP curve: numbers >= 0 (+inf allowed), never NaN or negative."""
     values = value if isinstance(value, list) else [value]
@@ -137,7 +143,7 @@ def key(kind: str, events: Sequence[Event], *params: Any) -> str:
 def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callable[[], Any]) -> Any:
     """`compute()`, or the value it returned before for the same (kind, events, params) and code.
     Values must survive JSON (floats round-trip exactly, lists of floats too)."""
-    if getattr(_local, "bypassed", False):
+    if is_bypassed():
         return compute()
     with _lock:  # never held while computing: computations nest (an epsilon needs RDP curves)
         conn = _connection()

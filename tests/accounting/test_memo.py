@@ -15,10 +15,10 @@ EVENTS = [PoissonGaussian(noise_multiplier=0.6867, sample_rate=0.02048, steps=63
 def cache(tmp_path):
     path = tmp_path / "cache.sqlite"
     memo.enable(path)
-    A._rdp_curve.cache_clear()
+    A._memoised_rdp_curve.cache_clear()
     yield path
     memo.disable()
-    A._rdp_curve.cache_clear()
+    A._memoised_rdp_curve.cache_clear()
 
 
 def _no_composition(*args, **kwargs):
@@ -49,10 +49,10 @@ def test_other_inputs_and_other_code_miss(cache, monkeypatch):
 def test_rdp_curves_round_trip(cache):
     memo.disable()
     truth = A._rdp_curve(EVENTS[1].with_count(0)).copy()
-    A._rdp_curve.cache_clear()
+    A._memoised_rdp_curve.cache_clear()
     memo.enable(cache)
     for _ in range(2):
-        A._rdp_curve.cache_clear()
+        A._memoised_rdp_curve.cache_clear()
         assert (A._rdp_curve(EVENTS[1].with_count(0)) == truth).all()
 
 
@@ -108,3 +108,23 @@ def test_a_forged_or_damaged_entry_is_never_a_budget_check(cache, ledger_path, f
     with pytest.raises(BudgetExceededError):
         ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
     assert ledger.runs() == []
+
+
+def test_a_poisoned_rdp_curve_read_before_the_budget_check_is_not_used_by_it(cache, ledger_path):
+    """RDP curves are also kept in this process: one the memo gave (here all zeros, which size
+    the PRV domain too) before the reservation (as `dpwa train` plans) is not the check's."""
+    import json
+    import sqlite3
+
+    from accounting import BudgetExceededError, Ledger, fingerprint
+
+    ledger = Ledger(ledger_path)
+    ledger.set_budget("d", epsilon=1.0, delta=1e-5, size=50000)
+    epsilon(EVENTS, delta=1e-5)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE memo SET value = ?", (json.dumps([0.0] * len(A.RDP_ORDERS)),))
+    A._memoised_rdp_curve.cache_clear()
+    A._computed_rdp_curve.cache_clear()
+    epsilon(EVENTS, delta=2e-5)  # reads the poisoned curves into this process's cache
+    with pytest.raises(BudgetExceededError):
+        ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
