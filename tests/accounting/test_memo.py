@@ -118,13 +118,19 @@ def test_a_poisoned_rdp_curve_read_before_the_budget_check_is_not_used_by_it(cac
 
     from accounting import BudgetExceededError, Ledger, fingerprint
 
+    event = PoissonGaussian(noise_multiplier=0.8, sample_rate=0.05, steps=2000)
+    memo.disable()
+    truth = epsilon([event], delta=1e-5)  # 26.6
+    memo.enable(cache)
     ledger = Ledger(ledger_path)
-    ledger.set_budget("d", epsilon=1.0, delta=1e-5, size=50000)
-    epsilon(EVENTS, delta=1e-5)
-    with sqlite3.connect(cache) as conn:
-        conn.execute("UPDATE memo SET value = ?", (json.dumps([0.0] * len(A.RDP_ORDERS)),))
+    ledger.set_budget("d", epsilon=8.0, delta=1e-5, size=50000)
     A._memoised_rdp_curve.cache_clear()
     A._computed_rdp_curve.cache_clear()
-    epsilon(EVENTS, delta=2e-5)  # reads the poisoned curves into this process's cache
-    with pytest.raises(BudgetExceededError):
-        ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)", (memo.key("rdp-curve", [event.with_count(0)],
+                                                                            A.RDP_ORDERS),
+                                                                   json.dumps([0.0] * len(A.RDP_ORDERS))))
+    A._rdp_proxy_epsilon([event], 1e-5)  # a display computation reads the poisoned curve into this process
+    with pytest.raises(BudgetExceededError, match=f"to epsilon={truth:.4f}"):
+        ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=[event])
