@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import sqlite3
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,7 +300,8 @@ class Ledger:
                         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
                         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                      (str(SCHEMA_VERSION),))
-                        conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, secrets.token_hex(32)))
+                        conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",  # another creator may be first
+                                     (_KEY, secrets.token_hex(32)))
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None or row[0] not in _READABLE_VERSIONS:
                     raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "
@@ -377,25 +379,27 @@ class Ledger:
                 conn.execute("UPDATE datasets SET fingerprint=? WHERE name=?", (_keyed(key, fp), name))
             Ledger._merge_same_data(conn)
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-            self._owner_only()
+            self._not_world_readable()
 
-    def _owner_only(self) -> None:
-        """The file now holds the key: readable by its owner only, as a new one is made (its
-        WAL and shared-memory files too). A file this user does not own keeps its mode, with a
-        warning that says so."""
+    def _not_world_readable(self) -> None:
+        """The file now holds the key: not readable by others (its WAL and shared-memory files
+        too); a group that shares it keeps its access. A file this user does not own keeps its
+        mode, with a warning that says so."""
         for path in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             try:
-                if path.exists() and path.stat().st_mode & 0o077:
-                    os.chmod(path, 0o600)
+                mode = path.stat().st_mode if path.exists() else 0
+                if mode & 0o007:  # a group that shares the ledger keeps it; the rest of the machine does not
+                    os.chmod(path, stat.S_IMODE(mode) & ~0o007)
             except OSError as e:
                 warnings.warn(f"Ledger {path} now holds the key of its fingerprints but stays readable by others "
-                              f"({e}); make it readable by its owner only (chmod 600)", stacklevel=4)
+                              f"({e}); make it unreadable to them (chmod o-rwx)", stacklevel=4)
     @staticmethod
     def _merge_same_data(conn: sqlite3.Connection) -> None:
         """Version 1 made a new dataset for each new name of the same data, and each counted
         only its own runs. Each later one becomes an alias of the oldest, its runs (and aliases)
-        move there, and the budget is the oldest's, or where it has none the tightest epsilon
-        of the others (so that no budget that held before is lost)."""
+        move there, and the budget is (the smallest epsilon, the smallest delta) of theirs: for
+        delta_1 <= delta_2, epsilon(delta_1) <= min(eps_1, eps_2) implies both budgets, since
+        epsilon(delta) does not grow with delta. No budget that held before is lost."""
         rows = conn.execute("SELECT name, fingerprint, budget_epsilon, budget_delta, accountant FROM datasets "
                             "WHERE fingerprint IS NOT NULL ORDER BY created_at, name").fetchall()
         owners: dict[str, tuple] = {}
@@ -403,11 +407,11 @@ class Ledger:
             owner = owners.setdefault(fp, (name, budget, delta, accountant))
             if owner[0] == name:
                 continue
-            if owner[1] is None and budget is not None or (owner[1] is not None and budget is not None
-                                                           and budget < owner[1] and delta == owner[2]):
-                owners[fp] = owner = (owner[0], budget, delta, accountant)
+            if budget is not None:
+                tight = (budget, delta) if owner[1] is None else (min(budget, owner[1]), min(delta, owner[2]))
+                owners[fp] = owner = (owner[0], *tight, owner[3] if owner[1] is not None else accountant)
                 conn.execute("UPDATE datasets SET budget_epsilon=?, budget_delta=?, accountant=? WHERE name=?",
-                             (budget, delta, accountant, owner[0]))
+                             (*tight, owner[3], owner[0]))
             conn.execute("UPDATE runs SET dataset=? WHERE dataset=?", (owner[0], name))
             conn.execute("UPDATE aliases SET dataset=? WHERE dataset=?", (owner[0], name))
             conn.execute("DELETE FROM datasets WHERE name=?", (name,))

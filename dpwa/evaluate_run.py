@@ -101,7 +101,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         "methods": results, "reliability": bins,
     }
     # the validation split's numbers go to files of their own, labelled, never in place of the test ones
-    suffix, label = ("", split) if covered else ("-val", f"{split}: outside the DP guarantee")
+    suffix = "" if split == "test" else f"-{split}"
+    label = split if covered else f"{split}: outside the DP guarantee"
     png = draw_reliability(bins, results, run_dir / f"reliability{suffix}.png",
                            title=f"{meta['run_id']} ({label}, step {at})")
     out["reliability_diagram"] = str(png)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -393,7 +394,11 @@ def _labels(path: Path) -> list[int]:
 
 
 def _recorded_size(a: argparse.Namespace) -> int | None:
-    """N of `--dataset` as the ledger knows it (None: no ledger, no such dataset, or unknown)."""
+    """N of the data `--fingerprint` names (its `n{N}-` prefix), else of `--dataset` as the
+    ledger knows it (None: neither says)."""
+    prefix = re.match(r"n(\d+)-", a.fingerprint or "")
+    if prefix:
+        return int(prefix.group(1))
     with _open(a, create=False) as known:
         try:
             return known.dataset(a.dataset).size

@@ -313,18 +313,35 @@ def test_the_upgrade_merges_datasets_a_version_1_file_kept_apart_for_the_same_da
     assert old.spent("cifar", delta=DELTA) == pytest.approx(epsilon([one, one], delta=DELTA))
 
 
+def test_merged_budgets_at_two_deltas_become_one_that_implies_both(ledger_path):
+    ledger = Ledger(ledger_path)
+    ledger.reserve(run_id="r1", dataset="cifar", fingerprint=FP, events=[ev()])
+    ledger.reserve(run_id="r2", dataset="other", fingerprint=fingerprint(range(999)), events=[ev()])
+    ledger.set_budget("cifar", epsilon=10.0, delta=1e-5)
+    ledger.set_budget("other", epsilon=3.0, delta=1e-6)
+    ledger.close()
+    with sqlite3.connect(ledger_path) as conn:
+        conn.execute("UPDATE datasets SET name='cifar-copy', created_at='9999' WHERE name='other'")
+        conn.execute("UPDATE runs SET dataset='cifar-copy' WHERE run_id='r2'")
+    _unkeyed(ledger_path, FP)
+    old = Ledger(ledger_path)
+    old.commit("r1", [ev()])
+    record = old.dataset("cifar")
+    assert record.aliases == ("cifar-copy",) and (record.budget_epsilon, record.budget_delta) == (3.0, 1e-6)
+
+
 def test_a_new_ledger_file_is_its_owners_alone(tmp_path):
     """It holds the fingerprint key: 0600, and SQLite gives its WAL file the same mode."""
     path = tmp_path / "new.sqlite"
     Ledger(path).reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev()])
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.sqlite-*"))
-    _unkeyed(path, FP)  # a version 2 file, readable by all: its first write keys it and narrows its mode
+    _unkeyed(path, FP)  # a version 2 file, readable by all: its first write keys it and hides it from others
     for p in tmp_path.glob("new.sqlite*"):
         p.chmod(0o644)
     Ledger(path).commit("r1", [ev()])
-    assert _version(path) == "3" and stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in tmp_path.glob("new.sqlite-*"))
+    assert _version(path) == "3" and stat.S_IMODE(path.stat().st_mode) == 0o640  # a sharing group keeps it
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in tmp_path.glob("new.sqlite-*"))
 
 
 def test_a_newer_ledger_is_refused(ledger_path):
@@ -458,6 +475,31 @@ def _charge(args):
         except BudgetExceededError:
             refused += 1
     return ok, refused
+
+
+def _create_and_reserve(path, worker, start, errors):
+    start.wait()
+    try:
+        Ledger(path, timeout=30).reserve(run_id=f"w{worker}", dataset="d", fingerprint=FP, events=[ev()])
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        errors.put(f"{type(e).__name__}: {e}")
+
+
+def test_processes_creating_one_new_ledger_at_once_all_succeed(tmp_path):
+    """The second creator finds the file without tables, waits for the lock and runs the
+    creation again: it must not fail on the first one's key."""
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    for trial in range(8):
+        path, start = tmp_path / f"l{trial}.sqlite", ctx.Event()
+        procs = [ctx.Process(target=_create_and_reserve, args=(path, w, start, errors)) for w in range(4)]
+        for p in procs:
+            p.start()
+        start.set()
+        for p in procs:
+            p.join(60)
+        assert len(Ledger(path).runs("d")) == 4
+    assert errors.empty(), errors.get()
 
 
 def test_eight_processes_lose_nothing(ledger_path):
