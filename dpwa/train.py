@@ -343,8 +343,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         coins = Coins(noise=secret_generator(p.noise_seed, device),  # the noise: used by rank 0 alone
                       sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None)
         engine = make_engine(p.engine, model) if private else None
-        if hasattr(engine, "chunk_examples"):  # dpwa-fast's memory=auto: decided for a public chunk size
-            engine.chunk_examples = cfg.train.physical_batch_size
+        if hasattr(engine, "plan_memory"):  # dpwa-fast's memory=auto: chosen now, for a public chunk size
+            dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
+            engine.plan_memory(torch.zeros(1, views, *data.train.x.shape[1:], device=device, dtype=dtype),
+                               cfg.train.physical_batch_size)
         mechanism = (GradientMechanism(model, engine=engine, clip_norm=p.clip_norm,
                                        noise_multiplier=plan.noise_multiplier,
                                        expected_batch_size=cfg.train.batch_size, sample_rate=plan.sample_rate,

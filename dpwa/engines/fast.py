@@ -116,10 +116,8 @@ class FastEngine:
             "auto": fast, unless what fast holds for the first chunk (its layers' inputs, outputs
             and output gradients; shapes only, from a forward without autograd before it) would
             exceed half the memory then free on the device (`_free_bytes`), then lean for the
-            whole run. `memory` holds the choice from the first chunk on. With
-            `chunk_examples` set (the trainer sets its physical batch size), what a chunk of
-            that many examples would hold decides, not the first chunk's own size: that one
-            follows the secret Poisson sampling, and the choice is written in the run's metrics.
+            whole run. `memory` holds the choice from the first chunk on; the trainer makes
+            it before any chunk (`plan_memory`).
         max_chunk: at most this many examples per chunk wherever a layer's rule runs in chunks
             at large batches (a CPU's instantiating and elementwise rules, dpwa-lean's norms):
             the probe sets 2, so that its 4 examples take the chunked code large batches take.
@@ -134,7 +132,6 @@ class FastEngine:
         if max_chunk is not None and max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self.model, self.mode, self.memory, self.max_chunk = model, mode, memory, max_chunk
-        self.chunk_examples: Optional[int] = None  # memory="auto" decides for chunks of this many examples
         self.name = "dpwa-lean" if memory == "lean" else "dpwa-fast"
         self.names = {m: n for n, m in model.named_modules()}
         self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
@@ -193,11 +190,7 @@ class FastEngine:
         """
         rows = rows or rows_of(self.model, views)
         if self.memory == "auto":  # chosen before the first chunk's forward: the run is fast or lean throughout
-            if self.chunk_examples:  # from one example's shapes, for a public chunk size
-                held, saved = self._held_bytes(views[:1])
-                self.memory = _choose_memory(held * self.chunk_examples, saved * self.chunk_examples, views.device)
-            else:
-                self.memory = _choose_memory(*self._held_bytes(views), views.device)
+            self.memory = _choose_memory(*self._held_bytes(views), views.device)
         # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
         rng = None if self.memory == "fast" else _rng_state(views.device)
         self._records = []
@@ -334,6 +327,17 @@ class FastEngine:
         if len(bounds) == 1:
             return rule(*bounds[0])
         return Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds])
+
+    def plan_memory(self, example: torch.Tensor, examples: int) -> str:
+        """memory="auto": choose now, before any private chunk, for chunks of `examples`
+        examples (the trainer's physical batch size), from the shapes of `example`, one public
+        input (1, K, ...) of the data's shape (zeros). The first chunk's own size follows the
+        secret Poisson sampling (an empty first batch would leave no choice at all), and the
+        choice is written in the run's metrics. Returns the mode."""
+        if self.memory == "auto":
+            held, saved = self._held_bytes(example)
+            self.memory = _choose_memory(held * examples, saved * examples, example.device)
+        return self.memory
 
     def _held_bytes(self, views: torch.Tensor) -> tuple[int, int]:
         """(what the fast mode's records would hold for this chunk: its layers' inputs, outputs

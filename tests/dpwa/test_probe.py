@@ -415,7 +415,8 @@ def test_dpwa_fast_auto_runs_a_probed_path_from_its_first_chunk():
 def test_dpwa_fast_auto_decides_for_the_public_chunk_size_not_the_first_chunks(monkeypatch):
     """The first chunk's size follows the secret sampling (a Poisson batch smaller than the
     physical batch is one smaller chunk), and the choice is written in the run's metrics: with
-    chunk_examples set, as the trainer sets it, a chunk of that size decides."""
+    plan_memory called, as the trainer calls it before the first chunk, a chunk of the physical
+    batch size decides."""
     from dpwa.engines import fast
 
     model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), nn.Tanh(), head(4)).double()
@@ -426,7 +427,8 @@ def test_dpwa_fast_auto_decides_for_the_public_chunk_size_not_the_first_chunks(m
 
     def chosen(first: int, chunk_examples) -> str:
         eng = FastEngine(model, memory="auto")
-        eng.chunk_examples = chunk_examples
+        if chunk_examples:
+            eng.plan_memory(torch.zeros(1, 1, C, S, S, dtype=torch.float64), chunk_examples)
         try:
             eng.clipped_sum(views[:first], labels[:first], 1.0)
         finally:
