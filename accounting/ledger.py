@@ -624,10 +624,20 @@ class Ledger:
         return delta, check_accountant(accountant or record.accountant)
 
     def export(self) -> dict[str, Any]:
-        """Everything in the ledger as plain JSON-able data."""
+        """Everything in the ledger as plain JSON-able data (fingerprints as `shown`)."""
         return {"ledger": str(self.path), "schema_version": SCHEMA_VERSION,
-                "datasets": [{**d.to_dict(), "runs": [r.to_dict() for r in self.runs(d.name)]}
-                             for d in self.datasets()]}
+                "datasets": [{**d.to_dict(), "fingerprint": self.shown(d.fingerprint),
+                              "runs": [r.to_dict() for r in self.runs(d.name)]} for d in self.datasets()]}
+
+    @staticmethod
+    def shown(fingerprint: Optional[str]) -> Optional[str]:
+        """A stored fingerprint as `show` and `export` print it: keyed ones as they are; a plain
+        one (a file of an older version, keyed at its next write) hidden behind its size, since
+        it is a hash of the labels."""
+        if fingerprint is None or _KEYED.fullmatch(fingerprint):
+            return fingerprint
+        size = re.match(r"n\d+-", fingerprint)
+        return f"{size.group(0) if size else ''}(plain, hidden; keyed at the ledger's next write)"
 
     # ------------------------------------------------------------------ writing
 

@@ -181,7 +181,7 @@ def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant:
     if record.budget_epsilon is not None and spent is not None and (d, acc) == (record.budget_delta,
                                                                                 record.accountant):
         remaining = max(record.budget_epsilon - spent, 0.0)
-    summary = {**record.to_dict(), "delta_reported": d, "delta_source": source if d is not None else None,
+    summary = {**record.to_dict(), "fingerprint": ledger.shown(record.fingerprint), "delta_reported": d, "delta_source": source if d is not None else None,
                "accountant_reported": acc, "epsilon_spent": spent, "epsilon_remaining": remaining, "runs": [
                    {**r.to_dict(), "epsilon_counted": epsilon_of(lambda r=r: accountants.epsilon(
                        r.counted, delta=d, accountant=acc))} for r in runs]}

@@ -273,6 +273,8 @@ def test_stored_fingerprints_are_keyed_and_a_version_2_file_is_keyed_by_its_firs
     _unkeyed(ledger_path, fingerprint(labels))
     old = Ledger(ledger_path)
     assert old.dataset("d").fingerprint == fingerprint(labels) and _version(ledger_path) == "2"
+    assert fingerprint(labels) not in json.dumps(old.export())  # shown hidden until the file is keyed
+    assert old.export()["datasets"][0]["fingerprint"].startswith("n1000-(plain, hidden")
     with pytest.raises(BudgetExceededError, match="already spent or reserved"):
         old.reserve(run_id="r3", dataset="d", fingerprint=fingerprint(labels), events=[one])
     assert _version(ledger_path) == "2"  # the refused reservation rolled the upgrade back too
