@@ -101,28 +101,11 @@ class GradientMechanism:
         self.model.train()  # the mode the probe checked (a model may mix examples only in another)
         sums = {p: torch.zeros_like(p) for p in self.params}
         loss_sum, count = 0.0, 0
-        for views, labels in chunks:  # one chunk's views in memory at a time
-            if len(labels) == 0:
-                continue
-            rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
+        for views, labels in chunks:  # one chunk's views in memory at a time (an empty one adds nothing)
             # The engine sees the layout the probe checked it on (contiguous random inputs):
             # Opacus 1.6.0's conv rule gives wrong per-example gradients on channels-last
             # inputs, which a probe on contiguous ones would pass (tests/dpwa/test_memory_format.py).
-            views = views.contiguous()
-            part, losses, norms = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
-            while not (bool(torch.isfinite(norms).all()) and bool(torch.isfinite(losses).all())):
-                # An example whose gradient or loss is not finite (an overflow, an inf pixel)
-                # would make the whole sum NaN and so tell, whatever the noise, that it is in the
-                # batch. Its clipped gradient is taken as 0, a function of it alone (the
-                # sensitivity stays C): the chunk is summed again without it. The probe showed
-                # that no example's gradient depends on another's, so the others' are unchanged.
-                keep = (torch.isfinite(norms) & torch.isfinite(losses)).nonzero().flatten()
-                views, labels = views[keep.to(views.device)], labels[keep.to(labels.device)]
-                if len(labels) == 0:
-                    part, losses = {}, losses[:0]
-                    break
-                rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
-                part, losses, norms = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
+            part, losses = self._clipped_sum(views.contiguous(), labels)
             for p, value in part.items():
                 sums[p] += value.detach()
             loss_sum += float(losses.sum())
@@ -142,6 +125,24 @@ class GradientMechanism:
                 sums[p] = v.view_as(p)
         scale = self.expected_batch_size * (self.clip_norm if self.rescale_to_unit else 1.0)
         return Release({p: v / scale for p, v in sums.items()}, loss_sum / max(count, 1), count)
+
+    def _clipped_sum(self, views: torch.Tensor, labels: torch.Tensor) -> tuple[dict[nn.Parameter, torch.Tensor],
+                                                                              torch.Tensor]:
+        """The engine's clipped sum of one chunk and its per-example losses, without the
+        examples whose gradient or loss is not finite (an overflow, an inf pixel): summed with
+        the others, one would make the release NaN and so tell, whatever the noise, that it is
+        in the batch. Its clipped gradient is taken as 0, a function of it alone (the
+        sensitivity stays C), and the chunk is summed again without it; the probe showed that
+        no example's gradient depends on another's, so the others' are unchanged."""
+        while len(labels):
+            rows = Rows(examples=views.shape[0], views=views.shape[1], tiling=self.tiling)
+            part, losses, norms = self.engine.clipped_sum(views, labels, self.clip_norm, rows)
+            finite = torch.isfinite(norms) & torch.isfinite(losses)
+            if bool(finite.all()):  # one check per chunk: the usual case
+                return part, losses
+            keep = finite.nonzero().flatten()
+            views, labels = views[keep.to(views.device)], labels[keep.to(labels.device)]
+        return {}, torch.zeros(0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"released": self.released, "releases": self.releases}
