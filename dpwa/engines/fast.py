@@ -189,8 +189,7 @@ class FastEngine:
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
         rows = rows or rows_of(self.model, views)
-        if self.memory == "auto":  # chosen before the first chunk's forward: the run is fast or lean throughout
-            self.memory = _choose_memory(*self._held_bytes(views), views.device)
+        self.plan_memory(views, len(views))  # memory="auto": chosen before the first chunk's forward, once
         # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
         rng = None if self.memory == "fast" else _rng_state(views.device)
         self._records = []
@@ -328,15 +327,16 @@ class FastEngine:
             return rule(*bounds[0])
         return Chunks([rule(i, j) for i, j in bounds], [j - i for i, j in bounds])
 
-    def plan_memory(self, example: torch.Tensor, examples: int) -> str:
-        """memory="auto": choose now, before any private chunk, for chunks of `examples`
-        examples (the trainer's physical batch size), from the shapes of `example`, one public
-        input (1, K, ...) of the data's shape (zeros). The first chunk's own size follows the
-        secret Poisson sampling (an empty first batch would leave no choice at all), and the
-        choice is written in the run's metrics. Returns the mode."""
+    def plan_memory(self, views: torch.Tensor, examples: int) -> str:
+        """memory="auto": choose once, for chunks of `examples` examples, from the shapes of
+        `views` (b, K, ...), so that the run is fast or lean throughout. The trainer calls it
+        before any private chunk with one public input of zeros and its physical batch size:
+        the first chunk's own size follows the secret Poisson sampling (an empty first batch
+        would leave no choice at all), and the choice is written in the run's metrics. Returns
+        the mode."""
         if self.memory == "auto":
-            held, saved = self._held_bytes(example)
-            self.memory = _choose_memory(held * examples, saved * examples, example.device)
+            held, saved = self._held_bytes(views)
+            self.memory = _choose_memory(held * examples // len(views), saved * examples // len(views), views.device)
         return self.memory
 
     def _held_bytes(self, views: torch.Tensor) -> tuple[int, int]:
