@@ -45,8 +45,10 @@ class Split:
         return len(self.y)
 
 
-def outside_guarantee(what: str, measured: str = "accuracy on examples held out of the private training data"
-                      ) -> str:
+HELD_OUT = "accuracy on examples held out of the private training data"
+
+
+def outside_guarantee(what: str, measured: str = HELD_OUT) -> str:
     """The warning for what is measured on private examples without the mechanism: the
     validation split's (its examples come from the private source, which the ledger's
     fingerprint covers, but are held out of DP training) or the private batches' own

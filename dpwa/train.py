@@ -42,7 +42,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
-from .data import Data, Source, load_data, outside_guarantee
+from .data import HELD_OUT, Data, Source, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -353,6 +353,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        releases=plan.releases, generator=coins.noise, world=world,
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
+        built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
         if resume is None and world.main:
@@ -367,9 +368,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
-    built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
     # private: DP noise from a secret seed, on released runs that were private too
     is_private = private and p.noise_seed is None and all(meta.get("private") for meta in built_on)
+    # what the run writes that the guarantee does not cover (warned, and listed in the report)
+    outside = {flag: what for flag, what, on in (
+        ("train.eval_split=val", HELD_OUT, cfg.train.eval_split == "val"),
+        ("train.private_diagnostics=true", "each private batch's loss and realised size (in metrics.jsonl and "
+         "curves.png)", cfg.train.private_diagnostics)) if on and private}
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.
@@ -464,11 +469,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 if board:
                     log_row(board, covered)
         eval_split = data.test if cfg.train.eval_split == "test" else data.val
-        if cfg.train.eval_split == "val" and private and world.main:
-            warnings.warn(outside_guarantee("train.eval_split=val"), stacklevel=2)
-        if cfg.train.private_diagnostics and private and world.main:
-            warnings.warn(outside_guarantee("train.private_diagnostics=true", "each private batch's loss and "
-                                            "realised size (in metrics.jsonl and curves.png)"), stacklevel=2)
+        for flag, what in outside.items() if world.main else ():
+            warnings.warn(outside_guarantee(flag, what), stacklevel=2)
         bar = None
         if show_progress:
             from tqdm import tqdm
@@ -532,9 +534,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         #    what the mechanism released: a kill before the commit leaves a resumable run.
         results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
         report = {"run_id": run_id, "dataset": dataset, "private": is_private,
-                  "outside_guarantee": [what for what, on in (("train.eval_split=val", cfg.train.eval_split == "val"),
-                                                              ("train.private_diagnostics=true",
-                                                               cfg.train.private_diagnostics)) if on and private],
+                  "outside_guarantee": list(outside),
                   "epsilon": eps_now, **_dataset_spent(ledger, dataset, p),
                   **_plan_report(cfg, plan, mechanism, statistics, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
