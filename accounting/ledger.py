@@ -43,6 +43,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from .errors import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOve
                      LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
 from .events import Event, events_from_json_list, merge
 
-__all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "default_ledger_path",
+__all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "fingerprint_size", "default_ledger_path",
            "check_delta_below_1_over_n", "LEDGER_ENV", "TIMEOUT_ENV"]
 
 LEDGER_ENV = "DPWA_LEDGER"
@@ -73,6 +74,7 @@ SCHEMA_VERSION = 3
 _READABLE_VERSIONS = ("1", "2", "3")
 _KEY = "fingerprint_key"
 _KEYED = re.compile(r"(n\d+-)?k[0-9a-f]{16}")  # the form `Ledger.keyed` gives (plain ones are hex)
+_SIZE = re.compile(r"n(\d+)-")  # the size prefix of either form
 _APPLICATION_ID = 0x64707761  # "dpwa": marks the SQLite file as ours
 
 _SCHEMA = """
@@ -135,15 +137,29 @@ def fingerprint(labels: Iterable[int]) -> str:
     return f"n{len(values)}-{digest}"
 
 
+def fingerprint_size(fp: str) -> Optional[int]:
+    """N as a fingerprint of either form says it (its `n{N}-` prefix), or None."""
+    size = _SIZE.match(fp)
+    return int(size.group(1)) if size else None
+
+
+def _size_prefix(fp: str) -> str:
+    size = _SIZE.match(fp)
+    return size.group(0) if size else ""
+
+
+def _new_key() -> str:
+    return secrets.token_hex(32)
+
+
 def _keyed(key: Optional[str], fp: str) -> str:
     """`fp` as a ledger with `key` stores it: its size prefix, then `k` and 16 hex digits of
     HMAC-SHA256(key, fp). A fingerprint already in that form, or any on a file without a key
     (version 2 or older, not yet written to by this dpwa), is returned as it is."""
     if key is None or _KEYED.fullmatch(fp):
         return fp
-    size = re.match(r"n\d+-", fp)
     digest = hmac.new(bytes.fromhex(key), fp.encode(), hashlib.sha256).hexdigest()[:16]
-    return f"{size.group(0) if size else ''}k{digest}"
+    return f"{_size_prefix(fp)}k{digest}"
 
 
 def check_delta_below_1_over_n(delta: float, size: int, *, accept: bool = False, what: str = "delta",
@@ -289,8 +305,7 @@ class Ledger:
                 if app_id not in (0, _APPLICATION_ID) or (tables and "runs" not in tables):
                     raise LedgerCorruptError(f"{self.path} is an SQLite file but not a dpwa ledger; "
                                              "point --ledger or $DPWA_LEDGER elsewhere")
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
+                self._use_wal(conn)
                 conn.execute("PRAGMA synchronous = FULL")
                 if not tables:
                     with self._transaction():
@@ -301,7 +316,7 @@ class Ledger:
                         conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                      (str(SCHEMA_VERSION),))
                         conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",  # another creator may be first
-                                     (_KEY, secrets.token_hex(32)))
+                                     (_KEY, _new_key()))
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None or row[0] not in _READABLE_VERSIONS:
                     raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "
@@ -310,6 +325,19 @@ class Ledger:
             conn.close()
             self._conn = None
             raise
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch a new file to WAL. Processes opening one new file at once race for it, and
+        SQLite answers the losers "locked" at once, without waiting its busy timeout: so they
+        retry, for as long as that timeout, until the file is WAL (whoever switched it)."""
+        deadline = time.monotonic() + self.timeout
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @property
     def exists(self) -> bool:
@@ -372,7 +400,7 @@ class Ledger:
         if not Ledger._has_table(conn, "run_deltas"):
             conn.execute(_RUN_DELTAS)
         if Ledger._key(conn) is None:
-            key = secrets.token_hex(32)
+            key = _new_key()
             conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, key))
             for name, fp in conn.execute("SELECT name, fingerprint FROM datasets WHERE fingerprint IS NOT NULL"
                                          ).fetchall():
@@ -393,6 +421,7 @@ class Ledger:
             except OSError as e:
                 warnings.warn(f"Ledger {path} now holds the key of its fingerprints but stays readable by others "
                               f"({e}); make it unreadable to them (chmod o-rwx)", stacklevel=4)
+
     @staticmethod
     def _merge_same_data(conn: sqlite3.Connection) -> None:
         """Version 1 made a new dataset for each new name of the same data, and each counted
@@ -636,8 +665,7 @@ class Ledger:
         it is a hash of the labels."""
         if fingerprint is None or _KEYED.fullmatch(fingerprint):
             return fingerprint
-        size = re.match(r"n\d+-", fingerprint)
-        return f"{size.group(0) if size else ''}(plain, hidden; keyed at the ledger's next write)"
+        return f"{_size_prefix(fingerprint)}(plain, hidden; keyed at the ledger's next write)"
 
     # ------------------------------------------------------------------ writing
 

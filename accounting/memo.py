@@ -69,7 +69,7 @@ def disable() -> None:
 def bypassed() -> Iterator[None]:
     """In this block (this thread), every value is computed, none read from or written to the
     memo: for the checks that enforce a budget."""
-    was = getattr(_local, "bypassed", False)
+    was = is_bypassed()
     _local.bypassed = True
     try:
         yield

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
 from accounting import accountants, calibrate
 from accounting.errors import AccountantFailedError, InvalidParameterError, LedgerError
 from accounting.events import Event, Gaussian, PoissonGaussian
-from accounting.ledger import TIMEOUT_ENV, Ledger, RunRecord, check_delta_below_1_over_n
+from accounting.ledger import TIMEOUT_ENV, Ledger, RunRecord, check_delta_below_1_over_n, fingerprint_size
 
 from ._format import fmt, print_json, print_table
 
@@ -181,8 +180,8 @@ def _dataset_summary(ledger: Ledger, name: str, delta: float | None, accountant:
     if record.budget_epsilon is not None and spent is not None and (d, acc) == (record.budget_delta,
                                                                                 record.accountant):
         remaining = max(record.budget_epsilon - spent, 0.0)
-    summary = {**record.to_dict(), "fingerprint": ledger.shown(record.fingerprint), "delta_reported": d, "delta_source": source if d is not None else None,
-               "accountant_reported": acc, "epsilon_spent": spent, "epsilon_remaining": remaining, "runs": [
+    summary = {**record.to_dict(), "fingerprint": ledger.shown(record.fingerprint), "delta_reported": d,
+               "delta_source": source if d is not None else None, "accountant_reported": acc, "epsilon_spent": spent, "epsilon_remaining": remaining, "runs": [
                    {**r.to_dict(), "epsilon_counted": epsilon_of(lambda r=r: accountants.epsilon(
                        r.counted, delta=d, accountant=acc))} for r in runs]}
     summary["epsilon_error"] = failed
@@ -396,9 +395,9 @@ def _labels(path: Path) -> list[int]:
 def _recorded_size(a: argparse.Namespace) -> int | None:
     """N of the data `--fingerprint` names (its `n{N}-` prefix), else of `--dataset` as the
     ledger knows it (None: neither says)."""
-    prefix = re.match(r"n(\d+)-", a.fingerprint or "")
-    if prefix:
-        return int(prefix.group(1))
+    size = fingerprint_size(a.fingerprint or "")
+    if size is not None:
+        return size
     with _open(a, create=False) as known:
         try:
             return known.dataset(a.dataset).size
