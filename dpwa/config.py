@@ -463,6 +463,10 @@ class TrainConfig:
     eval_every: int = 0             # steps between evaluations (0: at the end only)
     checkpoint_every: int = 50      # steps between checkpoints (and ledger progress)
     eval_split: str = "test"        # test | val: where accuracy is measured (never private train data)
+    # eval_split=val on private data: the std of each released validation accuracy, a noisy
+    # count charged to the ledger with the run (dpwa.validation); 0: exact, with NLL, ECE and
+    # Brier, but not covered by the DP guarantee (warns)
+    val_noise: float = 0.01
     device: str = "cpu"             # cpu | cuda | cuda:N | auto (cuda when available)
     # torchrun runs (WORLD_SIZE > 1): process-group backend (auto: nccl on GPUs, gloo on CPUs)
     # and how long a collective waits for a silent rank before the run fails
@@ -501,6 +505,9 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
+        _require(math.isfinite(self.val_noise) and self.val_noise >= 0,
+                 f"train.val_noise must be a finite number >= 0 (the std of a released validation accuracy; "
+                 f"0: exact, outside the DP guarantee), got {self.val_noise}")
         _require(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
                  f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
         _require(self.dist_backend in ("auto", "gloo", "nccl"),
@@ -707,4 +714,7 @@ def config_from_yaml_text(text: str) -> RunConfig:
     tree = OmegaConf.to_container(OmegaConf.create(text))
     if not isinstance(tree, dict):
         raise ConfigError("config.yaml must hold a mapping of config keys")
+    train = tree.get("train")
+    if isinstance(train, dict) and "val_noise" not in train:  # written whole by a dpwa before charged validation
+        tree = {**tree, "train": {**train, "val_noise": 0.0}}  # it evaluated exactly, and reserved no accuracies
     return _merge([OmegaConf.create(_migrate(tree))])

@@ -1,15 +1,20 @@
 """Evaluation of a finished (or checkpointed) run: the last iterate and every average and
 ensemble it kept, with accuracy, NLL, ECE and Brier score, a reliability diagram, and
-`eval.json`. Post-processing only: nothing is charged, and the private training split is
-withheld (`data.Withheld`), so no method can read it."""
+`eval.json`. On the test split it is post-processing: nothing is charged, and the private
+training split is withheld (`data.Withheld`), so no method can read it. The validation split
+of a private run was carved from its private data: each method's accuracy there is a noisy
+count (`dpwa.validation`), charged to the run's ledger as a query of its own, unless asked
+for exactly (`val_noise=0`: warned, outside the guarantee)."""
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 
 from .averaging import METHODS
 from .checkpoint import atomic_write_text
@@ -34,19 +39,29 @@ class EvalError(ConfigError):
 
 
 def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequence[str]] = None,
-                 swag_samples: Optional[int] = None, test_time_flip: Optional[bool] = None) -> dict[str, Any]:
-    """Evaluate a run folder's last checkpoint; writes eval.json and reliability.png into it.
+                 swag_samples: Optional[int] = None, test_time_flip: Optional[bool] = None,
+                 val_noise: Optional[float] = None, ledger_path: Optional[str] = None,
+                 noise_generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+    """Evaluate a run folder's last checkpoint; writes eval.json and reliability.png into it
+    (eval-val.json, and reliability-val.png when exact, for the validation split).
     `test_time_flip` (None: the run's `data.test_time_flip`) also averages the mirror images'
-    softmax into every prediction.
+    softmax into every prediction. On a private run's validation split, `val_noise` (None: the
+    run's `train.val_noise`) is the std of each released accuracy, charged to `ledger_path`
+    (None: the run's ledger); 0 gives exact metrics outside the guarantee.
 
     Raises:
         EvalError: not a run folder, no checkpoint, an unreadable checkpoint, a requested
-            method the run did not keep (or has too few snapshots for), a missing split.
+            method the run did not keep (or has too few snapshots for), a missing split, a
+            bad val_noise.
+        BudgetExceededError: the charged query would take the dataset past its budget.
     """
     run_dir = Path(run_dir)
     unknown = [m for m in methods or () if m not in METHODS]
     if unknown:
         raise EvalError(f"Unknown method(s) {unknown}; known: {list(METHODS)}")
+    if val_noise is not None and not (math.isfinite(val_noise) and val_noise >= 0):
+        raise EvalError(f"val_noise must be a finite number >= 0 (the std of a released accuracy; 0: exact, outside "
+                        f"the DP guarantee), got {val_noise}")
     try:
         cfg = RunFolder.existing(run_dir).config()
     except ConfigError as e:
@@ -81,12 +96,16 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
 
     target = data.test if split == "test" else data.val
     assert target is not None
-    covered = split == "test" or not cfg.privacy.enabled
+    noise = cfg.train.val_noise if val_noise is None else val_noise
+    charged: Any = split == "val" and cfg.privacy.enabled and noise > 0
+    covered = split == "test" or not cfg.privacy.enabled or charged
     if not covered:
-        warnings.warn(outside_guarantee("--data val"), stacklevel=2)
+        warnings.warn(outside_guarantee("--data val with val noise 0"), stacklevel=2)
     results: dict[str, dict[str, Any]] = {}
     bins: dict[str, list] = {}
-    for name in wanted:
+    if charged:
+        results, charged = _charged_accuracies(run, wanted, available, noise, ledger_path, noise_generator)
+    for name in wanted if not charged else ():
         counter = _Counted(available[name]())  # FGE / SWAG reuse one module: each member is used as it comes
         per_member = predict_members(counter, target, data)
         probs = per_member.mean(0)
@@ -96,19 +115,41 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         "run_id": meta["run_id"], "step": at, "steps": steps, "split": split,
         "examples": len(target), "test_time_flip": cfg.data.test_time_flip, "private": meta.get("private", True),
         "epsilon": run.epsilon,  # None: a non-private run on public data
-        "covered_by_guarantee": covered,  # False: the validation split of a private run
+        "covered_by_guarantee": covered,  # False: the validation split of a private run, exact
+        "charged": charged,  # the query's ledger record (a private run's validation split), else False
         "delta": meta["delta"], "collected": counts, "skipped": {k: v for k, v in skipped.items() if k not in wanted},
         "methods": results, "reliability": bins,
     }
     # the validation split's numbers go to files of their own, labelled, never in place of the test ones
     suffix = "" if split == "test" else f"-{split}"
     label = split if covered else f"{split}: outside the DP guarantee"
-    png = draw_reliability(bins, results, run_dir / f"reliability{suffix}.png",
-                           title=f"{meta['run_id']} ({label}, step {at})")
-    out["reliability_diagram"] = str(png)
+    out["reliability_diagram"] = None if charged else str(draw_reliability(  # noisy accuracies have no bins
+        bins, results, run_dir / f"reliability{suffix}.png", title=f"{meta['run_id']} ({label}, step {at})"))
     out["eval_json"] = str(run_dir / f"eval{suffix}.json")
     atomic_write_text(Path(out["eval_json"]), json.dumps(out, indent=2))
     return out
+
+
+def _charged_accuracies(run: Any, wanted: Sequence[str], available: dict, noise: float,
+                        ledger_path: Optional[str], generator: Optional[torch.Generator]
+                        ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Each wanted method's noisy validation accuracy, one charged release each, reserved as a
+    query of the run's dataset before the split is read."""
+    from accounting import Gaussian
+
+    from .loss_query import reserved_query
+    from .validation import ValidationAccuracy
+
+    size = len(run.data.val)
+    mech = ValidationAccuracy(noise=noise, size=size, releases=len(wanted), generator=generator)
+    events = [Gaussian(noise_multiplier=mech.noise_multiplier, count=len(wanted))]
+    results: dict[str, dict[str, Any]] = {}
+    with reserved_query(run, events=events, spent=mech.events, purpose="eval-val", ledger_path=ledger_path) as record:
+        for name in wanted:
+            counter = _Counted(available[name]())
+            results[name] = {"accuracy": mech.accuracy(counter, run.data.val, run.data), "members": counter.n}
+    record.update(noise=noise, noise_multiplier=mech.noise_multiplier)
+    return results, record
 
 
 class _Counted:

@@ -210,9 +210,12 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
                          f"{str(e).splitlines()[0]}") from None
     releases = int(state["mechanism"]["released"])
     eps: Optional[float] = None
-    if cfg.privacy.enabled:  # every release the run made: the feature statistics', then the gradients'
+    if cfg.privacy.enabled:  # every release the run made: feature statistics, validation accuracies, gradients
         stats = int(state.get("statistics", {}).get("released", 0))
         events = [Gaussian(noise_multiplier=cfg.feature_stats.noise_multiplier, count=stats)] if stats else []
+        accuracies = int(state.get("validation", {}).get("released", 0))
+        if accuracies:
+            events.append(Gaussian(noise_multiplier=cfg.train.val_noise * cfg.data.val_size, count=accuracies))
         if releases:
             events.append(PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
                                           steps=releases))

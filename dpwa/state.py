@@ -63,13 +63,15 @@ class TrainState:
     step: int = 0
     train_time_s: float = 0.0
     statistics: Any = None  # dpwa.statistics.StatisticsMechanism (model.input_norm=private), else None
+    validation: Any = None  # dpwa.validation.ValidationAccuracy (a charged validation split), else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "model": self.model.state_dict(), "method": self.method.state_dict(),
                 "averagers": {n: a.state_dict() for n, a in self.averagers.items()},
                 "mechanism": self.mechanism.state_dict(), "step": self.step, "train_time_s": self.train_time_s,
                 "coins": self.coins.state_dict(),
-                **({"statistics": self.statistics.state_dict()} if self.statistics is not None else {})}
+                **({"statistics": self.statistics.state_dict()} if self.statistics is not None else {}),
+                **({"validation": self.validation.state_dict()} if self.validation is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from a checkpoint of this or an earlier version.
@@ -87,6 +89,8 @@ class TrainState:
             self.coins.load_state_dict(state["coins"])
             if self.statistics is not None:  # its released statistics are in the model's buffers
                 self.statistics.load_state_dict(state["statistics"])
+            if self.validation is not None:  # the accuracies it released are in the rows it covers
+                self.validation.load_state_dict(state["validation"])
             self.step, self.train_time_s = int(state["step"]), float(state["train_time_s"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise StateError(f"the checkpoint does not match the run ({type(e).__name__}: "

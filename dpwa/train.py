@@ -59,6 +59,7 @@ from .run_folder import RunFolder, RunFolderError, check_writable
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
 from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
+from .validation import FINAL, PERIODIC, ValidationAccuracy, validation_event
 
 __all__ = ["train", "Plan", "plan_run", "build_model", "evaluate_methods", "RunFolderError"]
 
@@ -73,6 +74,7 @@ class Plan:
     releases: int               # noisy gradient releases (the method's count for `steps`)
     noise_multiplier: float
     statistics: Optional[Gaussian] = None  # the feature-statistics releases (model.input_norm=private)
+    validation: Optional[Gaussian] = None  # the validation accuracies (train.eval_split=val, dpwa.validation)
 
     @property
     def event(self) -> PoissonGaussian:
@@ -80,9 +82,14 @@ class Plan:
                                steps=self.releases)
 
     @property
+    def prior(self) -> list[Event]:
+        """What the run releases besides its gradients (composed with them in the calibration)."""
+        return [e for e in (self.statistics, self.validation) if e is not None]
+
+    @property
     def events(self) -> list[Event]:
         """Everything the run releases: what the ledger reserves."""
-        return [self.statistics, self.event] if self.statistics else [self.event]
+        return [*self.prior, self.event]
 
 
 _USE_RDP = "use privacy.accountant=rdp, a looser bound that is always computable"
@@ -99,16 +106,36 @@ def plan_run(cfg: RunConfig, dataset_size: int) -> Plan:
     p = cfg.privacy
     statistics = (Gaussian(noise_multiplier=cfg.feature_stats.noise_multiplier, count=RELEASES_PER_ESTIMATE)
                   if cfg.model.input_norm == "private" else None)
+    validation = validation_event(cfg, steps)
+    prior = [e for e in (statistics, validation) if e is not None]
     try:
+        if p.enabled and p.noise_multiplier is None and prior:
+            _check_prior(cfg, statistics, validation)
         sigma = 0.0 if not p.enabled else (  # public data: plain gradients (the config refuses this for private data)
             float(p.noise_multiplier) if p.noise_multiplier is not None else
             noise_multiplier_for(target_epsilon=p.epsilon, delta=p.delta, sample_rate=q, steps=releases,
-                                 accountant=p.accountant, prior=[statistics] if statistics else []))
+                                 accountant=p.accountant, prior=prior))
     except AccountantFailedError as e:
         raise ConfigError(f"privacy.accountant={p.accountant} cannot calibrate the noise for epsilon {p.epsilon} "
                           f"(q {q:.4g}, {releases} releases: {e}); {_USE_RDP}") from None
     return Plan(dataset_size=dataset_size, sample_rate=q, steps=steps, releases=releases, noise_multiplier=sigma,
-                statistics=statistics)
+                statistics=statistics, validation=validation)
+
+
+def _check_prior(cfg: RunConfig, statistics: Optional[Gaussian], validation: Optional[Gaussian]) -> None:
+    """The releases besides the gradients must leave room for them under privacy.epsilon:
+    refused by name otherwise (the calibration would find no noise multiplier)."""
+    p = cfg.privacy
+    parts = {"feature statistics (model.input_norm=private)": statistics,
+             f"validation accuracies (train.eval_split=val: {validation and validation.count} of them, noise std "
+             f"{cfg.train.val_noise:g} on {cfg.data.val_size} examples)": validation}
+    alone = {what: epsilon([e], delta=p.delta, accountant=p.accountant) for what, e in parts.items() if e}
+    together = epsilon([e for e in parts.values() if e], delta=p.delta, accountant=p.accountant)
+    if together >= p.epsilon:
+        spent = "; ".join(f"{what}: epsilon {eps:.3g}" for what, eps in alone.items())
+        raise ConfigError(f"privacy.epsilon={p.epsilon} leaves nothing for the gradients: {spent} (together "
+                          f"{together:.3g}). Raise train.val_noise, evaluate less often (train.eval_every), use a "
+                          "larger data.val_size, or raise privacy.epsilon")
 
 
 class _NoLedger:
@@ -132,11 +159,15 @@ class _NoLedger:
 
 
 def evaluate_methods(model: torch.nn.Module, averagers: dict, split: Any, data: Data, cfg: RunConfig,
-                     only: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    """Metrics of the last iterate and of every average / ensemble the run kept."""
+                     only: Optional[list[str]] = None, validation: Optional[ValidationAccuracy] = None
+                     ) -> dict[str, dict[str, float]]:
+    """Metrics of the last iterate and of every average / ensemble the run kept; through
+    `validation` (a charged validation split), their noisy accuracies alone."""
     methods = prediction_methods(model, averagers, swag_samples=cfg.averaging.swag_samples, seed=cfg.train.seed)
-    return {name: evaluate_members(members(), split, data) for name, members in methods.items()
-            if only is None or name in only}
+    chosen = {name: members for name, members in methods.items() if only is None or name in only}
+    if validation is not None:
+        return {name: {"accuracy": validation.accuracy(members(), split, data)} for name, members in chosen.items()}
+    return {name: evaluate_members(members(), split, data) for name, members in chosen.items()}
 
 
 def _config_hash(cfg: RunConfig) -> str:
@@ -355,6 +386,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                      if private else PublicGradients(model, releases=plan.releases))
         built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
+        validation = _validation_mechanism(cfg, plan)
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
         if resume is None and world.main:
             check_writable(Path(cfg.out_dir))
@@ -372,7 +404,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     is_private = private and p.noise_seed is None and all(meta.get("private") for meta in built_on)
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
-        ("train.eval_split=val", HELD_OUT, cfg.train.eval_split == "val"),
+        ("train.eval_split=val with train.val_noise=0", HELD_OUT,
+         cfg.train.eval_split == "val" and cfg.train.val_noise == 0),
         ("train.private_diagnostics=true", "each private batch's loss and realised size (in metrics.jsonl and "
          "curves.png)", cfg.train.private_diagnostics)) if on and private}
 
@@ -410,18 +443,21 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
     coins.sampling.manual_seed(cfg.train.seed + 1 if coins.reproducible
                                else world.broadcast(secret_seed() if world.main else None))
-    state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics)
+    state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
-        return (statistics.events() if statistics else []) + mechanism.events()
+        return [*(statistics.events() if statistics else []), *(validation.events() if validation else []),
+                *mechanism.events()]
 
     held_rows: list[dict[str, Any]] = []
+    final: Optional[dict[str, Any]] = None  # a resumed run's released final validation accuracies
     if resume is not None:
         try:  # a private run's checkpoint holds no generator state: it goes on with fresh secret coins
             saved = world.on_main(folder.load_state)  # None: killed before its first checkpoint
             if saved is not None:
                 state.load_state_dict(saved)
                 held_rows = json.loads(saved.get("rows", "[]"))  # covered by it, perhaps not yet written
+                final = json.loads(saved["final"]) if "final" in saved else None
         except UsageError as e:  # unreadable, or not this run's
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
@@ -476,10 +512,17 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             from tqdm import tqdm
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
-        prior = statistics.events() if statistics else []
+        # between checkpoints an upper bound: the grid's, with every planned validation accuracy counted
+        prior = [*(statistics.events() if statistics else []), *([plan.validation] if validation else [])]
         curve = EpsilonCurve(lambda n: _epsilon([*prior, *mechanism.events(n)], p, planned_epsilon),
                              releases=plan.releases) if private else None
-        eps_now = curve.exact(mechanism.released) if curve and world.main else None
+
+        def exact_epsilon() -> Optional[float]:  # of what was released so far
+            if curve is None or not world.main:
+                return None
+            return _epsilon(spent(), p, planned_epsilon) if validation else curve.exact(mechanism.released)
+
+        eps_now = exact_epsilon()
 
         # 4. The method's steps; averages, rows and checkpoints after each.
         for step in range(start, plan.steps):
@@ -510,10 +553,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 if hasattr(engine, "memory"):
                     row["engine"]["memory"] = engine.memory  # dpwa-fast: "fast" or "lean", as chosen
             at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
-            if curve:  # exact at checkpoints, an upper bound from a grid in between
-                eps_now = row["epsilon"] = (curve.exact if at_checkpoint else curve.at)(mechanism.released)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
-                row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data))
+                row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data, validation))
+            if curve:  # exact at checkpoints, an upper bound from a grid in between
+                eps_now = row["epsilon"] = exact_epsilon() if at_checkpoint else curve.at(mechanism.released)
             metrics.write(row)  # held back until the checkpoint that covers its releases
             if at_checkpoint:
                 checkpoint()
@@ -532,11 +575,18 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
         # 5. Evaluate (on public/held-out data), write weights, report and curves, then commit
         #    what the mechanism released: a kill before the commit leaves a resumable run.
-        results = evaluate_methods(model, averagers, eval_split, data, cfg, only=["raw", "ema", "polyak", "swa", "fge"])
+        if final is None:
+            final = evaluate_methods(model, averagers, eval_split, data, cfg, only=list(FINAL), validation=validation)
+            if validation is not None:  # released: counted and kept before anything is written, so that a
+                ledger.progress(run_id, spent())  # resumed run reports these, never a second draw
+                folder.save_state({**state.state_dict(), "final": json.dumps(final)})
+        if validation is not None:
+            eps_now = exact_epsilon()  # with the final accuracies
+        results = final
         report = {"run_id": run_id, "dataset": dataset, "private": is_private,
                   "outside_guarantee": list(outside),
                   "epsilon": eps_now, **_dataset_spent(ledger, dataset, p),
-                  **_plan_report(cfg, plan, mechanism, statistics, world), "methods": list(results),
+                  **_plan_report(cfg, plan, mechanism, statistics, validation, world), "methods": list(results),
                   "collected": {name: avg.count for name, avg in averagers.items()},
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
                   **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice),
@@ -567,9 +617,12 @@ def _dataset_spent(ledger: Any, dataset: str, p: Any) -> dict[str, Any]:
 
 
 def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, split: Any,
-                       data: Data) -> dict[str, float]:
-    """Metrics of the raw weights and the single-model averages for a metrics row."""
-    cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in ("ema", "polyak", "swa") and a.count}}
+                       data: Data, validation: Optional[ValidationAccuracy]) -> dict[str, float]:
+    """Metrics of the raw weights and the single-model averages for a metrics row (through
+    `validation`: their noisy accuracies alone)."""
+    cheap = {"raw": model, **{n: a.model for n, a in averagers.items() if n in PERIODIC and a.count}}
+    if validation is not None:
+        return {f"val_{name}_accuracy": validation.accuracy([m], split, data) for name, m in cheap.items()}
     return {f"{cfg.train.eval_split}_{name}_{k}": v for name, m in cheap.items()
             for k, v in evaluate(m, split, data).items()}
 
@@ -589,11 +642,14 @@ def _check_length(cfg: RunConfig, steps: int) -> None:
 
 
 def _plan_report(cfg: RunConfig, plan: Plan, mechanism: Any, statistics: Optional[StatisticsMechanism],
-                 world: World) -> dict[str, Any]:
+                 validation: Optional[ValidationAccuracy], world: World) -> dict[str, Any]:
     p = cfg.privacy
     stats = {} if statistics is None else {"feature_statistics": {
         "noise_multiplier": statistics.noise_multiplier, "releases": statistics.released,
         "mean_clip": statistics.mean_clip, "second_moment_clip": statistics.second_moment_clip}}
+    if validation is not None:  # each accuracy's noise std, its count's noise multiplier, how many were released
+        stats["validation"] = {"noise": validation.noise, "noise_multiplier": validation.noise_multiplier,
+                               "releases": validation.released, "reserved": validation.releases}
     return {"method": cfg.method.name, "delta": p.delta, "accountant": p.accountant,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
             "releases": mechanism.released, **stats, "augmult_k": cfg.augmult.k, "eval_split": cfg.train.eval_split,
@@ -614,6 +670,15 @@ def _statistics_mechanism(cfg: RunConfig, plan: Plan, model: torch.nn.Module, n:
                                second_moment_clip=f.second_moment_clip, dataset_size=n,
                                releases=plan.statistics.count,
                                generator=secret_generator(None if seed is None else seed + 7, "cpu"))
+
+
+def _validation_mechanism(cfg: RunConfig, plan: Plan) -> Optional[ValidationAccuracy]:
+    """The mechanism of a charged validation split (its noise from its own secret generator)."""
+    if plan.validation is None:
+        return None
+    seed = cfg.privacy.noise_seed
+    return ValidationAccuracy(noise=cfg.train.val_noise, size=cfg.data.val_size, releases=plan.validation.count,
+                              generator=secret_generator(None if seed is None else seed + 11, "cpu"))
 
 
 def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torch.nn.Module, world: World) -> None:
@@ -675,7 +740,12 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
                            "accountant": p.accountant, "probe_s": probe_s, "epsilon": None,
                            **({"statistics_releases": plan.statistics.count,
                                "statistics_noise_multiplier": plan.statistics.noise_multiplier}
-                              if plan.statistics else {})}
+                              if plan.statistics else {}),
+                           **({"validation_releases": plan.validation.count,
+                               "validation_noise_multiplier": plan.validation.noise_multiplier,
+                               "validation_noise": cfg.train.val_noise,
+                               "validation_epsilon": epsilon([plan.validation], delta=p.delta, accountant=p.accountant)}
+                              if plan.validation and p.enabled else {})}
     if not p.enabled:
         return out
     out["epsilon"] = epsilon(plan.events, delta=p.delta, accountant=p.accountant)

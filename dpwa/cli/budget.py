@@ -179,7 +179,7 @@ def _scale(a: argparse.Namespace) -> int:
     s = scaling.rescale(batch_size=cfg.train.batch_size, new_batch_size=a.batch_size, dataset_size=n,
                         steps=plan.steps, epochs=cfg.train.epochs, lr=cfg.optim.lr, rule=rule, delta=p.delta,
                         epsilon=p.epsilon, noise_multiplier=plan.noise_multiplier, accountant=acc, rtol=a.rtol,
-                        prior=[plan.statistics] if plan.statistics else [],
+                        prior=plan.prior,  # held at the config's own count of validation accuracies
                         releases=lambda steps: METHODS[cfg.method.name].releases(cfg, steps))
     step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in _STEP_KEYS
                  if getattr(getattr(cfg, sec), key)}

@@ -71,10 +71,12 @@ def run(a: argparse.Namespace) -> int:
     else:
         print(f"run {report['run_id']}: epsilon {report['epsilon']:.3f} at delta {report['delta']:g} "
               f"({report['accountant']}), {report['steps']} steps, sigma {report['noise_multiplier']:.4g}")
+    validation = report.get("validation")  # a charged validation split: noisy accuracies alone
     for name in report["methods"]:
         r = report[f"{split}_{name}"]
-        print(f"  {split} accuracy {name:<9} {100 * r['accuracy']:.2f}%   NLL {r['nll']:.4f}   "
-              f"ECE {100 * r['ece']:.2f}%   Brier {r['brier']:.4f}")
+        print(f"  {split} accuracy {name:<9} {100 * r['accuracy']:.2f}%" + (
+            f"   (noisy: std {100 * validation['noise']:g} points, charged)" if validation else
+            f"   NLL {r['nll']:.4f}   ECE {100 * r['ece']:.2f}%   Brier {r['brier']:.4f}"))
     print(f"  {report['expected_per_example_gradient_evaluations']:.0f} per-example gradient evaluations "
           f"(expected), {report['train_time_s']:.1f}s training ({report['probe_s']:.1f}s probe before it), "
           f"{report['expected_images_per_s']:.0f} img/s")
@@ -93,6 +95,10 @@ def _print_dry_run(r: dict) -> None:
     if r.get("statistics_releases"):
         print(f"  plus {r['statistics_releases']} Gaussian releases of feature statistics (sigma "
               f"{r['statistics_noise_multiplier']:g}, model.input_norm=private), before the first step")
+    if r.get("validation_releases"):
+        print(f"  plus at most {r['validation_releases']} validation accuracies, each a Gaussian release of a count "
+              f"(sigma {r['validation_noise_multiplier']:g}: accuracy noise std {r['validation_noise']:g}, "
+              f"train.eval_split=val; epsilon {r['validation_epsilon']:.3f} alone, included above)")
     print(f"  dataset {r['dataset']!r} in {r['ledger']}: epsilon {r['dataset_epsilon_spent']:.3f} spent, "
           f"{r['dataset_epsilon_after']:.3f} after this run")
     if r["budget"] is not None:

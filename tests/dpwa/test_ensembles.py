@@ -221,11 +221,12 @@ def test_run_length_problems_come_all_at_once_before_the_data(tmp_path, capsys):
     assert ledger_snapshot(led) is None and not (tmp_path / "runs").exists()
 
 
-def test_eval_on_the_validation_split_says_it_is_outside_the_guarantee(tmp_path, capsys):
+def test_exact_eval_on_the_validation_split_says_it_is_outside_the_guarantee(tmp_path, capsys):
     """The validation split is carved from the private source but held out of DP training:
-    `dpwa eval --data val` warns, as training's eval_split=val does, says so in its header and
-    diagram title, and writes eval-val.json (covered_by_guarantee: false) next to, never over,
-    the test split's eval.json."""
+    `dpwa eval --data val --val-noise 0` (exact metrics, uncharged) warns, as training's
+    eval_split=val with val_noise=0 does, says so in its header and diagram title, and writes
+    eval-val.json (covered_by_guarantee: false) next to, never over, the test split's eval.json.
+    (The charged default: tests/dpwa/test_validation.py.)"""
     from dpwa.evaluate_run import evaluate_run
 
     run = train(load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=2", "train.batch_size=64",
@@ -233,11 +234,11 @@ def test_eval_on_the_validation_split_says_it_is_outside_the_guarantee(tmp_path,
     run_dir = Path(run["run_dir"])
     assert evaluate_run(run_dir)["covered_by_guarantee"] is True
     test = (run_dir / "eval.json").read_text()
-    with pytest.warns(UserWarning, match="--data val: .* not covered by the DP guarantee"):
-        val = evaluate_run(run_dir, split="val")
+    with pytest.warns(UserWarning, match="--data val with val noise 0: .* not covered by the DP guarantee"):
+        val = evaluate_run(run_dir, split="val", val_noise=0)
     assert val["covered_by_guarantee"] is False and json.loads((run_dir / "eval-val.json").read_text()) == val
     assert (run_dir / "eval.json").read_text() == test and (run_dir / "reliability-val.png").exists()
-    assert main(["eval", str(run_dir), "--data", "val"]) == 0
+    assert main(["eval", str(run_dir), "--data", "val", "--val-noise", "0"]) == 0
     out = capsys.readouterr()
     assert "val split (outside the DP guarantee)" in out.out and "not covered by the DP guarantee" in out.err
 

@@ -1,0 +1,215 @@
+"""Charged validation accuracy (`dpwa.validation`): each released accuracy is the count of
+correct single-example predictions plus the mechanism's noise, counted before it leaves and
+refused beyond the reservation; `train.eval_split=val` reserves, calibrates for and commits
+exactly what it released, a resumed run never draws its final accuracies twice, and
+`dpwa eval --data val` is a charged query of its own."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from accounting import Gaussian, Ledger, epsilon
+from dpwa.cli import main
+from dpwa.config import ConfigError, DataConfig, load_config
+from dpwa.data import load_data
+from dpwa.evaluate_run import evaluate_run
+from dpwa.mechanism import ReleaseRefused
+from dpwa.run_folder import load_run
+from dpwa.train import plan_run, train
+from dpwa.validation import ValidationAccuracy, planned_releases
+from tests.conftest import ROOT
+
+QUICK = ROOT / "configs" / "quickstart.yaml"
+
+
+def tiny(tmp_path, *extra):
+    return load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=6", "train.checkpoint_every=3",
+                               "train.batch_size=64", "train.physical_batch_size=64", "augmult.k=1",
+                               "data.val_size=100", "train.eval_split=val", "train.val_noise=0.2", *extra])
+
+
+def _outside_warnings(record):
+    return [str(w.message) for w in record if "not covered by the DP guarantee" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data(DataConfig(name="digits", val_size=60), seed=0)
+
+
+def test_a_released_accuracy_is_the_count_of_single_example_predictions_plus_its_noise(digits):
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)) for _ in range(2)]
+    val = digits.val
+    mech = ValidationAccuracy(noise=0.05, size=len(val), releases=2, generator=torch.Generator().manual_seed(5))
+    released = [mech.accuracy([models[0]], val, digits), mech.accuracy(models, val, digits)]
+
+    reference_noise = torch.Generator().manual_seed(5)
+    for members, got in zip(([models[0]], models), released):
+        correct = 0
+        for i in range(len(val)):  # one example at a time, float64: the ensemble's mean softmax
+            x = digits.normalize(val.x[i:i + 1]).double()
+            probs = sum(m.double()(x).softmax(-1) for m in members) / len(members)
+            correct += int(probs.argmax(1).item() == int(val.y[i]))
+        for m in members:
+            m.float()
+        noise = torch.normal(0.0, 0.05 * len(val), size=(1,), dtype=torch.float64, generator=reference_noise)
+        assert got == pytest.approx(min(max((correct + float(noise[0])) / len(val), 0.0), 1.0), abs=1e-12)
+    assert mech.released == 2 and mech.events() == [Gaussian(noise_multiplier=0.05 * len(val), count=2)]
+
+
+def test_a_release_beyond_the_reservation_reads_nothing(digits):
+    mech = ValidationAccuracy(noise=0.01, size=len(digits.val), releases=1)
+    mech.accuracy([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], digits.val, digits)
+
+    def untouchable():
+        raise AssertionError("a refused release read a model")
+        yield
+
+    with pytest.raises(ReleaseRefused, match="reserved 1 releases and all were made"):
+        mech.accuracy(untouchable(), digits.val, digits)
+    assert mech.released == 1
+
+
+def test_a_noisy_accuracy_is_clipped_to_0_1(digits):
+    mech = ValidationAccuracy(noise=100.0, size=len(digits.val), releases=20, generator=torch.Generator().manual_seed(0))
+    values = [mech.accuracy([nn.Sequential(nn.Flatten(), nn.Linear(64, 10))], digits.val, digits) for _ in range(20)]
+    assert set(values) <= {0.0, 1.0} and len(set(values)) == 2
+
+
+def test_val_noise_is_checked_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="train.val_noise must be a finite number >= 0.*got -0.1"):
+        tiny(tmp_path, "train.val_noise=-0.1")
+
+
+def test_the_plan_counts_every_validation_accuracy_and_calibrates_with_them(tmp_path):
+    cfg = tiny(tmp_path, "train.eval_every=2", "averaging.swa=true", "averaging.swa_start=2", "averaging.swa_every=1",
+               "privacy.epsilon=3", "train.val_noise=0.2")
+    assert planned_releases(cfg, 6) == 2 * 4 + 4  # steps 2 and 4: raw, EMA, Polyak, SWA; the end: the same
+    plan = plan_run(cfg, 1497 - 100)
+    assert plan.validation == Gaussian(noise_multiplier=0.2 * 100, count=12)
+    assert plan.events == [plan.validation, plan.event]
+    assert epsilon(plan.events, delta=1e-4, accountant="prv") == pytest.approx(3.0, rel=1e-2)
+    without = plan_run(tiny(tmp_path, "train.eval_every=2", "privacy.epsilon=3", "train.eval_split=test"), 1397)
+    assert without.validation is None and without.noise_multiplier < plan.noise_multiplier
+    assert plan_run(tiny(tmp_path, "train.val_noise=0"), 1397).validation is None
+
+
+def test_validation_accuracies_that_alone_spend_the_target_are_refused_by_name(tmp_path):
+    cfg = tiny(tmp_path, "train.eval_every=1", "privacy.epsilon=3", "train.val_noise=0.01")
+    with pytest.raises(ConfigError, match=r"leaves nothing for the gradients: validation accuracies "
+                                          r"\(train.eval_split=val: 18 of them, noise std 0.01 on 100 examples\)"):
+        plan_run(cfg, 1397)
+    assert main(["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", "data.val_size=100", "train.eval_split=val",
+                 "train.eval_every=1", "train.val_noise=0.01", f"privacy.ledger={tmp_path / 'l.sqlite'}"]) == 2
+    assert not (tmp_path / "l.sqlite").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_run_on_the_validation_split_commits_exactly_the_accuracies_it_released(tmp_path):
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, "train.eval_every=2", "averaging.swa=true", "averaging.swa_start=3", "averaging.swa_every=1")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = train(cfg, ledger_path=str(led), progress=False)
+    assert not _outside_warnings(record) and report["outside_guarantee"] == []
+    v = report["validation"]
+    # step 2: raw, EMA, Polyak (SWA has collected nothing); step 4: + SWA; the end: raw, EMA, Polyak, SWA
+    assert (v["releases"], v["reserved"], v["noise_multiplier"]) == (3 + 4 + 4, 12, pytest.approx(20.0))
+    run = Ledger(led).run(report["run_id"])
+    assert run.status == "committed"
+    assert Gaussian(noise_multiplier=20.0, count=11) in run.spent and Gaussian(noise_multiplier=20.0, count=12) in run.planned
+    assert report["val_raw"].keys() == {"accuracy"}  # only the charged accuracy: no exact NLL, ECE or Brier
+    assert report["epsilon"] == pytest.approx(epsilon(list(run.spent), delta=1e-4, accountant="prv"))
+    assert load_run(Path(report["run_dir"])).epsilon == pytest.approx(report["epsilon"])
+    without = epsilon([e for e in run.spent if not isinstance(e, Gaussian)], delta=1e-4, accountant="prv")
+    assert report["epsilon"] > without  # the accuracies count
+    rows = [json.loads(line) for line in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    evaluated = sorted(k for r in rows for k in r if k.startswith("val_"))
+    assert evaluated == sorted(["val_raw_accuracy", "val_ema_accuracy", "val_polyak_accuracy"] * 2
+                               + ["val_swa_accuracy"])
+
+
+def test_exact_validation_metrics_warn_and_are_listed_outside_the_guarantee(tmp_path):
+    led = tmp_path / "l.sqlite"
+    with pytest.warns(UserWarning, match="train.val_noise=0: accuracy on examples held out"):
+        report = train(tiny(tmp_path, "train.val_noise=0"), ledger_path=str(led), progress=False)
+    assert report["outside_guarantee"] == ["train.eval_split=val with train.val_noise=0"]
+    assert "nll" in report["val_raw"] and "validation" not in report
+    assert len(Ledger(led).run(report["run_id"]).spent) == 1  # the gradients alone
+
+
+def test_a_run_killed_after_its_report_reports_the_same_accuracies_on_resume_and_charges_them_once(tmp_path,
+                                                                                                monkeypatch):
+    """Killed between report.json and the commit: the released accuracies are on disk, so the
+    resumed run must show them again, not a second draw that the ledger would count in their place."""
+    import dpwa.train as session
+
+    led = tmp_path / "l.sqlite"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after report.json, before the commit
+
+    monkeypatch.setattr(session, "draw_curves", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path), ledger_path=str(led), progress=False)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (run,) = Ledger(led).runs()
+    assert run.status == "reserved" and Gaussian(noise_multiplier=20.0, count=3) in run.spent  # kept at once
+    written = json.loads((run_dir / "report.json").read_text())
+
+    monkeypatch.undo()
+    report = train(resume=run_dir, ledger_path=str(led), progress=False)
+    assert [report[f"val_{name}"] for name in report["methods"]] == [written[f"val_{name}"] for name in
+                                                                     written["methods"]]  # the same draw
+    assert report["validation"]["releases"] == 3
+    assert Gaussian(noise_multiplier=20.0, count=3) in Ledger(led).run(report["run_id"]).spent
+
+
+def test_eval_on_the_validation_split_is_a_charged_query(tmp_path, capsys):
+    led = tmp_path / "l.sqlite"
+    report = train(tiny(tmp_path, "train.eval_split=test"), ledger_path=str(led), progress=False)
+    run_dir = Path(report["run_dir"])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = evaluate_run(run_dir, split="val", val_noise=0.02)
+    assert not _outside_warnings(record) and out["covered_by_guarantee"]
+    assert set(out["methods"]) == {"raw", "ema", "polyak"}
+    assert all(r.keys() == {"accuracy", "members"} for r in out["methods"].values())
+    q = out["charged"]
+    query = Ledger(led).run(q["query_run_id"])
+    assert query.status == "committed" and list(query.spent) == [Gaussian(noise_multiplier=0.02 * 100, count=3)]
+    assert out["reliability_diagram"] is None and Path(out["eval_json"]).name == "eval-val.json"
+
+    assert main(["eval", str(run_dir), "--data", "val", "--ledger", str(tmp_path / "other.sqlite")]) == 2
+    assert "is not in ledger" in capsys.readouterr().err
+    assert not (tmp_path / "other.sqlite").exists()
+    assert main(["eval", str(run_dir), "--data", "val", "--methods", "raw"]) == 0
+    assert "charged" in capsys.readouterr().out
+    assert Ledger(led).run(report["run_id"]).status == "committed" and len(Ledger(led).runs()) == 3
+
+
+def test_eval_on_the_validation_split_past_the_budget_is_refused_before_anything_is_read(tmp_path):
+    led = tmp_path / "l.sqlite"
+    report = train(tiny(tmp_path, "train.eval_split=test"), ledger_path=str(led), progress=False)
+    ledger = Ledger(led)
+    ledger.set_budget(report["dataset"], epsilon=report["dataset_epsilon_spent"] + 1e-3, delta=1e-4)
+    assert main(["eval", report["run_dir"], "--data", "val", "--val-noise", "0.001"]) == 1
+    assert len(Ledger(led).runs()) == 1
+    assert not (Path(report["run_dir"]) / "eval-val.json").exists()
+
+
+def test_a_run_folder_from_before_charged_validation_resumes_as_it_was_reserved(tmp_path):
+    """Its config.yaml has no train.val_noise: it evaluated exactly and reserved no accuracies,
+    so it reads as val_noise=0 and resumes under its reservation."""
+    led = tmp_path / "l.sqlite"
+    stopped = train(tiny(tmp_path, "train.val_noise=0"), ledger_path=str(led), progress=False, stop_after=3)
+    config = Path(stopped["run_dir"]) / "config.yaml"
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.strip().startswith("val_noise:")))
+    with pytest.warns(UserWarning, match="train.val_noise=0"):
+        report = train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)
+    assert Ledger(led).run(report["run_id"]).status == "committed" and "validation" not in report
