@@ -385,6 +385,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
         built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
+        if private and world.main and built_on and resume is None:  # their spend composes with this run's, in
+            charged_to = Ledger(ledger_path or p.ledger, create=False)  # one ledger: read, never created here
+            for meta in built_on:
+                check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on a released run")
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
         validation = _validation_mechanism(cfg, plan)
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
@@ -420,9 +424,6 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 _check_resume_plan(folder, run, cfg, plan)
                 _check_resume_data(folder, run, ledger, data.source)
             return
-        if private:  # a curve's endpoints: their spend must compose with the run's, in one ledger
-            for meta in built_on:
-                check_holds_run(ledger, meta, f"{cfg.method.name} run {run_id!r}, built on a released run")
         ledger.reserve(run_id=run_id, dataset=dataset, fingerprint=data.source.fingerprint,
                        events=plan.events if private else [], config_hash=_config_hash(cfg), size=n_source,
                        delta=p.delta)

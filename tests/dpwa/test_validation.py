@@ -206,7 +206,8 @@ def test_a_run_folder_from_before_charged_validation_resumes_as_it_was_reserved(
     """Its config.yaml has no train.val_noise: it evaluated exactly and reserved no accuracies,
     so it reads as val_noise=0 and resumes under its reservation."""
     led = tmp_path / "l.sqlite"
-    stopped = train(tiny(tmp_path, "train.val_noise=0"), ledger_path=str(led), progress=False, stop_after=3)
+    with pytest.warns(UserWarning, match="train.val_noise=0"):
+        stopped = train(tiny(tmp_path, "train.val_noise=0"), ledger_path=str(led), progress=False, stop_after=3)
     config = Path(stopped["run_dir"]) / "config.yaml"
     config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
                               if not line.strip().startswith("val_noise:")))
