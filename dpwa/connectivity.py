@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .checkpoint import atomic_write_text
-from .config import AveragingConfig, ConfigError, MethodConfig, RunConfig, config_to_yaml, load_config
+from .config import AveragingConfig, ConfigError, MethodConfig, RunConfig, TrainConfig, config_to_yaml, load_config
 from .data import Split
 from .errors import UsageError
 from .evaluate import metrics, predict_proba
@@ -64,8 +64,9 @@ class CurveError(UsageError):
 def curve_config(endpoint_a: Path, endpoint_b: Path, *, curve_type: str = "bezier", bends: int = 1,
                  endpoint_models: Sequence[str] = ("raw", "raw"), overrides: Sequence[str] = ()) -> RunConfig:
     """The config of a curve run between two run folders: endpoint A's config with
-    method.name=curve, default averaging and the name `<A's name>-<curve_type>`, then
-    `overrides` (dotted, as `dpwa train`'s).
+    method.name=curve, default averaging, charged validation (A's train.val_noise, the default
+    where A evaluated exactly) and the name `<A's name>-<curve_type>`, then `overrides`
+    (dotted, as `dpwa train`'s).
 
     Raises:
         ConfigError: not a run folder, or an invalid override.
@@ -76,7 +77,10 @@ def curve_config(endpoint_a: Path, endpoint_b: Path, *, curve_type: str = "bezie
     method = MethodConfig(name="curve", curve_type=curve_type, curve_bends=bends,
                           curve_endpoints=[str(Path(p).resolve()) for p in (endpoint_a, endpoint_b)],
                           curve_endpoint_models=list(endpoint_models))
-    cfg = dataclasses.replace(base, name=f"{base.name}-{curve_type}", method=method, averaging=AveragingConfig())
+    # a new run: its validation accuracies are charged unless its own overrides say val_noise=0
+    train = dataclasses.replace(base.train, val_noise=base.train.val_noise or TrainConfig().val_noise)
+    cfg = dataclasses.replace(base, name=f"{base.name}-{curve_type}", method=method, averaging=AveragingConfig(),
+                              train=train)
     with tempfile.TemporaryDirectory() as tmp:  # overrides merge as on `dpwa train CONFIG key=value`
         path = Path(tmp) / "curve.yaml"
         path.write_text(config_to_yaml(cfg))

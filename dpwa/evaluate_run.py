@@ -18,7 +18,7 @@ import torch
 
 from .averaging import METHODS
 from .checkpoint import atomic_write_text
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .data import outside_guarantee
 from .errors import UsageError
 from .evaluate import member_metrics, metrics, predict_members, reliability_bins
@@ -46,8 +46,9 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     (eval-val.json, and reliability-val.png when exact, for the validation split).
     `test_time_flip` (None: the run's `data.test_time_flip`) also averages the mirror images'
     softmax into every prediction. On a private run's validation split, `val_noise` (None: the
-    run's `train.val_noise`) is the std of each released accuracy, charged to `ledger_path`
-    (None: the run's ledger); 0 gives exact metrics outside the guarantee.
+    run's `train.val_noise`, or the default where that is 0) is the std of each released
+    accuracy, charged to `ledger_path` (None: the run's ledger); 0 gives exact metrics outside
+    the guarantee.
 
     Raises:
         EvalError: not a run folder, no checkpoint, an unreadable checkpoint, a requested
@@ -96,7 +97,9 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
 
     target = data.test if split == "test" else data.val
     assert target is not None
-    noise = cfg.train.val_noise if val_noise is None else val_noise
+    # charged unless 0 is asked for here: a run that evaluated exactly (or predates charged
+    # validation, read as val_noise 0) gets the default noise, not its own exact evaluation
+    noise = val_noise if val_noise is not None else (cfg.train.val_noise or TrainConfig().val_noise)
     charged: Any = split == "val" and cfg.privacy.enabled and noise > 0
     covered = split == "test" or not cfg.privacy.enabled or charged
     if not covered:

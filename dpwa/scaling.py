@@ -83,14 +83,16 @@ class Scaling:
 
 def rescale(*, batch_size: int, new_batch_size: int, dataset_size: int, steps: int, lr: float, rule: str,
             delta: float, epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
-            epochs: Optional[float] = None, accountant: str = "prv", rtol: float = 0.01, prior: Sequence[Event] = (),
+            epochs: Optional[float] = None, accountant: str = "prv", rtol: float = 0.01,
+            prior: Sequence[Event] | Callable[[int], Sequence[Event]] = (),
             releases: Callable[[int], int] = lambda steps: steps) -> Scaling:
     """The config's setting at `batch_size`, and the two moves to `new_batch_size`.
 
     Give the current `noise_multiplier`, the target `epsilon`, or both (a config that
     calibrated sigma for epsilon); the target defaults to what the current setting spends.
     `epochs` is the config's (else steps B / N); `releases(steps)` the method's count of
-    noisy releases; `prior` events every setting composes with (released feature statistics).
+    noisy releases; `prior` events every setting composes with (released feature statistics),
+    or a function of the steps giving them (validation accuracies, one set per evaluation).
 
     Raises:
         InvalidParameterError: a batch size that is not an integer in [1, N], a bad rule, or
@@ -112,18 +114,20 @@ def rescale(*, batch_size: int, new_batch_size: int, dataset_size: int, steps: i
     _, new_steps = calibrate.sample_rate_and_steps(batch_size=new_batch_size, dataset_size=dataset_size,
                                                    epochs=epochs)
 
+    prior_of = prior if callable(prior) else (lambda n: prior)
+
     def spend(sigma: float, rate: float, n: int) -> float:
         return calibrate.epsilon_for(noise_multiplier=sigma, sample_rate=rate, steps=releases(n), delta=delta,
-                                     accountant=accountant, prior=prior)
+                                     accountant=accountant, prior=prior_of(n))
 
     sigma = noise_multiplier if noise_multiplier is not None else calibrate.noise_multiplier_for(
         target_epsilon=epsilon, delta=delta, sample_rate=q, steps=releases(steps), accountant=accountant,
-        rtol=rtol, prior=prior)
+        rtol=rtol, prior=prior_of(steps))
     spent = spend(sigma, q, steps)
     target = epsilon if epsilon is not None else spent
     new_sigma = calibrate.noise_multiplier_for(target_epsilon=target, delta=delta, sample_rate=new_q,
                                                steps=releases(new_steps), accountant=accountant, rtol=rtol,
-                                               prior=prior)
+                                               prior=prior_of(new_steps))
     tan_sigma = sigma * new_batch_size / batch_size
     current = Setting(batch_size, q, steps, releases(steps), steps * q, sigma, lr, spent)
     same = Setting(new_batch_size, new_q, new_steps, releases(new_steps), new_steps * new_q, new_sigma,

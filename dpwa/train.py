@@ -36,6 +36,7 @@ import torch
 from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, noise_multiplier_for,
                         sample_rate_and_steps)
 from accounting.errors import AccountantFailedError, AccountingError, LedgerError
+from accounting.events import merge
 from accounting.ledger import check_delta_below_1_over_n
 
 from .augmult import augmult_views
@@ -234,7 +235,7 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
     text = (folder.path / "config.yaml").read_text()
     same_config = run.config_hash in (_config_hash(cfg), hashlib.sha256(text.encode()).hexdigest()[:16]) \
         or "releases" not in meta
-    if not same_config or recorded != planned or list(run.planned) != plan.events:
+    if not same_config or recorded != planned or list(run.planned) != merge(plan.events):  # as the ledger holds them
         raise StateError(f"Cannot resume {folder.path}: its config.yaml no longer matches the run reserved in the "
                          f"ledger (reserved: {recorded}; the config now gives {planned}). Restore the config the "
                          f"run started with; run {run.run_id!r} stays reserved (counted in full)")

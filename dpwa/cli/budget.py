@@ -145,7 +145,8 @@ def run(a: argparse.Namespace) -> int:
 
 # Config keys that count steps: at the same epochs they should move with the steps (x S'/S).
 _STEP_KEYS = (("optim", "warmup_steps"), ("optim", "cycle_start"), ("optim", "cycle_length"), ("optim", "sgdr_t0"),
-              ("averaging", "polyak_start"), ("averaging", "swa_start"), ("averaging", "swa_every"))
+              ("averaging", "polyak_start"), ("averaging", "swa_start"), ("averaging", "swa_every"),
+              ("train", "eval_every"))
 
 
 def _scale(a: argparse.Namespace) -> int:
@@ -172,6 +173,7 @@ def _scale(a: argparse.Namespace) -> int:
         raise InvalidParameterError(f"--batch-size must be in [1, N={n}], got {a.batch_size}")
     from dpwa.methods import METHODS
     from dpwa.train import plan_run
+    from dpwa.validation import validation_event
 
     plan = plan_run(cfg, n)
     acc = a.accountant or p.accountant
@@ -179,7 +181,7 @@ def _scale(a: argparse.Namespace) -> int:
     s = scaling.rescale(batch_size=cfg.train.batch_size, new_batch_size=a.batch_size, dataset_size=n,
                         steps=plan.steps, epochs=cfg.train.epochs, lr=cfg.optim.lr, rule=rule, delta=p.delta,
                         epsilon=p.epsilon, noise_multiplier=plan.noise_multiplier, accountant=acc, rtol=a.rtol,
-                        prior=plan.prior,  # held at the config's own count of validation accuracies
+                        prior=lambda steps: [e for e in (plan.statistics, validation_event(cfg, steps)) if e],
                         releases=lambda steps: METHODS[cfg.method.name].releases(cfg, steps))
     step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in _STEP_KEYS
                  if getattr(getattr(cfg, sec), key)}

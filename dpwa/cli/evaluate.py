@@ -6,9 +6,9 @@ RUN_DIR/eval.json and a reliability diagram RUN_DIR/reliability.png.
 On the test split evaluation is post-processing of the released iterates: it charges
 nothing, and the private training split is withheld from it (any read raises). The
 validation split of a private run was carved from its private data: there each method's
-accuracy is released as a noisy count (std --val-noise, default the run's train.val_noise),
-charged to the run's ledger as a query of its own, and nothing else is computed;
---val-noise 0 gives exact metrics, outside the DP guarantee (warned). It reads the run's last
+accuracy is released as a noisy count (std --val-noise; default the run's train.val_noise,
+or 0.01 where that is 0), charged to the run's ledger as a query of its own, and nothing
+else is computed; only --val-noise 0 gives exact metrics, outside the DP guarantee (warned). It reads the run's last
 checkpoint, so a run still in progress is evaluated as of that checkpoint.
 """
 
@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "data.test_time_flip); free, as all evaluation")
     p.add_argument("--val-noise", type=float, metavar="S",
                    help="--data val on a private run: std of each released accuracy (default: the run's "
-                        "train.val_noise); 0: exact metrics, outside the DP guarantee")
+                        "train.val_noise, or 0.01 where that is 0); 0: exact metrics, outside the DP guarantee")
     p.add_argument("--ledger", help="ledger of a charged --data val query (default: the run's own, from run.json)")
     p.add_argument("--json", action="store_true", help="print eval.json")
     p.set_defaults(run=run)

@@ -214,3 +214,55 @@ def test_a_run_folder_from_before_charged_validation_resumes_as_it_was_reserved(
     with pytest.warns(UserWarning, match="train.val_noise=0"):
         report = train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)
     assert Ledger(led).run(report["run_id"]).status == "committed" and "validation" not in report
+
+
+def test_a_run_whose_statistics_and_accuracies_share_a_noise_multiplier_resumes(tmp_path):
+    """The ledger merges equal mechanisms (feature statistics at sigma 8, validation accuracies
+    at 0.08 x 100 = 8): the resume check compares the plan as the ledger holds it."""
+    from tests.dpwa.test_statistics import PRIVATE
+
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, *PRIVATE, "train.val_noise=0.08", "privacy.epsilon=8")
+    stopped = train(cfg, ledger_path=str(led), progress=False, stop_after=3)
+    assert Ledger(led).run(stopped["run_id"]).planned[0] == Gaussian(noise_multiplier=8.0, count=2 + 3)
+    report = train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)
+    assert Ledger(led).run(report["run_id"]).status == "committed" and report["validation"]["releases"] == 3
+
+
+def test_eval_of_a_run_that_evaluated_exactly_is_charged_unless_0_is_asked_for(tmp_path):
+    led = tmp_path / "l.sqlite"
+    with pytest.warns(UserWarning, match="train.val_noise=0"):
+        report = train(tiny(tmp_path, "train.val_noise=0"), ledger_path=str(led), progress=False)
+    out = evaluate_run(Path(report["run_dir"]), split="val")
+    assert out["charged"]["noise"] == 0.01 and out["covered_by_guarantee"]
+    assert list(Ledger(led).run(out["charged"]["query_run_id"]).spent) == [Gaussian(noise_multiplier=1.0, count=3)]
+
+
+def test_a_curve_between_runs_that_evaluated_exactly_charges_its_own_accuracies(tmp_path):
+    from dpwa.connectivity import curve_config
+
+    led = tmp_path / "l.sqlite"
+    ends = []
+    for seed in (0, 1):
+        with pytest.warns(UserWarning, match="train.val_noise=0"):
+            ends.append(train(tiny(tmp_path, "train.val_noise=0", f"train.seed={seed}"), ledger_path=str(led),
+                              progress=False)["run_dir"])
+    assert curve_config(*ends).train.val_noise == 0.01
+    assert curve_config(*ends, overrides=["train.val_noise=0"]).train.val_noise == 0
+
+
+def test_budget_rescaling_counts_the_validation_accuracies_of_the_new_length(tmp_path, capsys):
+    """At a smaller batch the same epochs take more steps, so more evaluations: the sigma the
+    table gives must spend the target with all of them counted."""
+    from dpwa.train import plan_run
+
+    config = tmp_path / "val.yaml"
+    config.write_text((QUICK.read_text() + "\n").replace("train:\n", "train:\n  eval_split: val\n  eval_every: 25\n"
+                                                         "  val_noise: 0.05\n").replace("data:\n", "data:\n  val_size: 300\n"))
+    assert main(["budget", "--config", str(config), "--batch-size", "64", "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)["same_epochs"]
+    cfg = load_config(config, ["train.batch_size=64", f"train.steps={same['steps']}", "privacy.epsilon=null",
+                               f"privacy.noise_multiplier={same['noise_multiplier']}"])
+    plan = plan_run(cfg, 1497 - 300)
+    assert plan.validation.count > planned_releases(load_config(config), 150)  # more evaluations than before
+    assert epsilon(plan.events, delta=1e-4, accountant="prv") == pytest.approx(3.0, rel=0.02)
