@@ -49,6 +49,10 @@ class DataConfig:
     root: Optional[str] = None
     download: bool = True           # let torchvision download CIFAR when it is missing
     val_size: int = 0               # examples carved from train for validation; never trained on
+    # how they are chosen (dpwa.data.carve): stable (each example's side is a function of its own
+    # content and label, so adding or removing one example moves at most one other) or permutation
+    # (a seeded shuffle of the whole split, as dpwa chose before: one example reshuffles all)
+    val_carve: str = "stable"
     ledger_name: Optional[str] = None  # the dataset's name in the privacy ledger (default: name)
     # Per-channel normalisation, in [0, 1] units. Public constants, never statistics of the
     # private data (that would be a release outside the DP mechanism). Default: the published
@@ -84,6 +88,8 @@ class DataConfig:
                  f"data.classes must list at least 2 distinct labels >= 0, got {self.classes}")
         _require(self.std is None or all(s > 0 for s in self.std), f"data.std must be > 0, got {self.std}")
         _require(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
+        _require(self.val_carve in ("stable", "permutation"),
+                 f"data.val_carve must be stable or permutation, got {self.val_carve!r}")
         _require(self.name != "npz" or bool(self.root), "data.name=npz needs data.root (a folder with train.npz)")
 
 
@@ -714,7 +720,9 @@ def config_from_yaml_text(text: str) -> RunConfig:
     tree = OmegaConf.to_container(OmegaConf.create(text))
     if not isinstance(tree, dict):
         raise ConfigError("config.yaml must hold a mapping of config keys")
-    train = tree.get("train")
+    train, data = tree.get("train"), tree.get("data")
     if isinstance(train, dict) and "val_noise" not in train:  # written whole by a dpwa before charged validation
         tree = {**tree, "train": {**train, "val_noise": 0.0}}  # it evaluated exactly, and reserved no accuracies
+    if isinstance(data, dict) and "val_carve" not in data:  # ... before the stable carve: it trained on the
+        tree = {**tree, "data": {**data, "val_carve": "permutation"}}  # split a seeded shuffle carved
     return _merge([OmegaConf.create(_migrate(tree))])

@@ -279,6 +279,47 @@ def _quiet_decoding():
             logger.disabled = disabled
 
 
+def _example_keys(split: Split) -> list[bytes]:
+    """What identifies each example, independently of the others: its label and its pixels (its
+    path below the split's folder, for image files: no decoding, and the same wherever the
+    folder lies)."""
+    labels = split.y.tolist()
+    if isinstance(split.x, ImageFiles):
+        return [f"{y}:{Path(f).parent.name}/{Path(f).name}".encode() for y, f in zip(labels, split.x.files)]
+    pixels = split.x.contiguous().numpy().reshape(len(split.x), -1)
+    return [y.to_bytes(8, "little", signed=True) + row.tobytes() for y, row in zip(labels, pixels)]
+
+
+def carve(split: Split, size: int, seed: int, how: str = "stable") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the validation and training examples of `split`, each in their original order.
+
+    `stable`: each example gets a score from its own label and content and `seed`
+    (BLAKE2b, Aumasson et al. 2013), and the `size` lowest scores are the validation split.
+    Adding or removing one example changes no other score, so the validation split changes by
+    at most one swap and the training split by one example added or removed. The DP-SGD steps
+    then see neighbouring training sets, the charged validation counts a neighbouring
+    validation set (a swap moves a count by at most 1), and the ledger's composition covers
+    both. `permutation` (dpwa before 2026-12-07): a seeded shuffle of all N examples. One example
+    more reshuffles every position, so neighbouring data can give splits that differ in
+    thousands of examples; that is DP only if the split is taken as fixed and public.
+
+    >>> s = Split(torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1, 1), torch.zeros(6, dtype=torch.long))
+    >>> [t.tolist() for t in carve(s, 2, seed=0)]
+    [[0, 3], [1, 2, 4, 5]]
+    """
+    import hashlib
+
+    if how == "permutation":
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+        return order[:size], order[size:]
+    salt = seed.to_bytes(8, "little", signed=True)
+    scores = [hashlib.blake2b(key, digest_size=8, key=salt).digest() for key in _example_keys(split)]
+    ranked = sorted(range(len(scores)), key=lambda i: (scores[i], i))  # ties (identical examples): by position
+    chosen = torch.zeros(len(scores), dtype=torch.bool)
+    chosen[ranked[:size]] = True
+    return chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
+
+
 def _take(x, key):
     """Rows of an in-memory tensor, or a lazy subset of `ImageFiles`."""
     return x.take(key) if isinstance(x, ImageFiles) else x[key]
@@ -391,9 +432,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
     if cfg.val_size:
         if cfg.val_size >= len(train):
             raise DataError(f"data.val_size={cfg.val_size} must be smaller than the training set ({len(train)})")
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(train), generator=g)
-        v, t = order[: cfg.val_size], order[cfg.val_size:]
+        v, t = carve(train, cfg.val_size, seed, cfg.val_carve)
         val, train = Split(_take(train.x, v), train.y[v]), Split(_take(train.x, t), train.y[t])
     channels = train.x.shape[1]
     default_mean, default_std = _PUBLIC_STATS.get(cfg.name, ([0.5] * channels, [0.25] * channels))

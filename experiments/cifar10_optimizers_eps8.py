@@ -139,7 +139,8 @@ def proxy(row: str, lr: float, batch: int, kind: str) -> dict[str, Any]:
     overrides = [*row_overrides(row, lr, batch), f"train.batch_size={b}", "train.epochs=null",
                  f"train.steps={plan.steps}", "privacy.epsilon=null",
                  f"privacy.noise_multiplier={plan.noise_multiplier / SHRINK}", "privacy.accountant=rdp",
-                 "data.val_size=5000", "train.eval_split=val", "train.val_noise=0", f"name={kind}-{name}", f"out_dir={OUT / kind / name}"]
+                 "data.val_size=5000", "data.val_carve=permutation", "train.eval_split=val", "train.val_noise=0",
+                 f"name={kind}-{name}", f"out_dir={OUT / kind / name}"]
     if kind == "scaling":  # judged by the last iterate: no SWA to evaluate
         overrides += ["averaging.swa=false"]
     report = dpwa.train(load_config(ROOT / CONFIG, overrides), ledger_path=str(LEDGER), progress=False)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from accounting import Gaussian, Ledger, epsilon
 from dpwa.cli import main
 from dpwa.config import ConfigError, DataConfig, load_config
-from dpwa.data import load_data
+from dpwa.data import ImageFiles, Split, carve, load_data
 from dpwa.evaluate_run import evaluate_run
 from dpwa.mechanism import ReleaseRefused
 from dpwa.run_folder import load_run
@@ -266,3 +266,54 @@ def test_budget_rescaling_counts_the_validation_accuracies_of_the_new_length(tmp
     plan = plan_run(cfg, 1497 - 300)
     assert plan.validation.count > planned_releases(load_config(config), 150)  # more evaluations than before
     assert epsilon(plan.events, delta=1e-4, accountant="prv") == pytest.approx(3.0, rel=0.02)
+
+
+def _carved(split, size, seed, how):
+    from dpwa.data import _example_keys
+
+    keys = _example_keys(split)
+    v, t = carve(split, size, seed, how)
+    return {keys[i] for i in v.tolist()}, {keys[i] for i in t.tolist()}
+
+
+def test_the_stable_carve_moves_at_most_one_other_example_when_one_is_added():
+    """Neighbouring data (one example more) gives neighbouring splits: the validation split
+    changes by at most one swap, the training split by the one example (or the one swapped
+    out). The permutation carve of earlier versions reshuffles both."""
+    whole = load_data(DataConfig(name="digits"), seed=0).train
+    new = whole.x[:1].flip(-1)  # an image the data does not hold
+    at = 700
+    plus = Split(torch.cat([whole.x[:at], new, whole.x[at:]]), torch.cat([whole.y[:at], whole.y[:1], whole.y[at:]]))
+    for seed in range(10):
+        (v0, t0), (v1, t1) = _carved(whole, 100, seed, "stable"), _carved(plus, 100, seed, "stable")
+        assert len(v0) == len(v1) == 100 and len(v0 ^ v1) in (0, 2)
+        assert len(t1 - t0) == 1 and not t0 - t1
+    (v0, _), (v1, _) = _carved(whole, 100, 0, "permutation"), _carved(plus, 100, 0, "permutation")
+    assert len(v0 ^ v1) > 150  # nearly every validation example changed
+
+
+def test_the_stable_carve_is_a_function_of_the_examples_and_the_seed():
+    whole = load_data(DataConfig(name="digits"), seed=0).train
+    shuffled = torch.randperm(len(whole), generator=torch.Generator().manual_seed(3))
+    moved = Split(whole.x[shuffled], whole.y[shuffled])
+    assert _carved(whole, 100, 1, "stable") == _carved(moved, 100, 1, "stable")  # the order does not matter
+    assert _carved(whole, 100, 1, "stable")[0] != _carved(whole, 100, 2, "stable")[0]
+    v, t = carve(whole, 100, 1)
+    assert sorted(torch.cat([v, t]).tolist()) == list(range(len(whole)))  # a partition, each part in order
+    assert v.tolist() == sorted(v.tolist()) and t.tolist() == sorted(t.tolist())
+    # image files: their class folder and name, wherever the data lies (no decoding)
+    files = [f"train/c{i % 2}/img{i}.png" for i in range(50)]
+    labels = torch.arange(50) % 2
+    here, there = (Split(ImageFiles([f"{root}/{f}" for f in files], 8), labels) for root in ("/data", "/mnt/copy"))
+    assert carve(here, 10, 0)[0].tolist() == carve(there, 10, 0)[0].tolist()
+
+
+def test_run_folders_from_before_the_stable_carve_read_as_permutation(tmp_path):
+    from dpwa.config import config_from_yaml_text, config_to_yaml
+
+    text = config_to_yaml(tiny(tmp_path))
+    assert config_from_yaml_text(text).data.val_carve == "stable"
+    old = "".join(line for line in text.splitlines(keepends=True) if "val_carve" not in line)
+    assert config_from_yaml_text(old).data.val_carve == "permutation"
+    with pytest.raises(ConfigError, match="data.val_carve must be stable or permutation, got 'random'"):
+        tiny(tmp_path, "data.val_carve=random")
