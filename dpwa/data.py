@@ -185,8 +185,15 @@ class ImageFiles:
 
     dtype = torch.uint8
 
-    def __init__(self, files: list[str], size: int) -> None:
-        self.files, self.size = files, size
+    def __init__(self, files: list[str], size: int, root: str = "") -> None:
+        self.files, self.size, self.root = files, size, root.rstrip("/")  # root: the split's folder
+
+    def names(self) -> list[str]:
+        """Each file's path below `root` (class folder and file name in the ImageNet layout; the
+        last two parts without a root): the same wherever the folder is copied."""
+        cut = len(self.root) + 1
+        return [f[cut:] if self.root and f.startswith(self.root + "/") else "/".join(f.rsplit("/", 2)[-2:])
+                for f in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -204,7 +211,7 @@ class ImageFiles:
         return key.flatten().tolist()
 
     def take(self, key) -> "ImageFiles":
-        return ImageFiles([self.files[i] for i in self._indices(key)], self.size)
+        return ImageFiles([self.files[i] for i in self._indices(key)], self.size, self.root)
 
     def __getitem__(self, key) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
@@ -285,9 +292,25 @@ def _example_keys(split: Split) -> list[bytes]:
     folder lies)."""
     labels = split.y.tolist()
     if isinstance(split.x, ImageFiles):
-        return [f"{y}:{Path(f).parent.name}/{Path(f).name}".encode() for y, f in zip(labels, split.x.files)]
+        return [f"{y}:{name}".encode() for y, name in zip(labels, split.x.names())]
     pixels = split.x.contiguous().numpy().reshape(len(split.x), -1)
     return [y.to_bytes(8, "little", signed=True) + row.tobytes() for y, row in zip(labels, pixels)]
+
+
+def lowest_scores(split: Split, size: int, seed: int) -> torch.Tensor:
+    """A boolean mask of the `size` examples of `split` with the lowest scores, each example's
+    score a keyed BLAKE2b hash (Aumasson et al. 2013) of its own label and content, keyed by
+    `seed` (64 bits, signed). Adding or removing one example changes no other score, so the
+    chosen set changes by at most one example in and one out: the rule by which dpwa picks any
+    subset of private data (the validation carve, a landscape's examples)."""
+    import hashlib
+
+    salt = seed.to_bytes(8, "little", signed=True)
+    scores = [hashlib.blake2b(key, digest_size=8, key=salt).digest() for key in _example_keys(split)]
+    ranked = sorted(range(len(scores)), key=scores.__getitem__)  # a stable sort: ties (identical examples) by position
+    chosen = torch.zeros(len(scores), dtype=torch.bool)
+    chosen[ranked[:size]] = True
+    return chosen
 
 
 def carve(split: Split, size: int, seed: int, how: str = "stable") -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,16 +330,10 @@ def carve(split: Split, size: int, seed: int, how: str = "stable") -> tuple[torc
     >>> [t.tolist() for t in carve(s, 2, seed=0)]
     [[0, 3], [1, 2, 4, 5]]
     """
-    import hashlib
-
     if how == "permutation":
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
         return order[:size], order[size:]
-    salt = seed.to_bytes(8, "little", signed=True)
-    scores = [hashlib.blake2b(key, digest_size=8, key=salt).digest() for key in _example_keys(split)]
-    ranked = sorted(range(len(scores)), key=lambda i: (scores[i], i))  # ties (identical examples): by position
-    chosen = torch.zeros(len(scores), dtype=torch.bool)
-    chosen[ranked[:size]] = True
+    chosen = lowest_scores(split, size, seed)
     return chosen.nonzero().flatten(), (~chosen).nonzero().flatten()
 
 
@@ -345,7 +362,7 @@ def _imagefolder(root: str, size: int) -> tuple[Split, Split, int]:
             classes = ds.classes
         elif ds.classes != classes:
             raise DataError(f"data.root={root!r}: val/ has classes {ds.classes[:5]}..., train/ has {classes[:5]}...")
-        splits.append(Split(ImageFiles([f for f, _ in ds.samples], size),  # type: ignore[arg-type]
+        splits.append(Split(ImageFiles([f for f, _ in ds.samples], size, str(path)),  # type: ignore[arg-type]
                             torch.tensor(ds.targets, dtype=torch.int64)))
     return splits[0], splits[1], len(classes or ())
 
@@ -410,8 +427,8 @@ def register_source(name: str):
     return wrap
 
 
-def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -> Data:
-    """Load, carve the validation split (a fixed function of `seed`), and set the
+def load_data(cfg: DataConfig, *, withhold_train: bool = False) -> Data:
+    """Load, carve the validation split (a fixed function of `cfg.val_seed`), and set the
     normalisation constants (public ones: see `DataConfig.mean`). With `withhold_train`
     the training split is replaced by a `Withheld` stand-in (evaluation after training)."""
     from .features import FEATURES
@@ -432,7 +449,7 @@ def load_data(cfg: DataConfig, *, seed: int = 0, withhold_train: bool = False) -
     if cfg.val_size:
         if cfg.val_size >= len(train):
             raise DataError(f"data.val_size={cfg.val_size} must be smaller than the training set ({len(train)})")
-        v, t = carve(train, cfg.val_size, seed, cfg.val_carve)
+        v, t = carve(train, cfg.val_size, cfg.val_seed, cfg.val_carve)
         val, train = Split(_take(train.x, v), train.y[v]), Split(_take(train.x, t), train.y[t])
     channels = train.x.shape[1]
     default_mean, default_std = _PUBLIC_STATS.get(cfg.name, ([0.5] * channels, [0.25] * channels))

@@ -49,7 +49,7 @@ from .rows import Rows, example_losses, tiling_of
 
 __all__ = ["LandscapeError", "LandscapeSpec", "Grid", "FILTER", "CENTRED", "ZERO", "register_filter_layer",
            "parameter_roles", "state_of", "filter_normalize", "random_direction", "target_direction",
-           "pca_directions", "surface", "Logits", "split_metrics", "private_loss", "subset_indices", "check_split",
+           "pca_directions", "surface", "Logits", "split_metrics", "private_loss", "subset_indices", "private_subset", "check_split",
            "landscape_run", "draw_1d", "draw_contours", "draw_surface"]
 
 State = dict[str, torch.Tensor]
@@ -347,10 +347,23 @@ def private_loss(logits: Logits, mechanism: Any) -> Measure:
 
 
 def subset_indices(total: int, examples: Optional[int], seed: int) -> torch.Tensor:
-    """A sorted random subset of `examples` of `total` indices (all if None), from public seed."""
+    """A sorted random subset of `examples` of `total` indices (all if None), from public seed:
+    for the public test split only (one example more reshuffles which positions are kept)."""
     if examples is None or examples >= total:
         return torch.arange(total)
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:examples].sort().values
+
+
+def private_subset(split: Any, examples: Optional[int], seed: int) -> torch.Tensor:
+    """The sorted indices of `examples` examples of a private split (all if None), chosen by
+    `dpwa.data.lowest_scores`: on neighbouring data the subsets are neighbours (at most one
+    example in and one out), so the mean loss over them keeps its sensitivity B / n. A seeded
+    permutation of positions would not: one example added shifts every position after it."""
+    from .data import lowest_scores
+
+    if examples is None or examples >= len(split):
+        return torch.arange(len(split))
+    return lowest_scores(split, examples, seed).nonzero().flatten()
 
 
 def check_split(split: str, noise_multiplier: Optional[float], loss_clip: Optional[float]) -> None:
@@ -392,8 +405,8 @@ class LandscapeSpec:
     y_range: Optional[tuple[float, float]] = None  # default (-1, 1)
     points: tuple[int, ...] = (21,)            # nx [ny]
     split: str = "test"
-    examples: Optional[int] = None             # a seeded random subset of the split; all if None
-    seed: int = 0                              # random directions and the subset
+    examples: Optional[int] = None             # a seeded subset of the split; all if None
+    seed: int = 0                              # random directions and the subset (64 bits, signed)
     batch_size: int = 1000                     # examples per forward pass
     train_noise_multiplier: Optional[float] = None  # sigma of each released private mean loss
     loss_clip: Optional[float] = None          # B: per-example losses clipped to [0, B]
@@ -420,6 +433,8 @@ class LandscapeSpec:
             raise LandscapeError("a y range needs --dims 2")
         if (self.examples is not None and self.examples < 1) or self.batch_size < 1:
             raise LandscapeError(f"--examples and --batch-size must be >= 1, got {self.examples}, {self.batch_size}")
+        if not -2**63 <= self.seed < 2**63:
+            raise LandscapeError(f"--seed must fit in 64 bits (|seed| < 2**63), got {self.seed}")
 
     @property
     def kind(self) -> str:
@@ -487,7 +502,7 @@ def _private_split(run: Any, split: str) -> Any:
         return run.data.val
     from .data import PrivateDataAccess, load_data
 
-    data = load_data(run.cfg.data, seed=run.cfg.train.seed)
+    data = load_data(run.cfg.data)
     if data.source != run.data.source:
         raise PrivateDataAccess("the training data changed since the reservation (fingerprint differs): refused")
     return data.train
@@ -564,13 +579,15 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
         from .loss_query import LossMechanism, reserved_query
 
         size = len(run.data.train if spec.split == "train" else run.data.val)  # public N (Withheld knows it)
-        idx = subset_indices(size, spec.examples, spec.seed)
+        count = size if spec.examples is None else min(spec.examples, size)
         mech = LossMechanism(noise_multiplier=spec.train_noise_multiplier, loss_clip=spec.loss_clip,
-                             dataset_size=len(idx), releases=grid.size, generator=noise_generator)
+                             dataset_size=count, releases=grid.size, generator=noise_generator)
         events = [Gaussian(noise_multiplier=spec.train_noise_multiplier, count=grid.size)]
         with reserved_query(run, events=events, spent=mech.events, purpose="landscape",
                             ledger_path=ledger_path) as charged:
-            logits = Logits(model, batches_of(_private_split(run, spec.split), idx), inputs, origin, dirs)
+            split = _private_split(run, spec.split)
+            idx = private_subset(split, spec.examples, spec.seed)
+            logits = Logits(model, batches_of(split, idx), inputs, origin, dirs)
             values = surface(model, origin, dirs, grid, private_loss(logits, mech), progress=progress, desc=desc)
         try:
             charged["epsilon"] = epsilon(events, delta=run.meta["delta"], accountant=run.cfg.privacy.accountant)

@@ -196,7 +196,7 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
                           f"(train.checkpoint_every={cfg.train.checkpoint_every}); nothing was released")
     state = upgrade(raw)
     set_threads(cfg.train.threads)
-    data = load_data(cfg.data, seed=cfg.train.seed, withhold_train=True)
+    data = load_data(cfg.data, withhold_train=True)
     model = build_model(cfg, data, load_pretrained=False)  # the checkpoint holds the weights
     steps = int(meta["steps"])
     schedule = Schedule(cfg.optim, steps, swa_start=cfg.averaging.swa_start)

@@ -356,7 +356,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                               f"{world.size} (each rank's expected share of a logical batch is B / world size)")
         if cfg.train.steps is not None:  # the length is known before the data: refuse a bad one before loading it
             _check_length(cfg, cfg.train.steps)
-        data = load_data(cfg.data, seed=cfg.train.seed)
+        data = load_data(cfg.data)
         n_source = data.source.size
         if private:
             _check_delta(cfg, n_source)
@@ -412,7 +412,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         ("train.eval_split=val with train.val_noise=0", HELD_OUT,
          cfg.train.eval_split == "val" and cfg.train.val_noise == 0),
         ("train.private_diagnostics=true", "each private batch's loss and realised size (in metrics.jsonl and "
-         "curves.png)", cfg.train.private_diagnostics)) if on and private}
+         "curves.png)", cfg.train.private_diagnostics),
+        ("data.val_carve=permutation", "the choice of the validation split (a seeded shuffle of the whole source, "
+         "which one example more reshuffles; the guarantee holds for the split taken as fixed)",
+         cfg.data.val_size > 0 and cfg.data.val_carve == "permutation")) if on and private}
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.

@@ -56,7 +56,7 @@ def run(a: argparse.Namespace) -> int:
     from dpwa.train import plan_run
 
     # Only the training set's size is needed (q = B/N): no features are computed.
-    size = len(load_data(dataclasses.replace(cfg.data, features="none"), seed=cfg.train.seed).train)
+    size = len(load_data(dataclasses.replace(cfg.data, features="none")).train)
     plan = plan_run(cfg, size)
     p = cfg.privacy
     mech = Mechanism(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.releases,

@@ -221,4 +221,4 @@ def _training_set_size(cfg) -> int:
     from dpwa.data import load_data
 
     raw = dataclasses.replace(cfg.data, features="none")  # the size only: no scattering pass over the test split
-    return len(load_data(raw, seed=cfg.train.seed, withhold_train=True).train)
+    return len(load_data(raw, withhold_train=True).train)

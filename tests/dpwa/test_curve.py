@@ -69,7 +69,7 @@ def test_the_chain_rule_step_equals_per_example_gradients_of_the_curve_model(end
     min(1, C / (|g_i| + 1e-6)) with |g_i| its norm at w(t) (not its norm in bend space, which
     is b_1(t) |g_i|), and then mapped to the bend by b_1(t); weight decay wd b_1(t) w(t) after."""
     cfg = _curve(ends, "optim.weight_decay=0.1", "privacy.clip_norm=0.5")
-    data = load_data(cfg.data, seed=0)
+    data = load_data(cfg.data)
     model = build_model(cfg, data, load_pretrained=False)
     method = make_method(cfg, model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -108,7 +108,7 @@ def test_the_chain_rule_step_equals_per_example_gradients_of_the_curve_model(end
 
 def test_the_state_holds_the_bends_and_the_t_generator(ends):
     cfg = _curve(ends, "method.curve_type=polychain", "method.curve_bends=2", "optim.momentum=0.9")
-    data = load_data(cfg.data, seed=0)
+    data = load_data(cfg.data)
     model = build_model(cfg, data, load_pretrained=False)
     method = make_method(cfg, model)
     a, b = method.points[0], method.points[-1]

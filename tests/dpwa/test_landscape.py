@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 from accounting import Gaussian, Ledger
 from dpwa.cli import main
-from dpwa.landscape import (CENTRED, FILTER, ZERO, Grid, LandscapeSpec, landscape_run, parameter_roles,
-                            pca_directions, random_direction, state_of, subset_indices, surface)
+from dpwa.landscape import (CENTRED, FILTER, ZERO, Grid, LandscapeError, LandscapeSpec, landscape_run, parameter_roles,
+                            pca_directions, private_subset, random_direction, state_of, subset_indices, surface)
 from dpwa.models.standardize import Standardize
 from dpwa.models.ws import WSConv2d
 from tests.conftest import ledger_snapshot
@@ -231,6 +231,31 @@ def test_a_non_finite_loss_counts_as_the_clip():
     assert mech().release([losses]) == pytest.approx(mech().release([torch.tensor([0.5, 2.0, 2.0, 0.0])]), abs=0)
 
 
+def test_a_private_subset_on_neighbouring_data_is_a_neighbour():
+    """One example inserted moves the subset by at most one example in and one out (the mean
+    loss's sensitivity B / n holds); a seeded permutation of positions moves most of it."""
+    from dpwa.config import DataConfig
+    from dpwa.data import Split, _example_keys, load_data
+
+    whole = load_data(DataConfig(name="digits")).train
+    at = 300
+    plus = Split(torch.cat([whole.x[:at], whole.x[:1].flip(-1), whole.x[at:]]),
+                 torch.cat([whole.y[:at], whole.y[:1], whole.y[at:]]))
+
+    def chosen(split, idx):
+        keys = _example_keys(split)
+        return {keys[i] for i in idx.tolist()}
+
+    for seed in range(5):
+        a, b = chosen(whole, private_subset(whole, 200, seed)), chosen(plus, private_subset(plus, 200, seed))
+        assert len(a) == len(b) == 200 and len(a ^ b) in (0, 2)
+    moved = chosen(whole, subset_indices(len(whole), 200, 0)) ^ chosen(plus, subset_indices(len(plus), 200, 0))
+    assert len(moved) > 100
+    assert torch.equal(private_subset(whole, None, 0), torch.arange(len(whole)))
+    with pytest.raises(LandscapeError, match=r"--seed must fit in 64 bits \(\|seed\| < 2\*\*63\), got 9223372036854775808"):
+        LandscapeSpec(seed=2**63)
+
+
 def test_train_surface_is_charged_once_and_matches_a_float64_reference(runs, tmp_path):
     from safetensors.torch import load_file
 
@@ -249,8 +274,9 @@ def test_train_surface_is_charged_once_and_matches_a_float64_reference(runs, tmp
 
     # the reference: float64, one example at a time, clipped, the same noise replayed in grid order
     run = load_run(first)
-    train = load_data(run.cfg.data, seed=run.cfg.train.seed).train
-    idx = subset_indices(len(train), n, seed)
+    train = load_data(run.cfg.data).train
+    idx = private_subset(train, n, seed)
+    assert len(idx) == n and not torch.equal(idx, subset_indices(len(train), n, seed))
     model = copy.deepcopy(run.model).double().eval()
     params = dict(model.named_parameters())
     origin = {k: p.detach().clone() for k, p in params.items()}

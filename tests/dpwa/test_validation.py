@@ -38,7 +38,7 @@ def _outside_warnings(record):
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_data(DataConfig(name="digits", val_size=60), seed=0)
+    return load_data(DataConfig(name="digits", val_size=60))
 
 
 def test_a_released_accuracy_is_the_count_of_single_example_predictions_plus_its_noise(digits):
@@ -280,7 +280,7 @@ def test_the_stable_carve_moves_at_most_one_other_example_when_one_is_added():
     """Neighbouring data (one example more) gives neighbouring splits: the validation split
     changes by at most one swap, the training split by the one example (or the one swapped
     out). The permutation carve of earlier versions reshuffles both."""
-    whole = load_data(DataConfig(name="digits"), seed=0).train
+    whole = load_data(DataConfig(name="digits")).train
     new = whole.x[:1].flip(-1)  # an image the data does not hold
     at = 700
     plus = Split(torch.cat([whole.x[:at], new, whole.x[at:]]), torch.cat([whole.y[:at], whole.y[:1], whole.y[at:]]))
@@ -293,7 +293,7 @@ def test_the_stable_carve_moves_at_most_one_other_example_when_one_is_added():
 
 
 def test_the_stable_carve_is_a_function_of_the_examples_and_the_seed():
-    whole = load_data(DataConfig(name="digits"), seed=0).train
+    whole = load_data(DataConfig(name="digits")).train
     shuffled = torch.randperm(len(whole), generator=torch.Generator().manual_seed(3))
     moved = Split(whole.x[shuffled], whole.y[shuffled])
     assert _carved(whole, 100, 1, "stable") == _carved(moved, 100, 1, "stable")  # the order does not matter
@@ -301,11 +301,48 @@ def test_the_stable_carve_is_a_function_of_the_examples_and_the_seed():
     v, t = carve(whole, 100, 1)
     assert sorted(torch.cat([v, t]).tolist()) == list(range(len(whole)))  # a partition, each part in order
     assert v.tolist() == sorted(v.tolist()) and t.tolist() == sorted(t.tolist())
-    # image files: their class folder and name, wherever the data lies (no decoding)
-    files = [f"train/c{i % 2}/img{i}.png" for i in range(50)]
+    # image files: their path below the split's folder, wherever the data lies (no decoding)
+    files = [f"c{i % 2}/img{i}.png" for i in range(50)]
     labels = torch.arange(50) % 2
-    here, there = (Split(ImageFiles([f"{root}/{f}" for f in files], 8), labels) for root in ("/data", "/mnt/copy"))
+    here, there = (Split(ImageFiles([f"{root}/train/{f}" for f in files], 8, f"{root}/train"), labels)
+                   for root in ("/data", "/mnt/copy"))
+    assert here.x.names() == files and here.x.take([3]).names() == files[3:4]
     assert carve(here, 10, 0)[0].tolist() == carve(there, 10, 0)[0].tolist()
+    # nested folders inside a class folder: two files of one name in different sub-folders differ
+    nested = ImageFiles(["/d/train/c0/a/x.png", "/d/train/c0/b/x.png"], 8, "/d/train/")
+    assert nested.names() == ["c0/a/x.png", "c0/b/x.png"]
+    assert ImageFiles(["/d/train/c0/a/x.png"], 8).names() == ["a/x.png"]  # no root: the last two parts
+
+
+def test_the_carve_seed_is_its_own_so_runs_of_different_seeds_hold_out_one_split(tmp_path):
+    from dpwa.config import config_from_yaml_text, config_to_yaml
+
+    cfg = DataConfig(name="digits", val_size=50)
+    a, b = (load_data(cfg).val for _ in range(2))
+    assert torch.equal(a.x, b.x)
+    other = load_data(DataConfig(name="digits", val_size=50, val_seed=7)).val
+    assert not torch.equal(a.x, other.x)
+    for seed in (2**63, -2**63 - 1):
+        with pytest.raises(ConfigError, match=rf"data.val_seed must fit in 64 bits \(\|seed\| < 2\*\*63\), got {seed}"):
+            DataConfig(val_seed=seed)
+    assert DataConfig(val_seed=2**63 - 1).val_seed == 2**63 - 1
+    # a run folder from before data.val_seed was carved with its train.seed
+    text = config_to_yaml(tiny(tmp_path, "train.seed=5"))
+    assert config_from_yaml_text(text).data.val_seed == 0
+    old = "".join(line for line in text.splitlines(keepends=True) if "val_seed" not in line)
+    assert config_from_yaml_text(old).data.val_seed == 5
+
+
+def test_a_private_run_on_a_permutation_carve_warns_and_lists_it_outside_the_guarantee(tmp_path):
+    led = tmp_path / "l.sqlite"
+    with pytest.warns(UserWarning, match=r"data.val_carve=permutation: the choice of the validation split"):
+        report = train(tiny(tmp_path, "data.val_carve=permutation"), ledger_path=str(led), progress=False)
+    assert report["outside_guarantee"] == ["data.val_carve=permutation"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = train(tiny(tmp_path, "data.val_carve=permutation", "data.val_size=0", "train.eval_split=test"),
+                       ledger_path=str(led), progress=False)
+    assert not _outside_warnings(record) and report["outside_guarantee"] == []  # no split carved: nothing to warn
 
 
 def test_run_folders_from_before_the_stable_carve_read_as_permutation(tmp_path):
