@@ -53,8 +53,9 @@ class DataConfig:
     # content and label, so adding or removing one example moves at most one other) or permutation
     # (a seeded shuffle of the whole split, as dpwa chose before: one example reshuffles all)
     val_carve: str = "stable"
-    # the carve's seed, apart from train.seed so that runs of different seeds (the endpoints of a
-    # curve, repeats) hold out one validation split; run folders from before it read train.seed
+    # the carve's seed (either way of carving), apart from train.seed so that runs of different
+    # seeds (the endpoints of a curve, repeats) hold out one validation split; run folders from
+    # before it read their train.seed
     val_seed: int = 0
     ledger_name: Optional[str] = None  # the dataset's name in the privacy ledger (default: name)
     # Per-channel normalisation, in [0, 1] units. Public constants, never statistics of the
@@ -93,7 +94,7 @@ class DataConfig:
         _require(self.val_size >= 0, f"data.val_size must be >= 0, got {self.val_size}")
         _require(self.val_carve in ("stable", "permutation"),
                  f"data.val_carve must be stable or permutation, got {self.val_carve!r}")
-        _require(-2**63 <= self.val_seed < 2**63, f"data.val_seed must fit in 64 bits (|seed| < 2**63), "
+        _require(-2**63 <= self.val_seed < 2**63, f"data.val_seed must fit in 64 bits (-2**63 <= seed < 2**63), "
                                                   f"got {self.val_seed}")
         _require(self.name != "npz" or bool(self.root), "data.name=npz needs data.root (a folder with train.npz)")
 
@@ -732,6 +733,6 @@ def config_from_yaml_text(text: str) -> RunConfig:
         tree = {**tree, "data": {**data, "val_carve": "permutation"}}  # split a seeded shuffle carved
         data = tree["data"]
     if isinstance(data, dict) and "val_seed" not in data:  # ... before data.val_seed: carved with train.seed
-        seed = train.get("seed", 0) if isinstance(train, dict) else 0
+        seed = train.get("seed", 0) if isinstance(train, dict) and data.get("val_size") else 0
         tree = {**tree, "data": {**data, "val_seed": seed}}
     return _merge([OmegaConf.create(_migrate(tree))])

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .data import PERMUTED, outside_guarantee, permuted_carve
 from .errors import UsageError
 from .evaluate import metrics
 from .models.ws import WSConv2d
@@ -406,7 +408,7 @@ class LandscapeSpec:
     points: tuple[int, ...] = (21,)            # nx [ny]
     split: str = "test"
     examples: Optional[int] = None             # a seeded subset of the split; all if None
-    seed: int = 0                              # random directions and the subset (64 bits, signed)
+    seed: int = 0                              # random directions and the subset (private: 64 bits, signed)
     batch_size: int = 1000                     # examples per forward pass
     train_noise_multiplier: Optional[float] = None  # sigma of each released private mean loss
     loss_clip: Optional[float] = None          # B: per-example losses clipped to [0, B]
@@ -433,8 +435,9 @@ class LandscapeSpec:
             raise LandscapeError("a y range needs --dims 2")
         if (self.examples is not None and self.examples < 1) or self.batch_size < 1:
             raise LandscapeError(f"--examples and --batch-size must be >= 1, got {self.examples}, {self.batch_size}")
-        if not -2**63 <= self.seed < 2**63:
-            raise LandscapeError(f"--seed must fit in 64 bits (|seed| < 2**63), got {self.seed}")
+        if self.charged and not -2**63 <= self.seed < 2**63:  # it keys the private subset's hash
+            raise LandscapeError(f"--seed must fit in 64 bits on a private split (-2**63 <= seed < 2**63), "
+                                 f"got {self.seed}")
 
     @property
     def kind(self) -> str:
@@ -496,16 +499,24 @@ def _flat(state: Mapping[str, torch.Tensor], names: Sequence[str]) -> torch.Tens
     return torch.cat([state[n].reshape(-1) for n in names]).double()
 
 
-def _private_split(run: Any, split: str) -> Any:
-    """The private split, read only now (after the reservation)."""
-    if split == "val":
-        return run.data.val
-    from .data import PrivateDataAccess, load_data
+def _private_examples(run: Any, split: str, examples: Optional[int], seed: int) -> Any:
+    """The chosen examples of a private split, read only now (after the reservation). They are
+    chosen on the images (`private_subset`: keyed by pixels, as the carve is) and then given
+    the run's fixed features, so that the choice never depends on how a feature extractor's
+    floating point rounds in a batch of other examples."""
+    from .data import PrivateDataAccess, Split, _take, load_data
+    from .features import FEATURES
 
-    data = load_data(run.cfg.data)
-    if data.source != run.data.source:
+    cfg = run.cfg.data
+    raw = load_data(dataclasses.replace(cfg, features="none"))
+    if raw.source != run.data.source:
         raise PrivateDataAccess("the training data changed since the reservation (fingerprint differs): refused")
-    return data.train
+    part = raw.train if split == "train" else raw.val
+    idx = private_subset(part, examples, seed)
+    x = _take(part.x, idx)
+    if cfg.features != "none":
+        x = FEATURES[cfg.features](raw.normalize(x))
+    return Split(x, part.y[idx])
 
 
 def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = None, ledger_path: Optional[str] = None,
@@ -569,6 +580,10 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
 
     charged: Any = False
     desc = f"{spec.kind} {spec.dims}D {spec.split}"
+    outside = ({"data.val_carve=permutation": PERMUTED}
+               if spec.charged and run.cfg.privacy.enabled and permuted_carve(run.cfg.data) else {})
+    for flag, what in outside.items():
+        warnings.warn(outside_guarantee(flag, what), stacklevel=2)
     if not spec.charged:
         idx = subset_indices(len(run.data.test), spec.examples, spec.seed)
         logits = Logits(model, batches_of(run.data.test, idx), inputs, origin, dirs)
@@ -585,9 +600,10 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
         events = [Gaussian(noise_multiplier=spec.train_noise_multiplier, count=grid.size)]
         with reserved_query(run, events=events, spent=mech.events, purpose="landscape",
                             ledger_path=ledger_path) as charged:
-            split = _private_split(run, spec.split)
-            idx = private_subset(split, spec.examples, spec.seed)
-            logits = Logits(model, batches_of(split, idx), inputs, origin, dirs)
+            chosen = _private_examples(run, spec.split, spec.examples, spec.seed)
+            assert len(chosen) == count, (len(chosen), count)
+            idx = torch.arange(count)
+            logits = Logits(model, batches_of(chosen, idx), inputs, origin, dirs)
             values = surface(model, origin, dirs, grid, private_loss(logits, mech), progress=progress, desc=desc)
         try:
             charged["epsilon"] = epsilon(events, delta=run.meta["delta"], accountant=run.cfg.privacy.accountant)
@@ -599,7 +615,8 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
               "split": spec.split, "examples": len(idx), "dims": spec.dims, "directions": spec.kind,
               "method": centre, "between": list(spec.between) if spec.between else None, "seed": spec.seed,
               "grid": {"x": list(grid.xs), "y": list(grid.ys) if grid.ys else None},
-              "values": {k: v.tolist() for k, v in values.items()}, "charged": charged, **info,
+              "values": {k: v.tolist() for k, v in values.items()}, "charged": charged,
+              "outside_guarantee": list(outside), **info,
               "axis_labels": labels[:spec.dims]}
     return _write(report, dirs, grid, values, Path(out) if out is not None else run_dir / "landscape")
 

@@ -43,7 +43,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
-from .data import HELD_OUT, Data, Source, load_data, outside_guarantee
+from .data import HELD_OUT, PERMUTED, Data, Source, load_data, outside_guarantee, permuted_carve
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -413,9 +413,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
          cfg.train.eval_split == "val" and cfg.train.val_noise == 0),
         ("train.private_diagnostics=true", "each private batch's loss and realised size (in metrics.jsonl and "
          "curves.png)", cfg.train.private_diagnostics),
-        ("data.val_carve=permutation", "the choice of the validation split (a seeded shuffle of the whole source, "
-         "which one example more reshuffles; the guarantee holds for the split taken as fixed)",
-         cfg.data.val_size > 0 and cfg.data.val_carve == "permutation")) if on and private}
+        ("data.val_carve=permutation", PERMUTED, permuted_carve(cfg.data))) if on and private}
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.

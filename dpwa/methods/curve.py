@@ -119,9 +119,14 @@ class Endpoint:
         return {n: source[n] for n in names}
 
 
+# data keys that choose nothing when no validation split is carved (data.val_size=0 on both)
+_CARVE_ONLY = ("val_carve", "val_seed")
+
+
 def _differences(a: Any, b: Any) -> list[str]:
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k]]
+    same = _CARVE_ONLY if da.get("val_size", 1) == db.get("val_size", 1) == 0 else ()
+    return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k] and k not in same]
 
 
 def check_endpoints(cfg: RunConfig) -> list[Endpoint]:

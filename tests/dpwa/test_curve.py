@@ -213,6 +213,24 @@ def _edited_copy(src, dst, config=None, meta=None):
     return dst
 
 
+def test_endpoints_from_before_data_val_seed_connect_when_no_split_was_carved(ends, tmp_path):
+    """Run folders from before data.val_seed read their train.seed as the carve's seed only if
+    they carved a split; with none, seeds 0 and 1 (or an old permutation carve) choose nothing,
+    and the curve accepts them. With a split, endpoints carved by other seeds are refused."""
+    from dpwa.methods.curve import check_endpoints
+
+    a, b, _ = ends
+    old = [_edited_copy(end, tmp_path / name, config=[("  val_seed: 0\n", ""), ("val_carve: stable", "val_carve: "
+                                                                                 "permutation")])
+           for end, name in ((a, "a"), (b, "b"))]
+    assert [e.cfg.data.val_seed for e in check_endpoints(curve_config(*old, overrides=["train.steps=2"]))] == [0, 0]
+    carved = [_edited_copy(end, tmp_path / f"{name}-carved", config=[("  val_seed: 0\n", ""), ("val_size: 0",
+                                                                                               "val_size: 50")])
+              for end, name in ((a, "a"), (b, "b"))]
+    with pytest.raises(ConfigError, match=r"its data config differs from the curve's \(val_seed: 0 vs 1\)"):
+        check_endpoints(curve_config(*carved, overrides=["train.steps=2", "data.val_size=50"]))
+
+
 @pytest.mark.parametrize("case, expect", [
     ("model", "its model config differs from the curve's (groups: 8 vs 4)"),
     ("dataset", "was trained on dataset 'cifar10'"),

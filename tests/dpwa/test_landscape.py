@@ -252,8 +252,30 @@ def test_a_private_subset_on_neighbouring_data_is_a_neighbour():
     moved = chosen(whole, subset_indices(len(whole), 200, 0)) ^ chosen(plus, subset_indices(len(plus), 200, 0))
     assert len(moved) > 100
     assert torch.equal(private_subset(whole, None, 0), torch.arange(len(whole)))
-    with pytest.raises(LandscapeError, match=r"--seed must fit in 64 bits \(\|seed\| < 2\*\*63\), got 9223372036854775808"):
-        LandscapeSpec(seed=2**63)
+    with pytest.raises(LandscapeError, match=r"--seed must fit in 64 bits on a private split \(-2\*\*63 <= seed < "
+                                             r"2\*\*63\), got 9223372036854775808"):
+        LandscapeSpec(seed=2**63, split="val", train_noise_multiplier=1.0, loss_clip=1.0)
+    assert LandscapeSpec(seed=2**64 - 1).seed == 2**64 - 1  # the public test split: any seed torch takes
+
+
+def test_a_private_subset_of_featurized_data_is_chosen_on_the_images():
+    """With data.features the subset is chosen by the images' keys (as the carve is), then
+    featurized: the choice never depends on a feature extractor's rounding in a batch."""
+    from types import SimpleNamespace
+
+    from dpwa.config import DataConfig
+    from dpwa.data import load_data
+    from dpwa.features import FEATURES
+    from dpwa.landscape import _private_examples
+
+    cfg = DataConfig(name="digits", val_size=100, features="scattering")
+    raw = load_data(DataConfig(name="digits", val_size=100))
+    run = SimpleNamespace(cfg=SimpleNamespace(data=cfg), data=load_data(cfg, withhold_train=True))
+    for split, part in (("train", raw.train), ("val", raw.val)):
+        idx = private_subset(part, 30, 4)
+        got = _private_examples(run, split, 30, 4)
+        assert torch.equal(got.y, part.y[idx])
+        torch.testing.assert_close(got.x, FEATURES["scattering"](raw.normalize(part.x[idx])))
 
 
 def test_train_surface_is_charged_once_and_matches_a_float64_reference(runs, tmp_path):

@@ -323,7 +323,7 @@ def test_the_carve_seed_is_its_own_so_runs_of_different_seeds_hold_out_one_split
     other = load_data(DataConfig(name="digits", val_size=50, val_seed=7)).val
     assert not torch.equal(a.x, other.x)
     for seed in (2**63, -2**63 - 1):
-        with pytest.raises(ConfigError, match=rf"data.val_seed must fit in 64 bits \(\|seed\| < 2\*\*63\), got {seed}"):
+        with pytest.raises(ConfigError, match=rf"data.val_seed must fit in 64 bits \(-2\*\*63 <= seed < 2\*\*63\), got {seed}"):
             DataConfig(val_seed=seed)
     assert DataConfig(val_seed=2**63 - 1).val_seed == 2**63 - 1
     # a run folder from before data.val_seed was carved with its train.seed
@@ -331,13 +331,29 @@ def test_the_carve_seed_is_its_own_so_runs_of_different_seeds_hold_out_one_split
     assert config_from_yaml_text(text).data.val_seed == 0
     old = "".join(line for line in text.splitlines(keepends=True) if "val_seed" not in line)
     assert config_from_yaml_text(old).data.val_seed == 5
+    uncarved = config_to_yaml(tiny(tmp_path, "train.seed=5", "data.val_size=0", "train.eval_split=test"))
+    old = "".join(line for line in uncarved.splitlines(keepends=True) if "val_seed" not in line)
+    assert config_from_yaml_text(old).data.val_seed == 0  # no split was carved: its seed chose nothing
 
 
 def test_a_private_run_on_a_permutation_carve_warns_and_lists_it_outside_the_guarantee(tmp_path):
+    """So do the charged queries that read its splits afterwards: they assume neighbouring
+    splits, which the permutation carve does not give."""
+    from dpwa.landscape import LandscapeSpec, landscape_run
+
     led = tmp_path / "l.sqlite"
-    with pytest.warns(UserWarning, match=r"data.val_carve=permutation: the choice of the validation split"):
+    permuted = "data.val_carve=permutation: the choice of the validation split"
+    with pytest.warns(UserWarning, match=permuted):
         report = train(tiny(tmp_path, "data.val_carve=permutation"), ledger_path=str(led), progress=False)
     assert report["outside_guarantee"] == ["data.val_carve=permutation"]
+    run_dir = Path(report["run_dir"])
+    with pytest.warns(UserWarning, match=permuted):
+        assert evaluate_run(run_dir, split="val", ledger_path=str(led))["covered_by_guarantee"] is False
+    assert evaluate_run(run_dir, split="test")["covered_by_guarantee"] is True  # the test split is public
+    spec = LandscapeSpec(dims=1, points=(2,), split="val", examples=20, train_noise_multiplier=2.0, loss_clip=2.0)
+    with pytest.warns(UserWarning, match=permuted):
+        assert landscape_run(run_dir, spec, out=tmp_path / "ls", ledger_path=str(led))["outside_guarantee"] == [
+            "data.val_carve=permutation"]
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         report = train(tiny(tmp_path, "data.val_carve=permutation", "data.val_size=0", "train.eval_split=test"),
