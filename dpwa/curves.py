@@ -17,7 +17,17 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["EpsilonCurve", "draw_curves", "tensorboard_writer"]
+__all__ = ["EpsilonCurve", "release_grid", "draw_curves", "tensorboard_writer"]
+
+
+def release_grid(releases: int, points: int) -> list[int]:
+    """About `points` counts in [1, releases], spread geometrically, `releases` among them.
+
+    >>> release_grid(100, 3)
+    [1, 10, 100]
+    """
+    grid = {releases} | {max(1, round(releases ** (i / (points - 1)))) for i in range(points)}
+    return sorted(g for g in grid if 1 <= g <= releases)
 
 
 class EpsilonCurve:
@@ -33,8 +43,7 @@ class EpsilonCurve:
 
     def __init__(self, epsilon_of: Callable[[int], float], *, releases: int, points: int = 32) -> None:
         self.epsilon_of = epsilon_of
-        grid = {releases} | {max(1, round(releases ** (i / (points - 1)))) for i in range(points)}
-        self.grid = sorted(g for g in grid if 1 <= g <= releases)
+        self.grid = release_grid(releases, points)
         self.cache: dict[int, float] = {}
 
     def exact(self, n: int) -> float:

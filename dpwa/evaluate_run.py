@@ -90,7 +90,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
             skipped[m] = f"collected {counts[m]} iterate(s) by step {at}, needs {minimum[m]}"
         elif m not in available and m in _NEEDS:
             skipped[m] = f"not kept by this run (needs {_NEEDS[m]})"
-    wanted = list(methods) if methods else [m for m in available if m not in skipped]
+    wanted = list(dict.fromkeys(methods)) if methods else [m for m in available if m not in skipped]  # each once
     missing = [f"{m}: {skipped[m]}" for m in wanted if m in skipped]
     if missing:
         raise EvalError(f"{run_dir} lacks what these methods need: " + "; ".join(missing))

@@ -43,15 +43,17 @@ class LossMechanism:
         dataset_size: N, the (public) number of examples the sum is divided by.
         releases: what the ledger reserved (one per value).
         generator: the secret noise RNG (`dpwa.privacy.secret_generator`; seeded in tests only).
+        what: what the released values are, for a refusal's message.
     """
 
     def __init__(self, *, noise_multiplier: float, loss_clip: float, dataset_size: int, releases: int,
-                 generator: Optional[torch.Generator] = None) -> None:
+                 generator: Optional[torch.Generator] = None, what: str = "loss query") -> None:
         if not (noise_multiplier > 0 and loss_clip > 0 and dataset_size >= 1 and releases >= 1):
             raise ValueError(f"Expected noise_multiplier, loss_clip > 0, dataset_size, releases >= 1; got "
                              f"{noise_multiplier=}, {loss_clip=}, {dataset_size=}, {releases=}")
         self.noise_multiplier, self.loss_clip = noise_multiplier, loss_clip
         self.dataset_size, self.releases, self.released = dataset_size, releases, 0
+        self.what = what  # what a refusal names
         if generator is None:
             from .privacy import secret_generator
 
@@ -69,7 +71,7 @@ class LossMechanism:
             ReleaseRefused: every reserved release has been made (nothing is read).
         """
         if self.released >= self.releases:
-            raise ReleaseRefused(f"loss query refused: the ledger reserved {self.releases} releases and all were made")
+            raise ReleaseRefused(f"{self.what} refused: the ledger reserved {self.releases} releases and all were made")
         total, n = torch.zeros((), dtype=torch.float64), 0
         for part in losses:
             # a NaN loss (clamp keeps NaN) would make the sum NaN, telling that its example is

@@ -14,6 +14,7 @@ its share of each batch; rank 0 alone writes (`dpwa.distributed`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -42,7 +43,7 @@ from accounting.ledger import check_delta_below_1_over_n
 from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
-from .curves import EpsilonCurve, draw_curves, log_row, tensorboard_writer
+from .curves import EpsilonCurve, draw_curves, log_row, release_grid, tensorboard_writer
 from .data import HELD_OUT, PERMUTED, Data, Source, load_data, outside_guarantee, permuted_carve
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
@@ -515,15 +516,25 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             from tqdm import tqdm
 
             bar = tqdm(total=plan.steps, initial=start, desc=run_id, unit="step", dynamic_ncols=True)
-        # between checkpoints an upper bound: the grid's, with every planned validation accuracy counted
-        prior = [*(statistics.events() if statistics else []), *([plan.validation] if validation else [])]
-        curve = EpsilonCurve(lambda n: _epsilon([*prior, *mechanism.events(n)], p, planned_epsilon),
-                             releases=plan.releases) if private else None
+        # Between checkpoints an upper bound of what was released so far: the gradient releases
+        # counted at the grid point at or above theirs, the validation accuracies at the point of
+        # a coarser grid at or above theirs (one curve per such point, made when first needed).
+        prior = statistics.events() if statistics else []
+        accuracies = release_grid(plan.validation.count, 8) if validation else []
+        curves: dict[int, EpsilonCurve] = {}
+
+        def bound() -> float:
+            v = validation.released if validation else 0
+            v = v and accuracies[bisect.bisect_left(accuracies, v)]
+            if v not in curves:
+                counted = [*prior, *([Gaussian(noise_multiplier=plan.validation.noise_multiplier, count=v)]
+                                     if v else [])]
+                curves[v] = EpsilonCurve(lambda n: _epsilon([*counted, *mechanism.events(n)], p, planned_epsilon),
+                                         releases=plan.releases)
+            return curves[v].at(mechanism.released)
 
         def exact_epsilon() -> Optional[float]:  # of what was released so far
-            if curve is None or not world.main:
-                return None
-            return _epsilon(spent(), p, planned_epsilon) if validation else curve.exact(mechanism.released)
+            return _epsilon(spent(), p, planned_epsilon) if private and world.main else None
 
         eps_now = exact_epsilon()
 
@@ -558,8 +569,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             at_checkpoint = done % cfg.train.checkpoint_every == 0 or done == plan.steps
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.steps:
                 row.update(_cheap_evaluations(cfg, model, averagers, eval_split, data, validation))
-            if curve:  # exact at checkpoints, an upper bound from a grid in between
-                eps_now = row["epsilon"] = exact_epsilon() if at_checkpoint else curve.at(mechanism.released)
+            if private:  # exact at checkpoints, an upper bound from a grid in between
+                eps_now = row["epsilon"] = exact_epsilon() if at_checkpoint else bound()
             metrics.write(row)  # held back until the checkpoint that covers its releases
             if at_checkpoint:
                 checkpoint()
@@ -681,7 +692,8 @@ def _validation_mechanism(cfg: RunConfig, plan: Plan) -> Optional[ValidationAccu
         return None
     seed = cfg.privacy.noise_seed
     return ValidationAccuracy(noise=cfg.train.val_noise, size=cfg.data.val_size, releases=plan.validation.count,
-                              generator=secret_generator(None if seed is None else seed + 11, "cpu"))
+                              generator=secret_generator(None if seed is None else seed + 11, "cpu"),
+                              reproducible=seed is not None)
 
 
 def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torch.nn.Module, world: World) -> None:

@@ -13,6 +13,7 @@ sigma scaled with the batch so that sigma/B stays fixed (`dpwa.scaling`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 
 from accounting import accountants, calibrate
@@ -177,11 +178,19 @@ def _scale(a: argparse.Namespace) -> int:
 
     plan = plan_run(cfg, n)
     acc = a.accountant or p.accountant
+
+    def validation(steps: int):
+        """The accuracies of a run of `steps` steps with train.eval_every scaled as the hint
+        below says (x S'/S, rounded): the same number of evaluations per epoch."""
+        every = cfg.train.eval_every and max(1, round(cfg.train.eval_every * steps / plan.steps))
+        return validation_event(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=every)),
+                                steps)
+
     rule = a.rule or scaling.default_rule(cfg.optim.name)
     s = scaling.rescale(batch_size=cfg.train.batch_size, new_batch_size=a.batch_size, dataset_size=n,
                         steps=plan.steps, epochs=cfg.train.epochs, lr=cfg.optim.lr, rule=rule, delta=p.delta,
                         epsilon=p.epsilon, noise_multiplier=plan.noise_multiplier, accountant=acc, rtol=a.rtol,
-                        prior=lambda steps: [e for e in (plan.statistics, validation_event(cfg, steps)) if e],
+                        prior=lambda steps: [e for e in (plan.statistics, validation(steps)) if e],
                         releases=lambda steps: METHODS[cfg.method.name].releases(cfg, steps))
     step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in _STEP_KEYS
                  if getattr(getattr(cfg, sec), key)}
@@ -210,6 +219,8 @@ def _scale(a: argparse.Namespace) -> int:
     if step_keys:
         keys = ", ".join(f"{k}={v}" for k, v in step_keys.items())
         print(f"  these keys count steps; at the same epochs scale them by {fmt(e.steps / c.steps)}: {keys}")
+        if validation(c.steps) is not None and "train.eval_every" in step_keys:
+            print("  (the same-epochs sigma counts the validation accuracies of train.eval_every so scaled, rounded)")
     return 0
 
 

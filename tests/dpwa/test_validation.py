@@ -70,7 +70,7 @@ def test_a_release_beyond_the_reservation_reads_nothing(digits):
         raise AssertionError("a refused release read a model")
         yield
 
-    with pytest.raises(ReleaseRefused, match="reserved 1 releases and all were made"):
+    with pytest.raises(ReleaseRefused, match="validation accuracy refused: the ledger reserved 1 releases and all were made"):
         mech.accuracy(untouchable(), digits.val, digits)
     assert mech.released == 1
 
@@ -133,6 +133,35 @@ def test_a_run_on_the_validation_split_commits_exactly_the_accuracies_it_release
                                + ["val_swa_accuracy"])
 
 
+def test_a_rows_epsilon_counts_the_accuracies_released_so_far(tmp_path):
+    """Exact at checkpoints; in between an upper bound of what was released by then, with the
+    accuracies released so far counted (rounded up on a grid), not every planned one."""
+    import dataclasses
+
+    from accounting.events import PoissonGaussian
+
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, "train.steps=9", "train.eval_every=1", "train.checkpoint_every=4")
+    report = train(cfg, ledger_path=str(led), progress=False)
+    run = Ledger(led).run(report["run_id"])
+    (grad,) = [e for e in run.spent if isinstance(e, PoissonGaussian)]
+    (acc,) = [e for e in run.spent if isinstance(e, Gaussian)]
+    (planned,) = [e for e in run.planned if isinstance(e, Gaussian)]
+    rows = [json.loads(line) for line in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    released, looser = 0, 0
+    for r in rows:
+        released += sum(k.startswith("val_") for k in r)
+        exact = epsilon([dataclasses.replace(grad, steps=r["step"]), dataclasses.replace(acc, count=released)],
+                        delta=1e-4, accountant="prv")
+        every_planned = epsilon([dataclasses.replace(grad, steps=r["step"]), planned], delta=1e-4, accountant="prv")
+        if r["step"] % 4 == 0:
+            assert r["epsilon"] == pytest.approx(exact, rel=1e-6)
+        else:
+            assert exact * (1 - 1e-6) <= r["epsilon"]
+            looser += r["epsilon"] < every_planned * (1 - 1e-3)
+    assert released == 24 and planned.count == 27 and looser >= 3
+
+
 def test_exact_validation_metrics_warn_and_are_listed_outside_the_guarantee(tmp_path):
     led = tmp_path / "l.sqlite"
     with pytest.warns(UserWarning, match="train.val_noise=0: accuracy on examples held out"):
@@ -169,6 +198,23 @@ def test_a_run_killed_after_its_report_reports_the_same_accuracies_on_resume_and
     assert Gaussian(noise_multiplier=20.0, count=3) in Ledger(led).run(report["run_id"]).spent
 
 
+def test_a_seeded_run_resumed_draws_the_validation_noise_an_uninterrupted_one_draws(tmp_path):
+    """A test run with privacy.noise_seed (marked not private) keeps its validation generator's
+    state in the checkpoint: a resumed run is the uninterrupted run, and no noise draw is
+    used twice (two accuracies with one draw would give the exact difference of two counts)."""
+    def val_rows(run_dir):
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], k, v) for r in rows for k, v in sorted(r.items()) if k.startswith("val_")]
+
+    extra = ("privacy.noise_seed=3", "train.eval_every=1")
+    whole = train(tiny(tmp_path / "a", *extra), ledger_path=str(tmp_path / "a.sqlite"), progress=False)
+    stopped = train(tiny(tmp_path / "b", *extra), ledger_path=str(tmp_path / "b.sqlite"), progress=False,
+                    stop_after=3)
+    resumed = train(resume=Path(stopped["run_dir"]), ledger_path=str(tmp_path / "b.sqlite"), progress=False)
+    assert len(val_rows(whole["run_dir"])) == 15 and val_rows(resumed["run_dir"]) == val_rows(whole["run_dir"])
+    assert [resumed[f"val_{m}"] for m in resumed["methods"]] == [whole[f"val_{m}"] for m in whole["methods"]]
+
+
 def test_eval_on_the_validation_split_is_a_charged_query(tmp_path, capsys):
     led = tmp_path / "l.sqlite"
     report = train(tiny(tmp_path, "train.eval_split=test"), ledger_path=str(led), progress=False)
@@ -187,9 +233,11 @@ def test_eval_on_the_validation_split_is_a_charged_query(tmp_path, capsys):
     assert main(["eval", str(run_dir), "--data", "val", "--ledger", str(tmp_path / "other.sqlite")]) == 2
     assert "is not in ledger" in capsys.readouterr().err
     assert not (tmp_path / "other.sqlite").exists()
-    assert main(["eval", str(run_dir), "--data", "val", "--methods", "raw"]) == 0
+    assert main(["eval", str(run_dir), "--data", "val", "--methods", "raw", "raw"]) == 0  # one release, not two
     assert "charged" in capsys.readouterr().out
     assert Ledger(led).run(report["run_id"]).status == "committed" and len(Ledger(led).runs()) == 3
+    (last,) = [r for r in Ledger(led).runs() if r.run_id not in (report["run_id"], q["query_run_id"])]
+    assert list(last.spent) == [Gaussian(noise_multiplier=0.2 * 100, count=1)]  # the run's val_noise
 
 
 def test_eval_on_the_validation_split_past_the_budget_is_refused_before_anything_is_read(tmp_path):
@@ -252,19 +300,24 @@ def test_a_curve_between_runs_that_evaluated_exactly_charges_its_own_accuracies(
 
 
 def test_budget_rescaling_counts_the_validation_accuracies_of_the_new_length(tmp_path, capsys):
-    """At a smaller batch the same epochs take more steps, so more evaluations: the sigma the
-    table gives must spend the target with all of them counted."""
+    """At a smaller batch the same epochs take more steps; the table tells to scale
+    train.eval_every with them (the same evaluations per epoch), and the sigma it gives must
+    spend the target for the config that follows that advice."""
     from dpwa.train import plan_run
 
     config = tmp_path / "val.yaml"
     config.write_text((QUICK.read_text() + "\n").replace("train:\n", "train:\n  eval_split: val\n  eval_every: 25\n"
                                                          "  val_noise: 0.05\n").replace("data:\n", "data:\n  val_size: 300\n"))
     assert main(["budget", "--config", str(config), "--batch-size", "64", "--json"]) == 0
-    same = json.loads(capsys.readouterr().out)["same_epochs"]
+    out = json.loads(capsys.readouterr().out)
+    same, current = out["same_epochs"], out["current"]
+    assert out["step_keys"]["train.eval_every"] == 25
+    every = round(25 * same["steps"] / current["steps"])
     cfg = load_config(config, ["train.batch_size=64", f"train.steps={same['steps']}", "privacy.epsilon=null",
-                               f"privacy.noise_multiplier={same['noise_multiplier']}"])
+                               f"train.eval_every={every}", f"privacy.noise_multiplier={same['noise_multiplier']}"])
     plan = plan_run(cfg, 1497 - 300)
-    assert plan.validation.count > planned_releases(load_config(config), 150)  # more evaluations than before
+    before = planned_releases(load_config(config), current["steps"])
+    assert every > 25 and abs(plan.validation.count - before) <= 3  # about as many evaluations as before
     assert epsilon(plan.events, delta=1e-4, accountant="prv") == pytest.approx(3.0, rel=0.02)
 
 
