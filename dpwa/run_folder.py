@@ -170,6 +170,18 @@ class ReleasedRun:
                                      swag_samples=swag_samples or self.cfg.averaging.swag_samples), **kept}
 
 
+def pretrained_run(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
+    """The run.json of the dpwa run folder a `model.pretrained` file lies in (its
+    weights.safetensors or checkpoint), else None: a run that starts from those weights
+    carries that run's releases, as a curve carries its endpoints'."""
+    if not pretrained or pretrained == "cache":
+        return None
+    folder = Path(pretrained).expanduser().parent
+    if not ((folder / "run.json").is_file() and (folder / "config.yaml").is_file()):
+        return None
+    return RunFolder(folder).meta()
+
+
 def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> ReleasedRun:
     """The released run in `run_dir` (from its last checkpoint; runs made before versioned
     checkpoints load too). `test_time_flip` overrides the run's `data.test_time_flip`: how its

@@ -57,7 +57,7 @@ from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
 from .privacy import poisson_batches, secret_generator, secret_seed
 from .probe import probe
-from .run_folder import RunFolder, RunFolderError, check_writable
+from .run_folder import RunFolder, RunFolderError, check_writable, pretrained_run
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
 from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
@@ -386,7 +386,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        releases=plan.releases, generator=coins.noise, world=world,
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
-        built_on = METHODS[cfg.method.name].built_on(cfg)  # released runs whose weights this run carries
+        # released runs whose weights this run carries: a method's (a curve's endpoints), and the
+        # run folder model.pretrained lies in, where it was charged to this dataset (a public-data
+        # run, with no ledger, carries no private data)
+        built_on = [*METHODS[cfg.method.name].built_on(cfg),
+                    *(meta for meta in [pretrained_run(cfg.model.pretrained)]
+                      if meta is not None and meta.get("ledger")
+                      and meta.get("dataset") == (cfg.data.ledger_name or cfg.data.name))]
         if private and world.main and built_on and resume is None:  # their spend composes with this run's, in
             charged_to = Ledger(ledger_path or p.ledger, create=False)  # one ledger: read, never created here
             for meta in built_on:

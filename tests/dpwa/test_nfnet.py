@@ -242,3 +242,35 @@ def test_finetune_end_to_end_on_real_imagefolder(tmp_path, capsys):
     (run,) = Ledger(led).runs()
     assert run.status == "committed" and run.dataset == "imagenette-small"
     assert (Path(report["run_dir"]) / "weights.safetensors").is_file()
+
+
+def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_path, capsys):
+    """model.pretrained inside a run folder charged to this dataset: the ledger must hold that
+    run (its spend composes with this one's), and a run that was not private (a seeded test
+    run) makes the fine-tuned run not private either."""
+    led = tmp_path / "l.sqlite"
+    common = [str(ROOT / "configs" / "quickstart.yaml"), "--no-progress", "--json", "data.image_size=32",
+              "model.name=nf_micro", "train.steps=2", "train.batch_size=64", "train.physical_batch_size=64",
+              "augmult.k=1"]
+
+    def run(verb, *extra, ledger=led):
+        code = main([verb, *common, "--ledger", str(ledger), f"out_dir={tmp_path / 'runs'}", *extra])
+        out = capsys.readouterr()
+        return code, (json.loads(out.out) if code == 0 else out.err)
+
+    _, seeded = run("train", "privacy.noise_seed=5")
+    _, private = run("train")
+    assert (seeded["private"], private["private"]) == (False, True)
+    for start, want in ((seeded, False), (private, True)):
+        code, report = run("finetune", f"model.pretrained={Path(start['run_dir']) / 'weights.safetensors'}")
+        assert code == 0 and report["private"] is want
+    snapshot = ledger_snapshot(led)
+    code, err = run("finetune", f"model.pretrained={Path(private['run_dir']) / 'weights.safetensors'}",
+                    ledger=tmp_path / "other.sqlite")
+    assert code == 2 and "is not in ledger" in err and ledger_snapshot(led) == snapshot
+    assert not (tmp_path / "other.sqlite").exists()
+    # weights copied out of their run folder: nothing tells where they came from (README)
+    copied = tmp_path / "copied.safetensors"
+    copied.write_bytes((Path(seeded["run_dir"]) / "weights.safetensors").read_bytes())
+    code, report = run("finetune", f"model.pretrained={copied}")
+    assert code == 0 and report["private"] is True
