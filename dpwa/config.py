@@ -619,21 +619,28 @@ def _mapping(node: Any, key: str) -> Any:
     return child if isinstance(child, DictConfig) else None
 
 
+# paths a config may give relative to where it is read: (section, key, values that are no path)
+_PATHS = (("data", "root", ()), ("model", "pretrained", ("cache",)))
+
+
 def _root_from(source: Any, base: Path) -> None:
-    """Make a relative `data.root` of `source` absolute, read from `base`: the config file's
-    folder for a file, the current directory for command-line overrides. Absolute and `~`
-    paths stay as written. The resolved (absolute) path is what the run folder's config.yaml
-    keeps, so `--resume` finds the data from any directory."""
+    """Make a relative `data.root` or `model.pretrained` of `source` absolute, read from
+    `base`: the config file's folder for a file, the current directory for command-line
+    overrides. Absolute and `~` paths stay as written. The resolved (absolute) path is what
+    the run folder's config.yaml keeps, so `--resume` finds the data and the weights (and the
+    run folder they came from) from any directory."""
     import os
 
     from omegaconf import OmegaConf
 
-    data = _mapping(source, "data")
-    if data is None or "root" not in data:
-        return
-    root = OmegaConf.to_container(data, resolve=False).get("root")
-    if isinstance(root, str) and root and not root.startswith("~") and "${" not in root and not os.path.isabs(root):
-        data.root = os.path.normpath(os.path.join(os.path.abspath(base), root))
+    for section, key, words in _PATHS:
+        node = _mapping(source, section)
+        if node is None or key not in node:
+            continue
+        value = OmegaConf.to_container(node, resolve=False).get(key)
+        if (isinstance(value, str) and value and value not in words and not value.startswith("~")
+                and "${" not in value and not os.path.isabs(value)):
+            node[key] = os.path.normpath(os.path.join(os.path.abspath(base), value))
 
 
 def _one_run_length(file_source: Any, cli_source: Any) -> None:
@@ -651,8 +658,9 @@ def _one_run_length(file_source: Any, cli_source: Any) -> None:
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults <- YAML file <- `key.sub=value` overrides, validated.
 
-    A relative `data.root` is read from the config file's folder when the file sets it, and
-    from the current directory when an override sets it; either way it is stored absolute.
+    A relative `data.root` or `model.pretrained` is read from the config file's folder when
+    the file sets it, and from the current directory when an override sets it; either way it
+    is stored absolute.
     `train.steps` as an override clears the file's `train.epochs`, and vice versa.
 
     Raises:

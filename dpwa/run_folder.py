@@ -172,14 +172,29 @@ class ReleasedRun:
 
 def pretrained_run(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
     """The run.json of the dpwa run folder a `model.pretrained` file lies in (its
-    weights.safetensors or checkpoint), else None: a run that starts from those weights
-    carries that run's releases, as a curve carries its endpoints'."""
+    weights.safetensors or checkpoint; through symbolic links), else None: a run that starts
+    from those weights carries that run's releases, as a curve carries its endpoints'."""
     if not pretrained or pretrained == "cache":
         return None
-    folder = Path(pretrained).expanduser().parent
+    folder = Path(pretrained).expanduser().resolve().parent
     if not ((folder / "run.json").is_file() and (folder / "config.yaml").is_file()):
         return None
     return RunFolder(folder).meta()
+
+
+_CARRIED_KEYS = ("run_id", "dataset", "ledger", "private")
+
+
+def carried_runs(direct: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every released run whose weights a run carries: the `direct` ones' run.json (a curve's
+    endpoints, the run folder of model.pretrained) and, from each, the runs it carried
+    (run.json "built_on"), whatever their dataset. Each as run_id, dataset, ledger, private,
+    once: what the new run's run.json records as its own "built_on"."""
+    out: dict[str, dict[str, Any]] = {}
+    for meta in direct:
+        for run in (meta, *meta.get("built_on", ())):
+            out.setdefault(str(run.get("run_id")), {k: run.get(k) for k in _CARRIED_KEYS})
+    return list(out.values())
 
 
 def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> ReleasedRun:

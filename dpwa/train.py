@@ -57,7 +57,7 @@ from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
 from .privacy import poisson_batches, secret_generator, secret_seed
 from .probe import probe
-from .run_folder import RunFolder, RunFolderError, check_writable, pretrained_run
+from .run_folder import RunFolder, RunFolderError, carried_runs, check_writable, pretrained_run
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
 from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
@@ -386,17 +386,19 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                        releases=plan.releases, generator=coins.noise, world=world,
                                        rescale_to_unit=p.rescale_to_unit)
                      if private else PublicGradients(model, releases=plan.releases))
-        # released runs whose weights this run carries: a method's (a curve's endpoints), and the
-        # run folder model.pretrained lies in, where it was charged to this dataset (a public-data
-        # run, with no ledger, carries no private data)
-        built_on = [*METHODS[cfg.method.name].built_on(cfg),
-                    *(meta for meta in [pretrained_run(cfg.model.pretrained)]
-                      if meta is not None and meta.get("ledger")
-                      and meta.get("dataset") == (cfg.data.ledger_name or cfg.data.name))]
-        if private and world.main and built_on and resume is None:  # their spend composes with this run's, in
-            charged_to = Ledger(ledger_path or p.ledger, create=False)  # one ledger: read, never created here
-            for meta in built_on:
-                check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on a released run")
+        # released runs whose weights this run carries, transitively: a method's (a curve's
+        # endpoints) and the run folder model.pretrained lies in. Each that was charged must be
+        # in this run's ledger, whatever its dataset's name (aliases, subsets), so that the
+        # spend on their data composes with this run's; a public-data run (no ledger) charged
+        # nothing, but what it carried counts.
+        pretrained = pretrained_run(cfg.model.pretrained)
+        built_on = carried_runs([*METHODS[cfg.method.name].built_on(cfg), *([pretrained] if pretrained else [])])
+        if private and world.main and resume is None:  # their spend composes with this run's, in
+            charged = [meta for meta in built_on if meta.get("ledger")]
+            charged_to = Ledger(ledger_path or p.ledger, create=False) if charged else None  # read, never created
+            for meta in charged:
+                what = "model.pretrained" if pretrained and meta["run_id"] == pretrained["run_id"] else "a released run"
+                check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on {what}")
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
         validation = _validation_mechanism(cfg, plan)
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
@@ -412,8 +414,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
-    # private: DP noise from a secret seed, on released runs that were private too
-    is_private = private and p.noise_seed is None and all(meta.get("private") for meta in built_on)
+    # private: DP noise from a secret seed, on released runs that were private (or public-data
+    # runs, which read nothing private); a resumed run keeps what its run.json recorded when it
+    # started, wherever its model.pretrained has gone since
+    is_private = (world.on_main(lambda: bool(folder.meta().get("private"))) if resume is not None else
+                  private and p.noise_seed is None and all(m.get("private") for m in built_on if m.get("ledger")))
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
         ("train.eval_split=val with train.val_noise=0", HELD_OUT,
@@ -441,7 +446,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                 "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                                 "steps": plan.steps, "releases": plan.releases, "delta": p.delta,
                                 "private": is_private, "world_size": world.size,
-                                "method": cfg.method.name})
+                                "method": cfg.method.name, "built_on": built_on})
         except OSError as e:
             raise _folder_error(e, ledger, run_id, folder.path, released=True) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import warnings
 
 from accounting import accountants, calibrate
@@ -179,12 +180,15 @@ def _scale(a: argparse.Namespace) -> int:
     plan = plan_run(cfg, n)
     acc = a.accountant or p.accountant
 
+    def eval_every(steps: int) -> int:
+        """train.eval_every scaled as the hint below says (x S'/S, rounded half up, at least 1):
+        the same number of evaluations per epoch."""
+        return cfg.train.eval_every and max(1, math.floor(cfg.train.eval_every * steps / plan.steps + 0.5))
+
     def validation(steps: int):
-        """The accuracies of a run of `steps` steps with train.eval_every scaled as the hint
-        below says (x S'/S, rounded): the same number of evaluations per epoch."""
-        every = cfg.train.eval_every and max(1, round(cfg.train.eval_every * steps / plan.steps))
-        return validation_event(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=every)),
-                                steps)
+        """The accuracies of a run of `steps` steps, evaluated every `eval_every(steps)`."""
+        return validation_event(dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, eval_every=eval_every(steps))), steps)
 
     rule = a.rule or scaling.default_rule(cfg.optim.name)
     s = scaling.rescale(batch_size=cfg.train.batch_size, new_batch_size=a.batch_size, dataset_size=n,
@@ -199,7 +203,9 @@ def _scale(a: argparse.Namespace) -> int:
         print_json({"config": a.config, "dataset_size": n, "optimizer": cfg.optim.name, "rule": rule,
                     "accountant": acc, "delta": p.delta, "target_epsilon": s.target_epsilon,
                     **{k: {**vars(v), "sigma_over_b": v.sigma_over_b} for k, v in columns.items()},
-                    "step_keys": step_keys, "charged": False})
+                    "step_keys": step_keys, "charged": False,
+                    **({"same_epochs_eval_every": eval_every(s.same_epochs.steps)}
+                       if validation(s.current.steps) is not None else {})})
         return 0
     print(f"{a.config}: N = {n}, {cfg.method.name} with {cfg.optim.name}, {acc}, delta {fmt(p.delta)}, "
           f"epsilon {fmt(s.target_epsilon)} (charges nothing)")
@@ -220,7 +226,8 @@ def _scale(a: argparse.Namespace) -> int:
         keys = ", ".join(f"{k}={v}" for k, v in step_keys.items())
         print(f"  these keys count steps; at the same epochs scale them by {fmt(e.steps / c.steps)}: {keys}")
         if validation(c.steps) is not None and "train.eval_every" in step_keys:
-            print("  (the same-epochs sigma counts the validation accuracies of train.eval_every so scaled, rounded)")
+            print(f"  the same-epochs sigma counts the validation accuracies at train.eval_every={eval_every(e.steps)} "
+                  f"(scaled so, rounded half up)")
     return 0
 
 

@@ -244,10 +244,11 @@ def test_finetune_end_to_end_on_real_imagefolder(tmp_path, capsys):
     assert (Path(report["run_dir"]) / "weights.safetensors").is_file()
 
 
-def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_path, capsys):
-    """model.pretrained inside a run folder charged to this dataset: the ledger must hold that
-    run (its spend composes with this one's), and a run that was not private (a seeded test
-    run) makes the fine-tuned run not private either."""
+def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_path, capsys, monkeypatch):
+    """model.pretrained inside a run folder (directly, through a link, or through a public run
+    that started from it): the ledger must hold every charged run it carries, whatever the
+    dataset's name, and one that was not private (a seeded test run) makes the fine-tuned run
+    not private, on resume too, wherever the weights have gone."""
     led = tmp_path / "l.sqlite"
     common = [str(ROOT / "configs" / "quickstart.yaml"), "--no-progress", "--json", "data.image_size=32",
               "model.name=nf_micro", "train.steps=2", "train.batch_size=64", "train.physical_batch_size=64",
@@ -258,19 +259,38 @@ def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_pa
         out = capsys.readouterr()
         return code, (json.loads(out.out) if code == 0 else out.err)
 
-    _, seeded = run("train", "privacy.noise_seed=5")
+    def weights(report):
+        return Path(report["run_dir"]) / "weights.safetensors"
+
+    _, seeded = run("train", "privacy.noise_seed=5", "data.ledger_name=digits-a")  # another name, one dataset
     _, private = run("train")
-    assert (seeded["private"], private["private"]) == (False, True)
-    for start, want in ((seeded, False), (private, True)):
-        code, report = run("finetune", f"model.pretrained={Path(start['run_dir']) / 'weights.safetensors'}")
-        assert code == 0 and report["private"] is want
+    link = tmp_path / "best.safetensors"
+    link.symlink_to(weights(seeded))
+    _, public = run("train", "privacy.enabled=false", "data.public=true", f"model.pretrained={link}")
+    for start, want in ((seeded, False), (link, False), (public, False), (private, True)):
+        code, report = run("finetune", f"model.pretrained={start if isinstance(start, Path) else weights(start)}")
+        assert code == 0 and report["private"] is want, start
+    assert [r["run_id"] for r in json.loads((Path(report["run_dir"]) / "run.json").read_text())["built_on"]] == [
+        private["run_id"]]
     snapshot = ledger_snapshot(led)
-    code, err = run("finetune", f"model.pretrained={Path(private['run_dir']) / 'weights.safetensors'}",
-                    ledger=tmp_path / "other.sqlite")
-    assert code == 2 and "is not in ledger" in err and ledger_snapshot(led) == snapshot
+    for start in (private, public):  # the public run carries the seeded one, charged to `led`
+        code, err = run("finetune", f"model.pretrained={weights(start)}", ledger=tmp_path / "other.sqlite")
+        assert code == 2 and "is not in ledger" in err and ledger_snapshot(led) == snapshot
     assert not (tmp_path / "other.sqlite").exists()
+    # stopped, the seeded run's folder gone, resumed from elsewhere: still not private
+    monkeypatch.chdir(Path(seeded["run_dir"]).parent)
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        *common[3:], f"model.pretrained={Path(seeded['run_dir']).name}/weights.safetensors", "train.steps=3",
+        "train.checkpoint_every=1", f"out_dir={tmp_path / 'runs'}"])
+    assert cfg.model.pretrained == str(weights(seeded))  # stored absolute
+    stopped = train(cfg, ledger_path=str(led), progress=False, stop_after=1)
+    import shutil
+
+    shutil.rmtree(seeded["run_dir"])
+    monkeypatch.chdir(tmp_path)
+    assert train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)["private"] is False
     # weights copied out of their run folder: nothing tells where they came from (README)
     copied = tmp_path / "copied.safetensors"
-    copied.write_bytes((Path(seeded["run_dir"]) / "weights.safetensors").read_bytes())
+    copied.write_bytes(weights(private).read_bytes())
     code, report = run("finetune", f"model.pretrained={copied}")
     assert code == 0 and report["private"] is True

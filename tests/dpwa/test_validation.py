@@ -312,7 +312,8 @@ def test_budget_rescaling_counts_the_validation_accuracies_of_the_new_length(tmp
     out = json.loads(capsys.readouterr().out)
     same, current = out["same_epochs"], out["current"]
     assert out["step_keys"]["train.eval_every"] == 25
-    every = round(25 * same["steps"] / current["steps"])
+    every = out["same_epochs_eval_every"]
+    assert every == int(25 * same["steps"] / current["steps"] + 0.5)  # scaled, rounded half up
     cfg = load_config(config, ["train.batch_size=64", f"train.steps={same['steps']}", "privacy.epsilon=null",
                                f"train.eval_every={every}", f"privacy.noise_multiplier={same['noise_multiplier']}"])
     plan = plan_run(cfg, 1497 - 300)
