@@ -79,8 +79,10 @@ def curve_config(endpoint_a: Path, endpoint_b: Path, *, curve_type: str = "bezie
                           curve_endpoint_models=list(endpoint_models))
     # a new run: its validation accuracies are charged unless its own overrides say val_noise=0
     train = dataclasses.replace(base.train, val_noise=base.train.val_noise or TrainConfig().val_noise)
+    # every weight comes from the endpoints (the runs they started from are carried through
+    # theirs): nothing is read from a pretrained file
     cfg = dataclasses.replace(base, name=f"{base.name}-{curve_type}", method=method, averaging=AveragingConfig(),
-                              train=train)
+                              train=train, model=dataclasses.replace(base.model, pretrained=None))
     with tempfile.TemporaryDirectory() as tmp:  # overrides merge as on `dpwa train CONFIG key=value`
         path = Path(tmp) / "curve.yaml"
         path.write_text(config_to_yaml(cfg))

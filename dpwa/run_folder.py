@@ -170,30 +170,40 @@ class ReleasedRun:
                                      swag_samples=swag_samples or self.cfg.averaging.swag_samples), **kept}
 
 
-def pretrained_run(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
-    """The run.json of the dpwa run folder a `model.pretrained` file lies in (its
-    weights.safetensors or checkpoint; through symbolic links), else None: a run that starts
-    from those weights carries that run's releases, as a curve carries its endpoints'."""
+def pretrained_folder(pretrained: Optional[str]) -> Optional[Path]:
+    """The dpwa run folder a `model.pretrained` file lies in (its weights.safetensors or
+    checkpoint; through symbolic links; a relative path from the current directory), else
+    None: a run that starts from those weights carries that run's releases, as a curve
+    carries its endpoints'."""
     if not pretrained or pretrained == "cache":
         return None
     folder = Path(pretrained).expanduser().resolve().parent
-    if not ((folder / "run.json").is_file() and (folder / "config.yaml").is_file()):
-        return None
-    return RunFolder(folder).meta()
+    return folder if (folder / "run.json").is_file() and (folder / "config.yaml").is_file() else None
 
 
 _CARRIED_KEYS = ("run_id", "dataset", "ledger", "private")
 
 
-def carried_runs(direct: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every released run whose weights a run carries: the `direct` ones' run.json (a curve's
-    endpoints, the run folder of model.pretrained) and, from each, the runs it carried
-    (run.json "built_on"), whatever their dataset. Each as run_id, dataset, ledger, private,
-    once: what the new run's run.json records as its own "built_on"."""
+def carried_runs(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every released run whose weights a run carries: the run folders it starts from (a
+    curve's endpoints, the folder of model.pretrained) and, from each, the runs it carried,
+    whatever their dataset: its run.json "built_on", or for a folder from before "built_on"
+    the folder of its own model.pretrained, followed in turn. Each as run_id, dataset,
+    ledger, private, once: what the new run's run.json records as its own "built_on"."""
     out: dict[str, dict[str, Any]] = {}
-    for meta in direct:
-        for run in (meta, *meta.get("built_on", ())):
+    todo, seen = [Path(f).resolve() for f in folders], set()
+    while todo:
+        folder = todo.pop(0)
+        if folder in seen:
+            continue
+        seen.add(folder)
+        meta = RunFolder(folder).meta()
+        recorded = meta.get("built_on")
+        for run in (meta, *(recorded or ())):
             out.setdefault(str(run.get("run_id")), {k: run.get(k) for k in _CARRIED_KEYS})
+        if recorded is None:  # written before run.json listed what a run carries
+            up = pretrained_folder(RunFolder(folder).config().model.pretrained)
+            todo += [up] if up is not None else []
     return list(out.values())
 
 

@@ -57,7 +57,7 @@ from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
 from .privacy import poisson_batches, secret_generator, secret_seed
 from .probe import probe
-from .run_folder import RunFolder, RunFolderError, carried_runs, check_writable, pretrained_run
+from .run_folder import RunFolder, RunFolderError, carried_runs, check_writable, pretrained_folder
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
 from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
@@ -390,15 +390,16 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # endpoints) and the run folder model.pretrained lies in. Each that was charged must be
         # in this run's ledger, whatever its dataset's name (aliases, subsets), so that the
         # spend on their data composes with this run's; a public-data run (no ledger) charged
-        # nothing, but what it carried counts.
-        pretrained = pretrained_run(cfg.model.pretrained)
-        built_on = carried_runs([*METHODS[cfg.method.name].built_on(cfg), *([pretrained] if pretrained else [])])
-        if private and world.main and resume is None:  # their spend composes with this run's, in
-            charged = [meta for meta in built_on if meta.get("ledger")]
-            charged_to = Ledger(ledger_path or p.ledger, create=False) if charged else None  # read, never created
+        # nothing, but what it carried counts. A resumed run has them in its run.json.
+        pretrained = pretrained_folder(cfg.model.pretrained)
+        built_on = [] if resume is not None else carried_runs(
+            [*METHODS[cfg.method.name].built_on(cfg), *([pretrained] if pretrained else [])])
+        charged = [meta for meta in built_on if meta.get("ledger")]
+        if private and world.main and charged:  # their spend composes with this run's, in one ledger
+            charged_to = Ledger(ledger_path or p.ledger, create=False)  # read, never created here
             for meta in charged:
-                what = "model.pretrained" if pretrained and meta["run_id"] == pretrained["run_id"] else "a released run"
-                check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on {what}")
+                check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on released run "
+                                                  f"{meta['run_id']!r} (a curve endpoint, or model.pretrained)")
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
         validation = _validation_mechanism(cfg, plan)
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
@@ -410,15 +411,16 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     world.agree("config", _config_hash(cfg))
     world.agree("training data", data.source.fingerprint)
     dataset = cfg.data.ledger_name or cfg.data.name
+    # private: DP noise from a secret seed, on released runs that were private (or public-data
+    # runs, which read nothing private); a resumed run also keeps what its run.json recorded
+    # when it started, wherever its model.pretrained has gone since
+    is_private = private and p.noise_seed is None and (
+        world.on_main(lambda: bool(folder.meta().get("private"))) if resume is not None
+        else all(m.get("private") for m in charged))
     if opts.dry_run:  # everything up to the reservation: nothing is charged or written
-        return _dry_run(cfg, plan, dataset, ledger_path, probe_s)
+        return {**_dry_run(cfg, plan, dataset, ledger_path, probe_s), "private": is_private, "built_on": built_on}
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
-    # private: DP noise from a secret seed, on released runs that were private (or public-data
-    # runs, which read nothing private); a resumed run keeps what its run.json recorded when it
-    # started, wherever its model.pretrained has gone since
-    is_private = (world.on_main(lambda: bool(folder.meta().get("private"))) if resume is not None else
-                  private and p.noise_seed is None and all(m.get("private") for m in built_on if m.get("ledger")))
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
         ("train.eval_split=val with train.val_noise=0", HELD_OUT,

@@ -105,4 +105,9 @@ def _print_dry_run(r: dict) -> None:
         left = r["budget"]["epsilon"] - r["dataset_epsilon_after"]
         verdict = f"{left:.3f} left after it" if left >= 0 else f"PAST the budget by {-left:.3f}: it would be refused"
         print(f"  budget epsilon {r['budget']['epsilon']:g} at delta {r['budget']['delta']:g}: {verdict}")
+    if r.get("built_on"):
+        print(f"  carries the releases of {len(r['built_on'])} run(s) it starts from: "
+              + ", ".join(run["run_id"] for run in r["built_on"]))
+    if not r["private"]:
+        print("  labelled NOT private: privacy.noise_seed is set, or a run it starts from was not private")
     print(f"  model probe passed ({r['probe_s']:.1f}s); nothing was reserved or written")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch.nn as nn
@@ -59,11 +60,11 @@ class Method(abc.ABC):
         guarantee: they may depend on the private batch)."""
 
     @classmethod
-    def built_on(cls, cfg: RunConfig) -> list[dict[str, Any]]:
-        """The run.json of each released run this method starts from (a curve's endpoints),
-        whose weights its checkpoints carry: the ledger a private run is charged to must hold
-        them, so that the dataset's spend there composes theirs, and the run is labelled private
-        only if they are. None by default."""
+    def built_on(cls, cfg: RunConfig) -> list[Path]:
+        """The run folder of each released run this method starts from (a curve's endpoints),
+        whose weights its checkpoints carry (`dpwa.run_folder.carried_runs`): the ledger a
+        private run is charged to must hold them, so that the spend on their data composes with
+        this run's, and the run is labelled private only if they are. None by default."""
         return []
 
     @classmethod

@@ -46,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -123,9 +123,13 @@ class Endpoint:
 _CARVE_ONLY = ("val_carve", "val_seed")
 
 
-def _differences(a: Any, b: Any) -> list[str]:
+# model keys a curve may differ in from its endpoints: they give every weight
+_WEIGHTS_ONLY = ("pretrained",)
+
+
+def _differences(a: Any, b: Any, ignore: Sequence[str] = ()) -> list[str]:
     da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    same = _CARVE_ONLY if da.get("val_size", 1) == db.get("val_size", 1) == 0 else ()
+    same = (*ignore, *(_CARVE_ONLY if da.get("val_size", 1) == db.get("val_size", 1) == 0 else ()))
     return [f"{k}: {da[k]!r} vs {db[k]!r}" for k in da if da[k] != db[k] and k not in same]
 
 
@@ -164,8 +168,9 @@ def check_endpoints(cfg: RunConfig) -> list[Endpoint]:
         if meta.get("dataset") != dataset:
             raise ConfigError(f"{where} was trained on dataset {meta.get('dataset')!r} and the curve run would be "
                               f"charged to {dataset!r}: a curve connects runs of one dataset")
-        for what, own, theirs in (("data", cfg.data, ecfg.data), ("model", cfg.model, ecfg.model)):
-            diff = _differences(own, theirs)
+        for what, own, theirs, ignore in (("data", cfg.data, ecfg.data, ()),
+                                          ("model", cfg.model, ecfg.model, _WEIGHTS_ONLY)):
+            diff = _differences(own, theirs, ignore)
             if diff:
                 raise ConfigError(f"{where}: its {what} config differs from the curve's ({'; '.join(diff)}): a curve "
                                   f"connects runs of one dataset and one model")
@@ -227,10 +232,10 @@ class Curve(Method):
         return steps
 
     @classmethod
-    def built_on(cls, cfg) -> list[dict]:
+    def built_on(cls, cfg) -> list[Path]:
         from ..run_folder import RunFolder
 
-        return [RunFolder.existing(Path(path)).meta() for path in cfg.method.curve_endpoints]
+        return [RunFolder.existing(Path(path)).path for path in cfg.method.curve_endpoints]
 
     @torch.no_grad()
     def _load(self, t: float) -> list[float]:

@@ -191,7 +191,8 @@ def test_a_curve_through_dpwa_train_needs_its_endpoints_ledger_and_is_private_on
     from dpwa.errors import UsageError
 
     fresh = tmp_path / "fresh.sqlite"
-    with pytest.raises(UsageError, match="built on a released run: its run .* is not in ledger"):
+    with pytest.raises(UsageError, match=r"built on released run .* \(a curve endpoint, or model.pretrained\): "
+                                         r"its run .* is not in ledger"):
         train(_curve(ends, f"out_dir={tmp_path / 'runs'}", steps=2), ledger_path=str(fresh), progress=False)
     assert not fresh.exists() and not (tmp_path / "runs").exists()  # refused before the ledger is made
     report = train(_curve(ends, f"out_dir={tmp_path / 'runs'}", "privacy.noise_seed=null", steps=2),

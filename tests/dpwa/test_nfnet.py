@@ -272,6 +272,24 @@ def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_pa
         assert code == 0 and report["private"] is want, start
     assert [r["run_id"] for r in json.loads((Path(report["run_dir"]) / "run.json").read_text())["built_on"]] == [
         private["run_id"]]
+    code, dry = run("finetune", f"model.pretrained={weights(public)}", "--dry-run")
+    assert code == 0 and dry["private"] is False
+    assert [r["run_id"] for r in dry["built_on"]] == [public["run_id"], seeded["run_id"]]
+    # a public run from before run.json listed what it carried: its config's model.pretrained is followed
+    meta = json.loads((Path(public["run_dir"]) / "run.json").read_text())
+    (Path(public["run_dir"]) / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "built_on"}))
+    code, report = run("finetune", f"model.pretrained={weights(public)}")
+    assert code == 0 and report["private"] is False
+    # a curve between two fine-tuned runs takes every weight from them, none from a file
+    from dpwa.connectivity import curve_config
+    from dpwa.methods.curve import check_endpoints
+
+    _, tuned = run("finetune", f"model.pretrained={weights(private)}")
+    for end in (tuned, report):
+        text = (Path(end["run_dir"]) / "config.yaml").read_text()
+        (Path(end["run_dir"]) / "config.yaml").write_text(text.replace(str(tmp_path) + "/", ""))  # as before: relative
+    curve = curve_config(Path(tuned["run_dir"]), Path(report["run_dir"]), overrides=["train.steps=2"])
+    assert curve.model.pretrained is None and len(check_endpoints(curve)) == 2
     snapshot = ledger_snapshot(led)
     for start in (private, public):  # the public run carries the seeded one, charged to `led`
         code, err = run("finetune", f"model.pretrained={weights(start)}", ledger=tmp_path / "other.sqlite")

@@ -123,6 +123,21 @@ def test_load_run_returns_the_released_run(tmp_path):
     assert ckpt["coins"]  # a test run (noise seed): its generators may be written ...
 
 
+def test_a_resumed_run_is_private_only_if_it_was_and_its_noise_is_still_secret(tmp_path):
+    """The label on resume: what run.json recorded at the start (the runs it was built on may
+    have moved since) and the config it resumes with (a folder from before run.json kept its
+    release count is not hash-checked, so a noise seed set there must still count)."""
+    led = str(tmp_path / "l.sqlite")
+    stopped = train(tiny(tmp_path), ledger_path=led, progress=False, stop_after=3)
+    run_dir = Path(stopped["run_dir"])
+    meta = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "releases"}))
+    text = (run_dir / "config.yaml").read_text()
+    assert "  noise_seed: null\n" in text
+    (run_dir / "config.yaml").write_text(text.replace("  noise_seed: null\n", "  noise_seed: 5\n"))
+    assert train(resume=run_dir, ledger_path=led, progress=False)["private"] is False
+
+
 def test_a_private_checkpoint_holds_no_generator_state(tmp_path):
     report = train(tiny(tmp_path), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
     ckpt = torch.load(Path(report["run_dir"]) / "checkpoint.pt", weights_only=True)
