@@ -46,15 +46,18 @@ class Split:
 
 
 HELD_OUT = "accuracy on examples held out of the private training data"
-PERMUTED = ("the choice of the validation split (a seeded shuffle of the whole source, which one example more "
-            "reshuffles; the guarantee holds for the split taken as fixed)")
 
 
-def permuted_carve(cfg: DataConfig) -> bool:
-    """A validation split carved by `data.val_carve=permutation`: the mechanisms that read it or
-    the training split assume neighbouring data gives neighbouring splits, which this carve does
-    not give (`carve`), so what they release is listed outside the guarantee."""
-    return cfg.val_size > 0 and cfg.val_carve == "permutation"
+def carve_outside(cfg: DataConfig) -> dict[str, str]:
+    """{flag: what} for a validation split carved by `data.val_carve=permutation`, else {}: the
+    mechanisms that read it or the training split assume neighbouring data gives neighbouring
+    splits, which this carve does not give (`carve`), so what a private run or a charged query
+    releases from them is listed (and warned) outside the guarantee."""
+    if not (cfg.val_size > 0 and cfg.val_carve == "permutation"):
+        return {}
+    return {"data.val_carve=permutation": "the choice of the validation split (a seeded shuffle of the whole source, "
+                                          "which one example more reshuffles; the guarantee holds for the split "
+                                          "taken as fixed)"}
 
 
 def outside_guarantee(what: str, measured: str = HELD_OUT) -> str:

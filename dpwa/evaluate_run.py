@@ -19,7 +19,7 @@ import torch
 from .averaging import METHODS
 from .checkpoint import atomic_write_text
 from .config import ConfigError, TrainConfig
-from .data import PERMUTED, outside_guarantee, permuted_carve
+from .data import carve_outside, outside_guarantee
 from .errors import UsageError
 from .evaluate import member_metrics, metrics, predict_members, reliability_bins
 from .reliability import draw_reliability
@@ -101,12 +101,12 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     # validation, read as val_noise 0) gets the default noise, not its own exact evaluation
     noise = val_noise if val_noise is not None else (cfg.train.val_noise or TrainConfig().val_noise)
     charged: Any = split == "val" and cfg.privacy.enabled and noise > 0
-    permuted = split == "val" and cfg.privacy.enabled and permuted_carve(cfg.data)
-    covered = (split == "test" or not cfg.privacy.enabled or charged) and not permuted
+    outside = carve_outside(cfg.data) if split == "val" and cfg.privacy.enabled else {}
+    covered = (split == "test" or not cfg.privacy.enabled or charged) and not outside
     if split == "val" and cfg.privacy.enabled and not charged:
         warnings.warn(outside_guarantee("--data val with val noise 0"), stacklevel=2)
-    if permuted:
-        warnings.warn(outside_guarantee("data.val_carve=permutation", PERMUTED), stacklevel=2)
+    for flag, what in outside.items():
+        warnings.warn(outside_guarantee(flag, what), stacklevel=2)
     results: dict[str, dict[str, Any]] = {}
     bins: dict[str, list] = {}
     if charged:

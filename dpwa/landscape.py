@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .data import PERMUTED, outside_guarantee, permuted_carve
+from .data import carve_outside, outside_guarantee
 from .errors import UsageError
 from .evaluate import metrics
 from .models.ws import WSConv2d
@@ -580,8 +580,7 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
 
     charged: Any = False
     desc = f"{spec.kind} {spec.dims}D {spec.split}"
-    outside = ({"data.val_carve=permutation": PERMUTED}
-               if spec.charged and run.cfg.privacy.enabled and permuted_carve(run.cfg.data) else {})
+    outside = carve_outside(run.cfg.data) if spec.charged and run.cfg.privacy.enabled else {}
     for flag, what in outside.items():
         warnings.warn(outside_guarantee(flag, what), stacklevel=2)
     if not spec.charged:

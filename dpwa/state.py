@@ -11,7 +11,7 @@ optimizer, averagers, step, examples_seen, train_time_s) still load.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -35,19 +35,22 @@ class Coins:
     sampling: torch.Generator
     noise: torch.Generator
     reproducible: bool
+    validation: Optional[torch.Generator] = None  # the charged validation accuracies' noise, if any
 
     def state_dict(self) -> dict[str, Any]:
         """The generator states a checkpoint may hold: none for a private run, which resumes
-        with fresh secret coins under the same reservation."""
+        with fresh secret coins under the same reservation. A reproducible run resumes where
+        each generator stood, so that it never draws the same noise twice."""
         if not self.reproducible:
             return {}
-        return {"sample_rng": self.sampling.get_state(), "noise_rng": self.noise.get_state()}
+        return {"sample_rng": self.sampling.get_state(), "noise_rng": self.noise.get_state(),
+                **({"validation_rng": self.validation.get_state()} if self.validation is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "sample_rng" in state:
-            self.sampling.set_state(state["sample_rng"])
-        if "noise_rng" in state:
-            self.noise.set_state(state["noise_rng"])
+        for key, generator in (("sample_rng", self.sampling), ("noise_rng", self.noise),
+                               ("validation_rng", self.validation)):
+            if key in state and generator is not None:
+                generator.set_state(state[key])
 
 
 @dataclasses.dataclass

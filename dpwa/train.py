@@ -44,7 +44,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, release_grid, tensorboard_writer
-from .data import HELD_OUT, PERMUTED, Data, Source, load_data, outside_guarantee, permuted_carve
+from .data import HELD_OUT, Data, Source, carve_outside, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -374,7 +374,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         noise_std = plan.noise_multiplier * (1.0 if p.rescale_to_unit else p.clip_norm) / cfg.train.batch_size
         method = make_method(cfg, model, noise_std=noise_std if private else 0.0)  # public: std of a release's noise
         coins = Coins(noise=secret_generator(p.noise_seed, device),  # the noise: used by rank 0 alone
-                      sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None)
+                      sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None,
+                      validation=secret_generator(None if p.noise_seed is None else p.noise_seed + 11, "cpu")
+                      if plan.validation else None)
         engine = make_engine(p.engine, model) if private else None
         if hasattr(engine, "plan_memory"):  # dpwa-fast's memory=auto: chosen now, for a public chunk size
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
@@ -401,7 +403,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                 check_holds_run(charged_to, meta, f"{cfg.method.name} run {run_id!r}, built on released run "
                                                   f"{meta['run_id']!r} (a curve endpoint, or model.pretrained)")
         statistics = _statistics_mechanism(cfg, plan, model, len(data.train))
-        validation = _validation_mechanism(cfg, plan)
+        validation = _validation_mechanism(cfg, plan, coins)
         tensorboard = tensorboard_writer(cfg.train.tensorboard)  # refused here if the package is missing
         if resume is None and world.main:
             check_writable(Path(cfg.out_dir))
@@ -426,8 +428,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         ("train.eval_split=val with train.val_noise=0", HELD_OUT,
          cfg.train.eval_split == "val" and cfg.train.val_noise == 0),
         ("train.private_diagnostics=true", "each private batch's loss and realised size (in metrics.jsonl and "
-         "curves.png)", cfg.train.private_diagnostics),
-        ("data.val_carve=permutation", PERMUTED, permuted_carve(cfg.data))) if on and private}
+         "curves.png)", cfg.train.private_diagnostics)) if on and private} | (carve_outside(cfg.data) if private else {})
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder; a refusal stops every rank.
@@ -540,8 +541,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             v = validation.released if validation else 0
             v = v and accuracies[bisect.bisect_left(accuracies, v)]
             if v not in curves:
-                counted = [*prior, *([Gaussian(noise_multiplier=plan.validation.noise_multiplier, count=v)]
-                                     if v else [])]
+                counted = [*prior, *([dataclasses.replace(plan.validation, count=v)] if v else [])]
                 curves[v] = EpsilonCurve(lambda n: _epsilon([*counted, *mechanism.events(n)], p, planned_epsilon),
                                          releases=plan.releases)
             return curves[v].at(mechanism.released)
@@ -699,14 +699,12 @@ def _statistics_mechanism(cfg: RunConfig, plan: Plan, model: torch.nn.Module, n:
                                generator=secret_generator(None if seed is None else seed + 7, "cpu"))
 
 
-def _validation_mechanism(cfg: RunConfig, plan: Plan) -> Optional[ValidationAccuracy]:
-    """The mechanism of a charged validation split (its noise from its own secret generator)."""
+def _validation_mechanism(cfg: RunConfig, plan: Plan, coins: Coins) -> Optional[ValidationAccuracy]:
+    """The mechanism of a charged validation split (its noise from its own generator in `coins`)."""
     if plan.validation is None:
         return None
-    seed = cfg.privacy.noise_seed
     return ValidationAccuracy(noise=cfg.train.val_noise, size=cfg.data.val_size, releases=plan.validation.count,
-                              generator=secret_generator(None if seed is None else seed + 11, "cpu"),
-                              reproducible=seed is not None)
+                              generator=coins.validation)
 
 
 def _release_statistics(statistics: StatisticsMechanism, data: Data, model: torch.nn.Module, world: World) -> None:

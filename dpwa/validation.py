@@ -68,18 +68,13 @@ class ValidationAccuracy:
         size: N_val, the split's (public) size.
         releases: what the ledger reserved.
         generator: the secret noise RNG (`dpwa.privacy.secret_generator`; seeded in tests only).
-        reproducible: TESTS ONLY (a seeded `generator`, a run marked not private): the checkpoint
-            keeps the generator's state, so that a resumed run draws what an uninterrupted one
-            would, never the same noise twice. A secret generator is never saved.
     """
 
-    def __init__(self, *, noise: float, size: int, releases: int, generator: Optional[torch.Generator] = None,
-                 reproducible: bool = False) -> None:
+    def __init__(self, *, noise: float, size: int, releases: int, generator: Optional[torch.Generator] = None
+                 ) -> None:
         if not noise > 0:
             raise ValueError(f"Expected noise > 0 (the std of a released accuracy), got {noise=}")
-        if reproducible and generator is None:
-            raise ValueError("a reproducible ValidationAccuracy needs its seeded generator")
-        self.noise, self.reproducible = noise, reproducible
+        self.noise = noise
         self._counts = LossMechanism(noise_multiplier=noise * size, loss_clip=1.0, dataset_size=size,
                                      releases=releases, generator=generator, what="validation accuracy")
 
@@ -111,15 +106,13 @@ class ValidationAccuracy:
         return min(max(self._counts.release(correct()), 0.0), 1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"released": self.released, **({"rng": self._counts.generator.get_state()} if self.reproducible else {})}
+        return {"released": self.released}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         released = int(state["released"])
         if not 0 <= released <= self.releases:
             raise ValueError(f"the checkpoint's {released} validation releases exceed the {self.releases} reserved")
         self._counts.released = released
-        if self.reproducible and "rng" in state:
-            self._counts.generator.set_state(state["rng"])
 
     def __repr__(self) -> str:
         return f"ValidationAccuracy(s={self.noise:g}, {self._counts!r})"
