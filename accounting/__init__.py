@@ -15,13 +15,13 @@ from .calibrate import epsilon_for, noise_multiplier_for, sample_rate_and_steps,
 from .errors import (AccountantFailedError, AccountingError, BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError,
                      InvalidParameterError, LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError,
                      UnknownRunError)
-from .events import Event, Gaussian, PoissonGaussian, event_from_dict, merge
+from .events import MIN_NOISE_MULTIPLIER, Event, Gaussian, PoissonGaussian, event_from_dict, merge
 from .ledger import DatasetRecord, Ledger, RunRecord, check_delta_below_1_over_n, default_ledger_path, fingerprint
 
 __all__ = [
     "ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "epsilon", "delta",
     "epsilon_for", "noise_multiplier_for", "steps_for", "sample_rate_and_steps",
-    "Event", "PoissonGaussian", "Gaussian", "event_from_dict", "merge",
+    "Event", "PoissonGaussian", "Gaussian", "event_from_dict", "merge", "MIN_NOISE_MULTIPLIER",
     "Ledger", "DatasetRecord", "RunRecord", "fingerprint", "default_ledger_path", "check_delta_below_1_over_n",
     "AccountingError", "AccountantFailedError", "InvalidParameterError", "DeltaAboveOneOverNError", "BudgetExceededError",
     "DatasetMismatchError",

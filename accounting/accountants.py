@@ -100,7 +100,11 @@ def _pld(events: Sequence[Event]):
     from dp_accounting.pld import PLDAccountant
 
     acc = PLDAccountant()
-    acc.compose(_dp_event(events))
+    try:
+        acc.compose(_dp_event(events))
+    except (ValueError, OverflowError, MemoryError) as e:  # its discretisation outgrows its arrays (tiny sigma)
+        raise AccountantFailedError(f"dp-accounting's PLD cannot discretise these events ({e}); the PRV or RDP "
+                                    f"accountant can") from None
     return acc
 
 

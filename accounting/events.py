@@ -20,7 +20,14 @@ from typing import Any, ClassVar, Iterable, Mapping, Union
 
 from .errors import InvalidParameterError
 
-__all__ = ["PoissonGaussian", "Gaussian", "Event", "event_from_dict", "events_from_json_list", "merge"]
+__all__ = ["PoissonGaussian", "Gaussian", "Event", "event_from_dict", "events_from_json_list", "merge",
+           "MIN_NOISE_MULTIPLIER"]
+
+#: Below this the accountants' arithmetic breaks down: a step's RDP grows as 1/sigma^2, which
+#: overflows near sigma = 1e-154, and dp-accounting's subsampled-Gaussian RDP already returns
+#: NaN and wrong finite values there, so an RDP bound of such a run came out as epsilon 0. At the
+#: floor epsilon is above 1e100: no release near it protects anything.
+MIN_NOISE_MULTIPLIER = 1e-50
 
 
 def _check_noise(noise_multiplier: Any) -> None:
@@ -29,6 +36,10 @@ def _check_noise(noise_multiplier: Any) -> None:
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise InvalidParameterError(
             f"Expected noise_multiplier > 0 and finite, got {noise_multiplier=}")
+    if noise_multiplier < MIN_NOISE_MULTIPLIER:
+        raise InvalidParameterError(
+            f"Expected noise_multiplier >= {MIN_NOISE_MULTIPLIER:g} (the accountants' arithmetic overflows below; "
+            f"epsilon there is above 1e100), got {noise_multiplier=}")
 
 
 def _check_count(name: str, value: Any) -> None:

@@ -337,8 +337,9 @@ def make_averagers(cfg: AveragingConfig, model: nn.Module, *, total_steps: int,
     return out
 
 
-# in report order; tickets and suptickets are kept by methods (dpwa/methods/edst.py, suptickets.py), not averagers
-METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets")
+# in report order; tickets, suptickets and pswa are kept by methods (dpwa/methods/edst.py, suptickets.py, pswa.py),
+# not averagers
+METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets", "pswa")
 
 
 def prediction_methods(model: nn.Module, averagers: dict[str, Averager], *, swag_samples: int = 30,

@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from accounting import MIN_NOISE_MULTIPLIER
+
 from .alloc import limit_error
 from .errors import UsageError
 
@@ -169,8 +171,10 @@ class PrivacyConfig:
                  f"got epsilon={self.epsilon}, noise_multiplier={self.noise_multiplier}")
         _require(self.epsilon is None or (math.isfinite(self.epsilon) and self.epsilon > 0),
                  f"privacy.epsilon must be > 0, got {self.epsilon}")
-        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
-                 f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        _require(self.noise_multiplier is None or (math.isfinite(self.noise_multiplier)
+                                                   and self.noise_multiplier >= MIN_NOISE_MULTIPLIER),
+                 f"privacy.noise_multiplier must be finite and >= {MIN_NOISE_MULTIPLIER:g} (the accountants' floor), "
+                 f"got {self.noise_multiplier}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
         _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         _known("privacy.engine", self.engine, "dpwa.engines", "ENGINES")
@@ -260,6 +264,8 @@ class FeatureStatsConfig:
         for key in ("noise_multiplier", "mean_clip", "second_moment_clip"):
             value = getattr(self, key)
             _require(math.isfinite(value) and value > 0, f"feature_stats.{key} must be > 0, got {value}")
+        _require(self.noise_multiplier >= MIN_NOISE_MULTIPLIER, f"feature_stats.noise_multiplier must be >= "
+                 f"{MIN_NOISE_MULTIPLIER:g} (the accountants' floor), got {self.noise_multiplier}")
 
 
 ENDPOINT_MODELS = ("raw", "ema", "polyak", "swa")  # the single-weight models of a run, for curve endpoints
@@ -337,6 +343,8 @@ class MethodConfig:
     def __post_init__(self) -> None:
         _known("method.name", self.name, "dpwa.methods", "METHODS")
         _require(math.isfinite(self.rho) and self.rho >= 0, f"method.rho must be >= 0, got {self.rho}")
+        _require(self.name != "dpsat" or self.rho > 0, "method.name=dpsat needs method.rho > 0 (Park et al.: 0.03 at "
+                 "lr 2); at method.rho=0 it is DP-SGD: method.name=dpsgd")
         _require(self.pswa_start >= 0, f"method.pswa_start must be >= 0, got {self.pswa_start}")
         _require(self.pswa_period >= 1, f"method.pswa_period must be >= 1, got {self.pswa_period}")
         _require(self.pswa_restarts >= 0, f"method.pswa_restarts must be >= 0, got {self.pswa_restarts}")
@@ -517,9 +525,9 @@ class TrainConfig:
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _require(self.eval_split in ("test", "val"), f"train.eval_split must be test or val, got {self.eval_split!r}")
-        _require(math.isfinite(self.val_noise) and self.val_noise >= 0,
-                 f"train.val_noise must be a finite number >= 0 (the std of a released validation accuracy; "
-                 f"0: exact, outside the DP guarantee), got {self.val_noise}")
+        _require(math.isfinite(self.val_noise) and (self.val_noise == 0 or self.val_noise >= MIN_NOISE_MULTIPLIER),
+                 f"train.val_noise must be 0 or a finite number >= {MIN_NOISE_MULTIPLIER:g} (the std of a released "
+                 f"validation accuracy; 0: exact, outside the DP guarantee), got {self.val_noise}")
         _require(self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:"),
                  f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
         _require(self.dist_backend in ("auto", "gloo", "nccl"),

@@ -289,6 +289,8 @@ def evaluate_curve(run_dir: Path, *, points: int = 21, ensemble_t: Sequence[floa
         raise CurveError(f"Expected points >= 2 and plane_points = 0 or >= 2; got {points=}, {plane_points=}")
     if any(not 0 <= t <= 1 for t in ensemble_t):
         raise CurveError(f"ensemble_t must lie in [0, 1], got {list(ensemble_t)}")
+    if plane_examples is not None and plane_examples < 1:
+        raise CurveError(f"--plane-examples must be >= 1 (0 on the command line: all), got {plane_examples}")
     run, ctrl, at = load_curve(run_dir)
     out = Path(out) if out is not None else run.folder.path
     out.mkdir(parents=True, exist_ok=True)

@@ -230,12 +230,16 @@ def curvature_run(run_dir: Path, *, split: str = "test", methods: Optional[Seque
     for name, value in (("iterations", iterations), ("starts", starts), ("examples", examples)):
         if value < 1:
             raise CurvatureError(f"--{name} must be >= 1, got {value}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise CurvatureError(f"--seed must lie in -2**63 <= seed < 2**64, got {seed}")
     bad = [m for m in methods or () if m not in SINGLE_WEIGHT_METHODS]
     if bad:
         raise CurvatureError(f"{bad}: curvature is of one weight vector; choose from {list(SINGLE_WEIGHT_METHODS)}")
-    from .run_folder import load_run
+    from .run_folder import curve_problem, load_run
 
     run = load_run(Path(run_dir))  # withholds the private training split
+    if curve_problem(run.cfg, run_dir):
+        raise CurvatureError(curve_problem(run.cfg, run_dir))
     available = run.prediction_methods()
     wanted = list(methods) if methods else [m for m in SINGLE_WEIGHT_METHODS if m in available]
     missing = [m for m in wanted if m not in available]

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from accounting import MIN_NOISE_MULTIPLIER
+
 from .averaging import METHODS
 from .checkpoint import atomic_write_text
 from .config import ConfigError, TrainConfig
@@ -23,15 +25,17 @@ from .data import carve_outside, outside_guarantee
 from .errors import UsageError
 from .evaluate import member_metrics, metrics, predict_members, reliability_bins
 from .reliability import draw_reliability
-from .run_folder import RunFolder, load_run
+from .run_folder import RunFolder, curve_problem, load_run
 
 __all__ = ["evaluate_run", "EvalError"]
 
 _NEEDS = {"swa": "averaging.swa: true", "fge": "averaging.snapshots: true (with a cyclic or sgdr schedule)",
           "swag": "averaging.swag: true", "swag_diag": "averaging.swag: true",
           "tickets": "method.name=edst or suptickets, and a ticket collected by the checkpoint",
-          "suptickets": "method.name=suptickets, and a ticket collected by the checkpoint"}
-_KEPT_BY = {"tickets": ("edst", "suptickets"), "suptickets": ("suptickets",)}  # models only these methods keep
+          "suptickets": "method.name=suptickets, and a ticket collected by the checkpoint",
+          "pswa": "method.name=pswa, and an iterate averaged since its last restart by the checkpoint; "
+                  "a run that ends on a restart has that average as raw"}
+_KEPT_BY = {"tickets": ("edst", "suptickets"), "suptickets": ("suptickets",), "pswa": ("pswa",)}  # models only these methods keep
 
 
 class EvalError(ConfigError):
@@ -60,16 +64,15 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     unknown = [m for m in methods or () if m not in METHODS]
     if unknown:
         raise EvalError(f"Unknown method(s) {unknown}; known: {list(METHODS)}")
-    if val_noise is not None and not (math.isfinite(val_noise) and val_noise >= 0):
-        raise EvalError(f"val_noise must be a finite number >= 0 (the std of a released accuracy; 0: exact, outside "
-                        f"the DP guarantee), got {val_noise}")
+    if val_noise is not None and not (math.isfinite(val_noise) and (val_noise == 0 or val_noise >= MIN_NOISE_MULTIPLIER)):
+        raise EvalError(f"val_noise must be 0 or a finite number >= {MIN_NOISE_MULTIPLIER:g} (the std of a released "
+                        f"accuracy; 0: exact, outside the DP guarantee), got {val_noise}")
     try:
         cfg = RunFolder.existing(run_dir).config()
     except ConfigError as e:
         raise EvalError(str(e)) from None
-    if cfg.method.name == "curve":  # its "raw" model is w(1/2) and its averages those of w(1/2): not the release
-        raise EvalError(f"{run_dir} is a curve run (method.name=curve): it released a curve, not one model; "
-                        f"`dpwa curve --eval {run_dir}` evaluates it along t, against the segment")
+    if curve_problem(cfg, run_dir):
+        raise EvalError(curve_problem(cfg, run_dir))
     if split == "val" and not cfg.data.val_size:
         raise EvalError("--data val: the run's config has data.val_size=0, so there is no validation split")
     try:

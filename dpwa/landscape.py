@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -42,6 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 import numpy as np
 import torch
 import torch.nn as nn
+
+from accounting import MIN_NOISE_MULTIPLIER
 
 from .data import carve_outside, outside_guarantee
 from .errors import UsageError
@@ -389,9 +392,9 @@ def check_split(split: str, noise_multiplier: Optional[float], loss_clip: Option
             f"--split {split}: {which} is private, and a loss surface on it is a query of every grid point: "
             "give it its own budget with --train-noise-multiplier SIGMA --loss-clip B (each point's mean loss "
             "released by the Gaussian mechanism, charged to the ledger), or use --split test (free)")
-    if not (noise_multiplier > 0 and loss_clip > 0):  # type: ignore[operator]
-        raise LandscapeError(f"--train-noise-multiplier and --loss-clip must be > 0, got {noise_multiplier} and "
-                             f"{loss_clip}")
+    if not (MIN_NOISE_MULTIPLIER <= noise_multiplier < math.inf and 0 < loss_clip < math.inf):  # type: ignore[operator]
+        raise LandscapeError(f"--train-noise-multiplier must be finite and >= {MIN_NOISE_MULTIPLIER:g} (the "
+                             f"accountants' floor) and --loss-clip finite and > 0, got {noise_multiplier} and {loss_clip}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +441,8 @@ class LandscapeSpec:
         if self.charged and not -2**63 <= self.seed < 2**63:  # it keys the private subset's hash
             raise LandscapeError(f"--seed must fit in 64 bits on a private split (-2**63 <= seed < 2**63), "
                                  f"got {self.seed}")
+        if not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise LandscapeError(f"--seed must lie in -2**63 <= seed < 2**64, got {self.seed}")
 
     @property
     def kind(self) -> str:
@@ -535,10 +540,12 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
         BudgetExceededError: the private query would pass the dataset's budget (nothing reserved).
     """
     from .curvature import _device
-    from .run_folder import load_run
+    from .run_folder import curve_problem, load_run
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # withholds the private training split
+    if curve_problem(run.cfg, run_dir):
+        raise LandscapeError(curve_problem(run.cfg, run_dir))
     if spec.split == "val" and run.data.val is None:
         raise LandscapeError("--split val: the run's config has data.val_size=0, so there is no validation split")
     device = _device(run.cfg.train.device)

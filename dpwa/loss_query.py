@@ -22,6 +22,7 @@ would exceed refuses it there, with nothing written) and commits what was releas
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import time
 from pathlib import Path
@@ -48,7 +49,7 @@ class LossMechanism:
 
     def __init__(self, *, noise_multiplier: float, loss_clip: float, dataset_size: int, releases: int,
                  generator: Optional[torch.Generator] = None, what: str = "loss query") -> None:
-        if not (noise_multiplier > 0 and loss_clip > 0 and dataset_size >= 1 and releases >= 1):
+        if not (0 < noise_multiplier < math.inf and 0 < loss_clip < math.inf and dataset_size >= 1 and releases >= 1):
             raise ValueError(f"Expected noise_multiplier, loss_clip > 0, dataset_size, releases >= 1; got "
                              f"{noise_multiplier=}, {loss_clip=}, {dataset_size=}, {releases=}")
         self.noise_multiplier, self.loss_clip = noise_multiplier, loss_clip
@@ -157,5 +158,5 @@ def reserved_query(run: Any, *, events: list[Event], spent: Callable[[], list[Ev
     try:  # the dataset's spend after this query, at the run's delta (display only)
         record["dataset_epsilon"] = ledger.spent(reserved.dataset, delta=run.meta["delta"],
                                                  accountant=run.cfg.privacy.accountant)
-    except AccountingError:
+    except (AccountingError, ArithmeticError):  # a history no accountant can compose: shown as unknown
         record["dataset_epsilon"] = None

@@ -29,7 +29,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, sav
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .errors import RefusalError
 
-__all__ = ["RunFolder", "RunFolderError", "MetricsLog", "ReleasedRun", "load_run", "check_writable"]
+__all__ = ["RunFolder", "RunFolderError", "MetricsLog", "ReleasedRun", "load_run", "check_writable", "curve_problem"]
 
 
 class RunFolderError(RefusalError, OSError):
@@ -205,6 +205,15 @@ def carried_runs(folders: Sequence[Path]) -> list[dict[str, Any]]:
             up = pretrained_folder(RunFolder(folder).config().model.pretrained)
             todo += [up] if up is not None else []
     return list(out.values())
+
+
+def curve_problem(cfg: RunConfig, run_dir: Path) -> Optional[str]:
+    """Why a tool of single models cannot take this run: a curve run's "raw" model is w(1/2)
+    and its averages those of w(1/2), not what it released (None for any other run)."""
+    if cfg.method.name != "curve":
+        return None
+    return (f"{run_dir} is a curve run (method.name=curve): it released a curve, not one model; "
+            f"`dpwa curve --eval {run_dir}` evaluates it along t, against the segment")
 
 
 def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> ReleasedRun:

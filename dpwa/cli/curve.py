@@ -122,7 +122,7 @@ def _evaluate(a: argparse.Namespace, run_dir: Path) -> dict:
     from dpwa.connectivity import evaluate_curve
 
     r = evaluate_curve(run_dir, points=a.points, plane_points=a.plane_points,
-                       plane_examples=a.plane_examples or None, progress=not a.no_progress)
+                       plane_examples=None if a.plane_examples == 0 else a.plane_examples, progress=not a.no_progress)
     if a.json:
         return r
     print(f"curve {r['run_id']} ({r['curve_type']}, {r['bends']} bend(s)) on the test split, {r['examples']} "

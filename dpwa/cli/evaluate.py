@@ -1,6 +1,7 @@
 """`dpwa eval RUN_DIR [--data test|val]`: accuracy, NLL, ECE and Brier score of the last
 iterate and of every average and ensemble a run kept (EMA, Polyak, SWA, FGE, SWAG,
-SWAG-diagonal, the tickets of EDST / Sup-tickets, Sup-tickets' pruned superposition); writes
+SWAG-diagonal, the tickets of EDST / Sup-tickets, Sup-tickets' pruned superposition, periodic
+SWA's average since its last restart); writes
 RUN_DIR/eval.json and a reliability diagram RUN_DIR/reliability.png.
 
 On the test split evaluation is post-processing of the released iterates: it charges
@@ -29,7 +30,7 @@ EXAMPLES = """examples:
 """
 
 # dpwa.averaging.METHODS, repeated here: importing it would pull torch into every verb's start-up.
-METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets")
+METHODS = ("raw", "ema", "polyak", "swa", "fge", "swag", "swag_diag", "tickets", "suptickets", "pswa")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

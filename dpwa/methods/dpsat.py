@@ -11,7 +11,8 @@ step's one release at the perturbed weights:
     g_t = release at w_t + e_t         (the mechanism's noisy mean gradient)
     w_{t+1} = optimizer step from w_t with g_t
 
-So it releases exactly as many gradients as DP-SGD, and at rho = 0 it is DP-SGD.
+So it releases exactly as many gradients as DP-SGD. At rho = 0 it would be DP-SGD, so the
+config asks for rho > 0.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class DPSAT(DPSGD):
 
     @torch.no_grad()
     def _ascent(self) -> Optional[list[torch.Tensor]]:
-        if self.previous is None or self.rho == 0:
+        if self.previous is None:
             return None
         norm = torch.sqrt(sum(g.double().square().sum() for g in self.previous))
         if not norm > 0:
@@ -66,4 +67,5 @@ class DPSAT(DPSGD):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.previous = state.get("previous")
+        previous = state.get("previous")  # loaded on the CPU; kept on the parameters' device
+        self.previous = None if previous is None else [g.to(p.device) for g, p in zip(previous, self.params)]

@@ -15,8 +15,10 @@ models use GroupNorm, so an average is evaluated as is.
 
 `method.pswa_restarts` bounds the restarts: 0 restarts every period to the end (PSWA); R > 0
 makes R restarts and then averages to the end without restarting, i.e. R + 1 nested SWA rounds
-of P steps (`dswa.py`: R = 1, DSWA; `tswa.py`: R = 2, TSWA). The run ends at the last iterate:
-make steps - start a multiple of P (PSWA) to end at an average.
+of P steps (`dswa.py`: R = 1, DSWA; `tswa.py`: R = 2, TSWA). The run's last iterate is a
+DP-SGD iterate unless it ends on a restart; the average of the iterates since the last restart,
+the method's output (the reference evaluates and saves DSWA's second-round `swa_model`), is
+kept in the checkpoint and released to `dpwa eval` as `pswa` (`released_models`).
 
 Privacy: only the DP-SGD steps read data. Averages, restarts from an average and momentum
 resets are post-processing, and DP-SGD continued from a post-processed point is DP-SGD: the
@@ -25,6 +27,7 @@ releases are DP-SGD's, one per step.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -72,6 +75,18 @@ class PSWA(DPSGD):
             p.copy_(a)
         self.optimizer = make_optimizer(self.cfg.optim, self.params, noise_std=self.noise_std)
         self.average, self.count = None, 0
+
+    @classmethod
+    def released_models(cls, cfg, model, state: dict[str, Any]) -> dict:
+        """`pswa`: the average of the iterates since the last restart (none when the run ended
+        on a restart: its last iterate is that average)."""
+        if not state.get("count"):
+            return {}
+        average = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, a in zip([p for p in average.parameters() if p.requires_grad], state["average"]):
+                p.copy_(a)
+        return {"pswa": lambda: iter([average])}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "average": self.average, "count": self.count}

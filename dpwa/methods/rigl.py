@@ -19,8 +19,10 @@ section 3, signals (a) and (b)):
                  FreeTickets' `momentum_growth`. The optimizer's own state is masked (a weight
                  that does not exist has no momentum), so the method keeps m itself.
 
-As the reference, the update follows the step's optimizer update: drop by |w| of the new
-iterate, grow by the scores, new connections at 0 with zero optimizer state.
+The reference applies a mask update *instead of* that step's gradient step
+(`SparseRigLOptimizerBase.apply_gradients`, `cond_mask_update_op`); here the mask update
+follows the step's optimizer update, so the release is used rather than wasted: drop by |w|
+of the new iterate, grow by the scores, new connections at 0 with zero optimizer state.
 
 Privacy: the releases are DP-SGD's, one per step; the drop, the growth ranking and m are
 post-processing of released weights and gradients, so `releases(steps)` = steps.

@@ -34,6 +34,23 @@ def test_validation_names_the_value(kwargs, needle):
     assert needle in str(info.value)
 
 
+def test_noise_below_the_floor_is_refused_and_at_the_floor_no_accountant_undercounts():
+    """Near sigma = 1e-153 dp-accounting's subsampled-Gaussian RDP overflows into NaN and wrong
+    finite values: an RDP bound of 0. Such events cannot be made; at the floor every accountant
+    gives a huge epsilon or says it cannot."""
+    from accounting import AccountantFailedError, MIN_NOISE_MULTIPLIER, epsilon
+
+    for make in (lambda s: PoissonGaussian(noise_multiplier=s, sample_rate=0.01, steps=10),
+                 lambda s: Gaussian(noise_multiplier=s, count=3)):
+        with pytest.raises(InvalidParameterError, match="noise_multiplier=1e-153"):
+            make(1e-153)
+        for accountant in ("rdp", "prv", "pld"):
+            try:
+                assert epsilon([make(MIN_NOISE_MULTIPLIER)], delta=1e-5, accountant=accountant) > 1e100
+            except AccountantFailedError:
+                pass
+
+
 def test_gaussian_validation():
     with pytest.raises(InvalidParameterError, match="count=-2"):
         Gaussian(noise_multiplier=1.0, count=-2)

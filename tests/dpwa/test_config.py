@@ -40,6 +40,8 @@ def test_overrides():
     (["optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
     (["train.steps=abc"], "abc"),
     (["privacy.noise_multiplier=3"], "exactly one of privacy.epsilon"),
+    (["privacy.epsilon=null", "privacy.noise_multiplier=1e-100"], "privacy.noise_multiplier must be finite and >= 1e-50"),
+    (["train.val_noise=1e-300"], "train.val_noise must be 0 or a finite number >= 1e-50"),
     (["privacy.accountant=moments"], "moments"),
     (["model.groups=0"], "model.groups"),
     (["data.name=imagenet"], "imagenet"),

@@ -102,3 +102,8 @@ def test_private_splits_are_refused_before_anything_is_read(finished_run, monkey
     assert main(["curvature", str(finished_run), "--split", split]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "private" in err and "charged version is not built" in err
+
+
+def test_a_seed_torch_cannot_take_is_refused(finished_run, capsys):
+    assert main(["curvature", str(finished_run), "--seed", str(2**64)]) == 2
+    assert "--seed must lie in -2**63 <= seed < 2**64, got 18446744073709551616" in capsys.readouterr().err

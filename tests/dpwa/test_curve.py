@@ -164,8 +164,13 @@ def test_the_curve_run_is_one_reservation_under_the_endpoints_dataset_and_its_ev
     assert p["distance_to_plane"]["curve"] < 1e-5 * p["distance_w1_w2"]  # ... and the 1-bend curve lies in it
     assert all((run_dir / f).is_file() for f in ("curve_error.png", "curve_plane.png"))
     snapshot = ledger_snapshot(led)
-    assert main(["eval", str(run_dir)]) == 2  # a curve is not one model: refused, pointed to dpwa curve --eval
-    assert "dpwa curve --eval" in capsys.readouterr().err and ledger_snapshot(led) == snapshot
+    for verb in (["eval"], ["landscape", "--dims", "1", "--points", "3"], ["curvature", "--iterations", "2"],
+                 ["landscape", "--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2"]):
+        # a curve is not one model: refused, pointed to dpwa curve --eval (a charged split before its reservation)
+        assert main([verb[0], str(run_dir), *verb[1:]]) == 2, verb
+        assert "is a curve run" in capsys.readouterr().err and ledger_snapshot(led) == snapshot
+    assert main(["curve", "--eval", str(run_dir), "--plane-examples", "-5"]) == 2
+    assert "--plane-examples must be >= 1 (0 on the command line: all), got -5" in capsys.readouterr().err
     assert main(["curve", "--eval", str(run_dir), "--points", "3", "--plane-points", "0", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["t"] == [0.0, 0.25, 0.5, 0.75, 1.0]  # the ensemble's t are evaluated
     assert main(["curve", "--eval", str(a)]) == 2 and "not a curve run" in capsys.readouterr().err

@@ -347,3 +347,17 @@ def test_the_linear_first_layer_shortcut_is_exact():
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
     other["0.mean"] = other["0.mean"] + 0.1  # another run's released input statistics: the input moves
     assert Logits(model, batches, lambda a: a, origin, [target_direction(origin, other)]).cache is None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "inf"], "--loss-clip finite and > 0, got 5.0 and inf"),
+    (["--split", "train", "--train-noise-multiplier", "1e-200", "--loss-clip", "2"], "finite and >= 1e-50 (the accountants' floor)"),
+    (["--seed", str(10**23)], "--seed must lie in -2**63 <= seed < 2**64, got 100000000000000000000000"),
+])
+def test_bad_budget_values_and_seeds_are_refused_before_anything_is_charged(runs, capsys, args, needle):
+    """An infinite clip would charge for noise of infinite std; a noise multiplier under the
+    accountants' floor would break the ledger's arithmetic; torch takes no seed past 64 bits."""
+    first, _, ledger = runs
+    before = ledger_snapshot(ledger)
+    assert main(["landscape", str(first), "--dims", "1", "--points", "3", "--no-progress", *args]) == 2
+    assert needle in capsys.readouterr().err and ledger_snapshot(ledger) == before

@@ -1,6 +1,8 @@
 """Periodic SWA (method.name=pswa): DP-SGD restarted from the running average of its iterates
 every pswa_period steps, with fresh momentum; the releases of DP-SGD."""
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -8,10 +10,14 @@ import torch
 import torch.nn as nn
 
 from accounting import Ledger
+from dpwa.cli import main
 from dpwa.config import ConfigError, load_config
+from dpwa.evaluate import metrics
 from dpwa.mechanism import Release
 from dpwa.methods import METHODS, Step, make_method
+from dpwa.run_folder import load_run
 from dpwa.train import train
+from tests.conftest import ledger_snapshot
 from tests.dpwa.test_train import final_weights, tiny
 
 GRADS = [torch.tensor([[1.0, -2.0]]), torch.tensor([[0.5, 1.0]]), torch.tensor([[-1.0, 0.0]]),
@@ -92,6 +98,35 @@ def test_releases_as_many_gradients_as_dpsgd_and_a_resumed_run_ends_where_an_uni
     assert Ledger(led).run(resumed["run_id"]).spent == runs["pswa"]["spent"]
     a_dpsgd = final_weights(runs["dpsgd"]["run_dir"])["model"]
     assert any(not torch.equal(v, a["model"][k]) for k, v in a_dpsgd.items())  # the restarts changed the path
+
+
+def test_dpwa_eval_gives_the_average_since_the_last_restart_for_free(tmp_path, capsys):
+    """DSWA (R = 1): restart after iterate 6, then the average of iterates 7..12 is the method's
+    output; the last iterate (raw) is a DP-SGD iterate. PSWA ending on a restart keeps no average."""
+    led = str(tmp_path / "ledger.sqlite")
+    dswa = train(tiny(tmp_path / "dswa", "method.name=pswa", "method.pswa_start=1", "method.pswa_period=5",
+                      "method.pswa_restarts=1"), ledger_path=led, progress=False)
+    state = final_weights(dswa["run_dir"])["method"]
+    assert state["count"] == 6
+    before = ledger_snapshot(led)
+    assert main(["eval", dswa["run_dir"], "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["methods"]
+    assert ledger_snapshot(led) == before  # post-processing: no charge
+    run = load_run(Path(dswa["run_dir"]))
+    average = copy.deepcopy(run.model).eval()
+    with torch.no_grad():
+        for p, a in zip([p for p in average.parameters() if p.requires_grad], state["average"]):
+            p.copy_(a)
+        probs = average(run.data.normalize(run.data.test.x)).softmax(1)
+    assert got["pswa"] == pytest.approx({**metrics(probs, run.data.test.y), "members": 1}, rel=1e-5)
+    assert got["pswa"] != got["raw"]
+
+    pswa = train(tiny(tmp_path / "pswa", "method.name=pswa", "method.pswa_start=2", "method.pswa_period=5"),
+                 ledger_path=led, progress=False)  # restarts after iterates 7 and 12: ends on one
+    assert main(["eval", pswa["run_dir"], "--methods", "pswa"]) == 2
+    assert "pswa: not kept by this run (needs method.name=pswa, and an iterate averaged" in capsys.readouterr().err
+    assert main(["eval", pswa["run_dir"], "--json"]) == 0
+    assert "pswa" not in json.loads(capsys.readouterr().out)["methods"]
 
 
 def test_pswa_fields_belong_to_pswa():

@@ -21,7 +21,7 @@ from dpwa.mechanism import ReleaseRefused
 from dpwa.run_folder import load_run
 from dpwa.train import plan_run, train
 from dpwa.validation import ValidationAccuracy, planned_releases
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ledger_snapshot
 
 QUICK = ROOT / "configs" / "quickstart.yaml"
 
@@ -82,7 +82,7 @@ def test_a_noisy_accuracy_is_clipped_to_0_1(digits):
 
 
 def test_val_noise_is_checked_by_name(tmp_path):
-    with pytest.raises(ConfigError, match="train.val_noise must be a finite number >= 0.*got -0.1"):
+    with pytest.raises(ConfigError, match="train.val_noise must be 0 or a finite number >= 1e-50.*got -0.1"):
         tiny(tmp_path, "train.val_noise=-0.1")
 
 
@@ -232,6 +232,9 @@ def test_eval_on_the_validation_split_is_a_charged_query(tmp_path, capsys):
 
     assert main(["eval", str(run_dir), "--data", "val", "--ledger", str(tmp_path / "other.sqlite")]) == 2
     assert "is not in ledger" in capsys.readouterr().err
+    before = ledger_snapshot(led)
+    assert main(["eval", str(run_dir), "--data", "val", "--val-noise", "1e-300"]) == 2  # under the accountants' floor
+    assert "val_noise must be 0 or a finite number >= 1e-50" in capsys.readouterr().err and ledger_snapshot(led) == before
     assert not (tmp_path / "other.sqlite").exists()
     assert main(["eval", str(run_dir), "--data", "val", "--methods", "raw", "raw"]) == 0  # one release, not two
     assert "charged" in capsys.readouterr().out
