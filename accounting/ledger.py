@@ -317,6 +317,7 @@ class Ledger:
                                      (str(SCHEMA_VERSION),))
                         conn.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",  # another creator may be first
                                      (_KEY, _new_key()))
+                    self._not_world_readable()  # an empty file made by someone else (touch, mktemp) has its mode
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None or row[0] not in _READABLE_VERSIONS:
                     raise LedgerCorruptError(f"Ledger {self.path} has schema version {row and row[0]!r}, "

@@ -170,7 +170,7 @@ class PrivacyConfig:
                  "give exactly one of privacy.epsilon (calibrate the noise) and privacy.noise_multiplier; "
                  f"got epsilon={self.epsilon}, noise_multiplier={self.noise_multiplier}")
         _require(self.epsilon is None or (math.isfinite(self.epsilon) and self.epsilon > 0),
-                 f"privacy.epsilon must be > 0, got {self.epsilon}")
+                 f"privacy.epsilon must be finite and > 0, got {self.epsilon}")
         _require(self.noise_multiplier is None or (math.isfinite(self.noise_multiplier)
                                                    and self.noise_multiplier >= MIN_NOISE_MULTIPLIER),
                  f"privacy.noise_multiplier must be finite and >= {MIN_NOISE_MULTIPLIER:g} (the accountants' floor), "
@@ -679,6 +679,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     sources = []
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"Config file {path} is a folder; give a YAML file (e.g. {path / 'quickstart.yaml'})")
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist")
         try:

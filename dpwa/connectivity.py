@@ -269,6 +269,21 @@ def plane_grid(evaluator: Any, split: Split, w1: torch.Tensor, w2: torch.Tensor,
             "distance_to_plane": residual, "distance_w1_w2": float((w2.double() - w1.double()).norm())}
 
 
+def check_evaluation(*, points: int = 21, ensemble_t: Sequence[float] = (0.25, 0.5, 0.75), plane_points: int = 21,
+                     plane_examples: Optional[int] = 2000) -> None:
+    """`evaluate_curve`'s arguments, checked before a curve is trained (and charged) for it.
+
+    Raises:
+        CurveError: a bad argument, named with its value.
+    """
+    if points < 2 or plane_points == 1 or plane_points < 0:
+        raise CurveError(f"Expected points >= 2 and plane_points = 0 or >= 2; got {points=}, {plane_points=}")
+    if any(not 0 <= t <= 1 for t in ensemble_t):
+        raise CurveError(f"ensemble_t must lie in [0, 1], got {list(ensemble_t)}")
+    if plane_examples is not None and plane_examples < 1:
+        raise CurveError(f"--plane-examples must be >= 1 (0 on the command line: all), got {plane_examples}")
+
+
 def evaluate_curve(run_dir: Path, *, points: int = 21, ensemble_t: Sequence[float] = (0.25, 0.5, 0.75),
                    plane_points: int = 21, plane_examples: Optional[int] = 2000, plane_margin: float = 0.2,
                    seed: int = 0, out: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
@@ -285,12 +300,7 @@ def evaluate_curve(run_dir: Path, *, points: int = 21, ensemble_t: Sequence[floa
     Raises:
         CurveError: not a curve run, or bad arguments.
     """
-    if points < 2 or plane_points == 1 or plane_points < 0:
-        raise CurveError(f"Expected points >= 2 and plane_points = 0 or >= 2; got {points=}, {plane_points=}")
-    if any(not 0 <= t <= 1 for t in ensemble_t):
-        raise CurveError(f"ensemble_t must lie in [0, 1], got {list(ensemble_t)}")
-    if plane_examples is not None and plane_examples < 1:
-        raise CurveError(f"--plane-examples must be >= 1 (0 on the command line: all), got {plane_examples}")
+    check_evaluation(points=points, ensemble_t=ensemble_t, plane_points=plane_points, plane_examples=plane_examples)
     run, ctrl, at = load_curve(run_dir)
     out = Path(out) if out is not None else run.folder.path
     out.mkdir(parents=True, exist_ok=True)

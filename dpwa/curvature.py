@@ -235,11 +235,13 @@ def curvature_run(run_dir: Path, *, split: str = "test", methods: Optional[Seque
     bad = [m for m in methods or () if m not in SINGLE_WEIGHT_METHODS]
     if bad:
         raise CurvatureError(f"{bad}: curvature is of one weight vector; choose from {list(SINGLE_WEIGHT_METHODS)}")
-    from .run_folder import curve_problem, load_run
+    from .run_folder import check_writable, curve_problem, load_run
 
     run = load_run(Path(run_dir))  # withholds the private training split
     if curve_problem(run.cfg, run_dir):
         raise CurvatureError(curve_problem(run.cfg, run_dir))
+    target = Path(out) if out is not None else Path(run_dir)
+    check_writable(target, what="--out", holds="curvature.json and curvature.png", files=("curvature.json",))
     available = run.prediction_methods()
     wanted = list(methods) if methods else [m for m in SINGLE_WEIGHT_METHODS if m in available]
     missing = [m for m in wanted if m not in available]
@@ -269,7 +271,6 @@ def curvature_run(run_dir: Path, *, split: str = "test", methods: Optional[Seque
                          "top_eigenvalues": [sum(t[i] for t in top) / len(top) for i in range(k)],
                          "ritz": [{"values": theta, "weights": w} for theta, w in s.runs],
                          "parameters": loss.dim}
-    target = Path(out) if out is not None else Path(run_dir)
     target.mkdir(parents=True, exist_ok=True)
     png = _plot({m: r["ritz"] for m, r in results.items()}, target / "curvature.png",
                 title=f"{run.meta['run_id']} ({split}, step {run.step}, {n} examples)")

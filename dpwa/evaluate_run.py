@@ -25,7 +25,7 @@ from .data import carve_outside, outside_guarantee
 from .errors import UsageError
 from .evaluate import member_metrics, metrics, predict_members, reliability_bins
 from .reliability import draw_reliability
-from .run_folder import RunFolder, curve_problem, load_run
+from .run_folder import RunFolder, check_writable, curve_problem, load_run
 
 __all__ = ["evaluate_run", "EvalError"]
 
@@ -75,6 +75,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         raise EvalError(curve_problem(cfg, run_dir))
     if split == "val" and not cfg.data.val_size:
         raise EvalError("--data val: the run's config has data.val_size=0, so there is no validation split")
+    suffix = "" if split == "test" else f"-{split}"
+    check_writable(run_dir, what="RUN_DIR", holds=f"eval{suffix}.json", files=(f"eval{suffix}.json",))  # before a charge
     try:
         run = load_run(run_dir, test_time_flip=test_time_flip)  # reads no private training data
     except UsageError as e:
@@ -130,7 +132,6 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         "methods": results, "reliability": bins,
     }
     # the validation split's numbers go to files of their own, labelled, never in place of the test ones
-    suffix = "" if split == "test" else f"-{split}"
     label = split if covered else f"{split}: outside the DP guarantee"
     out["reliability_diagram"] = None if charged else str(draw_reliability(  # noisy accuracies have no bins
         bins, results, run_dir / f"reliability{suffix}.png", title=f"{meta['run_id']} ({label}, step {at})"))

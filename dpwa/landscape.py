@@ -540,12 +540,14 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
         BudgetExceededError: the private query would pass the dataset's budget (nothing reserved).
     """
     from .curvature import _device
-    from .run_folder import curve_problem, load_run
+    from .run_folder import check_writable, curve_problem, load_run
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # withholds the private training split
     if curve_problem(run.cfg, run_dir):
         raise LandscapeError(curve_problem(run.cfg, run_dir))
+    folder = Path(out) if out is not None else run_dir / "landscape"
+    check_writable(folder, what="--out", holds="the landscape's files")  # before a query is charged and lost
     if spec.split == "val" and run.data.val is None:
         raise LandscapeError("--split val: the run's config has data.val_size=0, so there is no validation split")
     device = _device(run.cfg.train.device)
@@ -577,7 +579,10 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
             info["to"] = {"run_dir": str(spec.to), "run_id": other.meta["run_id"], "step": other.step,
                           "epsilon": other.epsilon}
             labels[0] = f"{spec.method}: this run -> {other.meta['run_id']}"
-        dirs = [target_direction(origin, target)] + [random_direction(model, gen) for _ in range(spec.dims - 1)]
+        towards = target_direction(origin, target)
+        if not any(bool(d.any()) for d in towards.values()):  # a flat, meaningless surface along x
+            raise LandscapeError(f"the direction {labels[0]} is zero: both ends are the same weights")
+        dirs = [towards] + [random_direction(model, gen) for _ in range(spec.dims - 1)]
     grid = spec.grid(defaults)
     inputs = (lambda x: run.data.normalize(x).to(device))
 
@@ -624,7 +629,7 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
               "values": {k: v.tolist() for k, v in values.items()}, "charged": charged,
               "outside_guarantee": list(outside), **info,
               "axis_labels": labels[:spec.dims]}
-    return _write(report, dirs, grid, values, Path(out) if out is not None else run_dir / "landscape")
+    return _write(report, dirs, grid, values, folder)
 
 
 def _write(report: dict[str, Any], dirs: Sequence[State], grid: Grid, values: dict[str, np.ndarray], target: Path

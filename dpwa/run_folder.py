@@ -37,19 +37,25 @@ class RunFolderError(RefusalError, OSError):
     message says what the ledger holds for the run and how to go on (exit 1)."""
 
 
-def check_writable(out_dir: Path) -> None:
-    """Can a run folder be made under `out_dir`? Tried in its nearest existing ancestor,
-    leaving nothing; before the ledger, so an unwritable folder costs nothing."""
+def check_writable(out_dir: Path, *, what: str = "out_dir", holds: str = "run folders",
+                   files: Sequence[str] = ()) -> None:
+    """Can `out_dir` (or a folder to be made there) hold `files`? Tried in its nearest existing
+    ancestor, leaving nothing; before the ledger, so an unwritable folder costs nothing (a
+    charged query's values would otherwise be released and then lost). `what` names the
+    option in the message."""
     base = Path(out_dir).absolute()
     while not base.exists() and base != base.parent:
         base = base.parent
     try:
         if not base.is_dir():
             raise NotADirectoryError(f"{base} is not a folder")
+        blocked = [f for f in files if (Path(out_dir) / f).exists() and not (Path(out_dir) / f).is_file()]
+        if blocked:
+            raise IsADirectoryError(f"{Path(out_dir) / blocked[0]} is in the way, not a file")
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
-        raise ConfigError(f"out_dir={str(out_dir)!r} cannot hold run folders: {e}") from None
+        raise ConfigError(f"{what}={str(out_dir)!r} cannot hold {holds}: {e}") from None
 
 
 def _row_step(line: str) -> float:

@@ -420,7 +420,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         world.on_main(lambda: bool(folder.meta().get("private"))) if resume is not None
         else all(m.get("private") for m in charged))
     if opts.dry_run:  # everything up to the reservation: nothing is charged or written
-        return {**_dry_run(cfg, plan, dataset, ledger_path, probe_s), "private": is_private, "built_on": built_on}
+        return {**_dry_run(cfg, plan, dataset, ledger_path, probe_s, resumed=run_id if resume is not None else None),
+                "private": is_private, "built_on": built_on}
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
@@ -755,10 +756,11 @@ def _interrupted(signum: int, state: TrainState, folder: RunFolder, eps: Optiona
                        f"commits). Continue it with `dpwa train --resume {folder.path}`", signum)
 
 
-def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str], probe_s: float
-             ) -> dict[str, Any]:
+def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str], probe_s: float,
+             resumed: Optional[str] = None) -> dict[str, Any]:
     """What the run would spend and what the dataset would have left; reads the ledger only
-    (a missing ledger file is not created)."""
+    (a missing ledger file is not created). A resumed run's own reservation is in the ledger
+    already: the spend after it composes the plan with the other runs only."""
     p = cfg.privacy
     out: dict[str, Any] = {"dry_run": True, "dataset": dataset, "private": p.enabled, "method": cfg.method.name,
                            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
@@ -785,8 +787,10 @@ def _dry_run(cfg: RunConfig, plan: Plan, dataset: str, ledger_path: Optional[str
     except LedgerError:
         return nothing
     prior = list(ledger.counted_events(dataset))
+    others = prior if resumed is None else [e for r in ledger.runs(dataset) if r.run_id != resumed for e in r.counted]
     out["dataset_epsilon_spent"] = epsilon(prior, delta=p.delta, accountant=p.accountant) if prior else 0.0
-    out["dataset_epsilon_after"] = epsilon([*prior, *plan.events], delta=p.delta, accountant=p.accountant)
+    out["dataset_epsilon_after"] = epsilon([*others, *plan.events], delta=p.delta, accountant=p.accountant)
+    out["resumed_run"] = resumed  # its reservation is counted in "spent" already
     out["budget"] = None if record.budget_epsilon is None else {"epsilon": record.budget_epsilon,
                                                                "delta": record.budget_delta}
     return out

@@ -142,6 +142,11 @@ def run(a: argparse.Namespace) -> int:
     if spent is not None:
         rows.append(["epsilon spent", fmt(spent), f"(<= {fmt(a.epsilon)})"])
     print_table(rows)
+    if solve == "steps" and known["steps"] == 0:  # an answer, but one a user should not miss
+        one = calibrate.epsilon_for(noise_multiplier=known["sigma"], sample_rate=q, steps=1, delta=known["delta"],
+                                    accountant=acc)
+        print(f"not even one step fits epsilon {fmt(a.epsilon)}: one step spends {fmt(one)}; raise the noise "
+              "multiplier or lower the sample rate")
     return 0
 
 

@@ -38,6 +38,19 @@ ENDPOINT_MODELS = ("raw", "ema", "polyak", "swa")
 TYPES = ("bezier", "polychain")
 
 
+class _EndpointModels(argparse.Action):
+    """--endpoint-model MODEL [MODEL]: the key=value overrides that follow it (`--endpoint-model
+    raw ema train.steps=4`, as the synopsis orders them) go back to the overrides, not to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        models = [v for v in values if "=" not in v]
+        bad = [v for v in models if v not in ENDPOINT_MODELS]
+        if bad or not models:
+            parser.error(f"argument --endpoint-model: choose one or two of {', '.join(ENDPOINT_MODELS)}; got {values}")
+        setattr(namespace, self.dest, models)
+        namespace.trailing_overrides = [v for v in values if "=" in v]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("curve", help="train a mode-connecting curve between two runs (charged), evaluate it (free)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=TYPES, default="bezier", help="curve type (default: %(default)s)")
     p.add_argument("--bends", type=int, default=1, help="trained control points between the endpoints "
                    "(default: %(default)s)")
-    p.add_argument("--endpoint-model", nargs="+", choices=ENDPOINT_MODELS, default=["raw"], metavar="MODEL",
+    p.add_argument("--endpoint-model", nargs="+", action=_EndpointModels, default=["raw"], metavar="MODEL",
                    help=f"which model of each endpoint run ({', '.join(ENDPOINT_MODELS)}); one for both or one each")
     p.add_argument("--ledger", help="ledger file (default: the one holding the endpoints' runs)")
     p.add_argument("--dry-run", action="store_true", help="plan and probe, print what the curve would spend; "
@@ -80,10 +93,12 @@ def run(a: argparse.Namespace) -> int:
         raise InvalidParameterError("Give two endpoint run folders (ENDPOINT_A ENDPOINT_B), or --eval RUN_DIR")
     if "=" in str(a.endpoint_b):  # `dpwa curve A key=value`: argparse took the override for endpoint B
         raise InvalidParameterError(f"Give two endpoint run folders before the overrides; got {a.endpoint_b}")
-    from dpwa.connectivity import curve_config, run_curve
+    from dpwa.connectivity import check_evaluation, curve_config, run_curve
 
-    cfg = curve_config(a.endpoint_a, a.endpoint_b, curve_type=a.type, bends=a.bends,
-                       endpoint_models=a.endpoint_model, overrides=a.overrides)
+    if not (a.dry_run or a.no_eval):  # the evaluation's arguments, before the curve is trained and charged
+        check_evaluation(points=a.points, plane_points=a.plane_points, plane_examples=_plane_examples(a))
+    cfg = curve_config(a.endpoint_a, a.endpoint_b, curve_type=a.type, bends=a.bends, endpoint_models=a.endpoint_model,
+                       overrides=[*a.overrides, *getattr(a, "trailing_overrides", [])])
     report = run_curve(cfg, ledger_path=a.ledger, progress=not a.no_progress, dry_run=a.dry_run, announce=True)
     if a.dry_run:
         if a.json:
@@ -117,12 +132,16 @@ def _print_training(r: dict, cfg) -> None:
     print(f"  endpoints: {r['endpoints_paid']}")
 
 
+def _plane_examples(a: argparse.Namespace):
+    return None if a.plane_examples == 0 else a.plane_examples  # 0: the whole test split
+
+
 def _evaluate(a: argparse.Namespace, run_dir: Path) -> dict:
     """Evaluate (free) and print the summary unless --json; the result."""
     from dpwa.connectivity import evaluate_curve
 
-    r = evaluate_curve(run_dir, points=a.points, plane_points=a.plane_points,
-                       plane_examples=None if a.plane_examples == 0 else a.plane_examples, progress=not a.no_progress)
+    r = evaluate_curve(run_dir, points=a.points, plane_points=a.plane_points, plane_examples=_plane_examples(a),
+                       progress=not a.no_progress)
     if a.json:
         return r
     print(f"curve {r['run_id']} ({r['curve_type']}, {r['bends']} bend(s)) on the test split, {r['examples']} "

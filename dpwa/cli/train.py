@@ -99,7 +99,9 @@ def _print_dry_run(r: dict) -> None:
         print(f"  plus at most {r['validation_releases']} validation accuracies, each a Gaussian release of a count "
               f"(sigma {r['validation_noise_multiplier']:g}: accuracy noise std {r['validation_noise']:g}, "
               f"train.eval_split=val; epsilon {r['validation_epsilon']:.3f} alone, included above)")
-    print(f"  dataset {r['dataset']!r} in {r['ledger']}: epsilon {r['dataset_epsilon_spent']:.3f} spent, "
+    resumed = f" (run {r['resumed_run']!r}'s own reservation included: resuming adds nothing)" if r.get(
+        "resumed_run") else ""
+    print(f"  dataset {r['dataset']!r} in {r['ledger']}: epsilon {r['dataset_epsilon_spent']:.3f} spent{resumed}, "
           f"{r['dataset_epsilon_after']:.3f} after this run")
     if r["budget"] is not None:
         left = r["budget"]["epsilon"] - r["dataset_epsilon_after"]

@@ -344,6 +344,11 @@ def test_a_new_ledger_file_is_its_owners_alone(tmp_path):
     Ledger(path).commit("r1", [ev()])
     assert _version(path) == "3" and stat.S_IMODE(path.stat().st_mode) == 0o640  # a sharing group keeps it
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o640 for p in tmp_path.glob("new.sqlite-*"))
+    empty = tmp_path / "touched.sqlite"  # an empty file made by `touch` or mktemp gets the key on opening
+    empty.write_bytes(b"")
+    empty.chmod(0o644)
+    Ledger(empty)
+    assert stat.S_IMODE(empty.stat().st_mode) == 0o640
 
 
 def test_a_newer_ledger_is_refused(ledger_path):

@@ -57,6 +57,12 @@ def test_human_output(capsys):
     assert "prv (upper bound)" in out and "6.5396" in out and "<- computed" in out
 
 
+def test_steps_that_fit_no_step_say_so(capsys):
+    assert main(["budget", "--epsilon", "1", "--sigma", "0.3", "--sample-rate", "0.5", "--delta", "1e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "not even one step fits epsilon 1: one step spends 17.9" in out
+
+
 def test_large_delta_warns(capsys):
     assert main(["budget", "--sigma", "3", "--batch-size", "10", "--dataset-size", "100", "--steps", "10",
                  "--delta", "0.05", "--accountant", "rdp"]) == 0

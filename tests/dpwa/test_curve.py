@@ -264,6 +264,22 @@ def test_mismatched_endpoints_are_refused_before_anything_is_charged(ends, tmp_p
     assert ledger_snapshot(led) == snapshot and not (tmp_path / "other.sqlite").exists()
 
 
+def test_bad_evaluation_arguments_are_refused_before_the_curve_is_charged(ends, capsys):
+    a, b, led = ends
+    snapshot = ledger_snapshot(led)
+    for args, needle in ((["--points", "0"], "points=0"), (["--plane-points", "1"], "plane_points=1"),
+                         (["--plane-examples", "-4"], "--plane-examples must be >= 1")):
+        assert main(["curve", str(a), str(b), "train.steps=2", "--no-progress", *args]) == 2
+        assert needle in capsys.readouterr().err and ledger_snapshot(led) == snapshot
+    # overrides may follow --endpoint-model, as the synopsis orders them
+    assert main(["curve", str(a), str(a), "--endpoint-model", "raw", "ema", "train.steps=3", "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 3 and report["endpoint_models"] == ["raw", "ema"] and ledger_snapshot(led) == snapshot
+    with pytest.raises(SystemExit):
+        main(["curve", str(a), str(b), "--endpoint-model", "fge"])
+    assert "choose one or two of raw, ema, polyak, swa; got ['fge']" in capsys.readouterr().err
+
+
 def test_the_plane_holds_its_three_points_and_a_one_bend_curve_exactly():
     g = torch.Generator().manual_seed(3)
     w1, theta, w2 = (torch.randn(50, generator=g, dtype=torch.float64) for _ in range(3))

@@ -140,6 +140,8 @@ def test_between_and_to_pass_through_both_weight_vectors(runs, tmp_path):
         assert r["values"]["accuracy"][i] == pytest.approx(m["accuracy"])
         assert r["values"]["loss"][i] == pytest.approx(m["nll"], rel=1e-5)
     r = landscape_run(first, LandscapeSpec(dims=1, to=str(second), x_range=(0.0, 1.0), points=(2,)), out=tmp_path)
+    with pytest.raises(LandscapeError, match=r"the direction raw: this run -> .* is zero: both ends are the same"):
+        landscape_run(first, LandscapeSpec(dims=1, to=str(first), points=(2,)), out=tmp_path)
     assert r["values"]["loss"][1] == pytest.approx(_evaluate(second, "raw")["nll"], rel=1e-5)
     pca = landscape_run(second, LandscapeSpec(dims=2, pca=True, points=(3, 2)), out=tmp_path)
     assert pca["trajectory"].startswith("3 FGE snapshots") and len(pca["explained_variance_ratio"]) == 2
@@ -361,3 +363,16 @@ def test_bad_budget_values_and_seeds_are_refused_before_anything_is_charged(runs
     before = ledger_snapshot(ledger)
     assert main(["landscape", str(first), "--dims", "1", "--points", "3", "--no-progress", *args]) == 2
     assert needle in capsys.readouterr().err and ledger_snapshot(ledger) == before
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_query_is_charged(runs, tmp_path, capsys):
+    """The released values would be lost after the charge."""
+    first, _, ledger = runs
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    before = ledger_snapshot(ledger)
+    for out in (blocker, blocker / "sub"):
+        assert main(["landscape", str(first), "--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2",
+                     "--dims", "1", "--points", "3", "--no-progress", "--out", str(out)]) == 2
+        assert f"--out='{out}' cannot hold the landscape's files" in capsys.readouterr().err
+    assert ledger_snapshot(ledger) == before

@@ -40,6 +40,25 @@ def test_the_dry_run_charges_nothing_and_predicts_the_runs_epsilon(tmp_path, cap
     assert ledger_snapshot(led) == before
 
 
+def test_the_dry_run_of_a_resume_counts_its_own_reservation_once(tmp_path, capsys):
+    """The run's reservation is in the ledger already: resuming adds nothing, and a budget just
+    above the dataset's spend admits the resume (the run itself is not refused)."""
+    led = str(tmp_path / "l.sqlite")
+    cfg = load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=8", "train.checkpoint_every=4", *SMALL])
+    stopped = train(cfg, ledger_path=led, progress=False, stop_after=5)
+    spent = Ledger(led).spent("digits", delta=1e-4)
+    Ledger(led).set_budget("digits", epsilon=spent + 0.1, delta=1e-4)
+    before = ledger_snapshot(led)
+    dry = train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False, dry_run=True)
+    assert dry["dataset_epsilon_after"] == pytest.approx(dry["dataset_epsilon_spent"], rel=1e-9)
+    assert dry["dataset_epsilon_spent"] == pytest.approx(spent, rel=1e-9) and dry["resumed_run"] == stopped["run_id"]
+    assert main(["train", "--resume", stopped["run_dir"], "--ledger", led, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "own reservation included: resuming adds nothing" in out and "left after it" in out
+    assert ledger_snapshot(led) == before
+    assert train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)["steps"] == 8
+
+
 def test_the_dry_run_refuses_what_the_run_would_refuse(tmp_path, capsys):
     code = main(["train", str(QUICK), "--dry-run", "--ledger", str(tmp_path / "l.sqlite"), "privacy.delta=0.01"])
     assert code == 2 and "not below 1/N" in capsys.readouterr().err

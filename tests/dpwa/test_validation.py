@@ -235,6 +235,11 @@ def test_eval_on_the_validation_split_is_a_charged_query(tmp_path, capsys):
     before = ledger_snapshot(led)
     assert main(["eval", str(run_dir), "--data", "val", "--val-noise", "1e-300"]) == 2  # under the accountants' floor
     assert "val_noise must be 0 or a finite number >= 1e-50" in capsys.readouterr().err and ledger_snapshot(led) == before
+    (run_dir / "eval-val.json").rename(run_dir / "kept.json")
+    (run_dir / "eval-val.json").mkdir()  # in the way: the accuracies would be released, then lost
+    assert main(["eval", str(run_dir), "--data", "val"]) == 2
+    assert "is in the way, not a file" in capsys.readouterr().err and ledger_snapshot(led) == before
+    (run_dir / "eval-val.json").rmdir()
     assert not (tmp_path / "other.sqlite").exists()
     assert main(["eval", str(run_dir), "--data", "val", "--methods", "raw", "raw"]) == 0  # one release, not two
     assert "charged" in capsys.readouterr().out
