@@ -65,7 +65,9 @@ TIMEOUT_ENV = "DPWA_LEDGER_TIMEOUT"
 # a dpwa that reads only version 1 refuses a version 2 file instead of ignoring its aliases
 # (which would charge an alias to a fresh, empty dataset). `run_deltas` (the delta each run
 # reports at, for display) is an added table that older version-2 readers ignore without
-# harm, so it keeps version 2; a file without it gains it on its first write.
+# harm, so it keeps version 2; a file without it gains it on its first write. So does
+# `run_checkpoints` (what each reserved run's newest checkpoint holds: a resume from an older
+# copy of the run is refused); a reader that ignores it only misses that refusal.
 # 3 stores fingerprints keyed (`meta.fingerprint_key`); the first write to an older file makes
 # the key and keys every stored fingerprint. A dpwa that reads only up to version 2 refuses a
 # version 3 file instead of comparing its labels' plain fingerprints with the keyed ones (which
@@ -105,6 +107,10 @@ CREATE TABLE IF NOT EXISTS run_deltas (
     run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
     delta REAL NOT NULL              -- the delta the run reports its epsilon at, when it said
 );
+CREATE TABLE IF NOT EXISTS run_checkpoints (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    counts TEXT NOT NULL             -- JSON events: the releases the run's newest checkpoint on disk holds
+);
 CREATE TABLE IF NOT EXISTS aliases (
     name TEXT PRIMARY KEY,           -- another name a run gave for a registered dataset's data
     dataset TEXT NOT NULL REFERENCES datasets(name),
@@ -114,7 +120,9 @@ CREATE TABLE IF NOT EXISTS aliases (
 
 _ALIASES = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases"):].strip().rstrip(";")
 _RUN_DELTAS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_deltas"):
-                      _SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases")].strip().rstrip(";")
+                      _SCHEMA.index("CREATE TABLE IF NOT EXISTS run_checkpoints")].strip().rstrip(";")
+_RUN_CHECKPOINTS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_checkpoints"):
+                           _SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases")].strip().rstrip(";")
 
 
 def default_ledger_path() -> Path:
@@ -400,6 +408,8 @@ class Ledger:
             conn.execute(_ALIASES)
         if not Ledger._has_table(conn, "run_deltas"):
             conn.execute(_RUN_DELTAS)
+        if not Ledger._has_table(conn, "run_checkpoints"):
+            conn.execute(_RUN_CHECKPOINTS)
         if Ledger._key(conn) is None:
             key = _new_key()
             conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, key))
@@ -825,6 +835,35 @@ class Ledger:
         """Record what a reserved run has spent so far (it still counts its full plan).
         Recorded spend never goes down (see `commit`)."""
         return self._update_spent(run_id, spent, new_status="reserved")
+
+    def checkpointed(self, run_id: str, held: Sequence[Event]) -> None:
+        """Record that a reserved run's newest checkpoint, now on disk, holds the releases `held`
+        (call after writing it; counts never go down). A resume from a checkpoint holding fewer
+        (`checkpointed_events`: a copy of the folder made earlier, a rolled-back file) would
+        release again what a newer checkpoint already released, past what the ledger counts."""
+        with self._transaction() as conn:
+            found = self._runs(conn, run_id=run_id)
+            if not found:
+                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
+            if found[0].status != "reserved":
+                raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run checkpoints")
+            row = conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
+            most = {e.with_count(0): e.count for e in (events_from_json_list(json.loads(row[0])) if row else [])}
+            for e in merge(held):
+                most[e.with_count(0)] = max(most.get(e.with_count(0), 0), e.count)
+            conn.execute("INSERT OR REPLACE INTO run_checkpoints VALUES (?, ?)",
+                         (run_id, _dump([key.with_count(n) for key, n in most.items() if n > 0])))
+
+    def checkpointed_events(self, run_id: str) -> list[Event]:
+        """The releases the run's newest checkpoint held when it was written (`checkpointed`);
+        none for a run that recorded none, or a file from before the table."""
+        if self._conn is None:
+            return []
+        with self._locked_errors():
+            if not self._has_table(self._conn, "run_checkpoints"):
+                return []
+            row = self._conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
+        return events_from_json_list(json.loads(row[0])) if row else []
 
     def commit(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
         """Finish a run: from now on it counts what it actually spent, not its plan. Each

@@ -47,6 +47,11 @@ class Coins:
                 **({"validation_rng": self.validation.get_state()} if self.validation is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A private run takes no generator state from a file, whatever the file holds (a crafted
+        one; a version 1 checkpoint, whose dpwa wrote sample_rng, seeded from train.seed + 1, for
+        private runs too): it goes on with fresh secret coins."""
+        if not self.reproducible:
+            return
         for key, generator in (("sample_rng", self.sampling), ("noise_rng", self.noise),
                                ("validation_rng", self.validation)):
             if key in state and generator is not None:

@@ -152,6 +152,11 @@ class _NoLedger:
 
     def progress(self, run_id: str, events: Any) -> None: ...
 
+    def checkpointed(self, run_id: str, events: Any) -> None: ...
+
+    def checkpointed_events(self, run_id: str) -> list:
+        return []
+
     def commit(self, run_id: str, events: Any) -> None: ...
 
     def release(self, run_id: str, reason: str) -> None: ...
@@ -252,6 +257,22 @@ def _check_resume_data(folder: RunFolder, run: Any, ledger: Any, source: Source)
                          f"(dataset {run.dataset!r}: fingerprint {record.fingerprint}, {record.size} examples; the "
                          f"data now: {now}, {source.size} examples). Restore the data "
                          f"the run started on; run {run.run_id!r} stays reserved (counted in full)")
+
+
+def _older_checkpoint(ledger: Any, run_id: str, held: list, found: bool) -> Optional[str]:
+    """Why the checkpoint is older than the newest one the run wrote (None if it is not): a copy
+    of the folder made earlier, or a rolled-back file. Resuming it would release again what the
+    newer checkpoint released, under a reservation that counts each release once."""
+    have = {e.with_count(0): e.count for e in held} if found else {}
+    newest = [e for e in ledger.checkpointed_events(run_id) if have.get(e.with_count(0), 0) < e.count]
+    if not newest:
+        return None
+    e = newest[0]
+    return (f"it holds {have.get(e.with_count(0), 0)} of the {e.count} {type(e).__name__} releases (noise multiplier "
+            f"{e.noise_multiplier:g}) that the run's "
+            "newest checkpoint held (the ledger recorded it): this is an older copy of the run, or a rolled-back "
+            "file, and resuming it would release past what the ledger counts. Resume the folder with the newest "
+            "checkpoint")
 
 
 def _resume_error(run_dir: Path, run_id: str, why: Any) -> StateError:
@@ -480,11 +501,17 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         except UsageError as e:  # unreadable, or not this run's
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
+        behind = world.on_main(lambda: _older_checkpoint(ledger, run_id, spent(), saved is not None))
+        if behind or (saved is not None and mechanism.released != METHODS[cfg.method.name].releases(cfg, state.step)):
+            why = behind or (f"its release count ({mechanism.released}) is not what {state.step} iterations of "
+                             f"{cfg.method.name} make ({METHODS[cfg.method.name].releases(cfg, state.step)})")
+            raise _resume_error(folder.path, run_id, f"{folder.checkpoint_path}: {why}") from None
     if statistics is not None and statistics.released == 0:  # before the first step; a resumed run has them
         _release_statistics(statistics, data, model, world)
         if world.main:  # kept at once: a kill before the first checkpoint must not release them again
             folder.save_state(state.state_dict())
             ledger.progress(run_id, spent())
+            ledger.checkpointed(run_id, spent())
     start, steps_done = state.step, 0
     batches = poisson_batches(len(data.train), plan.sample_rate, coins.sampling)
     loader = BatchLoader(data.train.x, workers=cfg.train.workers, chunk_size=cfg.train.physical_batch_size,
@@ -515,6 +542,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps
             ledger.progress(run_id, spent())
             folder.save_state({**state.state_dict(), "rows": json.dumps(metrics.pending)})
+            ledger.checkpointed(run_id, spent())  # on disk: an older copy of the run can no longer resume
             for covered in metrics.publish():
                 if board:
                     log_row(board, covered)
@@ -608,6 +636,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             if validation is not None:  # released: counted and kept before anything is written, so that a
                 ledger.progress(run_id, spent())  # resumed run reports these, never a second draw
                 folder.save_state({**state.state_dict(), "final": json.dumps(final)})
+                ledger.checkpointed(run_id, spent())
         if validation is not None:
             eps_now = exact_epsilon()  # with the final accuracies
         results = final

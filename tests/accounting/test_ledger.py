@@ -545,3 +545,27 @@ def test_a_budget_delta_set_before_n_was_known_is_checked_at_the_first_reservati
     ledger.set_budget("toy", epsilon=2.0, delta=0.05, size=100, accept_delta_above_1_over_n=True)
     with pytest.warns(UserWarning):
         ledger.reserve(run_id="r", dataset="toy", fingerprint="n100-abc", events=[run], size=100)
+
+
+def test_checkpointed_counts_never_go_down_and_only_a_reserved_run_records_them(tmp_path):
+    """What a run's newest checkpoint holds: a resume from an older copy is refused against it."""
+    import sqlite3
+
+    from accounting import RunStateError
+
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    led.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=100)])
+    assert led.checkpointed_events("r1") == []
+    led.checkpointed("r1", [ev(steps=40)])
+    led.checkpointed("r1", [ev(steps=20)])  # a resumed run redoing steps: the newest stays
+    assert led.checkpointed_events("r1") == [ev(steps=40)]
+    led.commit("r1", [ev(steps=100)])
+    with pytest.raises(RunStateError, match="only a reserved run checkpoints"):
+        led.checkpointed("r1", [ev(steps=100)])
+    with sqlite3.connect(path) as conn:  # a file from before the table: nothing recorded, gained on a write
+        conn.execute("DROP TABLE run_checkpoints")
+    assert Ledger(path).checkpointed_events("r1") == []
+    Ledger(path).reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev(steps=10)])
+    Ledger(path).checkpointed("r2", [ev(steps=5)])
+    assert Ledger(path).checkpointed_events("r2") == [ev(steps=5)]

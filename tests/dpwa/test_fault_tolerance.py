@@ -209,6 +209,43 @@ def test_the_ledger_records_a_checkpoints_releases_before_it_is_saved(tmp_path, 
     assert len(seen) >= 2 and all(recorded == released for recorded, released in seen), seen
 
 
+def test_an_older_copy_of_a_run_cannot_resume_past_what_the_ledger_counts(tmp_path):
+    """A backup of the folder at step 4 while the run went on to step 8, then resumed, would
+    release steps 5-8 a second time under a reservation that counts each release once; so would
+    a checkpoint whose count was edited down. Both are refused before any step, charging nothing;
+    the newest copy resumes."""
+    import shutil
+
+    import torch
+
+    from dpwa.errors import UsageError
+
+    led = str(tmp_path / "l.sqlite")
+    cfg = load_config(QUICK, ["train.steps=12", "train.checkpoint_every=4", "train.batch_size=64",
+                              "train.physical_batch_size=64", f"out_dir={tmp_path / 'runs'}"])
+    early = train(cfg, ledger_path=led, progress=False, stop_after=4)
+    backup = tmp_path / "backup"
+    shutil.copytree(early["run_dir"], backup)
+    later = train(resume=Path(early["run_dir"]), ledger_path=led, progress=False, stop_after=8)
+    before = ledger_snapshot(led)
+    with pytest.raises(UsageError, match=r"it holds 4 of the 8 PoissonGaussian releases .* an older copy of the run"):
+        train(resume=backup, ledger_path=led, progress=False)
+    edited = Path(later["run_dir"]) / "checkpoint.pt"
+    state = torch.load(edited, weights_only=False)
+    torch.save({**state, "mechanism": {**state["mechanism"], "released": 0}}, edited)
+    with pytest.raises(UsageError, match=r"it holds 0 of the 8 PoissonGaussian releases"):
+        train(resume=Path(later["run_dir"]), ledger_path=led, progress=False)
+    assert ledger_snapshot(led) == before
+    import sqlite3
+
+    with sqlite3.connect(led) as conn:  # a ledger from before run_checkpoints: the count must fit the step
+        conn.execute("DELETE FROM run_checkpoints")
+    with pytest.raises(UsageError, match=r"its release count \(0\) is not what 8 iterations of dpsgd make \(8\)"):
+        train(resume=Path(later["run_dir"]), ledger_path=led, progress=False)
+    torch.save(state, edited)
+    assert train(resume=Path(later["run_dir"]), ledger_path=led, progress=False)["releases"] == 12
+
+
 def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
     """Two private runs of one config draw different Poisson batches (the sampling seed is
     secret, not train.seed); two test runs with a noise seed draw the same ones."""

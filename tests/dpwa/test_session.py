@@ -144,6 +144,24 @@ def test_a_private_checkpoint_holds_no_generator_state(tmp_path):
     assert ckpt["coins"] == {} and "sample_rng" not in ckpt and "noise_rng" not in ckpt  # ... a private one's never
 
 
+def test_a_private_run_takes_no_generator_state_from_a_checkpoint():
+    """Known coins void the guarantee: a crafted checkpoint's, or the sample_rng (seeded from
+    train.seed + 1) that version 1 checkpoints held for private runs too. A reproducible run
+    (a noise seed, public data) resumes where its generators stood."""
+    from dpwa.state import Coins, upgrade
+
+    known = torch.Generator().manual_seed(1)
+    saved = {"sample_rng": known.get_state(), "noise_rng": known.get_state()}
+    private = Coins(sampling=torch.Generator().manual_seed(7), noise=torch.Generator().manual_seed(8), reproducible=False)
+    fresh = (private.sampling.get_state(), private.noise.get_state())
+    private.load_state_dict(saved)
+    private.load_state_dict(upgrade({"model": {}, "optimizer": {}, "step": 3, **saved})["coins"])
+    assert torch.equal(private.sampling.get_state(), fresh[0]) and torch.equal(private.noise.get_state(), fresh[1])
+    public = Coins(sampling=torch.Generator().manual_seed(7), noise=torch.Generator().manual_seed(8), reproducible=True)
+    public.load_state_dict(saved)
+    assert torch.equal(public.sampling.get_state(), known.get_state())
+
+
 def test_a_run_folder_from_before_versioned_checkpoints_still_evaluates(tmp_path, capsys):
     old = tmp_path / "old"
     shutil.copytree(PRECHANGE, old)
