@@ -204,11 +204,16 @@ def _chunks(data: Data, idx: torch.Tensor, images: Iterator[torch.Tensor], cfg: 
         yield data.normalize(views).to(device), data.train.y[part].to(device)
 
 
-def _augment_seed(cfg: RunConfig, release: int, rank: int) -> int:
-    """Augmentation coins are a function of (seed, release, rank): no state to checkpoint, and
-    a resumed (or distributed) run draws the views an uninterrupted one would. They are not
-    secret: the guarantee holds for any choice of views."""
-    return (cfg.train.seed + 2) * 1_000_003 + release * 4099 + rank
+def _augment_seed(base: int, release: int, rank: int) -> int:
+    """Augmentation coins are a function of (base, release, rank): no state to checkpoint.
+
+    They are secret in a private run (`base` from OS entropy, broadcast from rank 0, written
+    nowhere), like the sampling: a row's coins follow its position in the batch, so with known
+    coins adding one example would move the views, and the clipped gradients, of the examples
+    after it (sensitivity above C). Secret coins drawn independently of the batch leave every
+    other example's views identically distributed. A reproducible run (a test noise seed,
+    public data) takes base = train.seed and draws the views an uninterrupted one would."""
+    return ((base + 2) * 1_000_003 + release * 4099 + rank) % 2**64
 
 
 def _check_delta(cfg: RunConfig, n: int) -> None:
@@ -483,6 +488,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
     coins.sampling.manual_seed(cfg.train.seed + 1 if coins.reproducible
                                else world.broadcast(secret_seed() if world.main else None))
+    augment_base = cfg.train.seed if coins.reproducible else world.broadcast(secret_seed() if world.main else None)
     state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
@@ -502,10 +508,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
         behind = world.on_main(lambda: _older_checkpoint(ledger, run_id, spent(), saved is not None))
-        if behind or (saved is not None and mechanism.released != METHODS[cfg.method.name].releases(cfg, state.step)):
-            why = behind or (f"its release count ({mechanism.released}) is not what {state.step} iterations of "
-                             f"{cfg.method.name} make ({METHODS[cfg.method.name].releases(cfg, state.step)})")
-            raise _resume_error(folder.path, run_id, f"{folder.checkpoint_path}: {why}") from None
+        if behind:
+            raise _resume_error(folder.path, run_id, f"{folder.checkpoint_path}: {behind}") from None
     if statistics is not None and statistics.released == 0:  # before the first step; a resumed run has them
         _release_statistics(statistics, data, model, world)
         if world.main:  # kept at once: a kill before the first checkpoint must not release them again
@@ -525,7 +529,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         ahead = (world.shard(batches.peek()) if loader.workers and mechanism.released + 1 < mechanism.releases
                  else None)
         images = loader.fetch(idx, ahead)
-        aug_gen.manual_seed(_augment_seed(cfg, mechanism.released, world.rank))
+        aug_gen.manual_seed(_augment_seed(augment_base, mechanism.released, world.rank))
         try:
             return mechanism.release(_chunks(data, idx, images, cfg, aug_gen, device))
         except RuntimeError as e:  # a collective failed: another rank died or hung
