@@ -69,6 +69,10 @@ class DataConfig:
     # scattering (ScatterNet J=2 L=8, Tramer & Boneh 2021; needs augmult.k=1).
     features: str = "none"
     image_size: Optional[int] = None  # resize (shorter side) and centre-crop every image to this; imagefolder needs it
+    # imagefolder: decode every private (train and validation) file once before the reservation,
+    # refusing the run if any cannot be (naming them); false skips that pass (ImageNet scale), and
+    # a file that fails in a step then stops the run reserved, at a step that says it was drawn
+    check_images: bool = True
     classes: Optional[list[int]] = None  # keep only these labels, renumbered 0.. in this order (class splits)
     # A public dataset (no privacy needed) may be trained with privacy.enabled=false, e.g. to
     # pretrain a model for private fine-tuning. The user declares it; a private one never can.

@@ -165,7 +165,16 @@ def _npz(root: str) -> tuple[Split, Split, int]:
                 x, y = f["x"], f["y"]
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"data.root={root!r}: cannot read {path}: {e}") from None
+        # checked before anything is reserved: a mismatch found by a step would crash in it, naming
+        # an index the secret batch drew, with the run reserved
+        if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+            raise DataError(f"data.root={root!r}: {path} needs 'y' as one integer label >= 0 per image of 'x'; "
+                            f"got y {y.dtype} {y.shape}{f' (min {y.min()})' if y.size and y.ndim == 1 else ''} "
+                            f"for x {x.shape}")
         out.append(Split(_from_nhwc(x), torch.from_numpy(y.astype(np.int64))))
+    if out[0].x.shape[1:] != out[1].x.shape[1:]:
+        raise DataError(f"data.root={root!r}: train.npz holds images of shape (C, H, W) {tuple(out[0].x.shape[1:])} "
+                        f"but test.npz {tuple(out[1].x.shape[1:])}")
     num_classes = int(max(out[0].y.max(), out[1].y.max())) + 1
     return out[0], out[1], num_classes
 
@@ -270,6 +279,9 @@ def _decode(file: str) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 
     with Image.open(file) as img:
+        if img.mode.startswith("I"):  # 16- or 32-bit integer greyscale: PIL's convert clips it at 255
+            wide = np.asarray(img, dtype=np.int64).clip(0, 65535) >> 8  # 16-bit range onto 8 bits
+            return torch.from_numpy(wide.astype(np.uint8)).expand(3, *wide.shape).clone()
         return TF.pil_to_tensor(img.convert("RGB"))
 
 

@@ -44,7 +44,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, release_grid, tensorboard_writer
-from .data import HELD_OUT, Data, Source, carve_outside, load_data, outside_guarantee
+from .data import HELD_OUT, Data, DataError, Source, carve_outside, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -216,6 +216,27 @@ def _augment_seed(base: int, release: int, rank: int) -> int:
     return ((base + 2) * 1_000_003 + release * 4099 + rank) % 2**64
 
 
+def _check_padding(cfg: RunConfig, data: Data) -> None:
+    """Reflect padding needs pad < the image's height and width: a step would fail on it, after
+    the reservation, naming the size of the secret batch."""
+    pad, (height, width) = cfg.augmult.pad, tuple(data.train.x.shape[-2:])
+    if data.features == "none" and pad and pad >= min(height, width):
+        raise ConfigError(f"augmult.pad={pad} must be below the training images' height and width "
+                          f"({height} x {width}): the crops reflect-pad each side by it")
+
+
+def _check_images(cfg: RunConfig, data: Data) -> None:
+    """Every private image file decodes (data.check_images): one pass over all of them in order,
+    which depends on no secret batch, so it may name them. A file found by a step instead would
+    stop the run reserved, at a step that tells it was drawn."""
+    if cfg.data.name != "imagefolder" or not cfg.data.check_images:
+        return
+    bad = [f for split in (data.train, data.val) if split is not None for f in split.x.unreadable()]
+    if bad:
+        raise DataError(f"{len(bad)} private image file(s) cannot be decoded: {', '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''}; fix or remove them (nothing was reserved)")
+
+
 def _check_delta(cfg: RunConfig, n: int) -> None:
     """delta >= 1/N allows publishing an example outright: refused unless accepted by name."""
     check_delta_below_1_over_n(cfg.privacy.delta, n, accept=cfg.privacy.accept_delta_above_1_over_n,
@@ -384,6 +405,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if cfg.train.steps is not None:  # the length is known before the data: refuse a bad one before loading it
             _check_length(cfg, cfg.train.steps)
         data = load_data(cfg.data)
+        _check_padding(cfg, data)
+        _check_images(cfg, data)
         n_source = data.source.size
         if private:
             _check_delta(cfg, n_source)
@@ -532,6 +555,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         aug_gen.manual_seed(_augment_seed(augment_base, mechanism.released, world.rank))
         try:
             return mechanism.release(_chunks(data, idx, images, cfg, aug_gen, device))
+        except DataError as e:  # an image decoded in the step (data.check_images=false): the run stays reserved
+            raise RefusalError(f"{e}. Run {run_id!r} stays reserved in the ledger (counted in full); fix the "
+                               f"file(s) (data.check_images=true lists them before a run) and resume it with "
+                               f"`dpwa train --resume {folder.path}`") from None
         except RuntimeError as e:  # a collective failed: another rank died or hung
             if world.size == 1:
                 raise

@@ -131,6 +131,8 @@ CASES = [
      "privacy.delta must be in (0, 1), got 2.0"),
     ("train epsilon negative", ["train", QUICK, *TRAIN, "privacy.epsilon=-1"], 2, "privacy.epsilon must be finite and > 0"),
     ("train clip zero", ["train", QUICK, *TRAIN, "privacy.clip_norm=0"], 2, "privacy.clip_norm must be > 0"),
+    ("train pad past the image", ["train", QUICK, *TRAIN, "augmult.pad=8"], 2,
+     "augmult.pad=8 must be below the training images' height and width (8 x 8)"),
     ("train missing data", ["train", QUICK, *TRAIN, "data.name=npz", "data.root={tmp}/nodata"], 2,
      "{tmp}/nodata/train.npz does not exist"),
     ("train batch above N", ["train", QUICK, *TRAIN, "train.batch_size=100000"], 2,

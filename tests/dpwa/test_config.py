@@ -150,3 +150,25 @@ def test_shipped_data_roots_work_from_any_directory(path, tmp_path, monkeypatch)
     written = (path.read_text().split("root:", 1) + [""])[1].split()[:1]
     if written and not written[0].startswith(("~", "/")):  # the npz configs: ../shared/data beside the repository
         assert root == os.path.normpath(ROOT.parent / "shared" / "data" / "cifar10")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda x, y: (x, y[:-3]), "needs 'y' as one integer label >= 0 per image of 'x'; got y int64 (17,) (min 0) "
+                               "for x (20, 8, 8, 3)"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 4, -1, y)), "(min -1)"),
+    (lambda x, y: (x, y[:, None]), "got y int64 (20, 1)"),
+    (lambda x, y: (x, y.astype(np.float32)), "got y float32 (20,)"),
+    (lambda x, y: (x[:, :4, :4], y), "train.npz holds images of shape (C, H, W) (3, 4, 4) but test.npz (3, 8, 8)"),
+])
+def test_npz_arrays_that_do_not_fit_are_refused_when_loaded(tmp_path, edit, needle):
+    """Before the reservation: a step would crash on them, naming an index its secret batch drew."""
+    from dpwa.data import DataError, load_data
+
+    _tiny_npz(tmp_path / "d")
+    with np.load(tmp_path / "d" / "train.npz") as f:
+        x, y = edit(f["x"], f["y"].astype(np.int64))
+    np.savez(tmp_path / "d" / "train.npz", x=x, y=y)
+    with pytest.raises(DataError) as info:
+        load_data(load_config(None, ["privacy.epsilon=1", "train.steps=1", "data.name=npz",
+                                     f"data.root={tmp_path / 'd'}"]).data)
+    assert needle in str(info.value)

@@ -163,6 +163,31 @@ def test_a_corrupt_image_is_reported_without_its_file_or_index(tmp_path, workers
     assert x.unreadable() == [str(bad)]  # a pass over all files, independent of any batch, finds it
 
 
+def test_a_run_on_a_corrupt_image_is_refused_before_the_reservation(tmp_path, capsys):
+    """data.check_images (the default) decodes every private file once, before anything is
+    reserved, and names the bad ones; without it, the step that draws one stops the run, which
+    stays reserved (exit 1, not the 'nothing charged' of exit 2) and says how to go on."""
+    from accounting import Ledger
+    from dpwa.cli import main
+
+    root = make_folder(tmp_path / "data")
+    bad = root / "train" / "n002" / "img05.png"
+    bad.write_bytes(b"not an image at all")
+    led = tmp_path / "l.sqlite"
+    args = ["train", str(ROOT / "configs" / "quickstart.yaml"), "--no-progress", "--ledger", str(led),
+            f"out_dir={tmp_path / 'runs'}", "data.name=imagefolder", f"data.root={root}", f"data.image_size={SIZE}",
+            "train.steps=40", "train.batch_size=8", "model.groups=4", "augmult.k=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"1 private image file(s) cannot be decoded: {bad}" in err and "nothing was reserved" in err
+    assert not led.exists() and not (tmp_path / "runs").exists()
+    assert main([*args, "data.check_images=false"]) == 1  # 40 steps at q = 1/3: the file is drawn
+    err = capsys.readouterr().err
+    (run,) = Ledger(led).runs()
+    assert run.status == "reserved" and f"Run {run.run_id!r} stays reserved" in err and "--resume" in err
+    assert "img05" not in err
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_decoding_a_batch_prints_and_logs_nothing_of_its_images(tmp_path, workers, capfd, monkeypatch):
     """PIL warns on a palette image with transparency and on one past MAX_IMAGE_PIXELS (naming its
@@ -257,3 +282,14 @@ def test_exiting_with_the_loader_open_does_not_hang(folder):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 3, done.stderr
+
+
+def test_a_16_bit_greyscale_image_is_scaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips I;16 pixels at 255 (all near-white); the top 8 bits are kept."""
+    from dpwa.data import _decode
+
+    pixels = (np.arange(400).reshape(20, 20) * 150).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    got = _decode(str(tmp_path / "deep.png"))
+    assert got.shape == (3, 20, 20) and got.dtype == torch.uint8
+    assert torch.equal(got[0], torch.from_numpy((pixels >> 8).astype(np.uint8))) and torch.equal(got[0], got[2])
