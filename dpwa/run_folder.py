@@ -222,6 +222,28 @@ def curve_problem(cfg: RunConfig, run_dir: Path) -> Optional[str]:
             f"`dpwa curve --eval {run_dir}` evaluates it along t, against the segment")
 
 
+def _check_against_ledger(folder: RunFolder, meta: dict[str, Any], events: Sequence[Any]) -> None:
+    """The mechanisms run.json and config.yaml give for the run's epsilon must be the ones its
+    ledger reserved, where that ledger can be read (an edited run.json showed a smaller epsilon).
+    A folder moved away from its ledger is read as it is."""
+    from accounting import Ledger
+    from accounting.errors import AccountingError
+
+    path = meta.get("ledger")
+    if not path or not Path(path).is_file():
+        return
+    try:
+        record = Ledger(path, create=False).run(meta["run_id"])
+    except AccountingError:
+        return
+    reserved = {e.with_count(0) for e in record.planned}
+    other = [e for e in events if e.with_count(0) not in reserved]
+    if other:
+        raise ConfigError(f"{folder.path}: its run.json and config.yaml give {other[0].with_count(0)} for the run's "
+                          f"releases, but ledger {path} reserved {list(record.planned)} for run {meta['run_id']!r}: "
+                          "the files were edited")
+
+
 def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> ReleasedRun:
     """The released run in `run_dir` (from its last checkpoint; runs made before versioned
     checkpoints load too). `test_time_flip` overrides the run's `data.test_time_flip`: how its
@@ -271,6 +293,7 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
         if releases:
             events.append(PoissonGaussian(noise_multiplier=meta["noise_multiplier"], sample_rate=meta["sample_rate"],
                                           steps=releases))
+        _check_against_ledger(folder, meta, events)
         eps = epsilon(events, delta=meta["delta"], accountant=cfg.privacy.accountant) if events else 0.0
     return ReleasedRun(folder, cfg, meta, data, model, averagers, int(state["step"]), releases, eps,
                        state.get("method"))

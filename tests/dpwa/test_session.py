@@ -14,7 +14,7 @@ from accounting import Ledger
 from accounting.errors import DeltaAboveOneOverNError
 from dpwa.averaging import SWAG, EMA, Every, Snapshots
 from dpwa.cli import main
-from dpwa.config import load_config
+from dpwa.config import ConfigError, load_config
 from dpwa.mechanism import ReleaseRefused
 from dpwa.methods import METHODS, register_method
 from dpwa.methods.dpsgd import DPSGD
@@ -121,6 +121,13 @@ def test_load_run_returns_the_released_run(tmp_path):
     ckpt = torch.load(Path(report["run_dir"]) / "checkpoint.pt", weights_only=True)
     assert ckpt["version"] == 2 and ckpt["mechanism"] == {"released": 6, "releases": 6}
     assert ckpt["coins"]  # a test run (noise seed): its generators may be written ...
+    meta_path = Path(report["run_dir"]) / "run.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "noise_multiplier": 50.0}))  # an edit that would show a smaller epsilon
+    with pytest.raises(ConfigError, match=r"give PoissonGaussian\(noise_multiplier=50.0.* the files were edited"):
+        load_run(Path(report["run_dir"]))
+    (tmp_path / "l.sqlite").rename(tmp_path / "moved.sqlite")  # away from its ledger: read as it is
+    assert load_run(Path(report["run_dir"])).epsilon < run.epsilon
 
 
 def test_a_resumed_run_is_private_only_if_it_was_and_its_noise_is_still_secret(tmp_path):
