@@ -836,23 +836,24 @@ class Ledger:
         Recorded spend never goes down (see `commit`)."""
         return self._update_spent(run_id, spent, new_status="reserved")
 
+    def _reserved_run(self, conn: sqlite3.Connection, run_id: str, doing: str) -> RunRecord:
+        found = self._runs(conn, run_id=run_id)
+        if not found:
+            raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
+        if found[0].status != "reserved":
+            raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run {doing}")
+        return found[0]
+
     def checkpointed(self, run_id: str, held: Sequence[Event]) -> None:
         """Record that a reserved run's newest checkpoint, now on disk, holds the releases `held`
         (call after writing it; counts never go down). A resume from a checkpoint holding fewer
         (`checkpointed_events`: a copy of the folder made earlier, a rolled-back file) would
         release again what a newer checkpoint already released, past what the ledger counts."""
         with self._transaction() as conn:
-            found = self._runs(conn, run_id=run_id)
-            if not found:
-                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
-            if found[0].status != "reserved":
-                raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run checkpoints")
+            self._reserved_run(conn, run_id, "checkpoints")
             row = conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
-            most = {e.with_count(0): e.count for e in (events_from_json_list(json.loads(row[0])) if row else [])}
-            for e in merge(held):
-                most[e.with_count(0)] = max(most.get(e.with_count(0), 0), e.count)
-            conn.execute("INSERT OR REPLACE INTO run_checkpoints VALUES (?, ?)",
-                         (run_id, _dump([key.with_count(n) for key, n in most.items() if n > 0])))
+            had = events_from_json_list(json.loads(row[0])) if row else []
+            conn.execute("INSERT OR REPLACE INTO run_checkpoints VALUES (?, ?)", (run_id, _dump(_most(had, held))))
 
     def checkpointed_events(self, run_id: str) -> list[Event]:
         """The releases the run's newest checkpoint held when it was written (`checkpointed`);
@@ -875,19 +876,10 @@ class Ledger:
     def _update_spent(self, run_id: str, spent: Sequence[Event], *, new_status: str) -> RunRecord:
         spent = merge(spent)
         with self._transaction() as conn:
-            found = self._runs(conn, run_id=run_id)
-            if not found:
-                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
-            run = found[0]
-            if run.status != "reserved":
-                raise RunStateError(f"Run {run_id!r} is {run.status}; only a reserved run can record spend")
+            run = self._reserved_run(conn, run_id, "can record spend")
             _check_within(run, spent)
-            most = {e.with_count(0): e.count for e in run.spent}
-            for e in spent:
-                most[e.with_count(0)] = max(most.get(e.with_count(0), 0), e.count)
-            spent = [key.with_count(n) for key, n in most.items() if n > 0]
             conn.execute("UPDATE runs SET spent=?, status=?, updated_at=? WHERE run_id=?",
-                         (_dump(spent), new_status, _now(), run_id))
+                         (_dump(_most(run.spent, spent)), new_status, _now(), run_id))
             return self._runs(conn, run_id=run_id)[0]
 
     def release(self, run_id: str, *, reason: str) -> RunRecord:
@@ -896,11 +888,7 @@ class Ledger:
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidParameterError("Releasing a reservation needs a reason (e.g. --reason 'crashed at start')")
         with self._transaction() as conn:
-            found = self._runs(conn, run_id=run_id)
-            if not found:
-                raise UnknownRunError(f"No run {run_id!r} in ledger {self.path}")
-            if found[0].status != "reserved":
-                raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run can be released")
+            self._reserved_run(conn, run_id, "can be released")
             conn.execute("UPDATE runs SET status='released', reason=?, updated_at=? WHERE run_id=?",
                          (reason.strip(), _now(), run_id))
             return self._runs(conn, run_id=run_id)[0]
@@ -909,6 +897,14 @@ class Ledger:
 def _check_name(name: str, what: str = "dataset name") -> None:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise InvalidParameterError(f"Expected a non-empty {what} without surrounding spaces, got {name!r}")
+
+
+def _most(recorded: Sequence[Event], new: Sequence[Event]) -> list[Event]:
+    """Each mechanism at the larger of its recorded and its new count: recorded counts never go down."""
+    most = {e.with_count(0): e.count for e in recorded}
+    for e in merge(new):
+        most[e.with_count(0)] = max(most.get(e.with_count(0), 0), e.count)
+    return [key.with_count(n) for key, n in most.items() if n > 0]
 
 
 def _check_within(run: RunRecord, spent: Sequence[Event]) -> None:
