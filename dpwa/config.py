@@ -224,6 +224,8 @@ class OptimConfig:
                  f"eps={self.eps}")
         _require(self.name == "sgd" or (self.momentum == 0 and not self.nesterov),
                  f"optim.momentum / optim.nesterov are for sgd; optim.name={self.name} has optim.betas")
+        _require(not self.nesterov or self.momentum > 0, "optim.nesterov=true needs optim.momentum > 0 (Nesterov "
+                 f"momentum of momentum 0 is plain SGD), got optim.momentum={self.momentum}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
@@ -241,10 +243,15 @@ class OptimConfig:
                  f"optim.schedule=cyclic needs optim.cycle_length >= 1, got {self.cycle_length}")
         _require(self.schedule != "sgdr" or self.sgdr_t0 >= 1,
                  f"optim.schedule=sgdr needs optim.sgdr_t0 (T_0) >= 1, got {self.sgdr_t0}")
+        _require(self.schedule != "sgdr" or self.sgdr_t0 >= 2 or self.cycle_mult > 1,
+                 "optim.sgdr_t0=1 with optim.cycle_mult=1 makes every step a one-step cycle at optim.min_lr; "
+                 "use sgdr_t0 >= 2 or cycle_mult > 1")
         for key, value, owner in (("swa_lr", self.swa_lr, ("swa",)), ("min_lr", self.min_lr, ("cyclic", "sgdr")),
                                   ("cycle_length", self.cycle_length, ("cyclic",)), ("sgdr_t0", self.sgdr_t0, ("sgdr",)),
                                   ("cycle_mult", self.cycle_mult - 1, ("sgdr",)),
-                                  ("cycle_start", self.cycle_start, ("cyclic", "sgdr"))):
+                                  ("cycle_start", self.cycle_start, ("cyclic", "sgdr")),
+                                  ("warmup_steps", self.warmup_steps, ("warmup", "cosine", "swa", "cyclic", "sgdr")),
+                                  ("final_lr_fraction", self.final_lr_fraction, ("cosine",))):
             _require(not value or self.schedule in owner,
                      f"optim.{key} is for optim.schedule={' / '.join(owner)}, not {self.schedule!r}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")

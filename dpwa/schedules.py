@@ -134,6 +134,15 @@ class Schedule:
             if not 0 < self.swa_start < n:
                 raise ConfigError(f"optim.schedule=swa decays the lr relative to averaging.swa_start, which must be "
                                   f"in (0, {n}) for this {n}-step run; got averaging.swa_start={self.swa_start}")
+            if o.warmup_steps > self.swa_start // 2:
+                raise ConfigError(f"optim.warmup_steps={o.warmup_steps} runs into the swa schedule's decay, which "
+                                  f"starts at half of averaging.swa_start={self.swa_start}: use at most "
+                                  f"{self.swa_start // 2} warmup steps")
+        if o.schedule in ("cyclic", "sgdr") and o.warmup_steps > o.cycle_start:
+            raise ConfigError(f"optim.warmup_steps={o.warmup_steps} overlaps the {o.schedule} cycles, which start at "
+                              f"optim.cycle_start={o.cycle_start}: a minimum inside the warmup is not at optim.min_lr, "
+                              f"and a snapshot there not at a minimum; set optim.cycle_start >= {o.warmup_steps} or "
+                              "optim.warmup_steps=0")
         if o.schedule in ("cyclic", "sgdr"):
             if o.cycle_start >= n:
                 raise ConfigError(f"optim.cycle_start={o.cycle_start} is beyond the run ({n} steps)")

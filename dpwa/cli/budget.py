@@ -233,6 +233,10 @@ def _scale(a: argparse.Namespace) -> int:
         if validation(c.steps) is not None and "train.eval_every" in step_keys:
             print(f"  the same-epochs sigma counts the validation accuracies at train.eval_every={eval_every(e.steps)} "
                   f"(scaled so, rounded half up)")
+    lr_keys = {f"optim.{k}": getattr(cfg.optim, k) for k in ("min_lr", "swa_lr") if getattr(cfg.optim, k)}
+    if lr_keys and e.lr != c.lr:  # the schedule's other rates keep their ratio to optim.lr (and stay <= it)
+        print(f"  these keys are learning rates; at the same epochs scale them by {fmt(e.lr / c.lr)} with optim.lr: "
+              + ", ".join(f"{k}={fmt(v)}" for k, v in lr_keys.items()))
     return 0
 
 

@@ -73,3 +73,13 @@ def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["budget", "--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_scaling_names_the_schedules_other_learning_rates(tmp_path, capsys):
+    """At the same epochs optim.lr moves by the rule; min_lr must move with it (it must stay <= lr)."""
+    cfg = tmp_path / "cyc.yaml"
+    cfg.write_text("privacy: {epsilon: 3}\ntrain: {steps: 100, batch_size: 256}\n"
+                   "optim: {lr: 2.0, schedule: cyclic, min_lr: 0.5, cycle_length: 10}\n")
+    assert main(["budget", "--config", str(cfg), "--batch-size", "32", "--dataset-size", "1497"]) == 0
+    assert "learning rates; at the same epochs scale them by 0.125 with optim.lr: optim.min_lr=0.5" in \
+        capsys.readouterr().out

@@ -72,3 +72,32 @@ def test_bad_schedule_values_are_refused_by_the_config():
         OptimConfig(lr=1.0, min_lr=2.0)
     with pytest.raises(ConfigError, match="known|must be one of"):
         OptimConfig(schedule="step")
+
+
+@pytest.mark.parametrize("overrides, steps, swa_start, needle, fits", [
+    # a minimum inside the warmup is not at min_lr: FGE / SWA at minima would collect iterates at warmup lr
+    (dict(schedule="cyclic", min_lr=0.1, cycle_length=4, warmup_steps=4), 10, 0,
+     "optim.warmup_steps=4 overlaps the cyclic cycles, which start at optim.cycle_start=0", dict(cycle_start=4)),
+    (dict(schedule="sgdr", min_lr=0.1, sgdr_t0=3, warmup_steps=3, cycle_start=2), 12, 0,
+     "set optim.cycle_start >= 3 or optim.warmup_steps=0", dict(cycle_start=3)),
+    (dict(schedule="swa", swa_lr=0.1, warmup_steps=8), 20, 10, "runs into the swa schedule's decay",
+     dict(warmup_steps=5)),
+])
+def test_a_warmup_that_runs_into_the_schedule_is_refused(overrides, steps, swa_start, needle, fits):
+    with pytest.raises(ConfigError, match=None) as info:
+        Schedule(OptimConfig(lr=1.0, **overrides), steps, swa_start=swa_start)
+    assert needle in str(info.value)
+    Schedule(OptimConfig(lr=1.0, **{**overrides, **fits}), steps, swa_start=swa_start)  # the way out it names
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(warmup_steps=5), "optim.warmup_steps is for optim.schedule=warmup / cosine / swa / cyclic / sgdr, not "
+                           "'constant'"),
+    (dict(schedule="warmup", final_lr_fraction=0.1), "optim.final_lr_fraction is for optim.schedule=cosine"),
+    (dict(schedule="sgdr", sgdr_t0=1), "optim.sgdr_t0=1 with optim.cycle_mult=1 makes every step a one-step cycle"),
+    (dict(nesterov=True), "optim.nesterov=true needs optim.momentum > 0"),
+])
+def test_fields_without_effect_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        OptimConfig(lr=1.0, **overrides)
+    assert needle in str(info.value)
