@@ -139,6 +139,11 @@ class Standardised:
     w_hat_sq: torch.Tensor
 
 
+#: A standardised conv's weight term below this fraction of sum_o (m/s)^2 |G_o|^2 is recomputed in
+#: float64 (`_exact_ws_terms`): cancelling over 99% of it leaves float32's rounding at ~1e-5 of the result.
+_CANCELLED = 1e-2
+
+
 def _ws_parts(module: nn.Module, standardise: Optional[str]) -> Optional[Standardised]:
     """The standardisation of the weight as it is now, for standardised convs, else None.
 
@@ -468,16 +473,48 @@ class DenseRule:
             s2 = torch.einsum("bgop,bgop->bgo", go, self._a_dot_w_hat(self.ws.w_hat, self.ws.m))
             self.rec.out = None
         # Through the standardisation: |dL/dw_o|^2 = (m/s)^2 (|G_o|^2 - S1^2/n - S2^2 (2n - |w_hat_o|^2)/n^2).
-        n = self.ws.w_hat.shape[1]
-        w_hat_sq = self.ws.w_hat_sq.view(g, -1)
         if self.m.weight.requires_grad:
-            corr = (scale.square() * (s1.square() / n + s2.square() * (2 * n - w_hat_sq) / n ** 2)).sum((1, 2))
-            total = total + sq - corr
+            weight = sq - self._ws_correction(s1, s2)
+            if weight.dtype != torch.float64:  # the terms nearly cancel: redo those examples in float64
+                for i in (weight < _CANCELLED * sq).nonzero().flatten().tolist():
+                    sq_i, s1_i, s2_i = self._exact_ws_terms(i)
+                    weight[i] = float(sq_i - self._ws_correction(s1_i, s2_i))
+                    s2[i] = s2_i.to(s2.dtype)
+            total = total + weight
         if self._gain_trained():
             gg = (s2 * self.m.scale).flatten(1)                              # dL/dgain_o = scale * S2_o
             total += _sq_norms(gg)
             self.per_example["gain"] = gg
         return total
+
+    def _ws_correction(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+        """sum_o (m/s)^2 (S1^2/n + S2^2 (2n - |w_hat_o|^2)/n^2) for (..., g, O/g) sums, in their dtype."""
+        ws, n = self.ws, self.ws.w_hat.shape[1]
+        scale = ws.scale.view(self.groups, -1).to(s1.dtype)
+        w_hat_sq = ws.w_hat_sq.view(self.groups, -1).to(s1.dtype)
+        return (scale.square() * (s1.square() / n + s2.square() * (2 * n - w_hat_sq) / n ** 2)).sum((-2, -1))
+
+    def _exact_ws_terms(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Example i's sum_o (m/s)^2 |G_o|^2, S1 and S2 in float64, from its weight gradient G
+        (g, O/g, n) with respect to the standardised weight. An input whose patches have a large
+        mean next to their spread (a constant image; features far from zero) puts nearly all of
+        |G|^2 into S1^2/n, and float32 rounding of the difference then lost up to a quarter of
+        the norm (the clip factor let the example exceed C); G in the working dtype has its
+        entries to relative 1e-7, and these sums of it in float64 keep the difference to ~1e-7
+        of |G| instead of ~1e-7 of |G|^2 / |dL/dw|."""
+        g, ws = self.groups, self.ws
+        if self.ghost:  # this example's weight gradient, from its rows of input and output gradient
+            k = self.go.shape[0] // self.batch
+            rows = slice(i * k, (i + 1) * k)
+            G = self._conv_weight_grad(self.rec.x[rows].double(), self.go[rows].double())
+        elif self.shifted:  # (kh kw, B, O, C) -> (O, C kh kw)
+            G = self.grads[:, i].permute(1, 2, 0).double()
+        else:
+            G = self.grads[i].double()
+        G = G.reshape(g, -1, ws.w_hat.shape[1])
+        scale = ws.scale.view(g, -1).double()
+        w_hat = ws.w_hat.view(g, -1, ws.w_hat.shape[1]).double()
+        return (scale.square() * G.square().sum(-1)).sum(), G.sum(-1), (G * w_hat).sum(-1)
 
     def _grad_dots(self, w: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, g, O/g): each output channel's per-example gradient dotted with w (g, O/g, din), or

@@ -193,3 +193,30 @@ def test_engines_do_not_import_the_models_or_timm():
             "assert 'timm' not in sys.modules; import dpwa.models.nfnet as nf, dpwa.engines.rules as r; "
             "assert r.layer_of(nf.ScalarGain(__import__('torch').ones(()))) is not None")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "instantiate", "instantiate-shifted", "instantiate-unfolded"])
+@pytest.mark.parametrize("memory", ["fast", "lean"])
+@pytest.mark.parametrize("make", [lambda: WSConv2d(3, 8, 3, padding=1), lambda: StdConv2d(3, 8, 3, padding=1, groups=1),
+                                  lambda: ScaledStdConv2d(3, 8, 3, padding=1)], ids=["WSConv2d", "StdConv2d",
+                                                                                    "ScaledStdConv2d"])
+def test_standardised_norms_in_float32_hold_for_inputs_far_from_zero(make, memory, mode, monkeypatch):
+    """Patches with a mean 1000 times their spread put nearly all of |G|^2 into the mean term the
+    standardisation removes; float32 rounding of the difference underestimated norms by up to
+    27%, so an example's clipped gradient reached 1.37 C. Each example must stay within C."""
+    forced = mode.removeprefix("instantiate-") if mode.startswith("instantiate-") else None
+    if forced:
+        mode = "instantiate"
+        monkeypatch.setattr(rules, f"_{forced}_slowdown", lambda *a: 0.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), nn.Tanh(), *pool_head(8))
+    x = 1000 + torch.randn(8, 1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
+    import copy
+
+    _, true = loop_reference(copy.deepcopy(model).double(), x, y, clip=1e9)
+    clip = float(true.min()) / 2  # every example is clipped
+    engine = FastEngine(model, mode=mode, memory=memory)
+    _, _, norms = engine.clipped_sum(x.float(), y, clip)
+    engine.remove()
+    assert ((norms.double() - true) / true).abs().max() < 1e-3
