@@ -117,6 +117,7 @@ class PrivateSGD:
             world = World(rank=dist.get_rank(), size=world_size)
         self.model, self.optimizer = model, optimizer
         self.engine_name, self.probed = engine, None  # what the probe checked: `_probe_key`
+        self.probe_batch = max(2, round(expected_batch_size / world_size))  # public: a rank's expected share
         self.engine = make_engine(engine, model)
         self.mechanism = GradientMechanism(
             model, engine=self.engine, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
@@ -167,5 +168,7 @@ class PrivateSGD:
         if self.probed is not None:  # the model changed: its engine is rebuilt on it as it is now
             self.engine.remove()
             self.engine = self.mechanism.engine = make_engine(self.engine_name, self.model)
-        probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes))
+        # batch independence also at the expected batch size (public; never the realised one, which is secret)
+        probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes),
+              batch=self.probe_batch)
         self.probed = self._probe_key(views)

@@ -262,6 +262,28 @@ def test_private_sgd_probes_the_model_before_its_first_release():
     assert sgd.mechanism.released == 0  # refused before the release
 
 
+def test_private_sgd_probes_batch_independence_at_its_expected_batch_size():
+    """A model that mixes examples only in batches above 8 passes a probe of 4 examples; the
+    expected batch size B (public) is probed too, never the realised (secret) one."""
+    from dpwa.privacy import PrivateSGD
+    from dpwa.probe import ProbeError
+
+    class MixesLargeBatches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            out = self.fc(x.flatten(1))
+            return out - out.mean(0, keepdim=True) if len(out) > 8 else out
+
+    sgd = PrivateSGD(MixesLargeBatches(), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+                     noise_multiplier=1.0, clip_norm=1.0, expected_batch_size=16, releases=5)
+    with pytest.raises(ProbeError, match="mixes examples"):
+        sgd.step([(torch.randn(5, 1, 16), torch.randint(0, 3, (5,)))])
+    assert sgd.mechanism.released == 0
+
+
 def test_a_long_ledger_history_where_prv_fails_still_reports_with_rdp(tmp_path, monkeypatch):
     import dpwa.train as train_module
 
