@@ -101,12 +101,16 @@ class PrivateSGD:
             each calls `step` with its own share of the examples.
         releases: steps allowed (default: unmetered, for synthetic data only).
         sample_rate: q, recorded in the mechanism's events (default 1).
+        physical_batch_size: the largest chunk `step` is given (public): batch independence is
+            also probed at min(it, the expected batch per rank) examples, never at the realised
+            (secret) size (default 256).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  clip_norm: float, expected_batch_size: float, rescale_to_unit: bool = False,
                  generator: Optional[torch.Generator] = None, engine: str = "dpwa-fast",
-                 world_size: int = 1, releases: Optional[int] = None, sample_rate: float = 1.0) -> None:
+                 world_size: int = 1, releases: Optional[int] = None, sample_rate: float = 1.0,
+                 physical_batch_size: int = 256) -> None:
         from .distributed import World
         from .engines import make_engine
 
@@ -117,7 +121,8 @@ class PrivateSGD:
             world = World(rank=dist.get_rank(), size=world_size)
         self.model, self.optimizer = model, optimizer
         self.engine_name, self.probed = engine, None  # what the probe checked: `_probe_key`
-        self.probe_batch = max(2, round(expected_batch_size / world_size))  # public: a rank's expected share
+        # public: a chunk as large as this rank's expected share, up to the chunks it is given
+        self.probe_batch = max(2, min(round(expected_batch_size / world_size), physical_batch_size))
         self.engine = make_engine(engine, model)
         self.mechanism = GradientMechanism(
             model, engine=self.engine, clip_norm=clip_norm, noise_multiplier=noise_multiplier,
@@ -168,7 +173,7 @@ class PrivateSGD:
         if self.probed is not None:  # the model changed: its engine is rebuilt on it as it is now
             self.engine.remove()
             self.engine = self.mechanism.engine = make_engine(self.engine_name, self.model)
-        # batch independence also at the expected batch size (public; never the realised one, which is secret)
+        # batch independence also at the physical batch (public; never the realised size, which is secret)
         probe(self.model, self.engine_name, example_shape=shape, views=k, num_classes=int(classes),
               batch=self.probe_batch)
         self.probed = self._probe_key(views)

@@ -107,7 +107,7 @@ def probe_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, mech: Mechanis
     return PrivateSGD(model, optimizer, noise_multiplier=mech.noise_multiplier, clip_norm=mech.clip_norm,
                       expected_batch_size=expected_batch_size, rescale_to_unit=mech.rescale_to_unit,
                       generator=generator, engine=mech.engine, releases=mech.steps,
-                      sample_rate=mech.sample_rate)
+                      sample_rate=mech.sample_rate, physical_batch_size=mech.physical_batch_size)
 
 
 def _log_likelihood_ratio(z: torch.Tensor, mech: Mechanism) -> torch.Tensor:

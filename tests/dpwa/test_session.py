@@ -282,6 +282,9 @@ def test_private_sgd_probes_batch_independence_at_its_expected_batch_size():
     with pytest.raises(ProbeError, match="mixes examples"):
         sgd.step([(torch.randn(5, 1, 16), torch.randint(0, 3, (5,)))])
     assert sgd.mechanism.released == 0
+    large = PrivateSGD(nn.Linear(16, 3), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), noise_multiplier=1.0,
+                       clip_norm=1.0, expected_batch_size=8192, physical_batch_size=64)
+    assert large.probe_batch == 64  # a logical batch is never probed in one pass: its chunks are what fits
 
 
 def test_a_long_ledger_history_where_prv_fails_still_reports_with_rdp(tmp_path, monkeypatch):
