@@ -238,8 +238,8 @@ def curvature_run(run_dir: Path, *, split: str = "test", methods: Optional[Seque
     from .run_folder import check_writable, curve_problem, load_run
 
     run = load_run(Path(run_dir))  # withholds the private training split
-    if curve_problem(run.cfg, run_dir):
-        raise CurvatureError(curve_problem(run.cfg, run_dir))
+    if why := curve_problem(run.cfg, run_dir):
+        raise CurvatureError(why)
     target = Path(out) if out is not None else Path(run_dir)
     check_writable(target, what="--out", holds="curvature.json and curvature.png", files=("curvature.json",))
     available = run.prediction_methods()

@@ -71,8 +71,8 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
         cfg = RunFolder.existing(run_dir).config()
     except ConfigError as e:
         raise EvalError(str(e)) from None
-    if curve_problem(cfg, run_dir):
-        raise EvalError(curve_problem(cfg, run_dir))
+    if why := curve_problem(cfg, run_dir):
+        raise EvalError(why)
     if split == "val" and not cfg.data.val_size:
         raise EvalError("--data val: the run's config has data.val_size=0, so there is no validation split")
     suffix = "" if split == "test" else f"-{split}"

@@ -544,8 +544,8 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)  # withholds the private training split
-    if curve_problem(run.cfg, run_dir):
-        raise LandscapeError(curve_problem(run.cfg, run_dir))
+    if why := curve_problem(run.cfg, run_dir):
+        raise LandscapeError(why)
     folder = Path(out) if out is not None else run_dir / "landscape"
     check_writable(folder, what="--out", holds="the landscape's files")  # before a query is charged and lost
     if spec.split == "val" and run.data.val is None:

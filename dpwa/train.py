@@ -509,14 +509,24 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
     # 3. Resume from rank 0's checkpoint. The Poisson sampling is secret like the noise; every
     #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
-    coins.sampling.manual_seed(cfg.train.seed + 1 if coins.reproducible
-                               else world.broadcast(secret_seed() if world.main else None))
-    augment_base = cfg.train.seed if coins.reproducible else world.broadcast(secret_seed() if world.main else None)
+    def shared_seed(public: int) -> int:  # the same on every rank: rank 0's secret one, or public if reproducible
+        return public if coins.reproducible else world.broadcast(secret_seed() if world.main else None)
+
+    coins.sampling.manual_seed(shared_seed(cfg.train.seed + 1))
+    augment_base = shared_seed(cfg.train.seed)  # the augmentation coins' (`_augment_seed`)
     state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
         return [*(statistics.events() if statistics else []), *(validation.events() if validation else []),
                 *mechanism.events()]
+
+    def keep(**extra: str) -> None:  # rank 0: a checkpoint, between the ledger's two records of its count
+        # the count first: a kill between the two leaves the ledger ahead of the checkpoint
+        # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps;
+        # then, once it is on disk, that it holds them: an older copy of the run can no longer resume
+        ledger.progress(run_id, spent())
+        folder.save_state({**state.state_dict(), **extra})
+        ledger.checkpointed(run_id, spent())
 
     held_rows: list[dict[str, Any]] = []
     final: Optional[dict[str, Any]] = None  # a resumed run's released final validation accuracies
@@ -536,9 +546,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     if statistics is not None and statistics.released == 0:  # before the first step; a resumed run has them
         _release_statistics(statistics, data, model, world)
         if world.main:  # kept at once: a kill before the first checkpoint must not release them again
-            folder.save_state(state.state_dict())
-            ledger.progress(run_id, spent())
-            ledger.checkpointed(run_id, spent())
+            keep()
     start, steps_done = state.step, 0
     batches = poisson_batches(len(data.train), plan.sample_rate, coins.sampling)
     loader = BatchLoader(data.train.x, workers=cfg.train.workers, chunk_size=cfg.train.physical_batch_size,
@@ -568,12 +576,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         metrics = folder.metrics(after_step=start, held=held_rows) if world.main else None  # rank 0 keeps the books
         board = tensorboard(str(folder.path / "tensorboard")) if tensorboard and world.main else None
 
-        def checkpoint() -> None:  # rank 0: the ledger's count, the state, then the rows they cover
-            # the count first: a kill between the two leaves the ledger ahead of the checkpoint
-            # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps
-            ledger.progress(run_id, spent())
-            folder.save_state({**state.state_dict(), "rows": json.dumps(metrics.pending)})
-            ledger.checkpointed(run_id, spent())  # on disk: an older copy of the run can no longer resume
+        def checkpoint() -> None:  # rank 0: the state, then the rows it covers
+            keep(rows=json.dumps(metrics.pending))
             for covered in metrics.publish():
                 if board:
                     log_row(board, covered)
@@ -665,9 +669,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if final is None:
             final = evaluate_methods(model, averagers, eval_split, data, cfg, only=list(FINAL), validation=validation)
             if validation is not None:  # released: counted and kept before anything is written, so that a
-                ledger.progress(run_id, spent())  # resumed run reports these, never a second draw
-                folder.save_state({**state.state_dict(), "final": json.dumps(final)})
-                ledger.checkpointed(run_id, spent())
+                keep(final=json.dumps(final))  # resumed run reports these, never a second draw
         if validation is not None:
             eps_now = exact_epsilon()  # with the final accuracies
         results = final
