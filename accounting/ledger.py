@@ -722,10 +722,12 @@ class Ledger:
                         f"Dataset {dataset!r} has already spent epsilon={spent:.4f} at delta={delta:g} "
                         f"({accountant}), more than the new budget epsilon={epsilon:g}; pass --force to "
                         "set it anyway (every later run on it will then be refused)")
-                if size is not None and record.size is not None and size != record.size:
-                    raise DatasetMismatchError(f"Dataset {dataset!r} has {record.size} examples, not {size}")
+                if size is not None and record.size is not None and size != record.size and record.fingerprint:
+                    raise DatasetMismatchError(f"Dataset {dataset!r} has {record.size} examples (its data's "
+                                               f"fingerprint {record.fingerprint} says so), not {size}")
+                # a size only declared (no data bound yet) may be corrected
                 conn.execute("UPDATE datasets SET budget_epsilon=?, budget_delta=?, accountant=?, "
-                             "size=COALESCE(size, ?), updated_at=? WHERE name=?",
+                             "size=COALESCE(?, size), updated_at=? WHERE name=?",
                              (epsilon, delta, accountant, size, now, dataset))
             record = self._dataset_row(conn, dataset)
         assert record is not None
@@ -764,6 +766,11 @@ class Ledger:
         _check_name(fingerprint, what="fingerprint")
         if delta is not None:
             check_delta(delta)
+        said = fingerprint_size(fingerprint)
+        if size is not None and said is not None and size != said:
+            raise InvalidParameterError(f"size={size} does not match fingerprint {fingerprint}, which says "
+                                        f"{said} examples; nothing was reserved")
+        size = said if size is None else size  # a fingerprint's own N (a recorded run's: `dpwa ledger record`)
         events = merge(events)
         with self._transaction() as conn:
             given, fingerprint = fingerprint, _keyed(self._key(conn), fingerprint)  # the transaction made the key
@@ -792,7 +799,13 @@ class Ledger:
                     f"{self.path}, but {dataset!r} is a separate entry (made by set-budget, not yet bound to "
                     f"data); charging it there would split one dataset's spend in two. Use the name "
                     f"{owner.name!r} (set its budget with `dpwa ledger set-budget --dataset {owner.name}`)")
-            elif record.fingerprint is None:
+            elif record.fingerprint is None:  # bound to data now: its size, if declared, must be the data's
+                if record.size is not None and size is not None and record.size != size:
+                    raise DatasetMismatchError(
+                        f"Dataset {record.name!r} has {record.size} examples in ledger {self.path} (declared by "
+                        f"set-budget, with its budget's delta checked against 1/{record.size}), but this run's "
+                        f"data has {size} (fingerprint {given}). If that is its data, correct the size: `dpwa "
+                        f"ledger set-budget --dataset {record.name} --dataset-size {size} ...`; nothing was reserved")
                 conn.execute("UPDATE datasets SET fingerprint=?, size=COALESCE(size, ?), updated_at=? WHERE name=?",
                              (fingerprint, size, now, record.name))
             elif record.fingerprint != fingerprint:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -54,13 +54,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_weights(model: torch.nn.Module, path: Path) -> None:
+def save_weights(model: torch.nn.Module, path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     """A model's state dict as safetensors (tensors only, no pickle), atomically: what
-    `model.pretrained` reads back (dpwa/models/nfnet.py)."""
+    `model.pretrained` reads back (dpwa/models/nfnet.py). `metadata`: strings in the file's
+    header (a run's provenance, `dpwa.run_folder.CARRIED`)."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp), metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -27,9 +27,15 @@ from accounting import Gaussian, PoissonGaussian, epsilon
 
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
-from .errors import RefusalError
+from .errors import RefusalError, UsageError
 
-__all__ = ["RunFolder", "RunFolderError", "MetricsLog", "ReleasedRun", "load_run", "check_writable", "curve_problem"]
+__all__ = ["RunFolder", "RunFolderError", "RunFolderProvenanceError", "MetricsLog", "ReleasedRun", "load_run",
+           "check_writable", "curve_problem", "carried_runs", "pretrained_runs", "CARRIED"]
+
+
+class RunFolderProvenanceError(UsageError):
+    """Weights whose released runs cannot be told (a copied-out dpwa checkpoint from before
+    checkpoints recorded them, or a record dpwa did not write): refused before any charge."""
 
 
 class RunFolderError(RefusalError, OSError):
@@ -144,8 +150,10 @@ class RunFolder:
         (a usage error) if it cannot be read."""
         return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
 
-    def save_weights(self, model: torch.nn.Module) -> None:
-        save_weights(model, self.path / "weights.safetensors")
+    def save_weights(self, model: torch.nn.Module, carried: Sequence[dict[str, Any]]) -> None:
+        """The last iterate, with the runs it carries (this one first) in the file's header:
+        a copy of the file outside this folder still carries them (`pretrained_runs`)."""
+        save_weights(model, self.path / "weights.safetensors", metadata={CARRIED: json.dumps(list(carried))})
 
     def write_report(self, report: dict[str, Any]) -> None:
         atomic_write_text(self.path / "report.json", json.dumps(report, indent=2))
@@ -188,6 +196,63 @@ def pretrained_folder(pretrained: Optional[str]) -> Optional[Path]:
 
 
 _CARRIED_KEYS = ("run_id", "dataset", "ledger", "private")
+# The key under which weights.safetensors (its header) and checkpoint.pt record the released
+# runs their weights carry: the run itself and its "built_on", as `carried_runs` lists them.
+CARRIED = "dpwa.carried"
+
+
+def pretrained_runs(pretrained: Optional[str]) -> list[dict[str, Any]]:
+    """The released runs a `model.pretrained` file carries (as `carried_runs` lists them):
+    those of the run folder it lies in; else those the file records (`CARRIED`: dpwa writes
+    them into every weights.safetensors and checkpoint.pt, so that a copy made elsewhere
+    keeps them); else none: weights from outside dpwa (timm's, a torch.save of one's own).
+
+    Raises:
+        RunFolderProvenanceError: a dpwa checkpoint outside its run folder that records none
+            (written before dpwa recorded them), or a record that is not dpwa's.
+    """
+    folder = pretrained_folder(pretrained)
+    if folder is not None:
+        return carried_runs([folder])
+    path = Path(pretrained).expanduser() if pretrained and pretrained != "cache" else None
+    if path is None or not path.is_file():
+        return []  # the cache (timm's), or a missing file: load_weights refuses it by name
+    record, dpwa_checkpoint = _recorded_runs(path)
+    if record is None:
+        if dpwa_checkpoint:
+            raise RunFolderProvenanceError(
+                f"model.pretrained={pretrained!r} is a dpwa checkpoint outside its run folder, written before "
+                f"checkpoints recorded the runs their weights carry: name it where it lies in its run folder (next "
+                f"to run.json), so that the spend of those runs composes with this one's")
+        return []
+    try:
+        runs = json.loads(record)
+        assert isinstance(runs, list) and all(isinstance(r, dict) and set(_CARRIED_KEYS) <= set(r) for r in runs)
+    except (ValueError, AssertionError):
+        raise RunFolderProvenanceError(f"model.pretrained={pretrained!r}: its {CARRIED!r} record is not a list of "
+                                       f"runs with {list(_CARRIED_KEYS)}; it was not written by dpwa") from None
+    return [{k: r[k] for k in _CARRIED_KEYS} for r in runs]
+
+
+def _recorded_runs(path: Path) -> tuple[Optional[str], bool]:
+    """A weights file's `CARRIED` record (None: none or unreadable, which load_weights
+    refuses by name), and whether it is a dpwa checkpoint (a training state)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return (f.metadata() or {}).get(CARRIED), False
+        except Exception:  # noqa: BLE001 - not a safetensors file: load_weights says so
+            return None, False
+    try:
+        state = load_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a torch file: load_weights says so
+        return None, False
+    if not isinstance(state, dict):
+        return None, False
+    record = state.get(CARRIED)
+    return (record if isinstance(record, str) else None), {"model", "mechanism", "step"} <= set(state)
 
 
 def carried_runs(folders: Sequence[Path]) -> list[dict[str, Any]]:

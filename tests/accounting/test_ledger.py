@@ -380,8 +380,10 @@ def test_reporting_delta_prefers_given_then_budget_then_runs_then_a_default(ledg
     ledger.set_budget("d", epsilon=50.0, delta=1e-5)
     assert ledger.reporting_delta("d") == (1e-5, "budget")
     assert ledger.reporting_delta("d", 1e-7) == (1e-7, "given")
-    ledger.reserve(run_id="x", dataset="no-size", fingerprint=fingerprint(range(5)), events=[ev()])
+    ledger.reserve(run_id="x", dataset="no-size", fingerprint="0123456789abcdef", events=[ev()])  # says no N
     assert ledger.reporting_delta("no-size") == (None, "none")
+    ledger.reserve(run_id="y", dataset="five", fingerprint=fingerprint(range(5)), events=[ev()])  # says N=5
+    assert ledger.reporting_delta("five") == (0.02, "default")
 
 
 def test_history_is_the_spend_after_each_run_in_order(ledger_path):
@@ -569,3 +571,24 @@ def test_checkpointed_counts_never_go_down_and_only_a_reserved_run_records_them(
     Ledger(path).reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev(steps=10)])
     Ledger(path).checkpointed("r2", [ev(steps=5)])
     assert Ledger(path).checkpointed_events("r2") == [ev(steps=5)]
+
+
+def test_a_size_declared_by_set_budget_must_be_the_datas_and_can_be_corrected_until_bound(tmp_path):
+    """set-budget's --dataset-size checks the budget's delta against 1/N; data of another size
+    bound to it later would escape that check (a delta of 1e-4 on 50,000 examples)."""
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("c10", epsilon=8.0, delta=1e-4, size=1000)
+    big = fingerprint([0] * 50_000)
+    for size in (50_000, None):  # given, or said by the fingerprint (`dpwa ledger record --fingerprint`)
+        with pytest.raises(DatasetMismatchError, match="has 1000 examples.*has 50000.*--dataset-size 50000"):
+            ledger.reserve(run_id="r", dataset="c10", fingerprint=big, events=[ev()], size=size)
+    with pytest.raises(InvalidParameterError, match="size=999 does not match fingerprint n50000-"):
+        ledger.reserve(run_id="r", dataset="c10", fingerprint=big, events=[ev()], size=999)
+    assert ledger.runs() == [] and ledger.dataset("c10").fingerprint is None
+    with pytest.raises(DeltaAboveOneOverNError):  # corrected: the delta is checked against the real N
+        ledger.set_budget("c10", epsilon=8.0, delta=1e-4, size=50_000)
+    ledger.set_budget("c10", epsilon=8.0, delta=1e-6, size=50_000)
+    ledger.reserve(run_id="r", dataset="c10", fingerprint=big, events=[ev()])
+    assert ledger.dataset("c10").size == 50_000
+    with pytest.raises(DatasetMismatchError, match="has 50000 examples .*fingerprint.*not 1000"):  # bound: fixed
+        ledger.set_budget("c10", epsilon=8.0, delta=1e-6, size=1000)

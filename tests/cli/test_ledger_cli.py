@@ -182,8 +182,8 @@ def test_show_without_budget_or_run_delta_uses_a_labelled_default(capsys, ledger
     assert d["epsilon_spent"] == pytest.approx(ledger.spent("digits", delta=1e-4)) and d["epsilon_spent"] > 0
     assert main(["ledger", "show"]) == 0
     assert "1/(10N), a display default" in capsys.readouterr().out
-    # Nothing to go by at all (no size either): the table says so and how to get a number.
-    cli_json(capsys, "record", "--dataset", "toy", "--fingerprint", "n5-abc", "--run-id", "t", "--sigma", "1",
+    # Nothing to go by at all (a fingerprint that says no size): the table says so and how to get a number.
+    cli_json(capsys, "record", "--dataset", "toy", "--fingerprint", "abc", "--run-id", "t", "--sigma", "1",
              "--sample-rate", "0.1", "--steps", "5")
     assert main(["ledger", "show", "--dataset", "toy"]) == 0
     assert "1 run(s) recorded; epsilon needs a delta: pass --delta" in capsys.readouterr().out

@@ -248,7 +248,7 @@ def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_pa
     """model.pretrained inside a run folder (directly, through a link, or through a public run
     that started from it): the ledger must hold every charged run it carries, whatever the
     dataset's name, and one that was not private (a seeded test run) makes the fine-tuned run
-    not private, on resume too, wherever the weights have gone."""
+    not private, on resume too, wherever the weights have gone (a copy's file records them)."""
     led = tmp_path / "l.sqlite"
     common = [str(ROOT / "configs" / "quickstart.yaml"), "--no-progress", "--json", "data.image_size=32",
               "model.name=nf_micro", "train.steps=2", "train.batch_size=64", "train.physical_batch_size=64",
@@ -307,8 +307,30 @@ def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_pa
     shutil.rmtree(seeded["run_dir"])
     monkeypatch.chdir(tmp_path)
     assert train(resume=Path(stopped["run_dir"]), ledger_path=str(led), progress=False)["private"] is False
-    # weights copied out of their run folder: nothing tells where they came from (README)
-    copied = tmp_path / "copied.safetensors"
-    copied.write_bytes(weights(private).read_bytes())
-    code, report = run("finetune", f"model.pretrained={copied}")
+    # weights copied out of their run folder carry its runs in the file (weights and checkpoint alike)
+    from safetensors.torch import load_file, save_file
+
+    from dpwa.run_folder import CARRIED
+
+    for source, name, want in ((stopped, "checkpoint.pt", False), (public, "weights.safetensors", False),
+                               (private, "weights.safetensors", True)):
+        copied = tmp_path / f"copied-{name}"
+        copied.write_bytes((Path(source["run_dir"]) / name).read_bytes())
+        code, report = run("finetune", f"model.pretrained={copied}")
+        assert code == 0 and report["private"] is want, (source["run_id"], name)
+        carried = [r["run_id"] for r in json.loads((Path(report["run_dir"]) / "run.json").read_text())["built_on"]]
+        assert carried == [source["run_id"], *([seeded["run_id"]] if source is not private else [])]
+    snapshot = ledger_snapshot(led)
+    code, err = run("finetune", f"model.pretrained={copied}", ledger=tmp_path / "other.sqlite")
+    assert code == 2 and "is not in ledger" in err and ledger_snapshot(led) == snapshot
+    # a dpwa checkpoint copied out from before checkpoints recorded them, or a record not dpwa's: refused
+    old = torch.load(Path(stopped["run_dir"]) / "checkpoint.pt", weights_only=True)
+    torch.save({k: v for k, v in old.items() if k != CARRIED}, tmp_path / "old-checkpoint.pt")
+    save_file(load_file(weights(public)), tmp_path / "forged.safetensors", metadata={CARRIED: '[{"run_id": 1}]'})
+    for bad, says in (("old-checkpoint.pt", "outside its run folder"), ("forged.safetensors", "not written by dpwa")):
+        code, err = run("finetune", f"model.pretrained={tmp_path / bad}")
+        assert code == 2 and says in err and bad in err and ledger_snapshot(led) == snapshot, err
+    # weights with no record (re-saved without it: from outside dpwa) are taken as public weights
+    save_file(load_file(weights(public)), tmp_path / "stripped.safetensors")
+    code, report = run("finetune", f"model.pretrained={tmp_path / 'stripped.safetensors'}")
     assert code == 0 and report["private"] is True
