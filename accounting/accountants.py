@@ -215,7 +215,8 @@ def _computed_rdp_curve(mechanism: Event) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4096)
 def _memoised_rdp_curve(mechanism: Event) -> np.ndarray:
-    return _frozen(memo.memoised("rdp-curve", [mechanism], (RDP_ORDERS,), lambda: _rdp_values(mechanism)))
+    return _frozen(memo.memoised("rdp-curve", [mechanism], (RDP_ORDERS,), lambda: _rdp_values(mechanism),
+                                 length=len(RDP_ORDERS)))
 
 
 def _rdp_to_epsilon(rdp: np.ndarray, delta: float) -> float:
@@ -701,8 +702,16 @@ def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_E
     Memoised on disk where the memo is enabled (`accounting.memo`: the command line)."""
     def compute() -> float:
         delta_error = delta / 1000
-        composed = _prv_compose(events, eps_error, delta_error)
-        return max(_epsilon_upper(composed, delta, delta_error, eps_error), 0.0)
+        try:
+            composed = _prv_compose(events, eps_error, delta_error)
+            return max(_epsilon_upper(composed, delta, delta_error, eps_error), 0.0)
+        except AccountantFailedError as e:  # say what always works (a looser bound)
+            if "RDP" in str(e):
+                raise
+            raise AccountantFailedError(
+                f"{e} (PRV accountant, at delta={delta:g}; such failures come with large epsilons, tens or "
+                f"more): the RDP accountant, looser, always can (accountant='rdp'; `--accountant rdp` on the "
+                f"command line; for a dataset's budget, `dpwa ledger set-budget ... --accountant rdp`)") from None
 
     return float(memo.memoised("prv-epsilon", events, (float(delta), float(eps_error)), compute))
 

@@ -828,8 +828,9 @@ class Ledger:
                 counted = self._counted(conn, dataset)
                 with _memo.bypassed():  # enforced: never from a cache file someone could write
                     after = epsilon([*counted, *events], delta=record.budget_delta, accountant=record.accountant)
-                if not after <= record.budget_epsilon:  # NaN is past any budget
-                    before = epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
+                    before = (epsilon(counted, delta=record.budget_delta, accountant=record.accountant)
+                              if not after <= record.budget_epsilon else None)  # NaN is past any budget
+                if before is not None:
                     raise BudgetExceededError(
                         f"Run {run_id!r} would take dataset {dataset!r}"
                         f"{'' if given == dataset else f' (named {given!r} by the run)'} to epsilon={after:.4f} at "

@@ -83,10 +83,13 @@ def is_bypassed() -> bool:
     return getattr(_local, "bypassed", False)
 
 
-def _plausible(value: Any) -> bool:
-    """An epsilon or an RDP curve: numbers >= 0 (+inf allowed), never NaN or negative."""
+def _plausible(value: Any, length: Optional[int]) -> bool:
+    """An epsilon (`length` None) or an RDP curve of `length` orders: numbers >= 0 (+inf
+    allowed), never NaN or negative."""
+    if (length is None) == isinstance(value, list) or (length is not None and len(value) != length):
+        return False
     values = value if isinstance(value, list) else [value]
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values)
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def _code_tag() -> str:
@@ -140,9 +143,11 @@ def key(kind: str, events: Sequence[Event], *params: Any) -> str:
     return hashlib.sha256((_code_tag() + payload).encode()).hexdigest()
 
 
-def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callable[[], Any]) -> Any:
+def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callable[[], Any],
+             length: Optional[int] = None) -> Any:
     """`compute()`, or the value it returned before for the same (kind, events, params) and code.
-    Values must survive JSON (floats round-trip exactly, lists of floats too)."""
+    Values must survive JSON (floats round-trip exactly, lists of floats too): a number, or a
+    list of `length` numbers (a cached value of another shape is computed afresh)."""
     if is_bypassed():
         return compute()
     with _lock:  # never held while computing: computations nest (an epsilon needs RDP curves)
@@ -161,7 +166,7 @@ def memoised(kind: str, events: Sequence[Event], params: tuple, compute: Callabl
             cached = json.loads(row[0])
         except ValueError:
             cached = None
-        if _plausible(cached):
+        if _plausible(cached, length):
             return cached
     value = compute()
     with _lock:

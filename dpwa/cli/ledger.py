@@ -197,8 +197,9 @@ def _show(a: argparse.Namespace) -> int:
     if a.json:
         print_json({"ledger": str(ledger.path), "datasets": [s for s, _ in shown]})
         return 0
-    if not shown:
-        print(f"ledger {ledger.path}: no datasets yet")
+    if not shown:  # a mistyped --ledger / $DPWA_LEDGER must not read as an empty ledger
+        print(f"ledger {ledger.path}: no datasets yet" if ledger.exists else
+              f"no ledger at {ledger.path} (nothing recorded there yet; is --ledger / $DPWA_LEDGER the one meant?)")
         return 0
     print(f"ledger {ledger.path}")
     for s, runs in shown:
@@ -366,6 +367,8 @@ def _export(a: argparse.Namespace) -> int:
     if a.output is None:
         print_json(data)
         return 0
+    if a.output.is_dir():
+        raise LedgerError(f"Cannot write {a.output}: it is a folder; name a file (--output {a.output}/ledger.json)")
     tmp = a.output.with_name(a.output.name + ".tmp")
     try:
         with open(tmp, "w") as f:
@@ -374,6 +377,7 @@ def _export(a: argparse.Namespace) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, a.output)
     except OSError as e:
+        tmp.unlink(missing_ok=True)
         raise LedgerError(f"Cannot write {a.output}: {e}") from None
     if not a.json:
         print(f"wrote {sum(len(d['runs']) for d in data['datasets'])} runs on {len(data['datasets'])} "
@@ -436,5 +440,7 @@ def _release(a: argparse.Namespace) -> int:
     if a.json:
         print_json(run.to_dict())
     else:
-        print(f"released {run.run_id!r} on {run.dataset!r}: it now counts {_describe(run.spent)}")
+        print(f"released {run.run_id!r} on {run.dataset!r}: it now counts {_describe(run.spent)}"
+              + ("" if not run.spent else " (what its checkpoints recorded; a `dpwa train` still running on it "
+                 "stops at its next checkpoint, before writing anything, and can no longer be resumed)"))
     return 0

@@ -105,9 +105,29 @@ def test_a_forged_or_damaged_entry_is_never_a_budget_check(cache, ledger_path, f
         conn.execute("UPDATE memo SET value = ?", (forged,))
     if forged != "0.0":  # implausible: computed again, not read
         assert epsilon(EVENTS, delta=1e-5) == truth
-    with pytest.raises(BudgetExceededError):
+    with pytest.raises(BudgetExceededError, match=f"to epsilon={truth:.4f}"):
         ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
     assert ledger.runs() == []
+    ledger.set_budget("d", epsilon=9.0, delta=1e-5)
+    ledger.reserve(run_id="r", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
+    with sqlite3.connect(cache) as conn:
+        conn.execute("UPDATE memo SET value = ?", (forged,))
+    with pytest.raises(BudgetExceededError, match=f"already spent or reserved: {truth:.4f}"):  # its words too
+        ledger.reserve(run_id="s", dataset="d", fingerprint=fingerprint(range(50000)), events=EVENTS)
+
+
+@pytest.mark.parametrize("length", [0, len(A.RDP_ORDERS) - 1, len(A.RDP_ORDERS) + 1])
+def test_a_cached_rdp_curve_of_another_length_is_computed_afresh(cache, length):
+    import json
+    import sqlite3
+
+    event = EVENTS[0].with_count(0)
+    truth = A._computed_rdp_curve(event).tolist()
+    with sqlite3.connect(cache) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS memo (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT OR REPLACE INTO memo VALUES (?, ?)",
+                     (memo.key("rdp-curve", [event], A.RDP_ORDERS), json.dumps([1.0] * length)))
+    assert A._memoised_rdp_curve(event).tolist() == truth
 
 
 def test_a_poisoned_rdp_curve_read_before_the_budget_check_is_not_used_by_it(cache, ledger_path):

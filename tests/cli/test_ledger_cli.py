@@ -42,6 +42,8 @@ def test_ledger_flag_overrides_env(capsys, filled, tmp_path):
     other = tmp_path / "other.sqlite"
     out = cli_json(capsys, "show", "--ledger", str(other))
     assert out["datasets"] == [] and not other.exists()
+    assert main(["ledger", "show", "--ledger", str(other)]) == 0  # a mistyped path is not an empty ledger
+    assert f"no ledger at {other}" in capsys.readouterr().out and not other.exists()
 
 
 def test_show_at_another_delta_and_accountant(capsys, filled):
@@ -98,6 +100,10 @@ def test_export(capsys, filled, tmp_path):
     target = tmp_path / "ledger.json"
     assert main(["ledger", "export", "--output", str(target)]) == 0
     assert json.loads(target.read_text()) == out
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["ledger", "export", "--output", str(folder)]) != 0
+    assert "it is a folder" in capsys.readouterr().err and list(tmp_path.glob("*.tmp")) == []
 
 
 def test_set_budget_with_delta_above_1_over_n_needs_the_option(capsys, filled):

@@ -347,3 +347,29 @@ def test_rows_reach_the_disk_only_once_a_checkpoint_covers_their_releases(tmp_pa
     assert [r["step"] for r in folder.rows()] == list(range(1, 13)) and report["releases"] == 12
     (run,) = Ledger(led).runs()
     assert run.status == "committed" and run.spent[-1].steps == 12
+
+
+def test_a_run_released_while_training_stops_at_its_next_checkpoint_before_writing_anything(tmp_path, monkeypatch):
+    """`dpwa ledger release` on a run still training: the ledger then counts what its last
+    checkpoint recorded, so nothing of the later releases may reach the disk."""
+    from accounting import RunStateError
+    from dpwa.run_folder import MetricsLog, RunFolder
+
+    cfg = load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"])
+    led = tmp_path / "l.sqlite"
+    real = MetricsLog.write
+
+    def released_at_step_6(self, row):
+        if row["step"] == 6:
+            (run,) = Ledger(led).runs()
+            Ledger(led).release(run.run_id, reason="by mistake, while it trained")
+        return real(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", released_at_step_6)
+    with pytest.raises(RunStateError, match="released"):
+        train(cfg, ledger_path=str(led), progress=False)
+    (folder,) = (RunFolder(p) for p in (tmp_path / "runs").iterdir())
+    (run,) = Ledger(led).runs()
+    assert run.status == "released" and run.spent[0].steps == 4  # its checkpoint at step 4
+    assert folder.load_state()["step"] == 4 and [r["step"] for r in folder.rows()] == [1, 2, 3, 4]
+    assert not (folder.path / "weights.safetensors").exists() and not (folder.path / "report.json").exists()
