@@ -113,21 +113,21 @@ def _search(g: Callable[[float], float], x0: float, slope: float, lo_bound: floa
         x_new = x - 1.1 * gx / slope - math.copysign(1e-3, gx)
         x = min(max(x_new, lo_bound), hi_bound)
         gx = g(x)
-    side = 0
+    side, w_lo, w_hi = 0, g_lo, g_hi  # the ends' weights for the secant; `done` sees the true values
     for _ in range(100):
-        x = hi - g_hi * (hi - lo) / (g_hi - g_lo)
+        x = hi - w_hi * (hi - lo) / (w_hi - w_lo)
         if not lo < x < hi:
             x = (lo + hi) / 2
         gx = g(x)
         if gx <= 0:
-            lo, g_lo = x, gx
+            lo, g_lo, w_lo = x, gx, gx
             if side == -1:
-                g_hi /= 2  # Illinois: stop one end from sticking
+                w_hi /= 2  # Illinois: stop one end from sticking
             side = -1
         else:
-            hi, g_hi = x, gx
+            hi, g_hi, w_hi = x, gx, gx
             if side == 1:
-                g_lo /= 2
+                w_lo /= 2
             side = 1
         if done(lo, g_lo, hi, g_hi):
             break

@@ -106,7 +106,7 @@ class Data:
     train: Split
     test: Split
     val: Optional[Split]
-    mean: torch.Tensor   # per channel, in [0, 1] units, computed on the training split
+    mean: torch.Tensor   # per channel, in [0, 1] units: public (data.mean or a published constant)
     std: torch.Tensor
     num_classes: int
     source: "Source"  # the private source's identity in the ledger (its labels are not kept)

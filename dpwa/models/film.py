@@ -119,6 +119,8 @@ def film_ensemble(model: nn.Module, members: int, gain: float = 1.0) -> FiLMEnse
                 setattr(module, child_name, _film_norm(child, members, gain))
                 found.append(f"{name}.{child_name}" if name else child_name)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no affine GroupNorm for FiLM to follow "
-                         "(scatter_cnn: set model.conv_norm=true to normalise after its convs)")
+        hint = ("NF models (timm's NF family, nf_micro*) have no normalisation layers at all, so FiLM has "
+                "nothing to modulate: use a GroupNorm model (wrn*, cnn*)" if type(model).__module__.startswith("timm.")
+                else "scatter_cnn: set model.conv_norm=true to normalise after its convs")
+        raise ValueError(f"{type(model).__name__} has no affine GroupNorm for FiLM to follow ({hint})")
     return FiLMEnsemble(model, members)

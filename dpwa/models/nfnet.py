@@ -137,7 +137,9 @@ def load_weights(model: nn.Module, source: str, *, timm_name: Optional[str] = No
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ModelError(f"model.pretrained={source!r}: no such file. Give a .safetensors or torch state-dict "
+            what = ("is a folder, not a file" if path.is_dir() else
+                    f"is a broken link (to {path.readlink()})" if path.is_symlink() else "no such file")
+            raise ModelError(f"model.pretrained={source!r}: {what}. Give a .safetensors or torch state-dict "
                              "file, or model.pretrained=cache for timm's local cache (refusing a random init)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -164,6 +166,12 @@ def load_weights(model: nn.Module, source: str, *, timm_name: Optional[str] = No
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    stem = next((k for k in own if own[k].dim() == 4), None)  # the first conv: its input channels
+    if stem in wrong and own[stem].shape[1] != state[stem].shape[1]:
+        raise ModelError(f"Pretrained weights {path} expect {state[stem].shape[1]}-channel images ({stem}: "
+                         f"{tuple(state[stem].shape)}), but the data has {own[stem].shape[1]} channel(s) "
+                         f"(the model's {tuple(own[stem].shape)}): give weights made for such images, or data "
+                         "with as many channels as theirs")
     if missing or unexpected or wrong:
         raise ModelError(f"Pretrained weights {path} do not fit the model: missing {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"

@@ -16,6 +16,15 @@ def test_noise_calibration_lands_within_one_percent_below(accountant, target, q,
     assert 0.99 * target <= spent <= target
 
 
+@pytest.mark.parametrize("q, steps", [(1.0, 1), (1.0, 1000), (1.0, 200_000), (Q, 200_000), (1e-5, 1000)])
+def test_noise_calibration_stops_on_the_true_epsilon_not_an_illinois_weight(q, steps):
+    """Regula falsi halves an end's value to move it; stopping on that halved value landed at
+    0.986 of the target (delta 1e-10, RDP: sigma 196.89 where 195.26 gave 0.995)."""
+    sigma = noise_multiplier_for(target_epsilon=1.0, delta=1e-10, sample_rate=q, steps=steps, accountant="rdp")
+    spent = epsilon_for(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=1e-10, accountant="rdp")
+    assert 0.99 <= spent <= 1.0
+
+
 def test_noise_calibration_reproduces_de_et_al():
     # De et al. calibrate sigma 3 for epsilon 8 under RDP with 2468 steps at q = 4096/50000.
     sigma = noise_multiplier_for(target_epsilon=7.046, delta=DELTA, sample_rate=Q, steps=2468, accountant="rdp",

@@ -143,6 +143,13 @@ def test_missing_or_unsafe_weights_are_refused(tmp_path):
     save_weights(other, tmp_path / "other.safetensors")
     with pytest.raises(ModelError, match="do not fit the model"):
         create_model("nf_micro", in_channels=3, num_classes=2, pretrained=str(tmp_path / "other.safetensors"))
+    save_weights(create_model("nf_micro", in_channels=3, num_classes=2), tmp_path / "rgb.safetensors")
+    with pytest.raises(ModelError, match=r"expect 3-channel images .* the data has 1 channel"):
+        create_model("nf_micro", in_channels=1, num_classes=2, pretrained=str(tmp_path / "rgb.safetensors"))
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    for path, says in ((tmp_path, "is a folder, not a file"), (tmp_path / "dangling.safetensors", "broken link")):
+        with pytest.raises(ModelError, match=says):
+            create_model("nf_micro", in_channels=3, num_classes=2, pretrained=str(path))
 
 
 def test_timm_cache_is_read_offline_and_its_absence_named(tmp_path, monkeypatch):
@@ -210,6 +217,7 @@ def test_non_private_training_only_on_public_data(tmp_path, capsys):
     (["model.name=nfnet_zz"], "Unknown model 'nfnet_zz'"),
     (["model.name=resnet18"], "not a normaliser-free model"),
     (["model.name=nf_micro", "model.pretrained=/nope.safetensors"], "no such file"),
+    (["model.name=nf_micro", "model.film_members=2"], "NF models (timm's NF family, nf_micro*) have no normalisation"),
     (["model.name=cnn_small"], "dpwa finetune fine-tunes NF models"),
     (["model.name=nf_micro", "model.trainable=stages"], "trainable_stages >= 1"),
     (["model.name=nf_micro", "data.classes=[1,1]"], "data.classes must list at least 2 distinct labels"),
