@@ -9,9 +9,10 @@ import pytest
 
 # `train.threads: auto` measures the machine's load; runs that tests compare bit for bit
 # (kill-and-resume, torchrun against one process) need one thread count, subprocesses too.
-os.environ.setdefault("DPWA_THREADS", "1")
+os.environ["DPWA_THREADS"] = "1"  # set, not defaulted: a CI environment's own value must not leak in
 # Tests compute every accountant value; tests/test_memo.py turns the on-disk memo on.
-os.environ.setdefault("DPWA_ACCOUNTING_CACHE", "off")
+os.environ["DPWA_ACCOUNTING_CACHE"] = "off"
+os.environ.pop("DPWA_LEDGER_TIMEOUT", None)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -32,7 +33,7 @@ def _no_home_ledger(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("DPWA_LEDGER", str(tmp_path_factory.mktemp("home") / "ledger.sqlite"))
 
 
-def run_dpwa(*args, env=None, timeout=120):
+def run_dpwa(*args, env=None, timeout=600):  # 100x what they take here: the CI machine is shared
     """Run the real `dpwa` command in a subprocess (exit codes, stderr, imports)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "dpwa", *map(str, args)], capture_output=True, text=True,

@@ -73,7 +73,7 @@ def test_noise_is_added_once_with_the_full_standard_deviation(tmp_path):
     assert torch.equal(r0["released"], r1["released"])
     std, expected = r0["released"].std().item(), r0["expected_std"]
     assert abs(std / expected - 1) < 0.015, (std, expected)
-    assert abs(r0["released"].mean().item()) < 4 * expected / r0["released"].numel() ** 0.5
+    assert abs(r0["released"].mean().item()) < 5 * expected / r0["released"].numel() ** 0.5  # secret noise: fails by chance 6e-7
 
 
 @pytest.mark.slow

@@ -260,12 +260,12 @@ def test_a_signal_to_the_process_group_stops_at_a_step_boundary(folder, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "dpwa", "train", str(tmp_path / "c.yaml"), "--no-progress",
                              "--ledger", str(led)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 600  # rows reach the disk at the checkpoint of step 1000: the handler is in place
     while time.time() < deadline and not (list(runs.glob("*/metrics.jsonl")) and
                                           len(next(runs.glob("*/metrics.jsonl")).read_text().splitlines()) >= 3):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err
     assert "SIGTERM: stopped after step" in err and "Traceback" not in err
     time.sleep(0.5)
@@ -279,7 +279,7 @@ def test_exiting_with_the_loader_open_does_not_hang(folder):
             f"x = load_data(DataConfig(name='imagefolder', root={str(folder)!r}, image_size=16)).train.x; "
             "loader = BatchLoader(x, workers=2, chunk_size=4, expected_batch=8); "
             "list(loader.fetch(torch.arange(8), torch.arange(8, 16))); sys.exit(3)")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 3, done.stderr
 

@@ -152,7 +152,8 @@ def test_sigkill_and_resume_from_the_command_line(tmp_path):
     import sys
     import time
 
-    args = [str(QUICK), "train.steps=40", "train.checkpoint_every=5", "train.batch_size=64",
+    steps = 160  # the kill lands at 15 rows: 145 steps (~2 s here) before the report could be written
+    args = [str(QUICK), f"train.steps={steps}", "train.checkpoint_every=5", "train.batch_size=64",
             "train.physical_batch_size=64", "augmult.k=2", "privacy.noise_seed=3"]
     led = tmp_path / "l.sqlite"
     ref = run_dpwa("train", *args, f"out_dir={tmp_path / 'ref'}", "--no-progress", "--ledger", tmp_path / "r.sqlite")
@@ -177,9 +178,9 @@ def test_sigkill_and_resume_from_the_command_line(tmp_path):
     a, b = final_weights(ref_dir)["model"], final_weights(run_dir)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     runs = Ledger(led).runs()
-    assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == 40
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 41))  # no duplicated rows for the redone steps
+    assert len(runs) == 1 and runs[0].status == "committed" and runs[0].spent[0].steps == steps
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, steps + 1))  # no duplicated rows for the redone steps
 
 
 def test_overrides_may_follow_the_options(tmp_path, capsys):
