@@ -28,9 +28,8 @@ def ledger_path(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _no_home_ledger(tmp_path_factory, monkeypatch):
-    """Never let a test write the user's real ledger."""
-    if "DPWA_LEDGER" not in os.environ:
-        monkeypatch.setenv("DPWA_LEDGER", str(tmp_path_factory.mktemp("home") / "ledger.sqlite"))
+    """Never let a test write the user's real ledger, nor one $DPWA_LEDGER names outside."""
+    monkeypatch.setenv("DPWA_LEDGER", str(tmp_path_factory.mktemp("home") / "ledger.sqlite"))
 
 
 def run_dpwa(*args, env=None, timeout=600):  # 100x what they take here: the CI machine is shared
