@@ -350,7 +350,7 @@ def _prv_grid(events: Sequence[Event], eps_error: float, delta_error: float) -> 
     if 2 * L / mesh > PRV_MAX_GRID:  # checked before any array is allocated
         raise AccountantFailedError(
             f"the PRV composition needs a grid of {2 * L / mesh:.3g} points (> {PRV_MAX_GRID}; epsilon is "
-            f"about {L - 3:.3g} or more): use the RDP accountant for such a mechanism")
+            f"about {L - 3:.3g} or more)")
     return mesh, len(_fast_domain(L, mesh))
 
 
@@ -705,13 +705,12 @@ def _prv_epsilon(events: Sequence[Event], delta: float, eps_error: float = PRV_E
         try:
             composed = _prv_compose(events, eps_error, delta_error)
             return max(_epsilon_upper(composed, delta, delta_error, eps_error), 0.0)
-        except AccountantFailedError as e:  # say what always works (a looser bound)
-            if "RDP" in str(e):
-                raise
+        except AccountantFailedError as e:  # every PRV failure says what always works (a looser bound)
             raise AccountantFailedError(
                 f"{e} (PRV accountant, at delta={delta:g}; such failures come with large epsilons, tens or "
-                f"more): the RDP accountant, looser, always can (accountant='rdp'; `--accountant rdp` on the "
-                f"command line; for a dataset's budget, `dpwa ledger set-budget ... --accountant rdp`)") from None
+                f"more): use the RDP accountant, looser, which always computes (accountant='rdp'; "
+                f"`--accountant rdp` on the command line; for a dataset's budget, `dpwa ledger set-budget ... "
+                f"--accountant rdp`)") from None
 
     return float(memo.memoised("prv-epsilon", events, (float(delta), float(eps_error)), compute))
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import secrets
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -33,6 +31,7 @@ import torch
 from accounting import AccountingError, Event, Gaussian, Ledger, default_ledger_path
 
 from .mechanism import ReleaseRefused
+from .run_folder import new_run_id
 
 __all__ = ["LossMechanism", "reserved_query", "query_ledger_path", "check_holds_run"]
 
@@ -138,8 +137,7 @@ def reserved_query(run: Any, *, events: list[Event], spent: Callable[[], list[Ev
     """
     ledger = Ledger(query_ledger_path(run, ledger_path), create=False)
     check_holds_run(ledger, run.meta, f"{purpose} of run {run.meta['run_id']!r}")
-    # 4 random bytes: two ids made in one second meet once in 4e9 (2 bytes: 1 in 65536)
-    query_id = f"{run.meta['run_id']}-{purpose}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    query_id = new_run_id(f"{run.meta['run_id']}-{purpose}")
     dataset = run.meta.get("dataset") or run.cfg.data.ledger_name or run.cfg.data.name
     reserved = ledger.reserve(run_id=query_id, dataset=dataset, fingerprint=run.data.source.fingerprint,
                               events=events, size=run.data.source.size, delta=run.meta["delta"])

@@ -30,7 +30,7 @@ from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yam
 from .errors import RefusalError, UsageError
 
 __all__ = ["RunFolder", "RunFolderError", "RunFolderProvenanceError", "MetricsLog", "ReleasedRun", "load_run",
-           "check_writable", "curve_problem", "carried_runs", "pretrained_runs", "CARRIED"]
+           "check_writable", "curve_problem", "carried_runs", "pretrained_runs", "new_run_id", "CARRIED"]
 
 
 class RunFolderProvenanceError(UsageError):
@@ -195,6 +195,15 @@ def pretrained_folder(pretrained: Optional[str]) -> Optional[Path]:
     return folder if (folder / "run.json").is_file() and (folder / "config.yaml").is_file() else None
 
 
+def new_run_id(prefix: str) -> str:
+    """`prefix`-YYYYmmdd-HHMMSS-<4 random bytes>: a run's (or a charged query's) id. Two made in
+    one second meet once in 4e9 (2 bytes met once in 65536)."""
+    import secrets
+    import time
+
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
 _CARRIED_KEYS = ("run_id", "dataset", "ledger", "private")
 # The key under which weights.safetensors (its header) and checkpoint.pt record the released
 # runs their weights carry: the run itself and its "built_on", as `carried_runs` lists them.
@@ -227,10 +236,11 @@ def pretrained_runs(pretrained: Optional[str]) -> list[dict[str, Any]]:
         return []
     try:
         runs = json.loads(record)
-        assert isinstance(runs, list) and all(isinstance(r, dict) and set(_CARRIED_KEYS) <= set(r) for r in runs)
-    except (ValueError, AssertionError):
+    except ValueError:
+        runs = None
+    if not (isinstance(runs, list) and all(isinstance(r, dict) and set(_CARRIED_KEYS) <= set(r) for r in runs)):
         raise RunFolderProvenanceError(f"model.pretrained={pretrained!r}: its {CARRIED!r} record is not a list of "
-                                       f"runs with {list(_CARRIED_KEYS)}; it was not written by dpwa") from None
+                                       f"runs with {list(_CARRIED_KEYS)}; it was not written by dpwa")
     return [{k: r[k] for k in _CARRIED_KEYS} for r in runs]
 
 
@@ -255,11 +265,12 @@ def _recorded_runs(path: Path) -> tuple[Optional[str], bool]:
     return (record if isinstance(record, str) else None), {"model", "mechanism", "step"} <= set(state)
 
 
-def carried_runs(folders: Sequence[Path]) -> list[dict[str, Any]]:
+def carried_runs(folders: Sequence[Path], recorded: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Every released run whose weights a run carries: the run folders it starts from (a
     curve's endpoints, the folder of model.pretrained) and, from each, the runs it carried,
     whatever their dataset: its run.json "built_on", or for a folder from before "built_on"
-    the folder of its own model.pretrained, followed in turn. Each as run_id, dataset,
+    the folder of its own model.pretrained, followed in turn; then the runs `recorded` (those
+    a weights file outside a run folder records: `pretrained_runs`). Each as run_id, dataset,
     ledger, private, once: what the new run's run.json records as its own "built_on"."""
     out: dict[str, dict[str, Any]] = {}
     todo, seen = [Path(f).resolve() for f in folders], set()
@@ -275,6 +286,8 @@ def carried_runs(folders: Sequence[Path]) -> list[dict[str, Any]]:
         if recorded is None:  # written before run.json listed what a run carries
             up = pretrained_folder(RunFolder(folder).config().model.pretrained)
             todo += [up] if up is not None else []
+    for run in recorded:
+        out.setdefault(str(run.get("run_id")), {k: run.get(k) for k in _CARRIED_KEYS})
     return list(out.values())
 
 

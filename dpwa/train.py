@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import secrets
 import signal
 import sys
 import threading
@@ -57,7 +56,8 @@ from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
 from .privacy import poisson_batches, secret_generator, secret_seed
 from .probe import probe
-from .run_folder import CARRIED, RunFolder, RunFolderError, carried_runs, check_writable, pretrained_runs
+from .run_folder import (CARRIED, RunFolder, RunFolderError, carried_runs, check_writable, new_run_id,
+                         pretrained_runs)
 from .schedules import Schedule
 from .state import Coins, StateError, TrainState
 from .statistics import RELEASES_PER_ESTIMATE, StatisticsMechanism
@@ -175,14 +175,6 @@ def evaluate_methods(model: torch.nn.Module, averagers: dict, split: Any, data: 
     if validation is not None:
         return {name: {"accuracy": validation.accuracy(members(), split, data)} for name, members in chosen.items()}
     return {name: evaluate_members(members(), split, data) for name, members in chosen.items()}
-
-
-def _unique_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each carried run once (a curve's endpoint may also be model.pretrained's source)."""
-    out: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        out.setdefault(str(run["run_id"]), run)
-    return list(out.values())
 
 
 def _config_hash(cfg: RunConfig) -> str:
@@ -363,8 +355,7 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         cfg, run_id = folder.config(), folder.meta()["run_id"]
     else:
         assert cfg is not None
-        # 4 random bytes: two ids made in one second meet once in 4e9 (2 bytes: 1 in 65536)
-        run_id = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        run_id = new_run_id(cfg.name)
     t = cfg.train
     world = world_from_env(t.dist_backend, t.device, t.dist_timeout_s)
     opts = Options(resume, ledger_path, progress and world.main, stop_after, dry_run, announce, model)
@@ -451,8 +442,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # in this run's ledger, whatever its dataset's name (aliases, subsets), so that the
         # spend on their data composes with this run's; a public-data run (no ledger) charged
         # nothing, but what it carried counts. A resumed run has them in its run.json.
-        built_on = [] if resume is not None else _unique_runs(
-            [*carried_runs(METHODS[cfg.method.name].built_on(cfg)), *pretrained_runs(cfg.model.pretrained)])
+        built_on = [] if resume is not None else carried_runs(METHODS[cfg.method.name].built_on(cfg),
+                                                              recorded=pretrained_runs(cfg.model.pretrained))
         charged = [meta for meta in built_on if meta.get("ledger")]
         if private and world.main and charged:  # their spend composes with this run's, in one ledger
             charged_to = Ledger(ledger_path or p.ledger, create=False)  # read, never created here
@@ -513,7 +504,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
     world.on_main(reserve)
     # what its weights carry (it, then its "built_on"), recorded in its checkpoints and weights
-    carried = world.on_main(lambda: json.dumps(carried_runs([folder.path])))
+    carried = world.on_main(lambda: carried_runs([folder.path]))
     if opts.announce and world.main:
         print(f"dpwa: run {run_id} in {folder.path}", file=sys.stderr, flush=True)
 
@@ -534,9 +525,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # the count first: a kill between the two leaves the ledger ahead of the checkpoint
         # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps;
         # then, once it is on disk, that it holds them: an older copy of the run can no longer resume
-        ledger.progress(run_id, spent())
-        folder.save_state({**state.state_dict(), CARRIED: carried, **extra})
-        ledger.checkpointed(run_id, spent())
+        held = spent()
+        ledger.progress(run_id, held)
+        folder.save_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra})
+        ledger.checkpointed(run_id, held)
 
     held_rows: list[dict[str, Any]] = []
     final: Optional[dict[str, Any]] = None  # a resumed run's released final validation accuracies
@@ -691,7 +683,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
                   **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice),
                   "allocator": allocator}
-        folder.save_weights(model, json.loads(carried))  # the last iterate: model.pretrained can read it
+        folder.save_weights(model, carried)  # the last iterate: model.pretrained can read it
         folder.write_report(report)
         draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
                     final={name: r["accuracy"] for name, r in results.items()})

@@ -369,7 +369,7 @@ def _export(a: argparse.Namespace) -> int:
         return 0
     if a.output.is_dir():
         raise LedgerError(f"Cannot write {a.output}: it is a folder; name a file (--output {a.output}/ledger.json)")
-    tmp = a.output.with_name(a.output.name + ".tmp")
+    tmp = a.output.with_name(a.output.name + ".tmp")  # as dpwa.checkpoint.atomic_write_text, which imports torch
     try:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
