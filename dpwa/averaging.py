@@ -252,7 +252,9 @@ class SWAG(Averager):
     def sample(self, generator: Optional[torch.Generator] = None, *, diagonal: Optional[bool] = None
                ) -> torch.Tensor:
         """One flat parameter vector theta = mean + sqrt(scale) (std * z1 + D^T z2 / sqrt(K - 1)),
-        K the number of stored deviations; diagonal: the first term only."""
+        K the number of stored deviations; diagonal: theta = mean + std * z1, SWAG-Diagonal's
+        N(mean, Sigma_diag) (Maddox et al. 2019, section 3: the scale 1/2 of full SWAG shares its
+        covariance between the two terms, and is not applied to the diagonal one alone)."""
         diagonal = self.diagonal if diagonal is None else diagonal
         z1 = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype)
         draw = self.variance.sqrt() * z1
@@ -261,7 +263,7 @@ class SWAG(Averager):
                 raise ValueError(f"SWAG needs >= 2 collected iterates for its low-rank part, has {self.stored}")
             z2 = torch.randn(self.stored, generator=generator, dtype=self.mean.dtype)
             draw += self.deviations[: self.stored].T @ z2 / (self.stored - 1) ** 0.5
-        return self.mean + self.scale ** 0.5 * draw
+        return self.mean + (1.0 if diagonal else self.scale ** 0.5) * draw
 
     @torch.no_grad()
     def members(self, generator: Optional[torch.Generator] = None, *, samples: int = 30,

@@ -9,7 +9,7 @@ The resolved config is what a run folder's `config.yaml` holds.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,6 +41,15 @@ def _registry(module: str, registry: str):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _require_finite(section: str, cfg: Any) -> None:
+    """Every number of a config section finite: an infinite lr, clip norm or weight decay passes
+    every `> 0` check and would train (and be charged) into NaN weights."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            _require(not isinstance(v, float) or math.isfinite(v), f"{section}.{f.name} must be finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -431,6 +440,10 @@ class MethodConfig:
         _require(self.suptickets_lr_fractions[0] >= self.suptickets_lr_fractions[1],
                  f"method.suptickets_lr_fractions are the cycles' [start, end] lr (a cosine down to the ticket): "
                  f"the first must be >= the second; got {self.suptickets_lr_fractions}")
+        _require(self.edst_lr_fractions[0] >= self.edst_lr_fractions[1],
+                 f"method.edst_lr_fractions are the lr of a phase's [first, second] half, and its last iterate is a "
+                 f"ticket taken at the phase's lowest lr (FreeTickets): the first must be >= the second; got "
+                 f"{self.edst_lr_fractions}")
         for key in ("sparsity_density", "sparsity_init", "sparsity_classifier", "sparsity_update_every",
                     "sparsity_fraction", "sparsity_end", "sparsity_init_density", "sparsity_prune_start",
                     "sparsity_prune_end"):
@@ -467,7 +480,7 @@ class AveragingConfig:
     swa_every: int = 0              # collect every this many steps; 0: at each lr minimum of a cyclic / sgdr schedule
     snapshots: bool = False         # FGE / SGDR snapshot ensemble: the iterate at each lr minimum (cyclic / sgdr)
     swag_rank: int = 20             # K, columns of SWAG's deviation matrix (Maddox et al.: 20)
-    swag_scale: float = 0.5         # samples theta = mean + sqrt(scale) (diag_std z1 + D z2 / sqrt(K - 1))
+    swag_scale: float = 0.5         # samples theta = mean + sqrt(scale) (diag_std z1 + D z2 / sqrt(K - 1)); swag_diag: mean + diag_std z1
     swag_samples: int = 30          # models drawn for Bayesian model averaging at evaluation
 
     def __post_init__(self) -> None:
@@ -562,6 +575,10 @@ class RunConfig:
     feature_stats: FeatureStatsConfig = field(default_factory=FeatureStatsConfig)
 
     def __post_init__(self) -> None:
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if is_dataclass(value):
+                _require_finite(section.name, value)
         _require(self.privacy.enabled or self.data.public,
                  f"privacy.enabled=false on data.name={self.data.name!r}, which is not marked public: a private "
                  "dataset is only ever trained with DP (set data.public=true only for data that needs no privacy)")
@@ -594,6 +611,10 @@ class RunConfig:
                  f"method.rigl_grow=momentum ranks by the momentum of the released gradients, and optim.name="
                  f"{self.optim.name} has none (momentum / beta1 = {beta}): set optim.momentum > 0 (sgd) or use "
                  "method.rigl_grow=dense_noisy")
+        _require(self.method.name != "entropy_sgd" or self.optim.name != "adambc",
+                 "optim.name=adambc subtracts the noise variance of one release from Adam's second moment, and "
+                 "method.name=entropy_sgd's outer step is gamma (x - mu), a mean of inner_steps releases whose noise "
+                 "is not that: use optim.name=adamw (or sgd)")
         _require(self.method.name not in TICKET_METHODS or self.method.tickets_grow != "momentum" or beta > 0,
                  f"method.tickets_grow=momentum ranks by the momentum of the released gradients, and optim.name="
                  f"{self.optim.name} has none (momentum / beta1 = {beta}): set optim.momentum > 0 (sgd) or use "

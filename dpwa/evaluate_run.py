@@ -84,7 +84,7 @@ def evaluate_run(run_dir: Path, *, split: str = "test", methods: Optional[Sequen
     cfg, meta, data, averagers = run.cfg, run.meta, run.data, run.averagers
     steps, at = int(meta["steps"]), run.step
 
-    minimum = {"swa": 1, "fge": 1, "swag": 2, "swag_diag": 2}
+    minimum = {"ema": 1, "polyak": 1, "swa": 1, "fge": 1, "swag": 2, "swag_diag": 2}  # what members() needs
     available = run.prediction_methods(swag_samples)
     counts = {name: avg.count for name, avg in averagers.items()}
     counts["swag_diag"] = counts.get("swag", 0)

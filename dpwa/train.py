@@ -411,6 +411,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         if private:
             _check_delta(cfg, n_source)
         plan = plan_run(cfg, len(data.train))
+        if cfg.train.steps is None:  # train.epochs: the length is known only now
+            _check_length(cfg, plan.steps)
         planned_epsilon = _planned_epsilon(cfg, plan) if private else None
         fresh = resume is None or not folder.checkpoint_path.is_file()  # a checkpoint holds the weights
         model = (opts.model if opts.model is not None else build_model(cfg, data, load_pretrained=fresh)).to(device)
@@ -729,6 +731,7 @@ def _check_length(cfg: RunConfig, steps: int) -> None:
     except ConfigError as e:
         problems.append(str(e))
     problems += length_problems(cfg.averaging, total_steps=steps, is_minimum=is_minimum)
+    problems += METHODS[cfg.method.name].length_problems(cfg, steps)
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -45,10 +45,18 @@ class Audit:
         """A lower bound above the claim: the implementation is not the claimed mechanism."""
         return any(b.epsilon > self.claimed_epsilon for b in self.bounds)
 
+    @property
+    def verdict_confidence(self) -> float:
+        """Each bound holds at its own confidence; the verdict ("any bound above the claim")
+        at 1 - (the sum of their error probabilities), by the union bound: a correct mechanism
+        is flagged with probability at most that."""
+        return max(0.0, 1 - sum(1 - b.confidence for b in self.bounds))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mechanism": dataclasses.asdict(self.mechanism), "delta": self.delta, "accountant": self.accountant,
             "claimed_epsilon": self.claimed_epsilon, "violated": self.violated,
+            "verdict_confidence": self.verdict_confidence,
             "canaries": int(len(self.run.scores)), "canaries_in": int(self.run.included.sum()),
             "base_examples": self.run.base_examples, "seconds": self.run.seconds,
             "bounds": [{**dataclasses.asdict(b), "fraction_of_claim": b.epsilon / self.claimed_epsilon}

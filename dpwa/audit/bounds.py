@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 from scipy import optimize, special, stats
 
+from accounting.errors import InvalidParameterError
+
 __all__ = ["Bound", "clopper_pearson_bound", "one_run_bound", "one_run_p_value"]
 
 
@@ -42,6 +44,17 @@ class Bound:
     confidence: float    # probability that the bound is valid
     method: str
     detail: dict         # counts behind the bound (threshold, TPR/FPR or guesses/correct)
+
+
+def _check(scores: np.ndarray, *, delta: float, confidence: float) -> None:
+    """Bad input is refused, not turned into a bound: a NaN score would count as above every
+    threshold (searchsorted) and a negative delta would inflate the bound."""
+    if not np.isfinite(scores).all():
+        raise InvalidParameterError(f"canary scores must be finite, got {int((~np.isfinite(scores)).sum())} that are not")
+    if not 0 <= delta < 1:
+        raise InvalidParameterError(f"delta must be in [0, 1), got {delta}")
+    if not 0 < confidence < 1:
+        raise InvalidParameterError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def _cp_upper(k: np.ndarray, n: int, alpha: float) -> np.ndarray:
@@ -93,9 +106,9 @@ def clopper_pearson_bound(in_scores: Sequence[float], out_scores: Sequence[float
     """
     inside, outside = np.asarray(in_scores, float), np.asarray(out_scores, float)
     if len(inside) < 4 or len(outside) < 4:
-        raise ValueError(f"need at least 4 in- and 4 out-canaries, got {len(inside)} and {len(outside)}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise InvalidParameterError(f"need at least 4 in- and 4 out-canaries, got {len(inside)} and {len(outside)}: "
+                                    "use more canaries")
+    _check(np.concatenate([inside, outside]), delta=delta, confidence=confidence)
     alpha = (1 - confidence) / (len(thresholds) + 1)
     rng = np.random.default_rng(seed)
     pin, pout = rng.permutation(len(inside)), rng.permutation(len(outside))
@@ -168,7 +181,8 @@ def one_run_bound(scores: Sequence[float], included: Sequence[bool], *, delta: f
     s, inc = np.asarray(scores, float), np.asarray(included, bool)
     m = len(s)
     if m != len(inc) or m < 2:
-        raise ValueError(f"need one inclusion flag per score and at least 2 canaries, got {m} and {len(inc)}")
+        raise InvalidParameterError(f"need one inclusion flag per score and at least 2 canaries, got {m} and {len(inc)}")
+    _check(s, delta=delta, confidence=confidence)
     alpha = (1 - confidence) / len(guess_fractions)
     order = np.argsort(-s, kind="stable")
     best = Bound(0.0, confidence, "one-run", {"canaries": m, "guesses": 0, "correct": 0})

@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. privacy.epsilon=8")
     p.add_argument("--canaries", type=int, default=1000, help="number of canaries, each in with probability 1/2 "
-                   "(default 1000; more tighten the bounds, linearly slower)")
+                   "(default 1000, at least 100; more tighten the bounds, and cost more than linearly: every "
+                   "physical chunk carries all of them)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bounds (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="randomness of the audit (it reads no private data)")
     p.add_argument("--json", action="store_true", help="print the audit as JSON")
@@ -43,8 +44,10 @@ def run(a: argparse.Namespace) -> int:
     from accounting.errors import InvalidParameterError
     from dpwa.config import load_config
 
-    if a.canaries < 20:
-        raise InvalidParameterError(f"--canaries must be >= 20, got {a.canaries}")
+    if a.canaries < 100:  # fewer than 4 of 100 drawn in has probability 4e-25
+        raise InvalidParameterError(f"--canaries must be >= 100, got {a.canaries}")
+    if not 0 <= a.seed < 2 ** 63:
+        raise InvalidParameterError(f"--seed must be in [0, 2^63), got {a.seed}")
     if not 0.5 <= a.confidence < 1:
         raise InvalidParameterError(f"--confidence must be in [0.5, 1), got {a.confidence}")
     cfg = load_config(a.config, a.overrides)
@@ -53,10 +56,11 @@ def run(a: argparse.Namespace) -> int:
 
     from dpwa.audit import Mechanism, audit
     from dpwa.data import load_data
-    from dpwa.train import plan_run
+    from dpwa.train import _check_delta, plan_run
 
     # Only the training set's size is needed (q = B/N): no features are computed.
     size = len(load_data(dataclasses.replace(cfg.data, features="none")).train)
+    _check_delta(cfg, size)  # the claim audited is one `dpwa train` would make
     plan = plan_run(cfg, size)
     p = cfg.privacy
     mech = Mechanism(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.releases,
@@ -87,7 +91,9 @@ def _print(name: str, r) -> None:
     d = one.detail
     print(f"  {'one run (Steinke et al.)':<27} epsilon >= {one.epsilon:.4g}  ({conf} confidence; {d['correct']} of "
           f"{d['guesses']} guesses right)   {one.epsilon / r.claimed_epsilon:.2f} of the accountant's")
+    verdict = f"{100 * r.verdict_confidence:g}% confidence for the verdict, either bound"
     if r.violated:
-        print("  VIOLATION: a lower bound exceeds the accountant's epsilon; the implementation leaks more than claimed")
+        print("  VIOLATION: a lower bound exceeds the accountant's epsilon; the implementation leaks more than claimed "
+              f"({verdict})")
     else:
-        print("  consistent: no lower bound exceeds the accountant's epsilon")
+        print(f"  consistent: no lower bound exceeds the accountant's epsilon ({verdict})")

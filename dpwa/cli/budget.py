@@ -150,7 +150,8 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-# Config keys that count steps: at the same epochs they should move with the steps (x S'/S).
+# Config keys that count steps: at the same epochs they should move with the steps (x S'/S); a
+# method's own are its `step_keys`.
 _STEP_KEYS = (("optim", "warmup_steps"), ("optim", "cycle_start"), ("optim", "cycle_length"), ("optim", "sgdr_t0"),
               ("averaging", "polyak_start"), ("averaging", "swa_start"), ("averaging", "swa_every"),
               ("train", "eval_every"))
@@ -201,7 +202,8 @@ def _scale(a: argparse.Namespace) -> int:
                         epsilon=p.epsilon, noise_multiplier=plan.noise_multiplier, accountant=acc, rtol=a.rtol,
                         prior=lambda steps: [e for e in (plan.statistics, validation(steps)) if e],
                         releases=lambda steps: METHODS[cfg.method.name].releases(cfg, steps))
-    step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in _STEP_KEYS
+    method_keys = (("method", key) for key in METHODS[cfg.method.name].step_keys)
+    step_keys = {f"{sec}.{key}": getattr(getattr(cfg, sec), key) for sec, key in (*_STEP_KEYS, *method_keys)
                  if getattr(getattr(cfg, sec), key)}
     columns = {"current": s.current, "same_epochs": s.same_epochs, "tan": s.tan}
     if a.json:

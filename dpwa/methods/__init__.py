@@ -59,6 +59,18 @@ class Method(abc.ABC):
         """Make one iterate; returns local diagnostics for metrics.jsonl (not covered by the
         guarantee: they may depend on the private batch)."""
 
+    # method.* fields that count steps: `dpwa budget --config --batch-size` names them among the
+    # keys to scale at the same epochs
+    step_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def length_problems(cls, cfg: RunConfig, steps: int) -> list[str]:
+        """Every way the method's own settings would not fit a `steps`-step run (a phase that
+        never starts, a schedule with no update in it: a run charged for a method it would not
+        be), as messages naming the keys. Checked with the schedule's and the averagers' before
+        any charge (`dpwa.train._check_length`). None by default."""
+        return []
+
     @classmethod
     def built_on(cls, cfg: RunConfig) -> list[Path]:
         """The run folder of each released run this method starts from (a curve's endpoints),

@@ -43,12 +43,11 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..averaging import Snapshots
-from ..config import ConfigError
 from . import Step, register_method
 from .rigl import RigL
 
@@ -83,18 +82,22 @@ class TicketsDST(RigL):
         """(the run's steps, the iterates that are tickets, the iterates after which the masks
         jump, the jump's drop/grow fraction), from the config alone."""
 
+    routine_updates = False  # the jumps move the masks between tickets; routine updates are optional
+    length: ClassVar[str]    # the sum train.steps must be, in the method's keys
+
     @classmethod
-    def _check_steps(cls, cfg, steps: int, how: str) -> None:
-        """Refuse, before any charge, a run that does not end at its last ticket, and a cyclic
-        schedule (the phases set their own lr; its minima would not be theirs)."""
-        total = cls.layout(cfg)[0]
+    def length_problems(cls, cfg, steps: int) -> list[str]:
+        """SET's, and (refused before any charge) a run that does not end at its last ticket, or
+        a cyclic schedule (the phases set their own lr; its minima would not be theirs)."""
+        out, total = super().length_problems(cfg, steps), cls.layout(cfg)[0]
         if steps != total:
-            raise ConfigError(f"method.name={cls.name} ends at its last ticket: train.steps must be {how} = {total}, "
-                              f"got {steps} (steps after the last ticket would spend privacy on nothing collected)")
+            out.append(f"method.name={cls.name} ends at its last ticket: train.steps must be {cls.length} = {total}, "
+                       f"got {steps} (steps after the last ticket would spend privacy on nothing collected)")
         if cfg.optim.schedule in ("cyclic", "sgdr"):
-            raise ConfigError(f"method.name={cls.name} sets the lr of its phases itself; optim.schedule="
-                              f"{cfg.optim.schedule} would put lr minima (and snapshots) elsewhere: use constant, warmup "
-                              "or cosine for the phase before them")
+            out.append(f"method.name={cls.name} sets the lr of its phases itself; optim.schedule="
+                       f"{cfg.optim.schedule} would put lr minima (and snapshots) elsewhere: use constant, warmup "
+                       "or cosine for the phase before them")
+        return out
 
     @abc.abstractmethod
     def lr(self, step: Step) -> float:
@@ -138,6 +141,8 @@ class TicketsDST(RigL):
 @register_method
 class EDST(TicketsDST):
     name = "edst"
+    length = "method.edst_exploration + method.edst_phases x method.edst_phase_steps"
+    step_keys = (*TicketsDST.step_keys, "edst_exploration", "edst_phase_steps")
 
     @classmethod
     def layout(cls, cfg) -> tuple[int, Sequence[int], Sequence[int], float]:
@@ -145,10 +150,6 @@ class EDST(TicketsDST):
         ends = [m.edst_exploration + k * m.edst_phase_steps for k in range(1, m.edst_phases + 1)]
         return ends[-1], ends, ends[:-1], m.edst_jump
 
-    @classmethod
-    def releases(cls, cfg, steps: int) -> int:
-        cls._check_steps(cfg, steps, "method.edst_exploration + method.edst_phases x method.edst_phase_steps")
-        return super().releases(cfg, steps)
 
     def lr(self, step: Step) -> float:
         m = self.cfg.method

@@ -22,8 +22,8 @@ x <- x - lr (x - mu): the Lua code computes outer momentum from a first gradient
 zeroes it. optim.momentum gives the PyTorch port's variant, Nesterov momentum on x - mu. Not
 carried over: the reference's first `closure()` at x, whose gradient is discarded when L > 0
 (a charged release for nothing); and its L2 on x' in the inner loop (use optim.weight_decay,
-on the outer step). The outer optimizer gets noise_std 0 (x - mu is no release), so
-optim.name=adambc is AdamW here.
+on the outer step). The outer optimizer gets noise_std 0 (x - mu is no release), and
+optim.name=adambc, whose correction is for the noise of one release, is refused (dpwa.config).
 
 Privacy: every inner step is one release of the mechanism, so `releases(steps)` = L x steps
 and the noise is calibrated for that count (the paper compares at "effective epochs" = L x

@@ -42,6 +42,15 @@ __all__ = ["PSWA"]
 @register_method
 class PSWA(DPSGD):
     name = "pswa"
+    step_keys = ("pswa_start", "pswa_period")
+
+    @classmethod
+    def length_problems(cls, cfg, steps: int) -> list[str]:
+        m = cfg.method
+        if m.pswa_start + m.pswa_period <= steps:
+            return []
+        return [f"method.pswa_start={m.pswa_start} + method.pswa_period={m.pswa_period} is beyond the run ({steps} "
+                "steps): no restart from the average would fall within it (method.name=pswa would be DP-SGD)"]
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)

@@ -33,7 +33,7 @@ are free, and the releases are DP-SGD's.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -49,6 +49,22 @@ __all__ = ["SET"]
 @register_method
 class SET(DPSGD):
     name = "set"
+    step_keys = ("sparsity_end", "sparsity_update_every", "sparsity_prune_start", "sparsity_prune_end")
+    routine_updates: ClassVar[bool] = True  # the masks must move before sparsity_end (not so for tickets' jumps)
+
+    @classmethod
+    def length_problems(cls, cfg, steps: int) -> list[str]:
+        m, out = cfg.method, []
+        if m.sparsity_end > steps:
+            out.append(f"method.sparsity_end={m.sparsity_end} is beyond the run ({steps} steps): the drop fraction's "
+                       "cosine would not reach 0 and the masks would never be fixed (RigL: 75% of the steps)")
+        elif cls.routine_updates and m.sparsity_update_every >= m.sparsity_end:
+            out.append(f"method.sparsity_update_every={m.sparsity_update_every} leaves no mask update before "
+                       f"method.sparsity_end={m.sparsity_end}: method.name={cls.name} would be static sparse training")
+        if m.sparsity_init_density is not None and m.sparsity_prune_end > steps:
+            out.append(f"method.sparsity_prune_end={m.sparsity_prune_end} is beyond the run ({steps} steps): the "
+                       f"pruning would stop above method.sparsity_density={m.sparsity_density}")
+        return out
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)

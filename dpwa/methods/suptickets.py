@@ -73,6 +73,8 @@ def pruned_superposition(average: SWA, masked: Sequence[str], count: int) -> nn.
 @register_method
 class SupTickets(TicketsDST):
     name = "suptickets"
+    length = "method.suptickets_start + method.suptickets_cycles x method.suptickets_cycle_length"
+    step_keys = (*TicketsDST.step_keys, "suptickets_start", "suptickets_cycle_length")
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)
@@ -85,11 +87,6 @@ class SupTickets(TicketsDST):
         tickets = starts if m.suptickets_from_start else starts[1:]
         return starts[-1], tickets, starts[:-1] if m.suptickets_jump else [], m.suptickets_jump
 
-    @classmethod
-    def releases(cls, cfg, steps: int) -> int:
-        cls._check_steps(cfg, steps, "method.suptickets_start + method.suptickets_cycles x "
-                                     "method.suptickets_cycle_length")
-        return super().releases(cfg, steps)
 
     def lr(self, step: Step) -> float:
         m = self.cfg.method

@@ -83,3 +83,16 @@ def test_scaling_names_the_schedules_other_learning_rates(tmp_path, capsys):
     assert main(["budget", "--config", str(cfg), "--batch-size", "32", "--dataset-size", "1497"]) == 0
     assert "learning rates; at the same epochs scale them by 0.125 with optim.lr: optim.min_lr=0.5" in \
         capsys.readouterr().out
+
+
+def test_scaling_names_a_methods_step_keys_and_rescales_a_run_its_method_lays_out(tmp_path, capsys):
+    """A method's own step counts are among the keys to scale; EDST, whose fields fix train.steps,
+    is rescaled as any run (the new length is for a config with those keys scaled)."""
+    cfg = tmp_path / "edst.yaml"
+    cfg.write_text("privacy: {epsilon: 3}\ntrain: {steps: 20, batch_size: 256}\n"
+                   "method: {name: edst, sparsity_end: 8, sparsity_update_every: 3, edst_exploration: 8, "
+                   "edst_phases: 3, edst_phase_steps: 4}\n")
+    assert main(["budget", "--config", str(cfg), "--batch-size", "128", "--dataset-size", "1497"]) == 0
+    out = capsys.readouterr().out
+    assert ("these keys count steps; at the same epochs scale them by 2: method.sparsity_end=8, "
+            "method.sparsity_update_every=3, method.edst_exploration=8, method.edst_phase_steps=4") in out

@@ -81,8 +81,9 @@ def test_fge_collects_exactly_at_cycle_minima(optim):
 
 
 def test_swag_diagonal_samples_have_the_iterates_mean_and_std():
-    # Iterates with known per-coordinate mean and std 2: a sample must have std sqrt(scale) * 2 = 1.41,
-    # not sqrt(scale) * 4 = 2.83 (a sampler that multiplies by the variance instead of the std).
+    # Iterates with known per-coordinate mean and std 2: SWAG-Diagonal is N(mean, Sigma_diag) (Maddox et
+    # al. 2019), so a sample has std 2, whatever full SWAG's scale; not sqrt(0.5) * 2 = 1.41 (the scale of
+    # full SWAG applied to its diagonal term alone) nor 4 (the variance taken for the std).
     torch.manual_seed(0)
     mu, sd = torch.tensor([[1.0, -3.0], [0.5, 10.0]]), 2.0
     ws = [mu + sd * torch.randn(2, 2) for _ in range(4000)]
@@ -93,7 +94,7 @@ def test_swag_diagonal_samples_have_the_iterates_mean_and_std():
     g = torch.Generator().manual_seed(1)
     draws = torch.stack([swag.sample(g, diagonal=True) for _ in range(4000)])
     assert torch.allclose(draws.mean(0), mu.flatten(), atol=0.1)
-    assert torch.allclose(draws.std(0), torch.full((4,), 0.5 ** 0.5 * sd), rtol=0.06)
+    assert torch.allclose(draws.std(0), torch.full((4,), sd), rtol=0.04)
 
 
 def test_swag_low_rank_samples_have_maddox_covariance():

@@ -21,7 +21,7 @@ from dpwa.methods import METHODS, Step, make_method
 from dpwa.run_folder import load_run
 from dpwa.schedules import sgdr
 from dpwa.sparsity import global_magnitude_masks
-from dpwa.train import train
+from dpwa.train import _check_length, train
 from tests.conftest import ROOT, ledger_snapshot
 from tests.dpwa.test_ensembles import counting_loader
 from tests.dpwa.test_sparsity import model, releases
@@ -309,10 +309,13 @@ def test_ticket_fields_are_validated_and_belong_to_their_methods():
         config(*EDST, "method.edst_jump=0")
     with pytest.raises(ConfigError, match="the first must be >= the second"):
         config(*SUP, "method.suptickets_lr_fractions=[0.01,0.05]")
+    with pytest.raises(ConfigError, match=r"ticket taken at the phase's lowest lr .* got \[0.1, 5.0\]"):
+        config(*EDST, "method.edst_lr_fractions=[0.1,5]")
     with pytest.raises(ConfigError, match="train.steps must be method.edst_exploration .* = 20, got 21"):
-        METHODS["edst"].releases(config(*EDST), 21)
+        _check_length(config(*EDST), 21)
     with pytest.raises(ConfigError, match="optim.schedule=cyclic would put lr minima"):
-        METHODS["suptickets"].releases(config(*SUP, "optim.schedule=cyclic", "optim.cycle_length=4"), 20)
+        _check_length(config(*SUP, "optim.schedule=cyclic", "optim.cycle_length=4"), 20)
+    assert METHODS["edst"].length_problems(config(*EDST), 20) == []
 
 
 def test_granet_fields_are_validated():

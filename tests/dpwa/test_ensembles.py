@@ -279,6 +279,22 @@ def test_eval_of_a_partial_run_skips_methods_without_enough_snapshots(tmp_path, 
                                                                                                "swag_diag"}
 
 
+def test_eval_of_a_run_stopped_before_polyak_starts_skips_it_and_charges_nothing_for_it(tmp_path, capsys):
+    """Polyak collects from averaging.polyak_start on: a checkpoint before it has no average.
+    Skipped by default, refused by name, before the charged validation query is reserved."""
+    led = tmp_path / "l.sqlite"
+    cfg = tiny(tmp_path, "train.checkpoint_every=3", "averaging.polyak_start=8",
+               "data.val_size=100")
+    mid = train(cfg, ledger_path=str(led), progress=False, stop_after=4)  # checkpoint at step 3
+    before = ledger_snapshot(led)
+    assert main(["eval", mid["run_dir"], "--methods", "polyak", "--data", "val", "--ledger", str(led)]) == 2
+    assert "polyak: collected 0 iterate(s) by step 3, needs 1" in capsys.readouterr().err
+    assert ledger_snapshot(led) == before
+    assert main(["eval", mid["run_dir"], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "polyak" not in result["methods"] and "polyak" in result["skipped"]
+
+
 def test_eval_cli_lists_the_same_methods_as_the_averagers():
     from dpwa.averaging import METHODS
     from dpwa.cli.evaluate import METHODS as CLI_METHODS
