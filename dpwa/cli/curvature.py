@@ -56,8 +56,8 @@ def run(a: argparse.Namespace) -> int:
     print(run_header(r, f"{r['examples']} examples, {r['iterations']} Lanczos steps x {r['starts']} starts "
                         "(charges nothing):"))
     rows = [[name, fmt(m["loss"]), fmt(m["lambda_max"]), fmt(m["lambda_min"]), fmt(m["lambda_median"]),
-             fmt(m["lr_lanczos"]), fmt(m["lr_cauchy"])] for name, m in r["methods"].items()]
-    print_table(rows, header=["method", "loss", "lambda_max", "lambda_min", "median |ritz|",
+             fmt(m["spectral_median"]), fmt(m["lr_lanczos"]), fmt(m["lr_cauchy"])] for name, m in r["methods"].items()]
+    print_table(rows, header=["method", "loss", "lambda_max", "lambda_min", "median |ritz|", "spectral median",
                               "2/(max+median)", "g'g/g'Hg"])
     for name, m in r["methods"].items():
         print(f"  {name}: top eigenvalues {', '.join(fmt(x) for x in m['top_eigenvalues'])}")

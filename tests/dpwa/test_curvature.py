@@ -67,6 +67,18 @@ def test_density_integrates_to_one_and_rates_follow_the_spectrum(small):
     assert r["lambda_max"] <= float(torch.linalg.eigvalsh(hessian)[-1]) + 1e-12  # Ritz values lie inside
 
 
+def test_spectral_median_estimates_the_median_eigenvalue_and_the_ritz_median_does_not(small):
+    """Ritz values crowd the spectrum's ends: their plain median (Granziol's lambda_median) is
+    about 3x the exact median |eigenvalue| here, at every iteration count; weighted by the
+    quadrature weights it is within 30% of it."""
+    loss, _, hessian = small
+    exact = float(torch.linalg.eigvalsh(hessian).abs().median())
+    for iterations in (6, 10, 15):
+        r = learning_rates(slq(loss.hvp, loss.theta.detach(), iterations=iterations, starts=10), 1.0, 1.0)
+        assert r["spectral_median"] == pytest.approx(exact, rel=0.3)
+        assert r["lambda_median"] > 2 * exact
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     from dpwa.train import train
