@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import sys
 from typing import Iterable, Optional
 
@@ -20,7 +21,8 @@ import torch.nn as nn
 
 from .mechanism import GradientMechanism
 
-__all__ = ["poisson_batches", "PoissonBatches", "PrivateSGD", "secret_generator", "secret_seed"]
+__all__ = ["poisson_batches", "PoissonBatches", "PrivateSGD", "secret_generator", "secret_seed", "secret_entropy",
+           "seed_state"]
 
 
 class PoissonBatches:
@@ -62,20 +64,55 @@ def poisson_batches(num_examples: int, sample_rate: float, generator: torch.Gene
 
 
 def secret_seed() -> int:
-    """63 bits of OS entropy."""
+    """63 bits of OS entropy: a whole secret for a CUDA generator (Philox keys on all 64 bits of
+    its seed), not for a CPU one (`seed_state`)."""
     return int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1)
+
+
+_MT_WORDS = 624                    # mt19937's state: 624 32-bit words (19937 bits)
+_MT_OFFSET, _MT_BYTES = 24, 5056   # where they sit in torch's CPU generator state, and its size
+
+
+def secret_entropy() -> bytes:
+    """OS entropy for the whole state of a CPU generator (`seed_state`)."""
+    return os.urandom(4 * _MT_WORDS)
+
+
+def seed_state(g: torch.Generator, entropy: bytes) -> torch.Generator:
+    """Set CPU generator `g`'s whole mt19937 state from `entropy` (624 x 4 bytes).
+
+    `manual_seed` takes 64 bits, but torch seeds mt19937 from their low 32 only: a secret seed
+    would pick one of 4.3e9 streams, few enough for a search to try every one against released
+    weights (the noise, or the batches the accountant's amplification assumes unknown). The
+    state holds 19937 bits; its first draw follows a twist of `entropy`, as Python's own
+    mt19937 after `random.setstate((3, words + (624,), None))` (the test's reference)."""
+    if len(entropy) != 4 * _MT_WORDS:
+        raise ValueError(f"a CPU generator's state takes {4 * _MT_WORDS} bytes of entropy, got {len(entropy)}")
+    g.manual_seed(0)  # the layout's other fields as after a seed: the next draw twists, no cached normals
+    state = bytearray(g.get_state().numpy().tobytes())
+    if len(state) != _MT_BYTES:  # torch's CPUGeneratorImplState, unchanged since 1.x
+        raise RuntimeError(f"this torch's CPU generator state has {len(state)} bytes, not the {_MT_BYTES} dpwa "
+                           "writes its secret mt19937 state into; a secret generator cannot be made safely")
+    struct.pack_into(f"<{_MT_WORDS}Q", state, _MT_OFFSET, *struct.unpack(f"<{_MT_WORDS}I", entropy))
+    g.set_state(torch.frombuffer(state, dtype=torch.uint8).clone())
+    return g
 
 
 def secret_generator(seed: Optional[int], device: str | torch.device = "cpu") -> torch.Generator:
     """An RNG for the mechanism's secret coins (the noise, on the parameters' device; the
-    Poisson sampling): seeded from OS entropy unless a (test-only) seed is given.
+    Poisson sampling): from OS entropy unless a (test-only) seed is given.
 
     A known noise seed lets anyone subtract the noise from released weights; known batches
-    void the amplification by subsampling that the accountant counts on. So the default seed
-    is drawn from os.urandom and never stored.
+    void the amplification by subsampling that the accountant counts on. So the default state
+    is drawn from os.urandom, all of it (`seed_state`), and never stored.
     """
     g = torch.Generator(device=device)
-    g.manual_seed(seed if seed is not None else secret_seed())
+    if seed is not None:
+        g.manual_seed(seed)
+    elif g.device.type == "cpu":
+        seed_state(g, secret_entropy())
+    else:
+        g.manual_seed(secret_seed())
     return g
 
 

@@ -14,12 +14,14 @@ It reads no private training data (the training split is withheld).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -29,13 +31,18 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, sav
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .errors import RefusalError, UsageError
 
-__all__ = ["RunFolder", "RunFolderError", "RunFolderProvenanceError", "MetricsLog", "ReleasedRun", "load_run",
+__all__ = ["RunFolder", "RunFolderError", "RunFolderInUseError", "RunFolderProvenanceError", "MetricsLog", "ReleasedRun", "load_run",
            "check_writable", "curve_problem", "carried_runs", "pretrained_runs", "new_run_id", "CARRIED"]
 
 
 class RunFolderProvenanceError(UsageError):
     """Weights whose released runs cannot be told (a copied-out dpwa checkpoint from before
     checkpoints recorded them, or a record dpwa did not write): refused before any charge."""
+
+
+class RunFolderInUseError(RefusalError):
+    """Another process holds the run folder (`RunFolder.hold`): refused before anything is
+    read or charged (exit 1)."""
 
 
 class RunFolderError(RefusalError, OSError):
@@ -121,6 +128,26 @@ class RunFolder:
         if not (folder.path / "run.json").is_file() or not (folder.path / "config.yaml").is_file():
             raise ConfigError(f"{folder.path} is not a dpwa run folder (no run.json / config.yaml)")
         return folder
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the folder for one session (an exclusive flock on the folder itself, which is
+        never replaced; the OS drops it when the process dies, killed or not). Two resumes of
+        one run at once (a scheduler's requeue while the first still runs) would both release
+        under its single reservation: the second is refused instead."""
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunFolderInUseError(
+                    f"{self.path} is in use by another dpwa process (resuming it beside that one would release "
+                    "twice under its one reservation): wait for it to end, or stop it, then resume") from None
+            yield
+        finally:
+            os.close(fd)
 
     def create(self, cfg: RunConfig, meta: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=False)

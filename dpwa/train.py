@@ -54,7 +54,7 @@ from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
 from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
-from .privacy import poisson_batches, secret_generator, secret_seed
+from .privacy import poisson_batches, secret_entropy, secret_generator, secret_seed, seed_state
 from .probe import probe
 from .run_folder import (CARRIED, RunFolder, RunFolderError, carried_runs, check_writable, new_run_id,
                          pretrained_runs)
@@ -244,8 +244,8 @@ def _check_delta(cfg: RunConfig, n: int) -> None:
 
 
 def _folder_error(e: OSError, ledger: Any, run_id: str, run_dir: Path, *, released: bool) -> RunFolderError:
-    """After the reservation: a run that took no step gives its reservation back; one that did
-    keeps it (counted in full, progress at its last checkpoint) and can be resumed."""
+    """After the reservation: a run that released nothing gives its reservation back; one that
+    did keeps it (counted in full, progress at its last checkpoint) and can be resumed."""
     if released:
         ledger.release(run_id, reason=f"run folder could not be written before the first step: {e}")
         return RunFolderError(f"{e}; no step was taken and run {run_id!r}'s reservation was released")
@@ -360,8 +360,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
     world = world_from_env(t.dist_backend, t.device, t.dist_timeout_s)
     opts = Options(resume, ledger_path, progress and world.main, stop_after, dry_run, announce, model)
     try:
-        with _signals(world) as stop:
-            return _session(cfg, world, world.broadcast(run_id), opts, stop, wall0)
+        with _signals(world) as stop, contextlib.ExitStack() as held:
+            return _session(cfg, world, world.broadcast(run_id), opts, stop, wall0, held)
     finally:
         world.close()
 
@@ -384,8 +384,8 @@ def _signals(world: World) -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: list[int], wall0: float
-             ) -> dict[str, Any]:
+def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: list[int], wall0: float,
+             held: contextlib.ExitStack) -> dict[str, Any]:
     resume, ledger_path, show_progress, stop_after = opts.resume, opts.ledger_path, opts.progress, opts.stop_after
     folder = RunFolder(Path(resume) if resume is not None else Path(cfg.out_dir) / run_id)
     thread_choice = set_threads(cfg.train.threads)  # count and reason, for the report
@@ -396,6 +396,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     # 1. Validate, plan and probe on every rank, before any privacy is spent; all stop if one fails.
     failed: Optional[Exception] = None
     try:
+        if resume is not None and world.main:  # one session at a time resumes a run: until `held` closes
+            held.enter_context(folder.hold())
         device = _device(cfg.train.device, world)
         if world.size > 1 and not private:
             raise ConfigError("privacy.enabled=false (public data) trains in one process; drop torchrun")
@@ -515,8 +517,12 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     def shared_seed(public: int) -> int:  # the same on every rank: rank 0's secret one, or public if reproducible
         return public if coins.reproducible else world.broadcast(secret_seed() if world.main else None)
 
-    coins.sampling.manual_seed(shared_seed(cfg.train.seed + 1))
-    augment_base = shared_seed(cfg.train.seed)  # the augmentation coins' (`_augment_seed`)
+    if coins.reproducible:
+        coins.sampling.manual_seed(cfg.train.seed + 1)
+    else:  # the whole mt19937 state, rank 0's, on every rank (a seed gives it 32 bits: `seed_state`)
+        seed_state(coins.sampling, world.broadcast(secret_entropy() if world.main else None))
+    augment_base = shared_seed(cfg.train.seed)  # the augmentation coins' (`_augment_seed`; not a secret of the
+    #                                             guarantee, which holds for any augmentation)
     state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit
@@ -551,7 +557,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         _release_statistics(statistics, data, model, world)
         if world.main:  # kept at once: a kill before the first checkpoint must not release them again
             keep()
-    start, steps_done = state.step, 0
+    start = state.step
     batches = poisson_batches(len(data.train), plan.sample_rate, coins.sampling)
     loader = BatchLoader(data.train.x, workers=cfg.train.workers, chunk_size=cfg.train.physical_batch_size,
                          expected_batch=cfg.train.batch_size / world.size)
@@ -633,7 +639,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             t0 = time.time()
             lr = schedule(step)
             stats = method.step(Step(index=step, lr=lr, release=release))
-            state.step = done = steps_done = step + 1
+            state.step = done = step + 1
             for avg in averagers.values():  # post-processing of the released iterate: no data
                 avg.update(model, done)
             state.train_time_s += time.time() - t0
@@ -694,7 +700,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     except DistributedError:
         raise
     except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
-        raise _folder_error(e, ledger, run_id, folder.path, released=resume is None and steps_done == 0) from None
+        # the reservation is given back only if nothing at all was released (not: no step was
+        # completed; a step of several releases, or the statistics before the first, release too)
+        nothing = mechanism.released == 0 and not (statistics and statistics.released) and not (
+            validation and validation.released)
+        raise _folder_error(e, ledger, run_id, folder.path, released=resume is None and nothing) from None
     finally:
         loader.close()  # its workers stop; a batch decoded ahead and never released is dropped
 

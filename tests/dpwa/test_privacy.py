@@ -149,6 +149,52 @@ def test_secret_generator_default_is_not_reproducible():
     assert torch.equal(torch.randn(5, generator=secret_generator(7)), torch.randn(5, generator=secret_generator(7)))
 
 
+def test_a_secret_cpu_generator_has_the_whole_mt19937_state_from_os_entropy(monkeypatch):
+    """torch seeds mt19937 from the low 32 bits of manual_seed's argument (4.3e9 streams, few
+    enough to search); a secret generator's 624 state words come from os.urandom instead. The
+    reference is Python's own mt19937, set to those words: the same stream, bit for bit."""
+    import os
+    import random
+    import struct
+
+    from dpwa.privacy import seed_state
+
+    seed = (1 << 40) + 12345  # manual_seed's 32-bit truncation, the weakness fixed here
+    assert torch.equal(torch.rand(4, generator=torch.Generator().manual_seed(seed)),
+                       torch.rand(4, generator=torch.Generator().manual_seed(seed & 0xFFFFFFFF)))
+    entropy = bytes(range(256)) * 9 + bytes(range(192))  # 2496 bytes: 624 words
+    drawn = []
+    monkeypatch.setattr(os, "urandom", lambda n: drawn.append(n) or entropy[:n])
+    g = secret_generator(None)
+    assert drawn == [2496]
+    words = struct.unpack("<624I", entropy)
+    reference = random.Random()
+    reference.setstate((3, tuple(words) + (624,), None))
+    expected = [(reference.getrandbits(32) & 0xFFFFFF) / 2 ** 24 for _ in range(64)]  # torch's float: 24 bits
+    assert torch.rand(64, generator=g, dtype=torch.float64).tolist() != expected  # float64 takes 53 bits
+    g = seed_state(torch.Generator(), entropy)
+    assert torch.rand(64, generator=g).tolist() == expected
+    with pytest.raises(ValueError, match="takes 2496 bytes of entropy, got 8"):
+        seed_state(torch.Generator(), b"12345678")
+
+
+def test_a_private_sessions_sampling_coins_are_the_whole_secret_state(monkeypatch, tmp_path):
+    """The Poisson sampling generator of a private run (no noise_seed) gets its state from
+    `seed_state`, not from a seed; a reproducible (noise_seed) run's keeps train.seed + 1."""
+    import dpwa.train as train_module
+    from tests.dpwa.test_train import tiny
+
+    states = []
+    real = train_module.seed_state
+    monkeypatch.setattr(train_module, "seed_state", lambda g, e: states.append(len(e)) or real(g, e))
+    train_module.train(tiny(tmp_path, "train.steps=2", "privacy.noise_seed=null"), ledger_path=str(tmp_path / "l.sqlite"),
+                       progress=False)
+    assert states == [2496]
+    states.clear()
+    train_module.train(tiny(tmp_path / "r", "train.steps=2"), ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    assert states == []
+
+
 def test_batchnorm_is_refused_with_a_pointer_to_groupnorm():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     with pytest.raises(ModelError, match="GroupNorm"):

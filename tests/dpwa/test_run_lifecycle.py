@@ -59,6 +59,27 @@ def test_the_dry_run_of_a_resume_counts_its_own_reservation_once(tmp_path, capsy
     assert train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)["steps"] == 8
 
 
+def test_a_run_resumed_while_another_process_holds_it_is_refused_and_charged_nothing(tmp_path, capsys):
+    """Two resumes of one run at once (a scheduler's requeue beside the running job) would both
+    release under its one reservation: the second is refused before anything is read or charged,
+    and resumes once the first lets go of the folder."""
+    import fcntl
+
+    led = str(tmp_path / "l.sqlite")
+    cfg = load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=8", "train.checkpoint_every=4", *SMALL])
+    stopped = train(cfg, ledger_path=led, progress=False, stop_after=5)
+    before = ledger_snapshot(led)
+    fd = os.open(stopped["run_dir"], os.O_RDONLY)  # what a running session holds (RunFolder.hold)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert main(["train", "--resume", stopped["run_dir"], "--ledger", led, "--no-progress"]) == 1
+        assert "is in use by another dpwa process" in capsys.readouterr().err
+        assert ledger_snapshot(led) == before
+    finally:
+        os.close(fd)
+    assert train(resume=Path(stopped["run_dir"]), ledger_path=led, progress=False)["steps"] == 8
+
+
 def test_the_dry_run_refuses_what_the_run_would_refuse(tmp_path, capsys):
     code = main(["train", str(QUICK), "--dry-run", "--ledger", str(tmp_path / "l.sqlite"), "privacy.delta=0.01"])
     assert code == 2 and "not below 1/N" in capsys.readouterr().err
