@@ -43,7 +43,7 @@ from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, release_grid, tensorboard_writer
-from .data import HELD_OUT, Data, DataError, Source, carve_outside, load_data, outside_guarantee
+from .data import HELD_OUT, Data, DataError, ImageFiles, Source, carve_outside, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -463,7 +463,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         failed = e
     world.check(failed)
     world.agree("config", _config_hash(cfg))
-    world.agree("training data", data.source.fingerprint)
+    _agree_on_data(world, data)
     dataset = cfg.data.ledger_name or cfg.data.name
     # private: DP noise from a secret seed, on released runs that were private (or public-data
     # runs, which read nothing private); a resumed run also keeps what its run.json recorded
@@ -729,6 +729,17 @@ def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, 
         return {f"val_{name}_accuracy": validation.accuracy([m], split, data) for name, m in cheap.items()}
     return {f"{cfg.train.eval_split}_{name}_{k}": v for name, m in cheap.items()
             for k, v in evaluate(m, split, data).items()}
+
+
+def _agree_on_data(world: World, data: Data) -> None:
+    """The ranks train on one dataset: its labels' fingerprint and, for image folders (each node
+    may hold its own copy), the files' names in order. Two orders of one class's files share a
+    fingerprint, and an example at index i on one node and i + 1 on another could be drawn
+    twice in one step (sensitivity 2 C)."""
+    world.agree("training data", data.source.fingerprint)
+    if world.size > 1 and isinstance(data.train.x, ImageFiles):
+        names = hashlib.sha256("\n".join(data.train.x.names()).encode()).hexdigest()[:16]
+        world.agree("training image files", names)
 
 
 def _check_length(cfg: RunConfig, steps: int) -> None:

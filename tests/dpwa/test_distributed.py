@@ -187,3 +187,41 @@ def test_close_frees_the_process_group_before_interpreter_exit(tmp_path):
     thread may remain."""
     for r in worker("close", tmp_path):
         assert r["after"] <= r["before"], r
+
+
+def test_nodes_whose_image_folders_differ_are_refused(tmp_path):
+    """Each node of a multi-node run may read its own copy of an image folder: one class's files
+    in another order share the labels' fingerprint, so the file names are compared too (an
+    example at index i on one node and i + 1 on another could be drawn twice in a step)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from dpwa.config import ConfigError
+    from dpwa.data import ImageFiles
+    from dpwa.distributed import World
+    from dpwa.train import _agree_on_data
+
+    @dataclasses.dataclass(frozen=True)
+    class TwoNodes(World):
+        """Rank 0 of 2, the other node answering what `replies` says (in call order)."""
+
+        replies: list = dataclasses.field(default_factory=list)
+
+        def gather(self, obj):
+            return [obj, self.replies.pop(0)]
+
+    files = [f"/data/train/{c}/{n}.jpg" for c in ("cat", "dog") for n in ("a", "b")]
+    mine = SimpleNamespace(source=SimpleNamespace(fingerprint="n4-x"),
+                           train=SimpleNamespace(x=ImageFiles(files, 8, root="/data/train")))
+    swapped = ImageFiles([files[1], files[0], *files[2:]], 8, root="/mnt/copy/train")  # same labels
+    same = ImageFiles([f.replace("/data", "/mnt/copy") for f in files], 8, root="/mnt/copy/train")
+
+    def names_hash(x):
+        import hashlib
+        return hashlib.sha256("\n".join(x.names()).encode()).hexdigest()[:16]
+
+    _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", names_hash(same)]), mine)  # another root, same files
+    with pytest.raises(ConfigError, match="the 2 ranks disagree on the training image files"):
+        _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", names_hash(swapped)]), mine)
+    with pytest.raises(ConfigError, match="disagree on the training data"):
+        _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-y"]), mine)
