@@ -198,7 +198,7 @@ def learning_rates(runs: Sequence[tuple[Sequence[float], Sequence[float]]], g_do
     lam_max, lam_min = max(values), min(values)
     magnitudes = torch.tensor([abs(x) for x in values], dtype=torch.float64)
     med = float(magnitudes.median())
-    weights = torch.tensor([w for _, ws in runs for w in ws], dtype=torch.float64) / len(runs)
+    weights = torch.tensor([w for _, ws in runs for w in ws], dtype=torch.float64)  # each start's sum to 1
     order = magnitudes.argsort()
     half = torch.searchsorted(weights[order].cumsum(0), 0.5 * weights.sum())
     spectral = float(magnitudes[order][min(int(half), len(values) - 1)])

@@ -247,8 +247,8 @@ def _folder_error(e: OSError, ledger: Any, run_id: str, run_dir: Path, *, releas
     """After the reservation: a run that released nothing gives its reservation back; one that
     did keeps it (counted in full, progress at its last checkpoint) and can be resumed."""
     if released:
-        ledger.release(run_id, reason=f"run folder could not be written before the first step: {e}")
-        return RunFolderError(f"{e}; no step was taken and run {run_id!r}'s reservation was released")
+        ledger.release(run_id, reason=f"run folder could not be written before the first release: {e}")
+        return RunFolderError(f"{e}; nothing was released and run {run_id!r}'s reservation was given back")
     return RunFolderError(f"{e}; run {run_id!r} stays reserved in the ledger (counted in full). Fix the cause, "
                           f"then `dpwa train --resume {run_dir}` continues from its last checkpoint")
 
@@ -513,16 +513,15 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         print(f"dpwa: run {run_id} in {folder.path}", file=sys.stderr, flush=True)
 
     # 3. Resume from rank 0's checkpoint. The Poisson sampling is secret like the noise; every
-    #    rank draws the same batches from rank 0's seed (test and public runs: from train.seed).
-    def shared_seed(public: int) -> int:  # the same on every rank: rank 0's secret one, or public if reproducible
-        return public if coins.reproducible else world.broadcast(secret_seed() if world.main else None)
-
+    #    rank draws the same batches from rank 0's secret state (test and public runs: from train.seed).
+    #    The augmentation coins' base (`_augment_seed`) is no secret of the guarantee, which holds
+    #    for any augmentation; it comes with the sampling state, in one broadcast.
     if coins.reproducible:
         coins.sampling.manual_seed(cfg.train.seed + 1)
+        augment_base = cfg.train.seed
     else:  # the whole mt19937 state, rank 0's, on every rank (a seed gives it 32 bits: `seed_state`)
-        seed_state(coins.sampling, world.broadcast(secret_entropy() if world.main else None))
-    augment_base = shared_seed(cfg.train.seed)  # the augmentation coins' (`_augment_seed`; not a secret of the
-    #                                             guarantee, which holds for any augmentation)
+        entropy, augment_base = world.broadcast((secret_entropy(), secret_seed()) if world.main else None)
+        seed_state(coins.sampling, entropy)
     state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
     def spent() -> list[Event]:  # what the mechanisms released so far: the ledger's progress and commit

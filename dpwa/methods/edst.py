@@ -150,7 +150,6 @@ class EDST(TicketsDST):
         ends = [m.edst_exploration + k * m.edst_phase_steps for k in range(1, m.edst_phases + 1)]
         return ends[-1], ends, ends[:-1], m.edst_jump
 
-
     def lr(self, step: Step) -> float:
         m = self.cfg.method
         at = step.index - m.edst_exploration  # steps into the refinement phases

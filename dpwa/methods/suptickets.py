@@ -87,7 +87,6 @@ class SupTickets(TicketsDST):
         tickets = starts if m.suptickets_from_start else starts[1:]
         return starts[-1], tickets, starts[:-1] if m.suptickets_jump else [], m.suptickets_jump
 
-
     def lr(self, step: Step) -> float:
         m = self.cfg.method
         at = step.index - m.suptickets_start  # steps into the cycles
