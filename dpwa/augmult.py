@@ -6,7 +6,7 @@ and clips that mean once: the example's contribution still has norm <= C, so the
 analysis is unchanged. Clipping each view separately would be a privacy bug (sensitivity
 K*C), see `dpwa.privacy.per_example_grads`. The coins come from `generator` row by row, so a
 row's views depend on its position in the batch: in a private run they must be secret
-(`dpwa.train._augment_seed`), or one more example would move the others' views.
+(`dpwa.train._augment_coins`), or one more example would move the others' views.
 """
 
 from __future__ import annotations

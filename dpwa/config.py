@@ -117,8 +117,10 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn_small"         # a name from dpwa.models.MODELS, or a timm NF model (dm_nfnet_f0, nf_resnet26, ...)
-    groups: int = 16                # GroupNorm groups (De et al.: 16)
-    weight_standardization: bool = True  # WS convs (Qiao et al. 2019), as De et al.
+    # null: the model's own default, from its paper (wrn*: GroupNorm(16) and WS convs, De et al.;
+    # scatter_cnn: GroupNorm(27) on the features, plain convs, Tramer & Boneh; cnn_*: 8 groups)
+    groups: Optional[int] = None    # GroupNorm groups
+    weight_standardization: Optional[bool] = None  # WS convs (Qiao et al. 2019)
     # NF models only (dpwa/models/nfnet.py): pretrained weights, a .safetensors or torch
     # state-dict file, or "cache" (timm's local Hugging Face cache; never downloaded). The
     # classifier head is re-initialised (zero) for the dataset's classes.
@@ -137,7 +139,7 @@ class ModelConfig:
     film_gain: float = 1.0          # rho: members' gamma = 1 + U(-a, a), beta = U(-a, a), a = rho sqrt(6 / (M + C))
 
     def __post_init__(self) -> None:
-        _require(self.groups >= 1, f"model.groups must be >= 1, got {self.groups}")
+        _require(self.groups is None or self.groups >= 1, f"model.groups must be >= 1 (or null), got {self.groups}")
         _require(self.film_members == 0 or self.film_members >= 2,
                  f"model.film_members must be 0 (a single model) or >= 2, got {self.film_members}")
         _require(self.film_gain >= 0, f"model.film_gain must be >= 0, got {self.film_gain}")

@@ -137,6 +137,9 @@ class Data:
 def _from_nhwc(x: np.ndarray) -> torch.Tensor:
     if x.dtype != np.uint8 or x.ndim != 4:
         raise DataError(f"Expected images as uint8 (N, H, W, C), got {x.dtype} {x.shape}")
+    if x.shape[-1] not in (1, 3, 4):  # e.g. (N, C, H, W), which would load as C-channel images of width H
+        raise DataError(f"Expected images as uint8 (N, H, W, C) with C = 1, 3 or 4 channels last, got shape "
+                        f"{x.shape}; a (N, C, H, W) array is x.transpose(0, 2, 3, 1)")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 

@@ -53,7 +53,9 @@ class GradientMechanism:
         expected_batch_size: B = q N.
         sample_rate: q, for the events.
         releases: the number of releases the ledger reserved; one more is refused.
-        generator: the secret noise RNG (`dpwa.privacy.secret_generator`), on the parameters' device.
+        generator: the noise RNG, on the parameters' device; None: a secret one from OS entropy
+            (`dpwa.privacy.secret_generator`), never torch's global generator, which a
+            `torch.manual_seed` makes known (anyone could then subtract the noise).
         world: the processes sharing each logical batch (`dpwa.distributed.World`); None: one.
         rescale_to_unit: divide the release by C (De et al.): noise std sigma / B, gradients <= 1 / B.
         released: releases already made (a resumed run).
@@ -74,6 +76,10 @@ class GradientMechanism:
         self.clip_norm, self.noise_multiplier = clip_norm, noise_multiplier
         self.expected_batch_size, self.sample_rate = expected_batch_size, sample_rate
         self.releases, self.released = releases, released
+        if generator is None:
+            from .privacy import secret_generator  # privacy imports this module
+
+            generator = secret_generator(None, self.params[0].device if self.params else "cpu")
         self.generator, self.world, self.rescale_to_unit = generator, world, rescale_to_unit
         self.tiling = tiling_of(model)
 

@@ -10,6 +10,7 @@ secret generators, plus `PrivateSGD` (mechanism + optimizer, for the audit and t
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import struct
@@ -22,7 +23,7 @@ import torch.nn as nn
 from .mechanism import GradientMechanism
 
 __all__ = ["poisson_batches", "PoissonBatches", "PrivateSGD", "secret_generator", "secret_seed", "secret_entropy",
-           "seed_state"]
+           "seed_state", "keyed_state"]
 
 
 class PoissonBatches:
@@ -98,6 +99,17 @@ def seed_state(g: torch.Generator, entropy: bytes) -> torch.Generator:
     return g
 
 
+def keyed_state(g: torch.Generator, key: bytes, *labels: int) -> torch.Generator:
+    """Set CPU generator `g`'s whole mt19937 state from a hash of a secret `key` and `labels`
+    (SHAKE-256, 624 words): one secret stream per label tuple (a release, a rank) from one key
+    and no state to checkpoint, each as hard to guess as the key; `manual_seed` of a derived
+    integer would leave 32 bits (`seed_state`)."""
+    if len(key) < 16:
+        raise ValueError(f"a secret key takes at least 16 bytes, got {len(key)}")
+    label = b"".join(int(v).to_bytes(8, "little", signed=True) for v in labels)
+    return seed_state(g, hashlib.shake_256(len(key).to_bytes(4, "little") + key + label).digest(4 * _MT_WORDS))
+
+
 def secret_generator(seed: Optional[int], device: str | torch.device = "cpu") -> torch.Generator:
     """An RNG for the mechanism's secret coins (the noise, on the parameters' device; the
     Poisson sampling): from OS entropy unless a (test-only) seed is given.
@@ -132,7 +144,7 @@ class PrivateSGD:
         expected_batch_size: B = q N; the noisy sum is divided by it (not by the realised size,
             which would leak it).
         rescale_to_unit: divide the update by C (De et al.): noise std sigma, gradients <= 1.
-        generator: noise RNG (see `secret_generator`).
+        generator: noise RNG; None: a secret one (`secret_generator`), not torch's global one.
         engine: how per-example clipped sums are computed (`dpwa.engines.ENGINES`).
         world_size: processes sharing each logical batch (torch.distributed initialised);
             each calls `step` with its own share of the examples.

@@ -6,7 +6,10 @@ that the model and the engine really give what the mechanism's guarantee assumes
    BatchNorm without affine parameters, `F.batch_norm` inside `forward`, `x - x.mean(0)`,
    anything that mixes rows, and says where the mixing first happens: in a layer (its input
    agrees, its output does not), or in forward code outside any layer (a layer's input
-   already differs).
+   already differs). In training mode (the steps) and in evaluation mode (a charged
+   validation accuracy or loss query runs `model.eval()` on private examples). Nothing the
+   passes write may stay in the model: every buffer, parameter and `state_dict()` entry
+   (extra state, a buffer registered in a forward) is compared before and after.
 2. Engine exactness: on a float64 copy of the model (its parameters perturbed, so that
    zero-initialised heads or skip-init gains do not hide the layers behind them), the
    engine's per-example norms, losses and clipped sum (a clip norm that clips some examples
@@ -106,9 +109,15 @@ def _calls(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[_Call]
     return out, seen
 
 
-def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows) -> list[str]:
-    """Raise ProbeError if the model mixes examples; else return the layers whose output is
-    modified in place after they return it (what hook-based engines fail on)."""
+#: the modes the model runs on private data in: training (the steps), evaluation (a charged
+#: validation accuracy or loss query, `model.eval()`); a model may mix examples in either alone
+_MODES = (("training", True), ("evaluation", False))
+
+
+def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows, mode: str = "training") -> list[str]:
+    """Raise ProbeError if the model mixes examples (run in `mode`, as the caller set it); else
+    return the layers whose output is modified in place after they return it (what hook-based
+    engines fail on)."""
     out, batch_calls = _calls(model, views.flatten(0, 1))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ProbeError(f"the model must return a (rows, classes) tensor of logits; got "
@@ -121,21 +130,22 @@ def _check_independence(model: nn.Module, views: torch.Tensor, rows: Rows) -> li
     with torch.no_grad():
         again = model(views.flatten(0, 1))
     if not torch.equal(again, out):
-        raise ProbeError("the model's forward pass is random (dropout?) in training mode: the probe cannot tell "
-                         "its examples apart. Make it deterministic in training mode (e.g. drop dropout)")
+        raise ProbeError(f"the model's forward pass is random (dropout?) in {mode} mode: the probe cannot tell "
+                         f"its examples apart. Make it deterministic in {mode} mode (e.g. drop dropout)")
     one = Rows(examples=1, views=rows.views, tiling=rows.tiling)
     for i in range(rows.examples):
         try:
             alone, alone_calls = _calls(model, views[i])
         except Exception as e:  # noqa: BLE001 - e.g. batch statistics of a single example
-            raise ProbeError(f"the model mixes examples: it runs on a batch but fails on example {i} alone "
+            raise ProbeError(f"the model mixes examples in {mode} mode: it runs on a batch but fails on example {i} alone "
                              f"({type(e).__name__}: {_first_sentence(e)}), so its output depends on the batch. "
                              "BatchNorm (also without affine parameters, or F.batch_norm in forward) and batch "
                              "statistics make one example's gradient depend on the others; use GroupNorm or "
                              "per-example operations") from None
         if not torch.allclose(one.fold(alone)[0], folded[i], rtol=1e-9, atol=1e-9):
             raise ProbeError(
-                f"the model mixes examples: example {i}'s output changes with the other examples of its batch; "
+                f"the model mixes examples in {mode} mode: example {i}'s output changes with the other examples of "
+                f"its batch; "
                 f"{_culprit(batch_calls, alone_calls, i, rows)}. BatchNorm (also without affine parameters, or "
                 "F.batch_norm in forward) and batch statistics (x - x.mean(0)) make one example's gradient depend "
                 "on the others, so per-example clipping no longer bounds its influence; use GroupNorm or "
@@ -200,47 +210,74 @@ def _loop(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, rows: Row
     return out, torch.stack(losses)
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every buffer and parameter (frozen ones too: `nn.Parameter(requires_grad=False)` is a
-    common home for a running statistic), as saved with the weights."""
-    return {n: t.detach().clone() for n, t in [*model.named_buffers(), *model.named_parameters()]}
+def _state(model: nn.Module) -> dict[str, Any]:
+    """Everything a forward could leave in the model: every buffer and parameter (frozen ones
+    too: `nn.Parameter(requires_grad=False)` is a common home for a running statistic), and all
+    the weights file and checkpoint save, `state_dict()`: a buffer registered during a forward,
+    a module's `get_extra_state()`."""
+    out: dict[str, Any] = {n: t.detach().clone() for n, t in [*model.named_buffers(), *model.named_parameters()]}
+    for n, v in model.state_dict(keep_vars=True).items():
+        if n not in out:
+            out[n] = v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+    return out
 
 
-def _check_state(before: dict[str, torch.Tensor], model: nn.Module, when: str) -> None:
+def _same(a: Any, b: Any) -> bool:
+    """Whether two saved values are equal: tensors exactly, containers entry by entry."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a.detach().cpu(), b.detach().cpu()))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a value without a truthful ==: assume it changed
+        return False
+
+
+def _check_state(before: dict[str, Any], model: nn.Module, when: str) -> None:
     """Nothing a forward or a backward writes may stay in the model: it is saved with the
     weights, unnoised. Checked after the passes without gradients and after those with them (a
-    statistic may be written only while gradients are on)."""
-    now = dict([*model.named_buffers(), *model.named_parameters()])
-    changed = [n for n, t in before.items() if n in now and not torch.equal(t, now[n].detach())]
-    if changed:
-        raise ProbeError(f"buffer(s) or parameter(s) {', '.join(changed)} change when the model runs on a batch in "
-                         f"training mode ({when}): a statistic of the private data (a running mean?) would be "
-                         "released unnoised with the weights. Compute it from public data, or make it a trained "
-                         "parameter")
+    statistic may be written only while gradients are on), in both modes."""
+    now = _state(model)
+    changed = [n for n, t in before.items() if n in now and not _same(t, now[n])]
+    new = [n for n in now if n not in before]
+    if changed or new:
+        what = (f"buffer(s) or parameter(s) {', '.join(changed)} change" if changed else "") + (
+            " and " if changed and new else "") + (f"new state {', '.join(new)} appears" if new else "")
+        raise ProbeError(f"{what} when the model runs on a batch ({when}): a statistic of the private data (a "
+                         "running mean? a copy of an input?) would be released unnoised with the weights. Compute "
+                         "it from public data, or make it a trained parameter")
 
 
 def _check_at_scale(model: nn.Module, batch: int, views: int, example_shape: Sequence[int], rows_tiling: Any,
                     gen: torch.Generator, device: torch.device) -> None:
     """Batch independence once more at the training's physical batch size and dtype: mixing
-    that only happens in large batches or in float32 is caught too (within float32 rounding)."""
-    work = _clean_copy(model).train()
+    that only happens in large batches or in float32 is caught too (within float32 rounding), in
+    training mode (the steps) and in evaluation mode (a charged validation or loss query)."""
+    work = _clean_copy(model)
     dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
     x = torch.randn(batch, views, *example_shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     rows = Rows(examples=batch, views=views, tiling=rows_tiling)
     one = Rows(examples=1, views=views, tiling=rows_tiling)
     before = _state(work)
-    with torch.no_grad():
-        out = rows.fold(work(x.flatten(0, 1)))
-        scale = out.abs().max().clamp_min(1e-6)
-        for i in sorted({0, batch // 2, batch - 1}):
-            alone = one.fold(work(x[i:i + 1].flatten(0, 1)))[0]
-            err = float((alone - out[i]).abs().max() / scale)
-            if err > 1e-3:
-                raise ProbeError(f"the model mixes examples in a batch of {batch} (the training's physical batch): "
-                                 f"example {i}'s output changes by {err:.2g} of the output scale with the other "
-                                 "examples of its batch. Batch statistics (BatchNorm, x - x.mean(0)) make one "
-                                 "example's gradient depend on the others; use GroupNorm or per-example operations")
-    _check_state(before, work, f"a forward of {batch} examples")
+    for mode, training in _MODES:
+        work.train(training)
+        with torch.no_grad():
+            out = rows.fold(work(x.flatten(0, 1)))
+            scale = out.abs().max().clamp_min(1e-6)
+            for i in sorted({0, batch // 2, batch - 1}):
+                alone = one.fold(work(x[i:i + 1].flatten(0, 1)))[0]
+                err = float((alone - out[i]).abs().max() / scale)
+                if err > 1e-3:
+                    raise ProbeError(f"the model mixes examples in a batch of {batch} (the training's physical "
+                                     f"batch) in {mode} mode: example {i}'s output changes by {err:.2g} of the output "
+                                     "scale with the other examples of its batch. Batch statistics (BatchNorm, "
+                                     "x - x.mean(0)) make one example's gradient depend on the others; use GroupNorm "
+                                     "or per-example operations")
+        _check_state(before, work, f"a forward of {batch} examples in {mode} mode")
 
 
 def _clean_copy(model: nn.Module) -> nn.Module:
@@ -260,7 +297,8 @@ def _clean_copy(model: nn.Module) -> nn.Module:
 def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views: int, num_classes: int,
           examples: int = 4, seed: int = 0, batch: int = 0) -> ProbeReport:
     """Check `model` and `engine` (a name in `dpwa.engines.ENGINES`) as described above, on a
-    copy of the model (the model itself is not changed), in training mode. `batch` > 0 also
+    copy of the model (the model itself is not changed): batch independence and unchanged state
+    in training and in evaluation mode, the engine in training mode. `batch` > 0 also
     checks batch independence at that batch size in the model's own dtype (the trainer
     passes its physical batch size). Inputs are random: mixing that depends on the data's
     values (data-dependent control flow) is outside what a probe can see; `torch-func`
@@ -272,9 +310,19 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     from .engines import engine_paths
     from .engines.reference import clip_factors
 
+    from .models import ModelError, check_dp_compatible
+
     t0 = time.time()
     gen = torch.Generator().manual_seed(seed)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    lazy = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if nn.parameter.is_lazy(t)]
+    if lazy:  # a lazy module's shapes are unknown until a forward (a lazy BatchNorm: say that first)
+        try:
+            check_dp_compatible(model)
+        except ModelError as refused:
+            raise ProbeError(str(refused)) from None
+        raise ProbeError(f"the model has uninitialised lazy parameters or buffers ({', '.join(lazy[:3])}): a lazy "
+                         "module (nn.Lazy*) must be initialised, by a forward on public inputs, before training")
     work = _clean_copy(model).double().train()
     with torch.no_grad():  # perturbed, so that zero-initialised layers do not hide the ones behind them
         for p in work.parameters():
@@ -286,8 +334,9 @@ def probe(model: nn.Module, engine: str, *, example_shape: Sequence[int], views:
     rows = Rows(examples=examples, views=views, tiling=tiling_of(model))
     before = _state(work)
     try:
-        in_place = _check_independence(work, x, rows)
-        _check_state(before, work, "forwards without gradients")
+        for mode, training in reversed(_MODES):  # training mode last: the rest of the probe runs in it
+            in_place = _check_independence(work.train(training), x, rows, mode)
+            _check_state(before, work, f"forwards without gradients in {mode} mode")
         if batch > 1:
             _check_at_scale(model, batch, views, example_shape, tiling_of(model), gen, device)
     except ProbeError:

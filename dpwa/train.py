@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -54,7 +55,7 @@ from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
 from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
-from .privacy import poisson_batches, secret_entropy, secret_generator, secret_seed, seed_state
+from .privacy import keyed_state, poisson_batches, secret_entropy, secret_generator, seed_state
 from .probe import probe
 from .run_folder import (CARRIED, RunFolder, RunFolderError, carried_runs, check_writable, new_run_id,
                          pretrained_runs)
@@ -204,16 +205,19 @@ def _chunks(data: Data, idx: torch.Tensor, images: Iterator[torch.Tensor], cfg: 
         yield data.normalize(views).to(device), data.train.y[part].to(device)
 
 
-def _augment_seed(base: int, release: int, rank: int) -> int:
+def _augment_coins(gen: torch.Generator, base: int | bytes, release: int, rank: int) -> torch.Generator:
     """Augmentation coins are a function of (base, release, rank): no state to checkpoint.
 
-    They are secret in a private run (`base` from OS entropy, broadcast from rank 0, written
-    nowhere), like the sampling: a row's coins follow its position in the batch, so with known
-    coins adding one example would move the views, and the clipped gradients, of the examples
-    after it (sensitivity above C). Secret coins drawn independently of the batch leave every
-    other example's views identically distributed. A reproducible run (a test noise seed,
-    public data) takes base = train.seed and draws the views an uninterrupted one would."""
-    return ((base + 2) * 1_000_003 + release * 4099 + rank) % 2**64
+    They are secret in a private run (`base`: 32 bytes of OS entropy, broadcast from rank 0,
+    written nowhere; each release's whole mt19937 state is a hash of it, `keyed_state`), like the
+    sampling: a row's coins follow its position in the batch, so with known coins adding one
+    example would move the views, and the clipped gradients, of the examples after it
+    (sensitivity above C). Secret coins drawn independently of the batch leave every other
+    example's views identically distributed. A reproducible run (a test noise seed, public data)
+    takes base = train.seed and draws the views an uninterrupted one would."""
+    if isinstance(base, bytes):
+        return keyed_state(gen, base, release, rank)
+    return gen.manual_seed(((base + 2) * 1_000_003 + release * 4099 + rank) % 2**64)
 
 
 def _check_padding(cfg: RunConfig, data: Data) -> None:
@@ -514,13 +518,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
     # 3. Resume from rank 0's checkpoint. The Poisson sampling is secret like the noise; every
     #    rank draws the same batches from rank 0's secret state (test and public runs: from train.seed).
-    #    The augmentation coins' base (`_augment_seed`) is no secret of the guarantee, which holds
-    #    for any augmentation; it comes with the sampling state, in one broadcast.
+    #    So are the augmentation coins (`_augment_coins`): their key comes with the sampling state,
+    #    in one broadcast.
     if coins.reproducible:
         coins.sampling.manual_seed(cfg.train.seed + 1)
         augment_base = cfg.train.seed
     else:  # the whole mt19937 state, rank 0's, on every rank (a seed gives it 32 bits: `seed_state`)
-        entropy, augment_base = world.broadcast((secret_entropy(), secret_seed()) if world.main else None)
+        entropy, augment_base = world.broadcast((secret_entropy(), os.urandom(32)) if world.main else None)
         seed_state(coins.sampling, entropy)
     state = TrainState(model, method, averagers, mechanism, coins, statistics=statistics, validation=validation)
 
@@ -569,7 +573,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         ahead = (world.shard(batches.peek()) if loader.workers and mechanism.released + 1 < mechanism.releases
                  else None)
         images = loader.fetch(idx, ahead)
-        aug_gen.manual_seed(_augment_seed(augment_base, mechanism.released, world.rank))
+        _augment_coins(aug_gen, augment_base, mechanism.released, world.rank)
         try:
             return mechanism.release(_chunks(data, idx, images, cfg, aug_gen, device))
         except DataError as e:  # an image decoded in the step (data.check_images=false): the run stays reserved

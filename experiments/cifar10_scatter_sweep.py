@@ -55,8 +55,10 @@ from dpwa.train import plan_run  # noqa: E402
 CONFIG = "configs/cifar10_scatter_cpu_eps8.yaml"
 OUT = ROOT / "runs" / "experiments" / "cifar10_scatter_sweep"
 #: Where --final keeps its runs; one folder per version of the shipped config (the recipe without
-#: model.conv_norm kept its runs in "final": results/cifar10_scatter_final_no_conv_norm.md).
-FINAL = OUT / "final-conv-norm"
+#: model.conv_norm kept its runs in "final": results/cifar10_scatter_final_no_conv_norm.md; with it,
+#: before `Standardize` dropped the channels released with variance 0, in "final-conv-norm":
+#: results/cifar10_scatter_final_var0_kept.md and cifar10_scatter_flip_var0_kept.md).
+FINAL = OUT / "final-var0-dropped"
 LEDGER = ROOT / "runs" / "experiments-ledger.sqlite"
 RESULTS = ROOT / "experiments" / "results"
 N_TRAIN = 50_000

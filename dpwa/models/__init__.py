@@ -7,7 +7,7 @@ breaks per-example gradients and so DP-SGD; `check_dp_compatible` refuses it.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch.nn as nn
 
@@ -31,13 +31,14 @@ def register_model(name: str):
     return wrap
 
 
-def create_model(name: str, *, in_channels: int, num_classes: int, groups: int = 16,
-                 weight_standardization: bool = True, pretrained: Optional[str] = None, trainable: str = "all",
+def create_model(name: str, *, in_channels: int, num_classes: int, groups: Optional[int] = None,
+                 weight_standardization: Optional[bool] = None, pretrained: Optional[str] = None, trainable: str = "all",
                  trainable_stages: int = 0, input_norm: str = "group", conv_norm: bool = False,
                  film_members: int = 0, film_gain: float = 1.0) -> nn.Module:
     """Build a registered model, or a timm NF model by its timm name (dpwa/models/nfnet.py);
     with film_members >= 2, as a FiLM-Ensemble of that many members (`film.film_ensemble`,
-    diversity gain `film_gain`).
+    diversity gain `film_gain`). `groups` / `weight_standardization` None: the model's own
+    defaults (its paper's), which a config that leaves them out gets.
 
     Raises:
         ModelError: an unknown name (the known ones listed), a timm model with BatchNorm,
@@ -52,17 +53,16 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
         raise ModelError(f"model.conv_norm=true is for scatter_cnn (a GroupNorm after each conv); {name!r} "
                          "has its own normalisation layers")
     extra = {k: v for k, v in (("input_norm", input_norm), ("conv_norm", conv_norm)) if k in takes}
+    shape = _shape_arguments(takes, groups=groups, weight_standardization=weight_standardization)
     if name in MODELS:
         fn = MODELS[name]
         if "pretrained" in inspect.signature(fn).parameters:
-            model = fn(in_channels=in_channels, num_classes=num_classes, groups=groups,
-                       weight_standardization=weight_standardization, **nf)
+            model = fn(in_channels=in_channels, num_classes=num_classes, **shape, **nf)
         else:
             if pretrained is not None or trainable != "all":
                 raise ModelError(f"model.pretrained / model.trainable are for NF models (timm's NF family, nf_micro*); "
                                  f"{name!r} is trained from scratch, all layers")
-            model = fn(in_channels=in_channels, num_classes=num_classes, groups=groups,
-                       weight_standardization=weight_standardization, **extra)
+            model = _build(name, fn, in_channels=in_channels, num_classes=num_classes, **shape, **extra)
     else:
         from .nfnet import create_nf
 
@@ -85,6 +85,37 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: int =
         except ValueError as e:
             raise ModelError(f"model.film_members={film_members}: {e}") from None
     return model
+
+
+#: what a model that takes groups / weight_standardization without defaults gets when a config
+#: leaves them out: De et al.'s GroupNorm(16) and WS convs (every model's values before null meant
+#: "the model's own")
+_REQUIRED_SHAPE = {"groups": 16, "weight_standardization": True}
+
+
+def _shape_arguments(takes: Mapping[str, inspect.Parameter], **given: Any) -> dict[str, Any]:
+    """The GroupNorm / WS arguments to pass: those the config sets; for one it leaves out
+    (None), nothing, so the model keeps its own default, unless the model requires it (no
+    default, or only **kwargs to take it in)."""
+    any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
+    out = {}
+    for key, value in given.items():
+        if value is not None:
+            out[key] = value
+        elif (key in takes and takes[key].default is inspect.Parameter.empty) or (key not in takes and any_keyword):
+            out[key] = _REQUIRED_SHAPE[key]
+    return out
+
+
+def _build(name: str, fn: Callable[..., nn.Module], **kw) -> nn.Module:
+    """`fn(**kw)`, a GroupNorm that cannot split its channels named as the config's mistake."""
+    try:
+        return fn(**kw)
+    except ValueError as e:
+        if "divisible by num_groups" not in str(e):
+            raise
+        raise ModelError(f"model.groups={kw.get('groups')} does not divide the channels of a GroupNorm of {name!r} "
+                         f"({e}); pick a divisor, or leave model.groups out for the model's own") from None
 
 
 def check_dp_compatible(model: nn.Module) -> None:

@@ -3,8 +3,9 @@
 `scatter_cnn`: the CNN on ScatterNet features (dpwa.features) of Tramer & Boneh 2021.
 `cnn_tanh`: the end-to-end DP CIFAR CNN of Papernot et al. 2021 ("Tempered sigmoid
 activations") / Tramer & Boneh 2021, with GroupNorm: conv3x3 32,32 -> pool -> 64,64 -> pool
--> 128,128 -> pool -> linear (0.31M parameters on CIFAR). It is the plain-Opacus baseline's
-model. `cnn_small`: two conv blocks for tiny inputs (digits, 8x8), the quickstart model.
+-> 128,128 -> pool -> linear (0.31M parameters on CIFAR). Their CNN has one more hidden layer,
+linear 2048 -> 128 -> tanh, before the classifier (0.55M); this one is the plain-Opacus
+baseline's model (`../shared/baselines`), which leaves it out. `cnn_small`: two conv blocks for tiny inputs (digits, 8x8), the quickstart model.
 """
 
 from __future__ import annotations

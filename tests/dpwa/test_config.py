@@ -158,6 +158,7 @@ def test_shipped_data_roots_work_from_any_directory(path, tmp_path, monkeypatch)
     (lambda x, y: (x, np.where(np.arange(len(y)) == 4, -1, y)), "(min -1)"),
     (lambda x, y: (x, y[:, None]), "got y int64 (20, 1)"),
     (lambda x, y: (x, y.astype(np.float32)), "got y float32 (20,)"),
+    (lambda x, y: (x.transpose(0, 3, 1, 2), y), "C = 1, 3 or 4 channels last, got shape (20, 3, 8, 8)"),
     (lambda x, y: (x[:, :4, :4], y), "train.npz holds images of shape (C, H, W) (3, 4, 4) but test.npz (3, 8, 8)"),
 ])
 def test_npz_arrays_that_do_not_fit_are_refused_when_loaded(tmp_path, edit, needle):
@@ -172,3 +173,30 @@ def test_npz_arrays_that_do_not_fit_are_refused_when_loaded(tmp_path, edit, need
         load_data(load_config(None, ["privacy.epsilon=1", "train.steps=1", "data.name=npz",
                                      f"data.root={tmp_path / 'd'}"]).data)
     assert needle in str(info.value)
+
+
+def test_a_config_without_groups_or_ws_gets_each_models_paper_defaults():
+    """model.groups / model.weight_standardization left out (null): each model builds as its
+    paper has it (scatter_cnn: GroupNorm(27) on 243 feature channels, plain convs, Tramer &
+    Boneh; wrn16_4: GroupNorm(16), WS convs, De et al.), not with one global 16 and WS that
+    scatter_cnn's 243 channels cannot take. A number of groups that does not divide is a
+    ModelError (exit 2) naming model.groups, before any reservation."""
+    from torch import nn
+
+    from dpwa.models import ModelError, create_model
+    from dpwa.models.from_config import build_model
+    from dpwa.models.ws import WSConv2d
+
+    class Data:
+        in_channels, num_classes = 243, 10
+
+    cfg = load_config(None, ["model.name=scatter_cnn", "privacy.epsilon=1", "train.steps=1"])
+    assert cfg.model.groups is None and cfg.model.weight_standardization is None
+    scatter = build_model(cfg, Data())
+    assert isinstance(scatter[0], nn.GroupNorm) and scatter[0].num_groups == 27
+    assert not any(isinstance(m, WSConv2d) for m in scatter.modules())
+    wrn = create_model("wrn16_4", in_channels=3, num_classes=10)
+    assert {m.num_groups for m in wrn.modules() if isinstance(m, nn.GroupNorm)} == {16}
+    assert any(isinstance(m, WSConv2d) for m in wrn.modules())
+    with pytest.raises(ModelError, match=r"model.groups=16 does not divide .*243"):
+        create_model("scatter_cnn", in_channels=243, num_classes=10, groups=16)

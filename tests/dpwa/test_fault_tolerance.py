@@ -262,28 +262,34 @@ def test_private_batches_are_secret_and_test_batches_reproducible(tmp_path):
 def test_private_augmentation_coins_are_secret_and_test_ones_reproducible(tmp_path, monkeypatch):
     """A row's views follow its position in the batch: with known coins one more example would
     move the other examples' views and clipped gradients (sensitivity above C). So a private
-    run's coins come from OS entropy, not train.seed; a test run's from train.seed."""
+    run's coins come from OS entropy, not train.seed, as a whole mt19937 state per release (a
+    seed would give 32 bits); a test run's from train.seed."""
     import dpwa.train as train_module
 
-    seeds, real = [], train_module.augmult_views
+    states, real = [], train_module.augmult_views
 
     def recording(x, *, generator, **kw):
-        seeds.append(generator.initial_seed())
+        states.append((generator.initial_seed(), generator.get_state().numpy().tobytes()))
         return real(x, generator=generator, **kw)
 
     monkeypatch.setattr(train_module, "augmult_views", recording)
 
     def coins(name, *extra):
-        seeds.clear()
+        states.clear()
         train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}", *extra]),
               ledger_path=str(tmp_path / f"{name}.sqlite"), progress=False)
-        return list(seeds)
+        return list(states)
 
-    public = train_module._augment_seed(0, 0, 0)  # what train.seed=0 gives the first release
+    def seeded(seed):  # the state of a generator seeded with `seed`, as manual_seed leaves it
+        return torch.Generator().manual_seed(seed).get_state().numpy().tobytes()
+
+    public = train_module._augment_coins(torch.Generator(), 0, 0, 0)
+    public = (public.initial_seed(), public.get_state().numpy().tobytes())
     a, b = coins("a"), coins("b")
-    assert len(a) >= 12 and a != b and public not in a + b
+    assert len(a) >= 12 and a != b and public not in a + b and len(set(a)) == len(a)
+    assert all(state != seeded(seed) for seed, state in a)  # a whole state (keyed_state), not a seed's
     assert coins("c", "privacy.noise_seed=3") == coins("d", "privacy.noise_seed=3")
-    assert coins("e", "privacy.noise_seed=3")[0] == public
+    assert coins("e", "privacy.noise_seed=3")[0] == public == (2_000_006, seeded(2_000_006))  # (0 + 2) * 1_000_003
 
 
 def test_resume_on_other_training_data_is_refused(tmp_path):

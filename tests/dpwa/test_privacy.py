@@ -217,3 +217,40 @@ def test_a_hook_added_after_the_probe_is_probed_again():
     with pytest.raises(ProbeError, match="mix"):
         sgd.step([(views, labels)])
     assert sgd.mechanism.released == 1
+
+
+def test_a_keyed_state_is_a_whole_state_per_label_and_needs_a_real_key():
+    """`keyed_state`: each (key, labels) gets its own full mt19937 state (a hash, not a 32-bit
+    seed), the same one every time (no state to checkpoint), and the key must be long."""
+    from dpwa.privacy import keyed_state, seed_state
+
+    key = bytes(range(32))
+
+    def draws(k, *labels):
+        return torch.rand(8, generator=keyed_state(torch.Generator(), k, *labels)).tolist()
+
+    import hashlib
+    digest = hashlib.shake_256((32).to_bytes(4, "little") + key + (3).to_bytes(8, "little")
+                               + (1).to_bytes(8, "little")).digest(2496)
+    assert draws(key, 3, 1) == torch.rand(8, generator=seed_state(torch.Generator(), digest)).tolist()
+    assert draws(key, 3, 1) == draws(key, 3, 1)
+    assert len({tuple(draws(key, r, k)) for r in range(4) for k in range(2)}) == 8
+    assert draws(key, 3, 1) != draws(bytes(31) + b"\x01", 3, 1)
+    with pytest.raises(ValueError, match="at least 16 bytes, got 8"):
+        keyed_state(torch.Generator(), b"12345678", 0)
+
+
+def test_the_gradient_mechanisms_default_noise_is_secret_not_torchs_global_generator():
+    """`PrivateSGD(generator=None)` on a user's own loop, after the usual torch.manual_seed: the
+    noise must not be the global generator's (known from the seed, it could be subtracted from
+    the released weights); two identically seeded runs get different noise."""
+    def noisy_step():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        sgd = PrivateSGD(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, clip_norm=1.0,
+                         expected_batch_size=2)
+        assert sgd.mechanism.generator is not None
+        sgd.step([(torch.randn(2, 1, 3), torch.tensor([0, 1]))])
+        return model.weight.detach().clone()
+
+    assert not torch.equal(noisy_step(), noisy_step())

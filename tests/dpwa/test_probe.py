@@ -208,7 +208,48 @@ class RunningMean(nn.Module):
         return self.head(torch.tanh(self.conv(x)))
 
 
-STATE = r"parameter\(s\) stat change when the model runs on a batch in training mode \({}\)"
+STATE = r"parameter\(s\) stat change when the model runs on a batch \({}\)"
+
+
+class KeepsAnInput(nn.Module):
+    """Saves a copy of a private input where the weights file reads it: a buffer it registers
+    on its first forward (a name the model did not have), or its `get_extra_state()`."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.conv, self.head, self.where, self.kept = nn.Conv2d(C, 4, 3, padding=1), head(4), where, None
+
+    def forward(self, x):
+        if self.where == "new_buffer":
+            self.register_buffer("memo", x[0].detach().clone())
+        else:
+            self.kept = x[0].detach().clone()
+        return self.head(torch.tanh(self.conv(x)))
+
+    def get_extra_state(self):
+        return {"kept": self.kept} if self.where == "extra_state" else None
+
+    def set_extra_state(self, state):
+        self.kept = state and state["kept"]
+
+
+class OnlyWhenEvaluating(nn.Module):
+    """Mixes examples, or writes a buffer, only in eval mode: what a charged validation accuracy
+    or loss query runs the model in (batch statistics at test time)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.conv, self.head, self.what = nn.Conv2d(C, 4, 3, padding=1), head(4), what
+        self.register_buffer("seen", torch.zeros(C))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if not self.training:
+            if self.what == "mixes":
+                h = h - h.mean(0)
+            else:
+                self.seen.copy_(x.mean((0, 2, 3)))
+        return self.head(torch.tanh(h))
 
 
 # name -> (build, {engine: PASS, or a pattern its ProbeError must match}); every engine is in each row.
@@ -232,10 +273,18 @@ CASES = {
     "batch_norm_that_fails_on_one_example": (
         lambda: nn.Sequential(nn.Conv2d(C, 2, 3, stride=2), nn.Flatten(), nn.BatchNorm1d(18, affine=False),
                               nn.Linear(18, CLASSES)),
-        every(MIXES + r": it runs on a batch but fails on example 0 alone")),
+        every(MIXES + r" in training mode: it runs on a batch but fails on example 0 alone")),
     "batch_mean": (BatchMean, every(OUTSIDE_ANY_LAYER)),
+    "buffer_registered_in_forward": (lambda: KeepsAnInput("new_buffer"),
+                                     every(r"new state memo appears when the model runs on a batch")),
+    "input_kept_in_extra_state": (lambda: KeepsAnInput("extra_state"),
+                                  every(r"_extra_state change when the model runs on a batch")),
+    "mixes_only_in_eval_mode": (lambda: OnlyWhenEvaluating("mixes"),
+                                every(MIXES + r" in evaluation mode.*the mixing is in the forward code")),
+    "writes_a_buffer_only_in_eval_mode": (lambda: OnlyWhenEvaluating("writes"), every(
+        r"parameter\(s\) seen change when the model runs on a batch \(forwards without gradients in evaluation mode\)")),
     "running_mean_in_a_frozen_parameter": (lambda: RunningMean("frozen_parameter"),
-                                           every(STATE.format("forwards without gradients"))),
+                                           every(STATE.format("forwards without gradients in evaluation mode"))),
     "running_mean_written_with_gradients_only": (lambda: RunningMean("buffer_written_with_gradients_only"),
                                                  every(STATE.format("a forward and backward per example"))),
     "reflect_padding": (lambda: conv(padding=1, padding_mode="reflect"),
@@ -480,3 +529,15 @@ def test_a_parameter_whose_gradient_is_zero_up_to_rounding_is_not_refused():
     model = create_model("cnn_small", in_channels=1, num_classes=10, groups=16)  # GroupNorm(16, 16)
     report = probe(model, "dpwa-fast", example_shape=(1, 8, 8), views=1, num_classes=10)
     assert report.max_sum_error < 1e-6
+
+
+@pytest.mark.parametrize("layer, needle", [
+    (lambda: nn.LazyBatchNorm2d(), r"BatchNorm mixes the examples.*GroupNorm"),
+    (lambda: nn.LazyLinear(CLASSES), r"uninitialised lazy parameters .*lazy module \(nn\.Lazy\*\) must be initialised"),
+])
+def test_an_uninitialised_lazy_module_is_a_probe_error(layer, needle):
+    """An uninitialised lazy parameter fails a copy or a cast with a raw error: the probe says
+    what to do (exit 2), and names BatchNorm first when it is one."""
+    model = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1), layer(), nn.Flatten(), nn.LazyLinear(CLASSES))
+    with pytest.raises(ProbeError, match=needle):
+        probe(model, FAST, example_shape=(C, S, S), views=1, num_classes=CLASSES)

@@ -107,9 +107,11 @@ CASES = {  # model name: (module factory, engine, expected: None (trains) or a m
     "probe_misdeclared_tiling": (_tiled("example-major"), "torch-func", "mixes"),
     "probe_declared_tiling": (_tiled("member-major"), "torch-func", None),
     "probe_gains_torch_func": (_flat(Gains(64)), "torch-func", None),
-    # trains in training mode, where it does not mix: the probe and the mechanism both use it
+    # trains in training mode, where it does not mix, but a charged validation accuracy (here, or
+    # `dpwa eval --data val` later) and a landscape's loss query run it in eval mode on private data
     "probe_mixes_in_eval_only": (lambda **k: nn.Sequential(nn.Flatten(), MixesOnlyIn("eval"),
-                                                          nn.Linear(64, 10)).eval(), "dpwa-fast", None),
+                                                          nn.Linear(64, 10)).eval(), "dpwa-fast",
+                                 "mixes examples in evaluation mode"),
     "probe_mixes_in_big_batches": (_flat(MixesOnlyIn("big"), nn.Linear(64, 10)), "dpwa-fast", "mixes examples in a batch of"),
     "probe_running_statistic": (_flat(RunningMean(), nn.Linear(64, 10)), "dpwa-fast", "1.mu"),
     "probe_gains_opacus": (_flat(Gains(64)), "opacus-functorch", None),

@@ -120,6 +120,27 @@ def test_standardize_layer_and_averagers_share_the_released_statistics():
         create_model("cnn_tanh", in_channels=3, num_classes=3, input_norm="private")
 
 
+def test_a_channel_released_with_variance_zero_is_dropped_as_in_tramer_boneh():
+    """Released var 0 means the noise swamped the channel's second moment: Tramer & Boneh's
+    standardize zeroes it, rather than scale it by 1 / sqrt(eps) ~ 316. Weights saved before
+    the mask existed (no `keep` entry) load with every channel kept and compute as trained."""
+    model = create_model("scatter_cnn", in_channels=4, num_classes=3, input_norm="private")
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    mean, var = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([1.0, 0.0, 0.25, 0.0])
+    set_statistics(model, mean, var)
+    assert model[0].keep.tolist() == [True, False, True, False]
+    out = model[0].double()(x)
+    for c in range(4):
+        want = torch.zeros_like(x[:, c]) if var[c] == 0 else (x[:, c] - mean[c].double()) / torch.sqrt(
+            var[c].double() + 1e-5)
+        torch.testing.assert_close(out[:, c], want)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("keep")}
+    again = create_model("scatter_cnn", in_channels=4, num_classes=3, input_norm="private")
+    again.load_state_dict(old)
+    assert again[0].keep.all()
+    torch.testing.assert_close(again[0].double()(x)[:, 1], (x[:, 1] - 0.2) / (1e-5) ** 0.5)
+
+
 def test_run_charges_the_statistics_and_composes_them(tmp_path):
     led = tmp_path / "l.sqlite"
     cfg = tiny(tmp_path, *PRIVATE, "train.steps=8", "privacy.epsilon=4")
