@@ -38,7 +38,7 @@ from .errors import EngineError
 from .reference import clip_factors
 from .rules import Chunks, Record, layer_of, problem, rule_for
 
-__all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "even_chunks", "transient"]
+__all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "even_chunks", "transient", "cancels"]
 
 
 def unsupported_parameters(model: nn.Module) -> list[str]:
@@ -95,6 +95,25 @@ def cache_chunk(rule, x1: torch.Tensor, go1: torch.Tensor) -> int:
         return sys.maxsize
     budget = _CACHE_BYTES if ghost is None else _INSTANTIATE_BYTES
     return max(1, budget // max(1, (x1.numel() + go1.numel() + transient(rule, x1)) * x1.element_size()))
+
+
+#: `cancels`: a per-example squared norm below this many units of rounding of its dtype times
+#: its rules' `terms2` (the squared norm its positions' terms would give if none cancelled) is
+#: redone alone. float32: 1.2e-2, so a norm the rules keep has lost at most ~1e-4 of itself to
+#: rounding (`experiments/results/ghost_cancellation.md`); float64: 2e-11.
+_CANCEL_ULPS = 1e5
+
+
+def cancels(norms2: torch.Tensor, terms2: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the examples whose squared norm is a difference of terms so much larger than
+    itself that rounding decides it. Ghost norm sums (a_p . a_q)(go_p . go_q) over pairs of
+    positions; an input nearly the same at every position with an output gradient that sums to
+    ~0 over them (a conv before GroupNorm) cancels almost all of it, and float32 rounded such a
+    norm to 0 while the book-kept clipped sum kept the example's whole gradient (helper review:
+    contribution 6.7 C). A negative norm is one too; a non-finite one is not (the mechanism
+    drops such examples)."""
+    limit = _CANCEL_ULPS * torch.finfo(norms2.dtype).eps * terms2
+    return torch.isfinite(norms2) & torch.isfinite(terms2) & (terms2 > 0) & (norms2 < limit)
 
 
 def even_chunks(n: int, most: int) -> list[tuple[int, int]]:
@@ -188,6 +207,9 @@ class FastEngine:
 
         Returns ({param: clipped sum}, per-example losses (B,), per-example norms (B,)).
         """
+        if len(views) == 0:  # nothing to clip (the mechanism skips empty chunks; a direct caller may not)
+            empty = views.new_zeros(0)
+            return {p: torch.zeros_like(p) for own in self.layers.values() for p in own.values()}, empty, empty
         rows = rows or rows_of(self.model, views)
         self.plan_memory(views, len(views))  # memory="auto": chosen before the first chunk's forward, once
         # dpwa-lean repeats this forward with the same randomness; the fast mode never needs it
@@ -231,10 +253,17 @@ class FastEngine:
         norms2 = torch.zeros(rows.examples, dtype=losses.dtype, device=losses.device)
         for part in hooks.norms2:
             norms2 += part
+        terms2 = sum(hooks.terms2, torch.zeros_like(norms2))
+        alone = cancels(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
         norms = torch.sqrt(torch.clamp(norms2, min=0))
+        exact = {}
+        for i in alone:
+            grads, norms[i] = self._alone(views[i], labels[i:i + 1], rows)
+            exact[i] = (grads, clip_factors(norms[i:i + 1], clip_norm)[0])
         factors = clip_factors(norms, clip_norm)
+        factors[alone] = 0.0  # in the batch's sums with factor 0; their own clipped gradient is added
         if hooks.lean:
-            return self._lean_sums(records, views, labels, rows, rng, factors), losses, norms
+            return self._add(self._lean_sums(records, views, labels, rows, rng, factors), exact), losses, norms
         # Book-keeping: each rule kept what its clipped sum needs; a layer whose output reached
         # no loss has per-example gradients 0.
         sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -246,7 +275,29 @@ class FastEngine:
             for param in self.layers[rec.module].values():
                 if param not in sums:
                     sums[param] = torch.zeros_like(param)
-        return sums, losses, norms
+        return self._add(sums, exact), losses, norms
+
+    def _alone(self, views: torch.Tensor, labels: torch.Tensor, rows: Rows
+               ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
+        """One example's gradient by a plain backward of its loss alone, and that vector's own
+        norm: its clipped contribution is then exactly the vector whose norm was clipped,
+        whatever the rounding (the rules' norm and their clipped sum are two computations, which
+        round apart where the norm is a difference of large terms: `cancels`)."""
+        params = [p for own in self.layers.values() for p in own.values()]
+        one = Rows(examples=1, views=rows.views, tiling=rows.tiling)
+        with torch.enable_grad():  # not recorded: self._records is None
+            loss = example_losses(self.model(views), labels, one)[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out = {p: torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)}
+        norm = torch.sqrt(sum(g.double().square().sum() for g in out.values())).to(loss.dtype)
+        return out, norm
+
+    @staticmethod
+    def _add(sums: dict[nn.Parameter, torch.Tensor], exact: dict) -> dict[nn.Parameter, torch.Tensor]:
+        for grads, factor in exact.values():
+            for p, g in grads.items():
+                sums[p] = sums[p] + factor * g if p in sums else factor * g
+        return sums
 
     def _lean_sums(self, records: list[Record], views: torch.Tensor, labels: torch.Tensor, rows: Rows, rng: Optional[tuple],
                    factors: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
@@ -318,7 +369,12 @@ class FastEngine:
         """One layer's per-example squared norms, chunk by chunk, each chunk's rule let go of
         before the next is built."""
         bounds, rule = self._chunks(rec, go, rows, lean=True)
-        return torch.cat([rule(i, j).norms2() for i, j in bounds])
+        norms2, terms2 = [], []
+        for i, j in bounds:
+            part = rule(i, j)
+            norms2.append(part.norms2())
+            terms2.append(getattr(part, "terms2", None))
+        return torch.cat(norms2), None if any(t is None for t in terms2) else torch.cat(terms2)
 
     def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
         """The layer's rule (`Chunks` of it, where a chunk holds fewer examples than the batch)."""
@@ -393,6 +449,7 @@ class _HookPass:
         self.engine, self.rows, self.lean = engine, rows, lean
         self.handles: list = []
         self.norms2: list[torch.Tensor] = []
+        self.terms2: list[torch.Tensor] = []  # the rules' `terms2`, for `cancels`
         self.rules: list = []
         self.done: set[int] = set()
 
@@ -402,13 +459,16 @@ class _HookPass:
                 return
             self.done.add(id(rec))
             if self.lean:
-                norms2 = self.engine._lean_norms2(rec, go, self.rows)
+                norms2, terms2 = self.engine._lean_norms2(rec, go, self.rows)
             else:
                 rule = self.engine._rule(rec, go, self.rows)
                 norms2 = rule.norms2()
+                terms2 = getattr(rule, "terms2", None)
                 self.rules.append(rule)  # it holds what its clipped sum still needs
             rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
             self.norms2.append(norms2)
+            if terms2 is not None:
+                self.terms2.append(terms2)
         return fire
 
     def remove(self) -> None:

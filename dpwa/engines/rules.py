@@ -440,6 +440,7 @@ class DenseRule:
         """Per-example squared norms (B,). Afterwards the rule keeps only what its clipped sum
         needs: per-example gradients (instantiated), or input and output gradient (ghost)."""
         b, go = self.batch, self.go
+        self.terms2 = self._terms2()
         total = torch.zeros(b, dtype=go.dtype, device=go.device)
         if self.m.bias is not None and self.m.bias.requires_grad:
             gb = go.reshape(b, -1, go.shape[1], go[0, 0].numel()).sum((1, 3)) if self.conv else \
@@ -486,6 +487,35 @@ class DenseRule:
             total += _sq_norms(gg)
             self.per_example["gain"] = gg
         return total
+
+    def _terms2(self) -> torch.Tensor:
+        """(B,) sum over positions p of |a_p|^2 |go_p|^2 (per group, each output channel weighted
+        as the norm weighs it), plus |go_p|^2 for a bias: the squared norm the per-example
+        gradient, a sum over positions, would have if its positions' terms did not cancel.
+        `FastEngine` compares the norm with it (`cancels`): a norm far below it is a difference
+        of large terms, which float32 rounds to noise."""
+        b, g, go, x = self.batch, self.groups, self.go, self.rec.x
+        terms = torch.zeros(b, dtype=go.dtype, device=go.device)
+        if self.m.bias is not None and self.m.bias.requires_grad:
+            terms += go.square().reshape(b, -1).sum(1)
+        if not self.m.weight.requires_grad and not self._gain_trained():
+            return terms
+        weight = None  # per output channel: (m/s)^2 for a standardised weight, plus the gain's part
+        if self.ws is not None:
+            weight = self.ws.scale.square() if self.m.weight.requires_grad else torch.zeros_like(self.ws.scale)
+            if self._gain_trained():  # |dL/dgain_o| <= scale sum_p |go_p,o| |a_p| |w_hat_o|
+                weight = weight + self.m.scale ** 2 * self.ws.w_hat_sq
+        if self.conv:
+            gsq = go.square() if weight is None else go.square() * weight.view(1, -1, 1, 1).to(go.dtype)
+            n, o = gsq.shape[:2]
+            gsq = gsq.reshape(n, g, o // g, *gsq.shape[2:]).sum(2)                        # (N, g, Ho, Wo)
+            xsq = x.square().reshape(n, g, x.shape[1] // g, *x.shape[2:]).sum(2)         # (N, g, H, W)
+            m = self.m
+            asq = F.conv2d(xsq, xsq.new_ones(g, 1, *m.kernel_size), stride=m.stride, padding=self.padding,
+                           dilation=m.dilation, groups=g)                                # |a_p|^2 per group
+            return terms + (asq * gsq).reshape(b, -1).sum(1)
+        gsq = go.square() if weight is None else go.square() * weight.to(go.dtype)
+        return terms + (x.square().sum(-1) * gsq.sum(-1)).reshape(b, -1).sum(1)
 
     def _ws_correction(self, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
         """sum_o (m/s)^2 (S1^2/n + S2^2 (2n - |w_hat_o|^2)/n^2) for (..., g, O/g) sums, in their dtype."""
@@ -598,10 +628,16 @@ class DenseRule:
                 pre = self.rec.x @ w_hat.t()
             return self._go(pre)
         if bool((m != 0).all()):
+            shape = (1, -1, *([1] * (self.rec.out.dim() - 2)))
             pre = self.rec.out.detach()
             if self.m.bias is not None:
-                pre = pre - self.m.bias.detach().view(1, -1, *([1] * (pre.dim() - 2)))
-            return self._go(pre / m.view(1, -1, *([1] * (pre.dim() - 2))))
+                pre = pre - self.m.bias.detach().view(shape)
+            s2 = pre / m.view(shape)
+            # out - bias loses ~eps |bias| / |m| of a . w_hat to rounding where m is small next to
+            # the bias (an NF conv's gain near 0): then the contraction itself (1e-6: float32 to ~1e-1)
+            if self.m.bias is None or bool(((self.m.bias.detach() / m).abs().view(shape)
+                                            <= 1e2 * s2.abs().mean().clamp_min(1e-30)).all()):
+                return self._go(s2)
         return torch.einsum("bpgj,goj->bgop", self._a(), w_hat.view(g, -1, w_hat.shape[1]))
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -657,10 +693,14 @@ class GroupNormRule:
         go = self._norm_output_grad(rec, go)
         b, c = batch, go.shape[1]
         self.per_example = {}
+        self.terms2 = go.new_zeros(b)  # as `DenseRule._terms2`: the terms of the sums over positions
         if self.m.weight is not None and self.m.weight.requires_grad:
-            self.per_example["weight"] = (go * x_hat).reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
+            terms = go * x_hat
+            self.per_example["weight"] = terms.reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
+            self.terms2 += terms.square().reshape(b, -1).sum(1)
         if self.m.bias is not None and self.m.bias.requires_grad:
             self.per_example["bias"] = go.reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
+            self.terms2 += go.square().reshape(b, -1).sum(1)
 
     def _norm_output_grad(self, rec: Record, go: torch.Tensor) -> torch.Tensor:
         return go  # the layer's output is the group norm's
@@ -701,7 +741,8 @@ class ScalarGainRule:
 
     def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str, layer: Layer) -> None:
         self.m = rec.module
-        self.per_example = {"gain": (go * rec.x).reshape(batch, -1).sum(1)}
+        terms = (go * rec.x).reshape(batch, -1)
+        self.per_example, self.terms2 = {"gain": terms.sum(1)}, terms.square().sum(1)
 
     def norms2(self) -> torch.Tensor:
         return self.per_example["gain"] ** 2
@@ -788,6 +829,11 @@ class Chunks:
 
     def norms2(self) -> torch.Tensor:
         return torch.cat([rule.norms2() for rule in self.rules])
+
+    @property
+    def terms2(self) -> Optional[torch.Tensor]:
+        parts = [getattr(rule, "terms2", None) for rule in self.rules]
+        return None if any(p is None for p in parts) else torch.cat(parts)
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         total: dict[str, torch.Tensor] = {}

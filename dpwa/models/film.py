@@ -69,11 +69,14 @@ class FiLMRule:
         self.m = rec.module
         members, channels = self.m.gamma.shape
         shape = (batch, -1, members, channels, go[0, 0].numel())
-        self.per_example = {}
+        self.per_example, self.terms2 = {}, go.new_zeros(batch)  # terms2: `dpwa.engines.rules.DenseRule._terms2`
         if self.m.gamma.requires_grad:
-            self.per_example["gamma"] = (go * rec.x).reshape(shape).sum((1, 4))
+            terms = go * rec.x
+            self.per_example["gamma"] = terms.reshape(shape).sum((1, 4))
+            self.terms2 += terms.square().reshape(batch, -1).sum(1)
         if self.m.beta.requires_grad:
             self.per_example["beta"] = go.reshape(shape).sum((1, 4))
+            self.terms2 += go.square().reshape(batch, -1).sum(1)
 
     def norms2(self) -> torch.Tensor:
         return sum(_sq_norms(v) for v in self.per_example.values())

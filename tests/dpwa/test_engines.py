@@ -296,3 +296,79 @@ def test_evaluation_and_copies_are_not_recorded():
 
 def test_all_engines_listed():
     assert set(ENGINES) == {e for e, _ in ENGINE_CASES}
+
+
+@pytest.mark.parametrize("mode, memory", [("auto", "fast"), ("ghost", "fast"), ("auto", "lean"), ("instantiate", "lean")])
+def test_a_norm_that_rounding_decides_is_redone_alone_and_its_contribution_stays_within_c(mode, memory):
+    """Near-constant images through a conv before GroupNorm: ghost norm's sum over pairs of
+    positions cancels to ~1e-7 of its terms, so float32 gave the norm as 0 while the book-kept
+    (or second-backward) sum kept the whole gradient: an example's contribution was 6.7 C (a
+    helper's review). Such examples (`cancels`) are redone alone, their norm that of the very
+    vector added: each contribution <= C, norms as the float64 loop's, and an example whose
+    norm does not cancel stays in the batch's sums."""
+    from dpwa.engines.fast import cancels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, bias=False), nn.GroupNorm(32, 32), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(32 * 16, 5))
+    model[1].requires_grad_(False)
+    model[4].requires_grad_(False)  # only the conv trains: its norm is the example's
+    exact = copy.deepcopy(model).double()
+    eng = FastEngine(model, mode=mode, memory=memory)
+    alone, real = [], eng._alone
+    eng._alone = lambda *a: alone.append(1) or real(*a)
+    g = torch.Generator().manual_seed(1)
+    clip = 0.1
+    try:
+        for seed in range(6):
+            x = 1.0 + torch.randn(1, 1, 32, 6, 6, generator=g) / 4000
+            y = torch.randint(0, 5, (1,), generator=g)
+            (want,) = torch.autograd.grad(F.cross_entropy(exact(x[0].double()), y), [exact[0].weight])
+            sums, _, norms = eng.clipped_sum(x, y, clip)
+            got = torch.sqrt(sum(v.double().square().sum() for v in sums.values()))
+            assert float(got) <= clip * (1 + 1e-6), (seed, float(got) / clip)
+            assert float(norms[0]) == pytest.approx(float(want.norm()), rel=1e-3)
+        mixed = torch.cat([1.0 + torch.randn(2, 1, 32, 6, 6, generator=g) / 4000, torch.randn(2, 1, 32, 6, 6, generator=g)])
+        labels = torch.randint(0, 5, (4,), generator=g)
+        sums, _, norms = eng.clipped_sum(mixed, labels, 1e9)  # no clipping: the plain sum of the four gradients
+        want = sum(torch.autograd.grad(F.cross_entropy(exact(mixed[i].double()), labels[i:i + 1]), [exact[0].weight])[0]
+                   for i in range(4))
+        # the near-constant ones' gradients in float32 carry ~1e-2 of their own norm in rounding
+        assert float((sums[model[0].weight].double() - want).norm() / want.norm()) < 1e-3
+        assert len(alone) == 6 + 2  # redone alone: the near-constant examples only
+    finally:
+        eng.remove()
+    assert cancels(torch.tensor([-1.0, 0.5, 1e-3, float("nan"), 0.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])).tolist() \
+        == [True, False, True, False, False]
+
+
+def test_a_small_gain_next_to_its_bias_does_not_round_away_its_gradient():
+    """A scaled WS conv's a . w_hat came from its output as (out - bias) / m: with the gain near 0
+    (an NF conv without skip-init) that difference is rounding, and float32 got the gain's
+    gradient 7% wrong at gain 1e-6 (a helper's review); the contraction is used there instead."""
+    torch.manual_seed(0)
+    conv = ScaledStdConv2d(16, 16, 1)
+    with torch.no_grad():
+        conv.gain.fill_(1e-6)
+        conv.bias.fill_(1.0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Tanh(), conv, nn.Tanh(), nn.Flatten(), nn.Linear(16 * 36, 5))
+    exact = copy.deepcopy(model).double()
+    x, y = torch.randn(4, 1, 8, 6, 6), torch.randint(0, 5, (4,))
+    want = sum(torch.autograd.grad(F.cross_entropy(exact(x[i].double()), y[i:i + 1]), [exact[2].gain])[0]
+               for i in range(4))
+    eng = FastEngine(model, mode="ghost")
+    try:
+        sums, _, _ = eng.clipped_sum(x, y, 1e9)
+    finally:
+        eng.remove()
+    assert float((sums[conv.gain].double() - want).norm() / want.norm()) < 1e-5
+
+
+def test_an_empty_chunk_gives_zero_sums():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    eng = FastEngine(model)
+    try:
+        sums, losses, norms = eng.clipped_sum(torch.zeros(0, 1, 3, 2, 2), torch.zeros(0, dtype=torch.long), 1.0)
+    finally:
+        eng.remove()
+    assert len(losses) == len(norms) == 0 and all(float(v.abs().sum()) == 0 for v in sums.values()) and len(sums) == 2
