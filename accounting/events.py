@@ -21,13 +21,16 @@ from typing import Any, ClassVar, Iterable, Mapping, Union
 from .errors import InvalidParameterError
 
 __all__ = ["PoissonGaussian", "Gaussian", "Event", "event_from_dict", "events_from_json_list", "merge",
-           "MIN_NOISE_MULTIPLIER"]
+           "MIN_NOISE_MULTIPLIER", "MAX_NOISE_MULTIPLIER"]
 
 #: Below this the accountants' arithmetic breaks down: a step's RDP grows as 1/sigma^2, which
 #: overflows near sigma = 1e-154, and dp-accounting's subsampled-Gaussian RDP already returns
 #: NaN and wrong finite values there, so an RDP bound of such a run came out as epsilon 0. At the
 #: floor epsilon is above 1e100: no release near it protects anything.
 MIN_NOISE_MULTIPLIER = 1e-50
+#: Above this sigma^2 overflows float64 (near 1e154) in the accountants: a raw OverflowError
+#: instead of an answer. At the cap epsilon is below 1e-99 for any count a run can make.
+MAX_NOISE_MULTIPLIER = 1e100
 
 
 def _check_noise(noise_multiplier: Any) -> None:
@@ -40,6 +43,10 @@ def _check_noise(noise_multiplier: Any) -> None:
         raise InvalidParameterError(
             f"Expected noise_multiplier >= {MIN_NOISE_MULTIPLIER:g} (the accountants' arithmetic overflows below; "
             f"epsilon there is above 1e100), got {noise_multiplier=}")
+    if noise_multiplier > MAX_NOISE_MULTIPLIER:
+        raise InvalidParameterError(
+            f"Expected noise_multiplier <= {MAX_NOISE_MULTIPLIER:g} (sigma^2 overflows above; epsilon there is "
+            f"below 1e-99), got {noise_multiplier=}")
 
 
 def _check_count(name: str, value: Any) -> None:
