@@ -128,9 +128,10 @@ def _pld_delta(events: Sequence[Event], epsilon: float) -> float:
 
 class _FastPoissonGaussianPRV:
     """The PRV of one Poisson-subsampled Gaussian step: prv-accountant's
-    `PoissonSubsampledGaussianMechanism.cdf` in float64, with z = log1p(expm1(t) / q) in
-    place of its long-double log((q - 1) / q + e^t / q), and a plain-float path for scalar
-    calls. The same values to ~1e-15 (tested), 5-20x faster; erfc is evaluated in float64 by
+    `PoissonSubsampledGaussianMechanism.cdf` in float64, with z = log(1 + (e^t - 1) / q)
+    (`_log_shift`: log1p(expm1(t) / q), and t - log q + log1p(-(1 - q) e^-t) above t = 1, which
+    never overflows) in place of its long-double log((q - 1) / q + e^t / q), and a plain-float
+    path for scalar calls. The same values to ~1e-15 (tested), 5-20x faster; erfc is evaluated in float64 by
     both (here by `numerics.erfc`, scipy's algorithm, to 1e-15)."""
 
     pm_inf = 0.0
@@ -612,8 +613,10 @@ def _prv_compose(events: Sequence[Event], eps_error: float, delta_error: float) 
 
 def _composition_rounding(keep: np.ndarray, real: np.ndarray, phase: np.ndarray,
                           parts: list[tuple[np.ndarray, int]], size: int) -> float:
-    """A bound on how far float64 rounding can move a tail sum of the composed pmf (d1, and d2
-    on the part of the grid the read-out uses), added to delta's error.
+    """A first-order estimate, conservative by construction, of how far float64 rounding can move
+    a tail sum of the composed pmf (d1, and d2 on the part of the grid the read-out uses), added
+    to delta's error (a helper measured it at 180-2200 times the pmf's negative mass, 1,000 to
+    200,000 steps).
 
     Each event's F_k carries an absolute error of about u log2(size) (its FFT of a pmf that sums
     to 1, u = float64's unit roundoff); raised to its count n, c_k = prod F_k^n moves by

@@ -53,6 +53,7 @@ from .loader import BatchLoader
 from .loss_query import check_holds_run
 from .mechanism import GradientMechanism, PublicGradients
 from .methods import METHODS, Step, make_method
+from .models import resolved_model_config
 from .models.from_config import build_model
 from .models.standardize import Standardize, set_statistics
 from .privacy import keyed_state, poisson_batches, secret_entropy, secret_generator, seed_state
@@ -359,6 +360,8 @@ def train(cfg: Optional[RunConfig] = None, *, resume: Optional[Path] = None, led
         cfg, run_id = folder.config(), folder.meta()["run_id"]
     else:
         assert cfg is not None
+        # what the model's defaults are now is written down: config.yaml and the hash say what ran
+        cfg = dataclasses.replace(cfg, model=resolved_model_config(cfg.model))
         run_id = new_run_id(cfg.name)
     t = cfg.train
     world = world_from_env(t.dist_backend, t.device, t.dist_timeout_s)

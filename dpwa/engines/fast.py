@@ -110,10 +110,10 @@ def cancels(norms2: torch.Tensor, terms2: torch.Tensor) -> torch.Tensor:
     positions; an input nearly the same at every position with an output gradient that sums to
     ~0 over them (a conv before GroupNorm) cancels almost all of it, and float32 rounded such a
     norm to 0 while the book-kept clipped sum kept the example's whole gradient (helper review:
-    contribution 6.7 C). A negative norm is one too; a non-finite one is not (the mechanism
-    drops such examples)."""
+    contribution 6.7 C). A negative norm is one too, and a finite norm of terms that overflow;
+    a non-finite norm is not (the mechanism drops such examples)."""
     limit = _CANCEL_ULPS * torch.finfo(norms2.dtype).eps * terms2
-    return torch.isfinite(norms2) & torch.isfinite(terms2) & (terms2 > 0) & (norms2 < limit)
+    return torch.isfinite(norms2) & ((terms2 > 0) & (norms2 < limit) | ~torch.isfinite(terms2))
 
 
 def even_chunks(n: int, most: int) -> list[tuple[int, int]]:
@@ -256,10 +256,13 @@ class FastEngine:
         terms2 = sum(hooks.terms2, torch.zeros_like(norms2))
         alone = cancels(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
         norms = torch.sqrt(torch.clamp(norms2, min=0))
-        exact = {}
+        exact: dict[nn.Parameter, torch.Tensor] = {}  # their clipped gradients, summed as they come
         for i in alone:
             grads, norms[i] = self._alone(views[i], labels[i:i + 1], rows)
-            exact[i] = (grads, clip_factors(norms[i:i + 1], clip_norm)[0])
+            factor = clip_factors(norms[i:i + 1], clip_norm)[0]
+            for p, g in grads.items():
+                exact[p] = exact[p] + factor * g if p in exact else factor * g
+            del grads
         factors = clip_factors(norms, clip_norm)
         factors[alone] = 0.0  # in the batch's sums with factor 0; their own clipped gradient is added
         if hooks.lean:
@@ -293,10 +296,10 @@ class FastEngine:
         return out, norm
 
     @staticmethod
-    def _add(sums: dict[nn.Parameter, torch.Tensor], exact: dict) -> dict[nn.Parameter, torch.Tensor]:
-        for grads, factor in exact.values():
-            for p, g in grads.items():
-                sums[p] = sums[p] + factor * g if p in sums else factor * g
+    def _add(sums: dict[nn.Parameter, torch.Tensor], exact: dict[nn.Parameter, torch.Tensor]
+             ) -> dict[nn.Parameter, torch.Tensor]:
+        for p, g in exact.items():
+            sums[p] = sums[p] + g if p in sums else g
         return sums
 
     def _lean_sums(self, records: list[Record], views: torch.Tensor, labels: torch.Tensor, rows: Rows, rng: Optional[tuple],

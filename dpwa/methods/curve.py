@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, RunConfig
+from ..models import resolved_model_config
 from ..optimizers import make_optimizer
 from . import Method, Step, register_method
 
@@ -169,7 +170,8 @@ def check_endpoints(cfg: RunConfig) -> list[Endpoint]:
             raise ConfigError(f"{where} was trained on dataset {meta.get('dataset')!r} and the curve run would be "
                               f"charged to {dataset!r}: a curve connects runs of one dataset")
         for what, own, theirs, ignore in (("data", cfg.data, ecfg.data, ()),
-                                          ("model", cfg.model, ecfg.model, _WEIGHTS_ONLY)):
+                                          ("model", resolved_model_config(cfg.model),
+                                           resolved_model_config(ecfg.model), _WEIGHTS_ONLY)):
             diff = _differences(own, theirs, ignore)
             if diff:
                 raise ConfigError(f"{where}: its {what} config differs from the curve's ({'; '.join(diff)}): a curve "

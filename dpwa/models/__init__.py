@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import ConfigError
 
-__all__ = ["MODELS", "register_model", "create_model", "check_dp_compatible", "ModelError"]
+__all__ = ["MODELS", "register_model", "create_model", "check_dp_compatible", "ModelError", "resolved_model_config"]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -107,6 +107,23 @@ def _shape_arguments(takes: Mapping[str, inspect.Parameter], **given: Any) -> di
     return out
 
 
+def resolved_model_config(model_cfg: Any) -> Any:
+    """`model_cfg` (a `ModelConfig`) with groups / weight_standardization left out (None) set to
+    what the model gets (its own default; De et al.'s where it has none), for a registered
+    model; a timm NF model takes neither and keeps None. A run folder's config.yaml says what
+    was built, so a later change of a default cannot silently rebuild another architecture."""
+    import dataclasses
+
+    fn = MODELS.get(model_cfg.name)
+    if fn is None:
+        return model_cfg
+    takes = inspect.signature(fn).parameters
+    given = {"groups": model_cfg.groups, "weight_standardization": model_cfg.weight_standardization}
+    passed = _shape_arguments(takes, **given)
+    own = {k: takes[k].default for k in given if given[k] is None and k not in passed and k in takes}
+    return dataclasses.replace(model_cfg, **{**passed, **own})
+
+
 def _build(name: str, fn: Callable[..., nn.Module], **kw) -> nn.Module:
     """`fn(**kw)`, a GroupNorm that cannot split its channels named as the config's mistake."""
     try:
@@ -114,8 +131,9 @@ def _build(name: str, fn: Callable[..., nn.Module], **kw) -> nn.Module:
     except ValueError as e:
         if "divisible by num_groups" not in str(e):
             raise
-        raise ModelError(f"model.groups={kw.get('groups')} does not divide the channels of a GroupNorm of {name!r} "
-                         f"({e}); pick a divisor, or leave model.groups out for the model's own") from None
+        groups = f"model.groups={kw['groups']}" if "groups" in kw else f"{name!r}'s own number of GroupNorm groups"
+        raise ModelError(f"{groups} does not divide the channels of a GroupNorm of {name!r} ({e}); set model.groups "
+                         "to a divisor" + (", or leave it out for the model's own" if "groups" in kw else "")) from None
 
 
 def check_dp_compatible(model: nn.Module) -> None:

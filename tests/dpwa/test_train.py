@@ -211,3 +211,15 @@ def test_an_accountant_that_cannot_calibrate_is_a_usage_error_with_the_way_out()
     rdp = load_config(ROOT / "configs" / "quickstart.yaml", ["train.steps=10", "train.batch_size=64",
                                                              "privacy.accountant=rdp"])
     assert plan_run(rdp, 600).noise_multiplier > 0
+
+
+def test_a_run_folder_records_the_model_defaults_it_was_built_with(tmp_path):
+    """model.groups / model.weight_standardization left out: config.yaml says what was built
+    (cnn_small's 8 groups and WS convs), so a later change of a model's defaults cannot rebuild
+    an old run's weights into another architecture of the same parameter shapes."""
+    from dpwa.run_folder import RunFolder
+
+    report = train(tiny(tmp_path, "model.groups=null", "model.weight_standardization=null", "train.steps=2"),
+                   ledger_path=str(tmp_path / "l.sqlite"), progress=False)
+    saved = RunFolder(Path(report["run_dir"])).config().model
+    assert (saved.groups, saved.weight_standardization) == (8, True)
