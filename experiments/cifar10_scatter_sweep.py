@@ -286,13 +286,18 @@ def main() -> None:
     sweep_md.write_text(head + sweep_table(sweep_md.read_text() if sweep_md.exists() else "") + "\n")
     (RESULTS / "cifar10_scatter_final.md").write_text(
         f"CIFAR-10, `dpwa train {CONFIG}` (all 50,000 train images), fresh noise each run, scored on the 9,000-image "
-        "JPEG test set. Command: `python experiments/cifar10_scatter_sweep.py --final 3`.\n\n" + final_table() + "\n")
+        "JPEG test set as the config says: with its test-time flip, `data.test_time_flip` (each run without it: "
+        "cifar10_scatter_flip.md; the runs of cifar10_scatter_final_var0_kept.md predate the flip and were scored "
+        "without it). Command: `python experiments/cifar10_scatter_sweep.py --final 3`.\n\n"
+        + final_table() + "\n")
     flips = flip_table(compute=a.flip)
     if flips:
         (RESULTS / "cifar10_scatter_flip.md").write_text(
             "CIFAR-10 ScatterNet + CNN: `data.test_time_flip` (the mean softmax of each image and its mirror image), "
             "decided on the 5,000-image validation split of the proxy runs, then measured on the 9,000-image test "
-            "set on the final runs. Command: `python experiments/cifar10_scatter_sweep.py --flip`.\n\n"
+            "set on the final runs. Command: `python experiments/cifar10_scatter_sweep.py --flip`. Runs on this "
+            "machine only: the proxies that decided it, and the finals before `Standardize` dropped the channels "
+            "released with variance 0, are in cifar10_scatter_flip_var0_kept.md.\n\n"
             + flips + "\n")
     print((RESULTS / "cifar10_scatter_sweep.md").read_text())
     print((RESULTS / "cifar10_scatter_final.md").read_text())
