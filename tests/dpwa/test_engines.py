@@ -372,3 +372,24 @@ def test_an_empty_chunk_gives_zero_sums():
     finally:
         eng.remove()
     assert len(losses) == len(norms) == 0 and all(float(v.abs().sum()) == 0 for v in sums.values()) and len(sums) == 2
+
+
+def test_the_ghost_cancellation_experiment_measures_what_its_table_says():
+    """`experiments/ghost_cancellation.py` (the README's numbers) on a tiny case: the float32
+    norms it reads are the engine's before the check, a near-constant input is counted as
+    redone alone, and `cancels` is restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "ghost_cancellation.py"
+    spec = importlib.util.spec_from_file_location("ghost_cancellation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(8, 8, 3, bias=False), nn.GroupNorm(8, 8), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 16, 3))
+    near = 1.0 + torch.randn(3, 8, 6, 6) / 4000
+    m = module.measured(conv, near, torch.tensor([0, 1, 2]))
+    assert m["norms2"].shape == m["terms2"].shape == m["exact"].shape == (3,)
+    cells = [c.strip() for c in module.row("near-constant", m).split("|")]
+    assert cells[2] == "3" and cells[5] == "3"  # examples, redone alone
+    assert float(cells[3]) < 1e-2 and fast.cancels.__name__ == "cancels"  # the spy is gone
