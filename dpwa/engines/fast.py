@@ -35,8 +35,8 @@ import torch.nn as nn
 
 from ..rows import Rows, example_losses, rows_of
 from .errors import EngineError
-from .reference import clip_factors
-from .rules import Chunks, Record, layer_of, problem, rule_for
+from .reference import clip_and_sum, clip_factors, per_example_grads
+from .rules import Chunks, Record, layer_of, problem, rule_for, terms2_of
 
 __all__ = ["FastEngine", "EngineError", "unsupported_parameters", "cache_chunk", "even_chunks", "transient", "cancels"]
 
@@ -253,16 +253,13 @@ class FastEngine:
         norms2 = torch.zeros(rows.examples, dtype=losses.dtype, device=losses.device)
         for part in hooks.norms2:
             norms2 += part
-        terms2 = sum(hooks.terms2, torch.zeros_like(norms2))
+        terms2 = sum(hooks.terms2)
         alone = cancels(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
         norms = torch.sqrt(torch.clamp(norms2, min=0))
         exact: dict[nn.Parameter, torch.Tensor] = {}  # their clipped gradients, summed as they come
         for i in alone:
-            grads, norms[i] = self._alone(views[i], labels[i:i + 1], rows)
-            factor = clip_factors(norms[i:i + 1], clip_norm)[0]
-            for p, g in grads.items():
-                exact[p] = exact[p] + factor * g if p in exact else factor * g
-            del grads
+            clipped, norms[i:i + 1] = self._alone(views[i:i + 1], labels[i:i + 1], rows, clip_norm)
+            exact = self._add(exact, clipped)
         factors = clip_factors(norms, clip_norm)
         factors[alone] = 0.0  # in the batch's sums with factor 0; their own clipped gradient is added
         if hooks.lean:
@@ -280,20 +277,18 @@ class FastEngine:
                     sums[param] = torch.zeros_like(param)
         return self._add(sums, exact), losses, norms
 
-    def _alone(self, views: torch.Tensor, labels: torch.Tensor, rows: Rows
+    def _alone(self, views: torch.Tensor, labels: torch.Tensor, rows: Rows, clip_norm: float
                ) -> tuple[dict[nn.Parameter, torch.Tensor], torch.Tensor]:
-        """One example's gradient by a plain backward of its loss alone, and that vector's own
-        norm: its clipped contribution is then exactly the vector whose norm was clipped,
-        whatever the rounding (the rules' norm and their clipped sum are two computations, which
-        round apart where the norm is a difference of large terms: `cancels`)."""
-        params = [p for own in self.layers.values() for p in own.values()]
-        one = Rows(examples=1, views=rows.views, tiling=rows.tiling)
-        with torch.enable_grad():  # not recorded: self._records is None
-            loss = example_losses(self.model(views), labels, one)[0]
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out = {p: torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)}
-        norm = torch.sqrt(sum(g.double().square().sum() for g in out.values())).to(loss.dtype)
-        return out, norm
+        """The clipped gradient of examples `views` (b, K, ...) and their norms, each example
+        through the model alone (the torch-func reference, `per_example_grads`, not recorded:
+        self._records is None), clipped by its own vector's norm (`clip_and_sum`): the
+        contribution is exactly the vector whose norm was clipped, whatever the rounding (the
+        rules' norm and clipped sum are two computations, which round apart where the norm is a
+        difference of large terms: `cancels`)."""
+        grads, _ = per_example_grads(self.model, views, labels, Rows(len(views), rows.views, rows.tiling))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            return clip_and_sum({params[n]: g for n, g in grads.items()}, clip_norm)
 
     @staticmethod
     def _add(sums: dict[nn.Parameter, torch.Tensor], exact: dict[nn.Parameter, torch.Tensor]
@@ -352,7 +347,7 @@ class FastEngine:
 
         def rule(i: int, j: int):
             return rule_for(Record(rec.module, x[i * r:j * r], None if out is None else out[i * r:j * r],
-                                   rec.version, shared=rec.shared), go[i * r:j * r], j - i, mode)
+                                   rec.version, shared=rec.shared, lean=lean), go[i * r:j * r], j - i, mode)
         key = (rec.module, r, tuple(x.shape[1:]), mode)
         sizes = self._sizes.get(key)
         if sizes is None:  # once per layer and shape, not on every step
@@ -376,8 +371,8 @@ class FastEngine:
         for i, j in bounds:
             part = rule(i, j)
             norms2.append(part.norms2())
-            terms2.append(getattr(part, "terms2", None))
-        return torch.cat(norms2), None if any(t is None for t in terms2) else torch.cat(terms2)
+            terms2.append(terms2_of(part, norms2[-1]))
+        return torch.cat(norms2), torch.cat(terms2)
 
     def _rule(self, rec: Record, go: torch.Tensor, rows: Rows):
         """The layer's rule (`Chunks` of it, where a chunk holds fewer examples than the batch)."""
@@ -466,12 +461,11 @@ class _HookPass:
             else:
                 rule = self.engine._rule(rec, go, self.rows)
                 norms2 = rule.norms2()
-                terms2 = getattr(rule, "terms2", None)
+                terms2 = terms2_of(rule, norms2)
                 self.rules.append(rule)  # it holds what its clipped sum still needs
             rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
             self.norms2.append(norms2)
-            if terms2 is not None:
-                self.terms2.append(terms2)
+            self.terms2.append(terms2)
         return fire
 
     def remove(self) -> None:

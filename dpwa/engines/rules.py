@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["Record", "Layer", "RULES", "register_rule", "layer_of", "rule_for", "is_supported", "problem",
-           "Chunks", "DenseRule", "GroupNormRule", "GroupNormActRule", "ScalarGainRule", "pad_module", "pad_functional",
+           "Chunks", "terms2_of", "DenseRule", "GroupNormRule", "GroupNormActRule", "ScalarGainRule", "pad_module", "pad_functional",
            "pad_tf_same", "pad_always_same"]
 
 
@@ -72,6 +72,10 @@ class Record:
     #: (`_ws_parts`), computed by the first chunk's rule. It lives one step, so it never outlives
     #: an update of the weights (a memo across steps would have to see every in-place change).
     shared: dict = field(default_factory=dict)
+    #: dpwa-lean's rules: their norms meet a clipped sum of another computation (the second
+    #: backward), so every rule gives `terms2`; a fast-mode rule only where its norm and its sum
+    #: are two computations (ghost norm against the book-kept sum)
+    lean: bool = False
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,11 @@ def _unfolded_slowdown(positions: int, din: int) -> float:
     C = 3, where the grouped and shifted kernels run 5-10x; 2.5-3x at C = 16 with a 3x3 kernel,
     where the grouped kernel runs 1.5x."""
     return 2.2 + 600 / positions + 50 / din
+
+
+def _diagonal_terms(gram_a: torch.Tensor, gram_g: torch.Tensor) -> torch.Tensor:
+    """(B,) sum_p |a_p|^2 |go_p|^2 from ghost norm's Gram matrices (B, g, P, P): `terms2`."""
+    return (gram_a.diagonal(dim1=-2, dim2=-1) * gram_g.diagonal(dim1=-2, dim2=-1)).sum((1, 2))
 
 
 class DenseRule:
@@ -440,7 +449,11 @@ class DenseRule:
         """Per-example squared norms (B,). Afterwards the rule keeps only what its clipped sum
         needs: per-example gradients (instantiated), or input and output gradient (ghost)."""
         b, go = self.batch, self.go
-        self.terms2 = self._terms2()
+        # `terms2`: all of it in dpwa-lean; in the fast mode only ghost norm's (below, free from
+        # its Gram matrices' diagonals), as an instantiated gradient's norm and clipped sum are of
+        # one tensor, and a standardised one's projection (sq against its norm)
+        self.terms2 = self._terms2() if self.rec.lean else go.new_zeros(b)
+        fast = not self.rec.lean
         total = torch.zeros(b, dtype=go.dtype, device=go.device)
         if self.m.bias is not None and self.m.bias.requires_grad:
             gb = go.reshape(b, -1, go.shape[1], go[0, 0].numel()).sum((1, 3)) if self.conv else \
@@ -458,6 +471,8 @@ class DenseRule:
             if scale is None:
                 return total + (sum(_sq_norms(part) for part in self.grads) if self.shifted else _sq_norms(self.grads))
             sq = (self._grad_dots(None) * scale.square()).sum((1, 2))
+            if fast:
+                self.terms2 = sq
             s1 = self.grads.sum((0, 3)).unsqueeze(1) if self.shifted else self.grads.sum(-1)  # (B, g, O/g)
             s2 = self._grad_dots(self.ws.w_hat.view(g, -1, self.ws.w_hat.shape[1]))
         else:
@@ -466,9 +481,13 @@ class DenseRule:
             if scale is None:
                 gram_g = torch.einsum("bgop,bgoq->bgpq", go, go)
                 self.rec.out = None
+                if fast:
+                    self.terms2 = _diagonal_terms(gram_a, gram_g)
                 return total + torch.einsum("bgpq,bgpq->b", gram_a, gram_g)
             gram_g = torch.einsum("bgop,bgoq->bgpq", go * scale.square().unsqueeze(-1), go)
             sq = torch.einsum("bgpq,bgpq->b", gram_a, gram_g)                # sum_o (m/s)^2 |G_o|^2
+            if fast:
+                self.terms2 = _diagonal_terms(gram_a, gram_g)
             del gram_a, gram_g
             s1 = torch.einsum("bgop,bpg->bgo", go, self._a_sum())
             s2 = torch.einsum("bgop,bgop->bgo", go, self._a_dot_w_hat(self.ws.w_hat, self.ws.m))
@@ -627,17 +646,19 @@ class DenseRule:
             else:
                 pre = self.rec.x @ w_hat.t()
             return self._go(pre)
-        if bool((m != 0).all()):
-            shape = (1, -1, *([1] * (self.rec.out.dim() - 2)))
-            pre = self.rec.out.detach()
-            if self.m.bias is not None:
-                pre = pre - self.m.bias.detach().view(shape)
-            s2 = pre / m.view(shape)
-            # out - bias loses ~eps |bias| / |m| of a . w_hat to rounding where m is small next to
-            # the bias (an NF conv's gain near 0): then the contraction itself (1e-6: float32 to ~1e-1)
-            if self.m.bias is None or bool(((self.m.bias.detach() / m).abs().view(shape)
-                                            <= 1e2 * s2.abs().mean().clamp_min(1e-30)).all()):
-                return self._go(s2)
+        shape = (1, -1, *([1] * (self.rec.out.dim() - 2)))
+        pre = self.rec.out.detach()
+        if self.m.bias is not None:
+            pre = pre - self.m.bias.detach().view(shape)
+        s2 = pre / m.view(shape)
+        # one host sync: m has no zero, and out - bias has not lost a . w_hat to rounding, ~eps
+        # |bias| / |m| of it, where m is small next to the bias (an NF conv's gain near 0; 1e-6
+        # took float32 to ~1e-1); else the contraction itself (a zero m makes bias / m inf: too)
+        usable = (m != 0).all()
+        if self.m.bias is not None:
+            usable &= ((self.m.bias.detach() / m).abs() <= 1e2 * s2.abs().mean().clamp_min(1e-30)).all()
+        if bool(usable):
+            return self._go(s2)
         return torch.einsum("bpgj,goj->bgop", self._a(), w_hat.view(g, -1, w_hat.shape[1]))
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -693,14 +714,17 @@ class GroupNormRule:
         go = self._norm_output_grad(rec, go)
         b, c = batch, go.shape[1]
         self.per_example = {}
-        self.terms2 = go.new_zeros(b)  # as `DenseRule._terms2`: the terms of the sums over positions
+        # dpwa-lean only (`Record.lean`): the fast mode sums these very per-example gradients
+        self.terms2 = go.new_zeros(b) if rec.lean else None  # as `DenseRule._terms2`
         if self.m.weight is not None and self.m.weight.requires_grad:
             terms = go * x_hat
             self.per_example["weight"] = terms.reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
-            self.terms2 += terms.square().reshape(b, -1).sum(1)
+            if rec.lean:
+                self.terms2 += terms.square().reshape(b, -1).sum(1)
         if self.m.bias is not None and self.m.bias.requires_grad:
             self.per_example["bias"] = go.reshape(b, -1, c, go[0, 0].numel()).sum((1, 3))
-            self.terms2 += go.square().reshape(b, -1).sum(1)
+            if rec.lean:
+                self.terms2 += go.square().reshape(b, -1).sum(1)
 
     def _norm_output_grad(self, rec: Record, go: torch.Tensor) -> torch.Tensor:
         return go  # the layer's output is the group norm's
@@ -742,7 +766,8 @@ class ScalarGainRule:
     def __init__(self, rec: Record, go: torch.Tensor, batch: int, mode: str, layer: Layer) -> None:
         self.m = rec.module
         terms = (go * rec.x).reshape(batch, -1)
-        self.per_example, self.terms2 = {"gain": terms.sum(1)}, terms.square().sum(1)
+        self.per_example = {"gain": terms.sum(1)}
+        self.terms2 = terms.square().sum(1) if rec.lean else None  # as GroupNormRule's
 
     def norms2(self) -> torch.Tensor:
         return self.per_example["gain"] ** 2
@@ -828,12 +853,9 @@ class Chunks:
         self.rules, self.sizes, self.m = rules, sizes, rules[0].m
 
     def norms2(self) -> torch.Tensor:
-        return torch.cat([rule.norms2() for rule in self.rules])
-
-    @property
-    def terms2(self) -> Optional[torch.Tensor]:
-        parts = [getattr(rule, "terms2", None) for rule in self.rules]
-        return None if any(p is None for p in parts) else torch.cat(parts)
+        norms2 = [rule.norms2() for rule in self.rules]
+        self.terms2 = torch.cat([terms2_of(rule, n) for rule, n in zip(self.rules, norms2)])
+        return torch.cat(norms2)
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
         total: dict[str, torch.Tensor] = {}
@@ -842,6 +864,15 @@ class Chunks:
                 total[name] = total[name] + value if name in total else value
         finish = getattr(self.rules[0], "finish", None)
         return finish(total) if finish else total
+
+
+def terms2_of(rule, norms2: torch.Tensor) -> torch.Tensor:
+    """A rule's `terms2` after its `norms2()`: the squared norm its per-example gradients would
+    have without cancellation between positions (`DenseRule._terms2`), which
+    `dpwa.engines.fast.cancels` compares the norm with; zeros for a rule that gives none (a
+    registered rule of one's own: its norms are not checked for rounding)."""
+    terms2 = getattr(rule, "terms2", None)
+    return torch.zeros_like(norms2) if terms2 is None else terms2
 
 
 def rule_for(rec: Record, go: torch.Tensor, batch: int, mode: str):

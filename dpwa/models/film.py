@@ -69,14 +69,17 @@ class FiLMRule:
         self.m = rec.module
         members, channels = self.m.gamma.shape
         shape = (batch, -1, members, channels, go[0, 0].numel())
-        self.per_example, self.terms2 = {}, go.new_zeros(batch)  # terms2: `dpwa.engines.rules.DenseRule._terms2`
+        # terms2 (`dpwa.engines.rules.DenseRule._terms2`): dpwa-lean only, as GroupNormRule's
+        self.per_example, self.terms2 = {}, go.new_zeros(batch) if rec.lean else None
         if self.m.gamma.requires_grad:
             terms = go * rec.x
             self.per_example["gamma"] = terms.reshape(shape).sum((1, 4))
-            self.terms2 += terms.square().reshape(batch, -1).sum(1)
+            if rec.lean:
+                self.terms2 += terms.square().reshape(batch, -1).sum(1)
         if self.m.beta.requires_grad:
             self.per_example["beta"] = go.reshape(shape).sum((1, 4))
-            self.terms2 += go.square().reshape(batch, -1).sum(1)
+            if rec.lean:
+                self.terms2 += go.square().reshape(batch, -1).sum(1)
 
     def norms2(self) -> torch.Tensor:
         return sum(_sq_norms(v) for v in self.per_example.values())
