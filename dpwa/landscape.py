@@ -251,6 +251,24 @@ def surface(model: nn.Module, origin: Mapping[str, torch.Tensor], directions: Se
     return values
 
 
+def check_representable(model: nn.Module, origin: Mapping[str, torch.Tensor],
+                        directions: Sequence[Mapping[str, torch.Tensor]], grid: Grid) -> None:
+    """Refuse a grid whose farthest point, origin + sum_k c_k d_k, does not fit the model's dtype:
+    `surface` would stop there with an overflow, after a private query had paid for the points
+    before it. A bound, in float64: max|origin| + sum_k max_c |c| max|d_k| per entry."""
+    params = _entries(model)
+    axes = [grid.xs] + ([grid.ys] if grid.ys is not None else [])
+    reach = [max(abs(c) for c in axis) for axis in axes]
+    for k in _moving(origin, directions):
+        top = torch.finfo(params[k].dtype).max
+        far = origin[k].double().abs().max().item() + sum(
+            r * d[k].double().abs().max().item() for r, d in zip(reach, directions))
+        if not (max(reach) <= top and far <= top):
+            raise LandscapeError(
+                f"the grid reaches coordinate {max(reach):g}, where {k!r} would be ~{far:.3g}, beyond "
+                f"{params[k].dtype}'s largest value {top:.3g}: choose a smaller --range")
+
+
 def _moving(origin: Mapping[str, torch.Tensor], directions: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
     return [k for k in origin if any(bool(d[k].any()) for d in directions)]
 
@@ -426,14 +444,17 @@ class LandscapeSpec:
             if name not in SINGLE_WEIGHT_METHODS:
                 raise LandscapeError(f"{name!r}: a landscape is centred on one weight vector; choose from "
                                      f"{list(SINGLE_WEIGHT_METHODS)}")
+        if self.between is not None and self.method != "raw":
+            raise LandscapeError(f"method {self.method!r} with between {list(self.between)}: the centre is "
+                                 f"between[0]; leave method at its default")
         if self.between is not None and (len(self.between) != 2 or self.between[0] == self.between[1]):
             raise LandscapeError(f"--between takes two different methods, got {list(self.between)}")
         if not 1 <= len(self.points) <= self.dims or min(self.points) < 2:
             raise LandscapeError(f"--points takes {'NX' if self.dims == 1 else 'NX [NY]'}, each >= 2; got "
                                  f"{list(self.points)}")
         for name, r in (("--range x", self.x_range), ("--range y", self.y_range)):
-            if r is not None and not (len(r) == 2 and r[0] < r[1]):
-                raise LandscapeError(f"{name} takes MIN MAX with MIN < MAX, got {list(r)}")
+            if r is not None and not (len(r) == 2 and all(map(math.isfinite, r)) and r[0] < r[1]):
+                raise LandscapeError(f"{name} takes finite MIN MAX with MIN < MAX, got {list(r)}")
         if self.y_range is not None and self.dims == 1:
             raise LandscapeError("a y range needs --dims 2")
         if (self.examples is not None and self.examples < 1) or self.batch_size < 1:
@@ -575,6 +596,8 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
             labels[0] = f"{spec.between[0]} -> {spec.between[1]}"
         else:
             other = load_run(Path(spec.to))
+            if why := curve_problem(other.cfg, Path(spec.to)):
+                raise LandscapeError(f"--to {spec.to}: {why}")
             target = state_of(_member(other, spec.method, Path(spec.to)))
             info["to"] = {"run_dir": str(spec.to), "run_id": other.meta["run_id"], "step": other.step,
                           "epsilon": other.epsilon}
@@ -584,6 +607,7 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
             raise LandscapeError(f"the direction {labels[0]} is zero: both ends are the same weights")
         dirs = [towards] + [random_direction(model, gen) for _ in range(spec.dims - 1)]
     grid = spec.grid(defaults)
+    check_representable(model, origin, dirs, grid)  # before a private query is charged for nothing
     inputs = (lambda x: run.data.normalize(x).to(device))
 
     def batches_of(split: Any, idx: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
@@ -705,7 +729,10 @@ def draw_1d(curves: Mapping[str, Mapping[str, np.ndarray]], xs: Sequence[float],
 
 def _levels(z: np.ndarray, count: int = 16) -> Optional[np.ndarray]:
     """Contour levels at quantiles of z: readable whether the bowl is shallow or steep."""
-    levels = np.unique(np.quantile(z[np.isfinite(z)], np.linspace(0, 1, count)))
+    finite = z[np.isfinite(z)]
+    if finite.size == 0:  # nothing to draw levels for (every point overflowed): an empty panel, not a crash
+        return None
+    levels = np.unique(np.quantile(finite, np.linspace(0, 1, count)))
     return levels if len(levels) >= 2 else None
 
 

@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder of dpwa train")
     p.add_argument("--dims", type=int, default=2, choices=(1, 2), help="1D line or 2D plane (default: %(default)s)")
-    p.add_argument("--method", default="raw", choices=METHODS,
-                   help="the centre: raw (last iterate), ema, polyak, swa (default: %(default)s)")
+    p.add_argument("--method", choices=METHODS,
+                   help="the centre: raw (last iterate), ema, polyak, swa (default: raw; with --between the "
+                        "centre is FROM)")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--between", nargs=2, choices=METHODS, metavar=("FROM", "TO"),
                       help="first direction from one method's weights to another's (e.g. raw ema)")
@@ -50,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="principal directions of the saved trajectory (FGE snapshots or SWAG deviations)")
     p.add_argument("--range", type=float, nargs="+", metavar="V",
                    help="XMIN XMAX [YMIN YMAX] (default: -1 1; -0.5 1.5 along --between / --to; "
-                        "--pca: around the trajectory)")
+                        "--pca: around the trajectory). Write a negative value as a decimal (-0.001): argparse takes "
+                        "-1e-3 for an option")
     p.add_argument("--points", type=int, nargs="+", default=[21], metavar="N",
                    help="NX [NY] grid points (default: 21, i.e. 21x21 in 2D)")
     p.add_argument("--split", default="test", choices=("test", "train", "val"),
@@ -74,7 +76,10 @@ def _spec(a: argparse.Namespace):
     r = a.range
     if r is not None and len(r) not in (2, 4):
         raise LandscapeError(f"--range takes XMIN XMAX [YMIN YMAX], got {len(r)} values")
-    return LandscapeSpec(dims=a.dims, method=a.method, between=tuple(a.between) if a.between else None,
+    if a.between and a.method is not None:
+        raise LandscapeError(f"--method {a.method} with --between {' '.join(a.between)}: the centre is FROM "
+                             f"({a.between[0]}); drop --method")
+    return LandscapeSpec(dims=a.dims, method=a.method or "raw", between=tuple(a.between) if a.between else None,
                          to=str(a.to) if a.to else None, pca=a.pca, x_range=tuple(r[:2]) if r else None,
                          y_range=tuple(r[2:]) if r and len(r) == 4 else None, points=tuple(a.points), split=a.split,
                          examples=a.examples, seed=a.seed, batch_size=a.batch_size,

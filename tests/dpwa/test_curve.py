@@ -165,9 +165,11 @@ def test_the_curve_run_is_one_reservation_under_the_endpoints_dataset_and_its_ev
     assert all((run_dir / f).is_file() for f in ("curve_error.png", "curve_plane.png"))
     snapshot = ledger_snapshot(led)
     for verb in (["eval"], ["landscape", "--dims", "1", "--points", "3"], ["curvature", "--iterations", "2"],
-                 ["landscape", "--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2"]):
+                 ["landscape", "--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2"],
+                 ["landscape", "--dims", "1", "--points", "3", "--to", str(a)]):
         # a curve is not one model: refused, pointed to dpwa curve --eval (a charged split before its reservation)
-        assert main([verb[0], str(run_dir), *verb[1:]]) == 2, verb
+        centre, rest = (a, [*verb[1:-1], str(run_dir)]) if "--to" in verb else (run_dir, verb[1:])  # or its target
+        assert main([verb[0], str(centre), *rest]) == 2, verb
         assert "is a curve run" in capsys.readouterr().err and ledger_snapshot(led) == snapshot
     assert main(["curve", "--eval", str(run_dir), "--plane-examples", "-5"]) == 2
     assert "--plane-examples must be >= 1 (0 on the command line: all), got -5" in capsys.readouterr().err

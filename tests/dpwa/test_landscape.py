@@ -355,10 +355,19 @@ def test_the_linear_first_layer_shortcut_is_exact():
     (["--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "inf"], "--loss-clip finite and > 0, got 5.0 and inf"),
     (["--split", "train", "--train-noise-multiplier", "1e-200", "--loss-clip", "2"], "finite and >= 1e-50 (the accountants' floor)"),
     (["--seed", str(10**23)], "--seed must lie in -2**63 <= seed < 2**64, got 100000000000000000000000"),
+    # linspace(0, inf) puts NaN and inf weights at every point: charged for losses that say nothing
+    (["--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2", "--range", "0", "inf"],
+     "--range x takes finite MIN MAX with MIN < MAX, got [0.0, inf]"),
+    # float32 weights overflow at the second point, after the first was charged
+    (["--split", "train", "--train-noise-multiplier", "5", "--loss-clip", "2", "--range", "0", "5e299"],
+     "the grid reaches coordinate 5e+299"),
+    (["--between", "raw", "ema", "--method", "ema"], "--method ema with --between raw ema: the centre is FROM (raw)"),
 ])
 def test_bad_budget_values_and_seeds_are_refused_before_anything_is_charged(runs, capsys, args, needle):
     """An infinite clip would charge for noise of infinite std; a noise multiplier under the
-    accountants' floor would break the ledger's arithmetic; torch takes no seed past 64 bits."""
+    accountants' floor would break the ledger's arithmetic; torch takes no seed past 64 bits; a
+    grid past the weights' dtype pays for points it cannot compute; --method next to --between
+    was ignored."""
     first, _, ledger = runs
     before = ledger_snapshot(ledger)
     assert main(["landscape", str(first), "--dims", "1", "--points", "3", "--no-progress", *args]) == 2
@@ -376,3 +385,13 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_query_is_
                      "--dims", "1", "--points", "3", "--no-progress", "--out", str(out)]) == 2
         assert f"--out='{out}' cannot hold the landscape's files" in capsys.readouterr().err
     assert ledger_snapshot(ledger) == before
+
+
+def test_a_surface_with_no_finite_value_draws_empty_panels(tmp_path):
+    """A finite range can still overflow the logits at every point (loss NaN): the contour plot
+    was an IndexError from the quantiles of nothing, after the values were computed."""
+    from dpwa.landscape import draw_contours
+
+    z = np.full((3, 2), np.nan)
+    path = draw_contours({"loss": z, "accuracy (%)": z}, [0.0, 1.0, 2.0], [0.0, 1.0], tmp_path / "c.png")
+    assert path.is_file()
