@@ -38,6 +38,9 @@ def _registry(module: str, registry: str):
     return getattr(importlib.import_module(module), registry)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch here
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -227,7 +230,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _known("optim.name", self.name, "dpwa.optimizers", "OPTIMIZERS")
         _known("optim.schedule", self.schedule, "dpwa.schedules", "SCHEDULES")
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(0 < self.lr <= FLOAT32_MAX, f"optim.lr must be > 0 and fit in float32 (<= {FLOAT32_MAX:.4g}; the "
+                 f"optimizer's step would overflow after a charged release), got {self.lr}")
+        _require(self.weight_decay * max(self.lr, 1.0) <= FLOAT32_MAX,
+                 f"optim.weight_decay (x optim.lr, where AdamW multiplies them) must fit in float32 "
+                 f"(<= {FLOAT32_MAX:.4g}), got {self.weight_decay} (lr {self.lr})")
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.name != "sgd" or (self.betas == [0.9, 0.999] and self.eps == 1e-8),

@@ -209,6 +209,9 @@ class Masks:
         self.generator = torch.Generator().manual_seed(seed)
         sizes = [p.numel() for p in self.params]
         counts = layer_counts(sizes, DENSITIES[init]([tuple(p.shape) for p in self.params], density), density)
+        if empty := [name for name, count in zip(self.names, counts) if count == 0]:  # its output ignores its input
+            raise ConfigError(f"method.sparsity_density={density} with method.sparsity_init={init} leaves no active "
+                              f"weight in {', '.join(empty)}: raise the density, or use erk")
         self.masks = []
         for p, n, count in zip(self.params, sizes, counts):
             flat = torch.zeros(n, dtype=torch.bool)

@@ -430,9 +430,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         probe_s = probe(model, p.engine, example_shape=tuple(data.train.x.shape[1:]), views=views,
                         num_classes=data.num_classes, batch=cfg.train.physical_batch_size).seconds if private else 0.0
         schedule = Schedule(cfg.optim, plan.steps, swa_start=cfg.averaging.swa_start)  # refuses bad cycles
-        averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
         noise_std = plan.noise_multiplier * (1.0 if p.rescale_to_unit else p.clip_norm) / cfg.train.batch_size
         method = make_method(cfg, model, noise_std=noise_std if private else 0.0)  # public: std of a release's noise
+        # after the method, which may move the weights (a curve to w(1/2), sparse masks): EMA
+        # starts from the copy it takes here, which must be the run's first iterate
+        averagers = make_averagers(cfg.averaging, model, total_steps=plan.steps, is_minimum=schedule.is_minimum)
         coins = Coins(noise=secret_generator(p.noise_seed, device),  # the noise: used by rank 0 alone
                       sampling=torch.Generator(), reproducible=not private or p.noise_seed is not None,
                       validation=secret_generator(None if p.noise_seed is None else p.noise_seed + 11, "cpu")

@@ -47,10 +47,16 @@ class PSWA(DPSGD):
     @classmethod
     def length_problems(cls, cfg, steps: int) -> list[str]:
         m = cfg.method
-        if m.pswa_start + m.pswa_period <= steps:
-            return []
-        return [f"method.pswa_start={m.pswa_start} + method.pswa_period={m.pswa_period} is beyond the run ({steps} "
-                "steps): no restart from the average would fall within it (method.name=pswa would be DP-SGD)"]
+        if m.pswa_start + m.pswa_period > steps:
+            return [f"method.pswa_start={m.pswa_start} + method.pswa_period={m.pswa_period} is beyond the run "
+                    f"({steps} steps): no restart from the average would fall within it (method.name=pswa would "
+                    "be DP-SGD)"]
+        if m.pswa_restarts and m.pswa_start + m.pswa_restarts * m.pswa_period >= steps:
+            return [f"method.pswa_restarts={m.pswa_restarts} restarts every method.pswa_period={m.pswa_period} steps "
+                    f"after method.pswa_start={m.pswa_start} need more than {m.pswa_start + m.pswa_restarts * m.pswa_period} "
+                    f"steps, and the run has {steps}: its last round of averaging would never start (fewer "
+                    "restarts, or 0: restart to the end)"]
+        return []
 
     def __init__(self, cfg, model, *, noise_std: float = 0.0) -> None:
         super().__init__(cfg, model, noise_std=noise_std)

@@ -134,3 +134,18 @@ def test_pswa_fields_belong_to_pswa():
         load_config(None, ["method.pswa_period=5", "privacy.epsilon=1", "train.steps=2"])
     with pytest.raises(ConfigError, match="method.pswa_period must be >= 1, got 0"):
         load_config(None, ["method.name=pswa", "method.pswa_period=0", "privacy.epsilon=1", "train.steps=2"])
+
+
+def test_more_restarts_than_the_run_holds_are_refused():
+    """R restarts every P steps after the start need start + R P < steps, or the last round of
+    averaging (DSWA's output) never starts and no pswa model is released."""
+    from dpwa.methods import METHODS
+
+    def problems(restarts):
+        cfg = load_config(None, ["method.name=pswa", "method.pswa_start=2", "method.pswa_period=3",
+                                 f"method.pswa_restarts={restarts}", "privacy.epsilon=1", "train.steps=12"])
+        return METHODS["pswa"].length_problems(cfg, 12)
+
+    assert problems(0) == problems(3) == []  # 2 + 9 = 11 < 12: one step of the last round
+    (why,) = problems(4)
+    assert "method.pswa_restarts=4" in why and "need more than 14 steps, and the run has 12" in why
