@@ -79,3 +79,7 @@ class UnknownRunError(LedgerError):
 
 class RunStateError(LedgerError):
     """The run is not in a state that allows the request (e.g. committing a released run)."""
+
+
+class SessionLostError(RunStateError):
+    """Another session took over a reserved run (`Ledger.claim`): this one must stop writing."""

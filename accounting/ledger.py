@@ -53,7 +53,8 @@ from . import accountants as _accountants
 from . import memo as _memo
 from .accountants import DEFAULT_ACCOUNTANT, check_delta, check_accountant, epsilon
 from .errors import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError, InvalidParameterError,
-                     LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, UnknownRunError)
+                     LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, SessionLostError,
+                     UnknownRunError)
 from .events import Event, events_from_json_list, merge
 
 __all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "fingerprint_size", "default_ledger_path",
@@ -111,6 +112,10 @@ CREATE TABLE IF NOT EXISTS run_checkpoints (
     run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
     counts TEXT NOT NULL             -- JSON events: the releases the run's newest checkpoint on disk holds
 );
+CREATE TABLE IF NOT EXISTS run_sessions (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    session TEXT NOT NULL            -- the one session that may checkpoint and commit the run (`claim`)
+);
 CREATE TABLE IF NOT EXISTS aliases (
     name TEXT PRIMARY KEY,           -- another name a run gave for a registered dataset's data
     dataset TEXT NOT NULL REFERENCES datasets(name),
@@ -122,7 +127,9 @@ _ALIASES = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases"):].strip()
 _RUN_DELTAS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_deltas"):
                       _SCHEMA.index("CREATE TABLE IF NOT EXISTS run_checkpoints")].strip().rstrip(";")
 _RUN_CHECKPOINTS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_checkpoints"):
-                           _SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases")].strip().rstrip(";")
+                           _SCHEMA.index("CREATE TABLE IF NOT EXISTS run_sessions")].strip().rstrip(";")
+_RUN_SESSIONS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS run_sessions"):
+                        _SCHEMA.index("CREATE TABLE IF NOT EXISTS aliases")].strip().rstrip(";")
 
 
 def default_ledger_path() -> Path:
@@ -386,8 +393,12 @@ class Ledger:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the lock up front (BEGIN IMMEDIATE), so that a
-        budget check and the insert it guards cannot interleave with another process."""
+        budget check and the insert it guards cannot interleave with another process. Inside
+        `held`, the calls join its transaction."""
         conn = self._require_conn()
+        if conn.in_transaction:  # within `held`: one transaction, committed when it ends
+            yield conn
+            return
         with self._locked_errors():
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -410,6 +421,8 @@ class Ledger:
             conn.execute(_RUN_DELTAS)
         if not Ledger._has_table(conn, "run_checkpoints"):
             conn.execute(_RUN_CHECKPOINTS)
+        if not Ledger._has_table(conn, "run_sessions"):
+            conn.execute(_RUN_SESSIONS)
         if Ledger._key(conn) is None:
             key = _new_key()
             conn.execute("INSERT INTO meta VALUES (?, ?)", (_KEY, key))
@@ -845,10 +858,41 @@ class Ledger:
         _warn_large_delta(record)
         return run
 
-    def progress(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
+    def progress(self, run_id: str, spent: Sequence[Event], *, session: Optional[str] = None) -> RunRecord:
         """Record what a reserved run has spent so far (it still counts its full plan).
-        Recorded spend never goes down (see `commit`)."""
-        return self._update_spent(run_id, spent, new_status="reserved")
+        Recorded spend never goes down (see `commit`). `session`: the caller's `claim`."""
+        return self._update_spent(run_id, spent, new_status="reserved", session=session)
+
+    def claim(self, run_id: str) -> str:
+        """Make the caller the one session of a reserved run, and return its token for
+        `progress`, `held`, `checkpointed` and `commit`: any session that claimed it before is
+        refused from now on (SessionLostError). Two copies of a run folder, resumed at once
+        (or a requeue on another host, where a folder lock does not reach), would otherwise
+        both release under the one reservation; the one that claimed last goes on."""
+        token = secrets.token_hex(16)
+        with self._transaction() as conn:
+            self._reserved_run(conn, run_id, "can be claimed")
+            conn.execute("INSERT OR REPLACE INTO run_sessions VALUES (?, ?)", (run_id, token))
+        return token
+
+    @contextlib.contextmanager
+    def held(self, run_id: str, session: str) -> Iterator[None]:
+        """One write transaction in which `session` still holds the run: what the caller writes
+        inside (a checkpoint, the final weights) and the ledger calls it makes there cannot
+        interleave with another session's `claim`. A claim after it sees what it recorded; a
+        claim before it makes it raise SessionLostError before anything is written."""
+        with self._transaction() as conn:
+            self._check_session(conn, run_id, session)
+            self._reserved_run(conn, run_id, "can record spend")
+            yield
+
+    def _check_session(self, conn: sqlite3.Connection, run_id: str, session: str) -> None:
+        """First, so that a session whose run another one took over and committed hears why."""
+        row = conn.execute("SELECT session FROM run_sessions WHERE run_id=?", (run_id,)).fetchone()
+        if row is None or not hmac.compare_digest(row[0], session):
+            raise SessionLostError(
+                f"Run {run_id!r} was resumed by another session (a copy of its folder, or a requeue elsewhere) "
+                "after this one started: this session stops without writing, as if killed; the other goes on")
 
     def _reserved_run(self, conn: sqlite3.Connection, run_id: str, doing: str) -> RunRecord:
         found = self._runs(conn, run_id=run_id)
@@ -858,12 +902,14 @@ class Ledger:
             raise RunStateError(f"Run {run_id!r} is {found[0].status}; only a reserved run {doing}")
         return found[0]
 
-    def checkpointed(self, run_id: str, held: Sequence[Event]) -> None:
+    def checkpointed(self, run_id: str, held: Sequence[Event], *, session: Optional[str] = None) -> None:
         """Record that a reserved run's newest checkpoint, now on disk, holds the releases `held`
         (call after writing it; counts never go down). A resume from a checkpoint holding fewer
         (`checkpointed_events`: a copy of the folder made earlier, a rolled-back file) would
         release again what a newer checkpoint already released, past what the ledger counts."""
         with self._transaction() as conn:
+            if session is not None:
+                self._check_session(conn, run_id, session)
             self._reserved_run(conn, run_id, "checkpoints")
             row = conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
             had = events_from_json_list(json.loads(row[0])) if row else []
@@ -880,16 +926,19 @@ class Ledger:
             row = self._conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
         return events_from_json_list(json.loads(row[0])) if row else []
 
-    def commit(self, run_id: str, spent: Sequence[Event]) -> RunRecord:
+    def commit(self, run_id: str, spent: Sequence[Event], *, session: Optional[str] = None) -> RunRecord:
         """Finish a run: from now on it counts what it actually spent, not its plan. Each
         mechanism counts the most steps ever recorded for it, never fewer: a resumed run that
         redoes steps records fewer for a while, and a caller passing less than it recorded must
         not shrink what a release or a commit keeps."""
-        return self._update_spent(run_id, spent, new_status="committed")
+        return self._update_spent(run_id, spent, new_status="committed", session=session)
 
-    def _update_spent(self, run_id: str, spent: Sequence[Event], *, new_status: str) -> RunRecord:
+    def _update_spent(self, run_id: str, spent: Sequence[Event], *, new_status: str,
+                      session: Optional[str] = None) -> RunRecord:
         spent = merge(spent)
         with self._transaction() as conn:
+            if session is not None:
+                self._check_session(conn, run_id, session)
             run = self._reserved_run(conn, run_id, "can record spend")
             _check_within(run, spent)
             conn.execute("UPDATE runs SET spent=?, status=?, updated_at=? WHERE run_id=?",

@@ -230,9 +230,12 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _known("optim.name", self.name, "dpwa.optimizers", "OPTIMIZERS")
         _known("optim.schedule", self.schedule, "dpwa.schedules", "SCHEDULES")
-        _require(0 < self.lr <= FLOAT32_MAX, f"optim.lr must be > 0 and fit in float32 (<= {FLOAT32_MAX:.4g}; the "
-                 f"optimizer's step would overflow after a charged release), got {self.lr}")
-        _require(self.weight_decay * max(self.lr, 1.0) <= FLOAT32_MAX,
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.lr <= FLOAT32_MAX or math.isinf(self.lr),  # (inf: "must be finite", below)
+                 f"optim.lr must fit in float32 (<= {FLOAT32_MAX:.4g}; the optimizer's step would overflow after a "
+                 f"charged release), got {self.lr}")
+        _require(not (math.isfinite(self.weight_decay) and math.isfinite(self.lr))  # (inf: "must be finite")
+                 or self.weight_decay * max(self.lr, 1.0) <= FLOAT32_MAX,
                  f"optim.weight_decay (x optim.lr, where AdamW multiplies them) must fit in float32 "
                  f"(<= {FLOAT32_MAX:.4g}), got {self.weight_decay} (lr {self.lr})")
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")

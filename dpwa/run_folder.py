@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ import torch
 
 from accounting import Gaussian, PoissonGaussian, epsilon
 
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .errors import RefusalError, UsageError
 
@@ -155,10 +156,25 @@ class RunFolder:
         atomic_write_text(self.path / "run.json", json.dumps(meta, indent=2))
 
     def config(self) -> RunConfig:
-        return config_from_yaml_text((self.path / "config.yaml").read_text())
+        path = self.path / "config.yaml"
+        try:
+            return config_from_yaml_text(path.read_text())
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - YAML that does not parse: a damaged or hand-edited file
+            raise ConfigError(f"{path} is not readable YAML ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                              "restore the file the run wrote") from None
 
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.path / "run.json").read_text())
+        path = self.path / "run.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not readable JSON ({e}); restore the file the run wrote") from None
+        missing = [k for k in ("run_id", "steps") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}; restore the file the run wrote")
+        return meta
 
     def metrics(self, *, after_step: int, held: Sequence[dict[str, Any]] = ()) -> MetricsLog:
         return MetricsLog(self.path / "metrics.jsonl", after_step=after_step, held=held)
@@ -175,7 +191,24 @@ class RunFolder:
     def load_state(self) -> Optional[dict[str, Any]]:
         """The last checkpoint, or None (killed before its first one). CheckpointError
         (a usage error) if it cannot be read."""
-        return load_checkpoint(self.checkpoint_path) if self.checkpoint_path.is_file() else None
+        if not self.checkpoint_path.is_file():
+            return None
+        state = load_checkpoint(self.checkpoint_path)
+        self._check_own(state)
+        return state
+
+    def _check_own(self, state: dict[str, Any]) -> None:
+        """Refuse another run's checkpoint copied in: its weights would be published, or
+        trained on, under this run's epsilon (checkpoints record their run first in `CARRIED`)."""
+        try:
+            runs = json.loads(state.get(CARRIED) or "[]")
+            own = runs[0]["run_id"] if runs else None
+        except (TypeError, ValueError, KeyError, IndexError):
+            raise CheckpointError(f"{self.checkpoint_path}: its {CARRIED!r} record is damaged") from None
+        run_id = self.meta()["run_id"]
+        if own is not None and own != run_id:
+            raise CheckpointError(f"{self.checkpoint_path} is the checkpoint of run {own!r}, not of this folder's run "
+                                  f"{run_id!r} (run.json): restore the folder's own checkpoint")
 
     def save_weights(self, model: torch.nn.Module, carried: Sequence[dict[str, Any]]) -> None:
         """The last iterate, with the runs it carries (this one first) in the file's header:
@@ -341,6 +374,11 @@ def _check_against_ledger(folder: RunFolder, meta: dict[str, Any], events: Seque
         record = Ledger(path, create=False).run(meta["run_id"])
     except AccountingError:
         return
+    text = (folder.path / "config.yaml").read_bytes()
+    if record.config_hash and "releases" in meta and record.config_hash != hashlib.sha256(text).hexdigest()[:16]:
+        # (a folder from before run.json's "releases" hashed its config in an older layout)
+        raise ConfigError(f"{folder.path}/config.yaml is not the config ledger {path} reserved run "
+                          f"{meta['run_id']!r} with (its hash differs): the file was edited; restore it")
     reserved = {e.with_count(0) for e in record.planned}
     other = [e for e in events if e.with_count(0) not in reserved]
     if other:
@@ -377,6 +415,9 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
     set_threads(cfg.train.threads)
     data = load_data(cfg.data, withhold_train=True)
     model = build_model(cfg, data, load_pretrained=False)  # the checkpoint holds the weights
+    missing = [k for k in ("noise_multiplier", "sample_rate", "delta") if k not in meta] if cfg.privacy.enabled else []
+    if missing:
+        raise ConfigError(f"{folder.path}/run.json lacks {', '.join(missing)}; restore the file the run wrote")
     steps = int(meta["steps"])
     schedule = Schedule(cfg.optim, steps, swa_start=cfg.averaging.swa_start)
     averagers = make_averagers(cfg.averaging, model, total_steps=steps, is_minimum=schedule.is_minimum)
@@ -384,10 +425,10 @@ def load_run(run_dir: Path, *, test_time_flip: Optional[bool] = None) -> Release
         model.load_state_dict(state["model"])
         for name, avg in averagers.items():
             avg.load_state_dict(state["averagers"][name])
-    except (KeyError, RuntimeError, ValueError) as e:
+        releases = int(state["mechanism"]["released"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise StateError(f"{folder.checkpoint_path} does not match the run's config: {type(e).__name__}: "
                          f"{str(e).splitlines()[0]}") from None
-    releases = int(state["mechanism"]["released"])
     eps: Optional[float] = None
     if cfg.privacy.enabled:  # every release the run made: feature statistics, validation accuracies, gradients
         stats = int(state.get("statistics", {}).get("released", 0))

@@ -152,14 +152,20 @@ class _NoLedger:
 
     def reserve(self, **kwargs: Any) -> None: ...
 
-    def progress(self, run_id: str, events: Any) -> None: ...
+    def claim(self, run_id: str) -> None: ...
 
-    def checkpointed(self, run_id: str, events: Any) -> None: ...
+    @contextlib.contextmanager
+    def held(self, run_id: str, session: Any) -> Iterator[None]:
+        yield
+
+    def progress(self, run_id: str, events: Any, session: Any = None) -> None: ...
+
+    def checkpointed(self, run_id: str, events: Any, session: Any = None) -> None: ...
 
     def checkpointed_events(self, run_id: str) -> list:
         return []
 
-    def commit(self, run_id: str, events: Any) -> None: ...
+    def commit(self, run_id: str, events: Any, session: Any = None) -> None: ...
 
     def release(self, run_id: str, reason: str) -> None: ...
 
@@ -273,9 +279,12 @@ def _check_resume_plan(folder: RunFolder, run: Any, cfg: RunConfig, plan: Plan) 
     same_config = run.config_hash in (_config_hash(cfg), hashlib.sha256(text.encode()).hexdigest()[:16]) \
         or "releases" not in meta
     if not same_config or recorded != planned or list(run.planned) != merge(plan.events):  # as the ledger holds them
+        why = ("its hash differs from the one the ledger recorded at the reservation: the file was edited"
+               if same_config is False and recorded == planned else
+               f"reserved: {recorded}; the config now gives {planned}")
         raise StateError(f"Cannot resume {folder.path}: its config.yaml no longer matches the run reserved in the "
-                         f"ledger (reserved: {recorded}; the config now gives {planned}). Restore the config the "
-                         f"run started with; run {run.run_id!r} stays reserved (counted in full)")
+                         f"ledger ({why}). Restore the config the run started with; run {run.run_id!r} stays "
+                         "reserved (counted in full)")
 
 
 def _check_resume_data(folder: RunFolder, run: Any, ledger: Any, source: Source) -> None:
@@ -484,7 +493,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         return {**_dry_run(cfg, plan, dataset, ledger_path, probe_s, resumed=run_id if resume is not None else None),
                 "private": is_private, "built_on": built_on}
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
-    ledger: Any = Ledger(ledger_path or p.ledger) if private and world.main else _NoLedger()
+    # a resumed run's ledger is the one its run.json names (unless --ledger moves it), and is never
+    # created: a new, empty file would only say that the run is not in it
+    where = ledger_path or (folder.meta().get("ledger") if resume is not None else None) or p.ledger
+    ledger: Any = Ledger(where, create=resume is None) if private and world.main else _NoLedger()
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
         ("train.eval_split=val with train.val_noise=0", HELD_OUT,
@@ -493,7 +505,12 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
          "curves.png)", cfg.train.private_diagnostics)) if on and private} | (carve_outside(cfg.data) if private else {})
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
-    #    makes the run folder; a refusal stops every rank.
+    #    makes the run folder, which it holds (`RunFolder.hold`) until the session ends; a refusal
+    #    stops every rank. Its session token (`Ledger.claim`) is taken after the checkpoint is
+    #    known to be the newest: rank 0 writes checkpoints and the final weights only while it
+    #    holds the run, so of two copies of a folder resumed at once only the last to claim goes on.
+    session: list[Any] = [None]
+
     def reserve() -> None:
         if resume is not None:  # the reservation, not the folder's (editable) config, is the plan
             run = ledger.run(run_id)
@@ -514,6 +531,8 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                                 "method": cfg.method.name, "built_on": built_on})
         except OSError as e:
             raise _folder_error(e, ledger, run_id, folder.path, released=True) from None
+        held.enter_context(folder.hold())  # a resume of it while this session runs is refused at once
+        session[0] = ledger.claim(run_id)
 
     world.on_main(reserve)
     # what its weights carry (it, then its "built_on"), recorded in its checkpoints and weights
@@ -542,9 +561,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # (over-counting), never a checkpoint's weights ahead of what a release of the run keeps;
         # then, once it is on disk, that it holds them: an older copy of the run can no longer resume
         held = spent()
-        ledger.progress(run_id, held)
-        folder.save_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra})
-        ledger.checkpointed(run_id, held)
+        ledger.progress(run_id, held, session=session[0])
+        with ledger.held(run_id, session[0]):  # no other session's claim between the file and its record
+            folder.save_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra})
+            ledger.checkpointed(run_id, held, session=session[0])
 
     held_rows: list[dict[str, Any]] = []
     final: Optional[dict[str, Any]] = None  # a resumed run's released final validation accuracies
@@ -558,7 +578,15 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         except UsageError as e:  # unreadable, or not this run's
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
-        behind = world.on_main(lambda: _older_checkpoint(ledger, run_id, spent(), saved is not None))
+
+        def claim() -> Optional[str]:  # the check, then the claim, then the check again: a session
+            # that checkpointed between the two is seen by the second (its writes are `held`)
+            if why := _older_checkpoint(ledger, run_id, spent(), saved is not None):
+                return why
+            session[0] = ledger.claim(run_id)
+            return _older_checkpoint(ledger, run_id, spent(), saved is not None)
+
+        behind = world.on_main(claim)
         if behind:
             raise _resume_error(folder.path, run_id, f"{folder.checkpoint_path}: {behind}") from None
     if statistics is not None and statistics.released == 0:  # before the first step; a resumed run has them
@@ -699,11 +727,12 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
                   **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice),
                   "allocator": allocator}
-        folder.save_weights(model, carried)  # the last iterate: model.pretrained can read it
-        folder.write_report(report)
-        draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
-                    final={name: r["accuracy"] for name, r in results.items()})
-        ledger.commit(run_id, spent())
+        with ledger.held(run_id, session[0]):  # written only by the session that holds the run
+            folder.save_weights(model, carried)  # the last iterate: model.pretrained can read it
+            folder.write_report(report)
+            draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
+                        final={name: r["accuracy"] for name, r in results.items()})
+            ledger.commit(run_id, spent(), session=session[0])
         return world.broadcast({**report, "run_dir": str(folder.path)})
     except DistributedError:
         raise

@@ -592,3 +592,47 @@ def test_a_size_declared_by_set_budget_must_be_the_datas_and_can_be_corrected_un
     assert ledger.dataset("c10").size == 50_000
     with pytest.raises(DatasetMismatchError, match="has 50000 examples .*fingerprint.*not 1000"):  # bound: fixed
         ledger.set_budget("c10", epsilon=8.0, delta=1e-6, size=1000)
+
+
+def test_only_the_last_session_to_claim_a_run_records_its_spend(tmp_path):
+    """Two copies of a run folder resumed at once each claim the run: the earlier session is
+    refused at its next record, and while one writes inside `held` no claim can interleave."""
+    import sqlite3
+
+    from accounting import SessionLostError
+
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    led.reserve(run_id="r1", dataset="d", fingerprint=FP, events=[ev(steps=100)])
+    first = led.claim("r1")
+    led.progress("r1", [ev(steps=10)], session=first)
+    second = Ledger(path).claim("r1")
+    assert second != first
+    for record in (lambda: led.progress("r1", [ev(steps=20)], session=first),
+                   lambda: led.checkpointed("r1", [ev(steps=20)], session=first),
+                   lambda: led.commit("r1", [ev(steps=20)], session=first)):
+        with pytest.raises(SessionLostError, match="resumed by another session"):
+            record()
+    with pytest.raises(SessionLostError):
+        with led.held("r1", first):
+            raise AssertionError("not reached: nothing is written by a session that lost the run")
+    assert led.run("r1").spent == (ev(steps=10),) and led.checkpointed_events("r1") == []
+    with Ledger(path).held("r1", second):  # its writes and records: one transaction ...
+        with pytest.raises(LedgerLockedError):  # ... that a claim cannot enter
+            Ledger(path, timeout=0).claim("r1")
+    other = Ledger(path)
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed write inside records nothing
+        with other.held("r1", second):
+            other.checkpointed("r1", [ev(steps=30)], session=second)
+            raise RuntimeError("disk full")
+    assert other.checkpointed_events("r1") == []
+    other.commit("r1", [ev(steps=100)], session=second)
+    with pytest.raises(SessionLostError):  # committed by the other session: the first hears why
+        led.progress("r1", [ev(steps=100)], session=first)
+    with pytest.raises(RunStateError, match="committed"):  # a caller without a session (a query): as before
+        led.progress("r1", [ev(steps=100)])
+    with sqlite3.connect(path) as conn:  # a file from before the table gains it on a write
+        conn.execute("DROP TABLE run_sessions")
+    Ledger(path).reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev(steps=10)])
+    token = Ledger(path).claim("r2")
+    Ledger(path).commit("r2", [ev(steps=10)], session=token)

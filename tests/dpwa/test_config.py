@@ -37,8 +37,8 @@ def test_overrides():
     (["privacy.delta=1"], "privacy.delta must be in (0, 1), got 1.0"),
     (["privacy.delta=0"], "privacy.delta"),
     (["augmult.k=0"], "augmult.k must be >= 1, got 0"),
-    (["optim.lr=-1"], "optim.lr must be > 0 and fit in float32"),
-    (["optim.lr=1e300"], "got 1e+300"),  # the first optimizer step overflowed, after a charged release
+    (["optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
+    (["optim.lr=1e300"], "optim.lr must fit in float32"),  # the first optimizer step overflowed, after a charged release
     (["optim.weight_decay=1e300"], "optim.weight_decay (x optim.lr, where AdamW multiplies them) must fit in float32"),
     (["train.steps=abc"], "abc"),
     (["privacy.noise_multiplier=3"], "exactly one of privacy.epsilon"),

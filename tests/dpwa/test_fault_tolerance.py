@@ -380,3 +380,108 @@ def test_a_run_released_while_training_stops_at_its_next_checkpoint_before_writi
     assert run.status == "released" and run.spent[0].steps == 4  # its checkpoint at step 4
     assert folder.load_state()["step"] == 4 and [r["step"] for r in folder.rows()] == [1, 2, 3, 4]
     assert not (folder.path / "weights.safetensors").exists() and not (folder.path / "report.json").exists()
+
+
+def test_a_fresh_run_holds_its_folder_so_a_resume_beside_it_is_refused(tmp_path, monkeypatch):
+    """Only a resumed session held its folder: a requeued `--resume` of a run still in its first
+    session trained beside it, both releasing under the one reservation."""
+    from dpwa.run_folder import MetricsLog, RunFolderInUseError
+
+    cfg = load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"])
+    led = str(tmp_path / "l.sqlite")
+    real, refused = MetricsLog.write, []
+
+    def resumed_beside_at_step_6(self, row):
+        if row["step"] == 6:
+            with pytest.raises(RunFolderInUseError, match="is in use by another dpwa process") as info:
+                train(resume=Path(self.file.name).parent, ledger_path=led, progress=False)
+            refused.append(info.value)
+        return real(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", resumed_beside_at_step_6)
+    report = train(cfg, ledger_path=led, progress=False)
+    (run,) = Ledger(led).runs()
+    assert refused and run.status == "committed" and run.spent[0].steps == report["releases"] == 12
+
+
+def test_of_two_copies_resumed_at_once_only_the_last_to_claim_the_run_writes(tmp_path, monkeypatch):
+    """Two copies of a reserved folder (on two hosts, where a folder lock does not reach) resumed
+    at once both passed every check and released to the end under one reservation (12 + 8
+    releases, 12 counted). Now the copy resumed second claims the run in the ledger; the first
+    stops at its next checkpoint without writing, as if killed, and what it released since its
+    last checkpoint never reaches the disk."""
+    import shutil
+
+    from accounting import SessionLostError
+    from dpwa.run_folder import MetricsLog, RunFolder
+
+    led = str(tmp_path / "l.sqlite")
+    stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=led, progress=False,
+                    stop_after=6)  # its checkpoint: step 4
+    first = Path(stopped["run_dir"])
+    copy = tmp_path / "elsewhere" / first.name
+    shutil.copytree(first, copy)
+    real, other = MetricsLog.write, []
+
+    def copy_resumed_at_step_6(self, row):
+        if row["step"] == 6 and Path(self.file.name).parent == first and not other:
+            other.append(train(resume=copy, ledger_path=led, progress=False))  # runs to the end
+        return real(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", copy_resumed_at_step_6)
+    with pytest.raises(SessionLostError, match="resumed by another session"):
+        train(resume=first, ledger_path=led, progress=False)
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == other[0]["releases"] == 12
+    folder = RunFolder(first)  # the first session wrote nothing after its claim was taken
+    assert folder.load_state()["step"] == 4 and [r["step"] for r in folder.rows()] == [1, 2, 3, 4]
+    assert not (first / "weights.safetensors").exists() and not (first / "report.json").exists()
+    assert (copy / "weights.safetensors").exists()
+
+
+def test_another_runs_checkpoint_copied_into_a_folder_is_refused(tmp_path, capsys):
+    """X's weights (epsilon 3) in Y's folder were evaluated, and resumed, under Y's epsilon."""
+    import shutil
+
+    led = str(tmp_path / "l.sqlite")
+    x, y = (train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / name}"]), ledger_path=led, progress=False,
+                  stop_after=6)["run_dir"] for name in ("x", "y"))
+    shutil.copy(Path(x) / "checkpoint.pt", Path(y) / "checkpoint.pt")
+    before = ledger_snapshot(led)
+    for args in (["eval", y], ["train", "--resume", y, "--ledger", led, "--no-progress"]):
+        assert main(args) == 2, args
+        assert f"is the checkpoint of run {Path(x).name!r}, not of this folder's run {Path(y).name!r}" in \
+            capsys.readouterr().err
+    assert ledger_snapshot(led) == before
+
+
+@pytest.mark.parametrize("name, edit, needle", [
+    ("run.json", lambda t: t[:-5], "run.json is not readable JSON"),
+    ("run.json", lambda t: t.replace('"steps"', '"stepz"'), "run.json lacks steps"),
+    ("config.yaml", lambda t: t.replace("train:", "train: [", 1), "config.yaml is not readable YAML"),
+    # the same parameter shapes, another model: eval scored it under the run's name
+    ("config.yaml", lambda t: t.replace("groups: 8", "groups: 4"), "is not the config ledger"),
+])
+def test_a_damaged_or_edited_run_folder_is_refused_by_name(tmp_path, capsys, name, edit, needle):
+    led = str(tmp_path / "l.sqlite")
+    run_dir = Path(train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=led,
+                         progress=False)["run_dir"])
+    path = run_dir / name
+    path.write_text(edit(path.read_text()))
+    assert main(["eval", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_resume_uses_the_ledger_its_run_json_names_and_creates_none(tmp_path, monkeypatch, capsys):
+    """$DPWA_LEDGER pointing elsewhere at resume time created an empty ledger there and refused
+    the run as unknown; a --ledger naming a missing file created it."""
+    led = str(tmp_path / "l.sqlite")
+    stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=led, progress=False,
+                    stop_after=6)
+    elsewhere = tmp_path / "other.sqlite"
+    assert main(["train", "--resume", stopped["run_dir"], "--ledger", str(elsewhere), "--no-progress"]) == 1
+    assert "No run" in capsys.readouterr().err and not elsewhere.exists()
+    monkeypatch.setenv("DPWA_LEDGER", str(elsewhere))
+    assert train(resume=Path(stopped["run_dir"]), progress=False)["releases"] == 12
+    assert not elsewhere.exists() and Ledger(led).runs()[0].status == "committed"
