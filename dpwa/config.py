@@ -194,6 +194,8 @@ class PrivacyConfig:
                  f"privacy.noise_multiplier must be finite and >= {MIN_NOISE_MULTIPLIER:g} (the accountants' floor), "
                  f"got {self.noise_multiplier}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.noise_seed is None or 0 <= self.noise_seed < 2**63,  # (and noise_seed + 7, + 11: 64 bits)
+                 f"privacy.noise_seed must be in [0, 2**63) or null, got {self.noise_seed}")
         _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         _known("privacy.engine", self.engine, "dpwa.engines", "ENGINES")
         _require(self.accountant in ("rdp", "prv", "pld"),
@@ -568,7 +570,10 @@ class TrainConfig:
                  f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
         _require(self.dist_backend in ("auto", "gloo", "nccl"),
                  f"train.dist_backend must be auto, gloo or nccl; got {self.dist_backend!r}")
-        _require(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        _require(0 < self.dist_timeout_s <= 604800, f"train.dist_timeout_s must be in (0, 604800] (a week; "
+                 f"torch.distributed's timeout overflows far above it), got {self.dist_timeout_s}")
+        # seeds torch.manual_seed and the public sampling generator (seed + 1): 64 bits, with room
+        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -600,6 +605,10 @@ class RunConfig:
         _require(self.train.steps is not None or self.train.epochs is not None,
                  "give train.steps (DP-SGD steps) or train.epochs (passes over the data)")
         _require(bool(self.name.strip()) and "/" not in self.name, f"name must be a plain word, got {self.name!r}")
+        # the run folder is NAME-YYYYmmdd-HHMMSS-xxxxxxxx (25 more bytes): a name the file system
+        # cannot hold failed at the folder, after the reservation
+        _require(len(self.name.encode()) <= 200, f"name must be at most 200 bytes (the run folder's name "
+                 f"appends 25 to it), got {len(self.name.encode())}: {self.name[:40]!r}...")
         _require(self.train.eval_split != "val" or self.data.val_size > 0,
                  "train.eval_split=val needs data.val_size > 0")
         _require(self.privacy.engine != "opacus-ghost" or self.augmult.k == 1,

@@ -12,6 +12,7 @@ classes can be kept (`data.classes`), e.g. to split a dataset into a public and 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -98,6 +99,22 @@ class Source:
 
     fingerprint: str
     size: int
+    # `content_digest` of the source in order, when asked for (`load_data(digest=True)`: the
+    # ranks of a multi-node run agree on it, so that they index one dataset the same way)
+    content: Optional[str] = None
+
+
+def content_digest(split: Split) -> str:
+    """SHA-256 of a split's labels and examples, in order: the pixels as loaded (before any
+    fixed features, which another machine may compute with other rounding), or the files'
+    paths below the split's folder. Two copies whose labels agree but whose examples sit in
+    other orders differ here."""
+    h = hashlib.sha256(split.y.contiguous().numpy().tobytes())
+    if isinstance(split.x, ImageFiles):
+        h.update("\n".join(split.x.names()).encode())
+    else:
+        h.update(split.x.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -330,7 +347,6 @@ def lowest_scores(split: Split, size: int, seed: int) -> torch.Tensor:
     `seed` (64 bits, signed). Adding or removing one example changes no other score, so the
     chosen set changes by at most one example in and one out: the rule by which dpwa picks any
     subset of private data (the validation carve, a landscape's examples)."""
-    import hashlib
 
     salt = seed.to_bytes(8, "little", signed=True)
     scores = [hashlib.blake2b(key, digest_size=8, key=salt).digest() for key in _example_keys(split)]
@@ -454,16 +470,17 @@ def register_source(name: str):
     return wrap
 
 
-def load_data(cfg: DataConfig, *, withhold_train: bool = False) -> Data:
+def load_data(cfg: DataConfig, *, withhold_train: bool = False, digest: bool = False) -> Data:
     """Load, carve the validation split (a fixed function of `cfg.val_seed`), and set the
     normalisation constants (public ones: see `DataConfig.mean`). With `withhold_train`
-    the training split is replaced by a `Withheld` stand-in (evaluation after training)."""
+    the training split is replaced by a `Withheld` stand-in (evaluation after training);
+    `digest`: the source's `content_digest` too (a pass over every byte)."""
     from .features import FEATURES
 
     train, test, num_classes = SOURCES[cfg.name](cfg)
     # The ledger's identity of the dataset: the labels of the whole source, before any class
     # subset or validation carve-out, so that a subset composes with its parent by construction.
-    source = Source(fingerprint(train.y.tolist()), len(train))
+    source = Source(fingerprint(train.y.tolist()), len(train), content_digest(train) if digest else None)
     if cfg.classes is not None:
         missing = [c for c in cfg.classes if c >= num_classes]
         if missing:

@@ -62,7 +62,10 @@ class World:
         if self.size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self._object_device())
+        try:
+            dist.broadcast_object_list(box, src=0, device=self._object_device())
+        except RuntimeError as e:  # a rank died or hung: a clear message, not gloo's traceback
+            raise self._lost(e) from None
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -70,8 +73,19 @@ class World:
         if self.size == 1:
             return [obj]
         out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as e:
+            raise self._lost(e) from None
         return out
+
+    def _lost(self, e: BaseException) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank} of {self.size}: a process of the distributed run failed or stopped answering "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A run it reserved stays reserved "
+            f"in the ledger (counted in full): `torchrun --nproc_per_node {self.size} -m dpwa train --resume "
+            "RUN_DIR` continues it from its last checkpoint, `dpwa ledger release RUN_ID --reason ...` gives back "
+            "what it did not spend")
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run `fn` on rank 0 and hand its result, or its exception, to every rank: a refusal on

@@ -125,10 +125,15 @@ class GradientMechanism:
                 sums[p] += torch.normal(mean=0.0, std=std, size=p.shape, device=p.device, dtype=p.dtype,
                                         generator=self.generator)
         if world is not None and world.size > 1:
-            flat = torch.cat([sums[p].reshape(-1) for p in self.params])
-            torch.distributed.all_reduce(flat)  # the clipped sums of every rank, one rank's noise
-            for p, v in zip(self.params, flat.split([p.numel() for p in self.params])):
+            # the clipped sums of every rank, one rank's noise; and the whole batch's loss sum and
+            # size (the private diagnostics were rank 0's share)
+            tail = torch.tensor([loss_sum, count], dtype=torch.float64)
+            flat = torch.cat([*(sums[p].reshape(-1) for p in self.params), tail.to(self.params[0])])
+            torch.distributed.all_reduce(flat)
+            parts = flat.split([*(p.numel() for p in self.params), 2])
+            for p, v in zip(self.params, parts):
                 sums[p] = v.view_as(p)
+            loss_sum, count = float(parts[-1][0]), int(round(float(parts[-1][1])))
         scale = self.expected_batch_size * (self.clip_norm if self.rescale_to_unit else 1.0)
         return Release({p: v / scale for p, v in sums.items()}, loss_sum / max(count, 1), count)
 

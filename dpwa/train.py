@@ -38,13 +38,13 @@ from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, noise
                         sample_rate_and_steps)
 from accounting.errors import AccountantFailedError, AccountingError, LedgerError
 from accounting.events import merge
-from accounting.ledger import check_delta_below_1_over_n
+from accounting.ledger import check_delta_below_1_over_n, default_ledger_path
 
 from .augmult import augmult_views
 from .averaging import length_problems, make_averagers, prediction_methods
 from .config import ConfigError, RunConfig, config_to_yaml
 from .curves import EpsilonCurve, draw_curves, log_row, release_grid, tensorboard_writer
-from .data import HELD_OUT, Data, DataError, ImageFiles, Source, carve_outside, load_data, outside_guarantee
+from .data import HELD_OUT, Data, DataError, Source, carve_outside, load_data, outside_guarantee
 from .distributed import DistributedError, World, world_from_env
 from .engines import make_engine
 from .errors import RefusalError, UsageError
@@ -422,7 +422,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                               f"{world.size} (each rank's expected share of a logical batch is B / world size)")
         if cfg.train.steps is not None:  # the length is known before the data: refuse a bad one before loading it
             _check_length(cfg, cfg.train.steps)
-        data = load_data(cfg.data)
+        data = load_data(cfg.data, digest=world.size > 1)  # the ranks agree on it (`_agree_on_data`)
         _check_padding(cfg, data)
         _check_images(cfg, data)
         n_source = data.source.size
@@ -496,6 +496,9 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     # a resumed run's ledger is the one its run.json names (unless --ledger moves it), and is never
     # created: a new, empty file would only say that the run is not in it
     where = ledger_path or (folder.meta().get("ledger") if resume is not None else None) or p.ledger
+    if private and world.main and opts.announce and not Path(where or default_ledger_path()).expanduser().exists():
+        print(f"dpwa: creating a new ledger at {Path(where or default_ledger_path()).expanduser()} (no budget "
+              "and no other run's spend: if you meant an existing one, stop and give --ledger)", file=sys.stderr)
     ledger: Any = Ledger(where, create=resume is None) if private and world.main else _NoLedger()
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
@@ -733,7 +736,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
                         final={name: r["accuracy"] for name, r in results.items()})
             ledger.commit(run_id, spent(), session=session[0])
-        return world.broadcast({**report, "run_dir": str(folder.path)})
+        finished = {**report, "run_dir": str(folder.path)}
+        try:
+            return world.broadcast(finished)
+        except DistributedError:  # committed and written: the run is done, whatever another rank did
+            warnings.warn(f"run {run_id} finished and was committed; another rank stopped answering at the end "
+                          "(nothing is left to do)", stacklevel=2)
+            return finished
     except DistributedError:
         raise
     except OSError as e:  # disk full, permissions, a vanished folder: a clear error, a consistent ledger
@@ -769,14 +778,13 @@ def _cheap_evaluations(cfg: RunConfig, model: torch.nn.Module, averagers: dict, 
 
 
 def _agree_on_data(world: World, data: Data) -> None:
-    """The ranks train on one dataset: its labels' fingerprint and, for image folders (each node
-    may hold its own copy), the files' names in order. Two orders of one class's files share a
-    fingerprint, and an example at index i on one node and i + 1 on another could be drawn
-    twice in one step (sensitivity 2 C)."""
+    """The ranks train on one dataset: its labels' fingerprint and, each node holding its own
+    copy, its examples in order (`content_digest`: pixels, or image files' names). Two orders of
+    one class's examples share a fingerprint, and an example at index i on one node and i + 1 on
+    another could be drawn twice in one step (sensitivity 2 C)."""
     world.agree("training data", data.source.fingerprint)
-    if world.size > 1 and isinstance(data.train.x, ImageFiles):
-        names = hashlib.sha256("\n".join(data.train.x.names()).encode()).hexdigest()[:16]
-        world.agree("training image files", names)
+    if world.size > 1:
+        world.agree("training examples (their order and content)", data.source.content)
 
 
 def _check_length(cfg: RunConfig, steps: int) -> None:

@@ -7,6 +7,7 @@ breaks per-example gradients and so DP-SGD; `check_dp_compatible` refuses it.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import torch.nn as nn
@@ -75,6 +76,7 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: Optio
         if not known_to_timm:
             raise ModelError(f"Unknown model {name!r}; known models: {sorted(MODELS)}, or a timm NF model "
                              "(dm_nfnet_f0, nfnet_l0, eca_nfnet_l0, nf_resnet26, nf_regnet_b0, ...)")
+        _shape_arguments({}, groups=groups, weight_standardization=weight_standardization)  # warns if set
         model = create_nf(name, num_classes=num_classes, in_channels=in_channels, **nf)
     check_dp_compatible(model)
     if film_members >= 2:
@@ -93,14 +95,18 @@ def create_model(name: str, *, in_channels: int, num_classes: int, groups: Optio
 _REQUIRED_SHAPE = {"groups": 16, "weight_standardization": True}
 
 
-def _shape_arguments(takes: Mapping[str, inspect.Parameter], **given: Any) -> dict[str, Any]:
+def _shape_arguments(takes: Mapping[str, inspect.Parameter], *, quiet: bool = False, **given: Any) -> dict[str, Any]:
     """The GroupNorm / WS arguments to pass: those the config sets; for one it leaves out
     (None), nothing, so the model keeps its own default, unless the model requires it (no
     default, or only **kwargs to take it in)."""
     any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values())
     out = {}
     for key, value in given.items():
-        if value is not None:
+        if value is not None and key not in takes and not any_keyword:  # an NF model: nothing to set
+            if not quiet:
+                warnings.warn(f"model.{key}={value} has no effect on this model, which takes no {key} (an NF model: "
+                              "scaled weight-standardised convs, no GroupNorm); leave it out", stacklevel=3)
+        elif value is not None:
             out[key] = value
         elif (key in takes and takes[key].default is inspect.Parameter.empty) or (key not in takes and any_keyword):
             out[key] = _REQUIRED_SHAPE[key]
@@ -119,7 +125,7 @@ def resolved_model_config(model_cfg: Any) -> Any:
         return model_cfg
     takes = inspect.signature(fn).parameters
     given = {"groups": model_cfg.groups, "weight_standardization": model_cfg.weight_standardization}
-    passed = _shape_arguments(takes, **given)
+    passed = _shape_arguments(takes, quiet=True, **given)
     own = {k: takes[k].default for k in given if given[k] is None and k not in passed and k in takes}
     return dataclasses.replace(model_cfg, **{**passed, **own})
 

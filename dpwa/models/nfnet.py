@@ -262,7 +262,7 @@ def require_nf(name: str) -> None:
                              "family (dm_nfnet_f0..f6, nfnet_*, eca_nfnet_*, nf_resnet*, nf_regnet_*, ...) whose "
                              "layers have no BatchNorm (BatchNorm mixes the examples of a batch; use GroupNorm)")
         raise ModelError(f"Unknown model {name!r}; timm's NF models include: "
-                         f"{', '.join(timm.list_models('*nf*')[:12])}, ...")
+                         f"{', '.join([n for n in timm.list_models('*nf*') if is_nf_model(n)][:12])}, ...")
 
 
 def _finish(model: nn.Module, *, name: str, pretrained: Optional[str], trainable: str,
@@ -303,8 +303,8 @@ _TINY = {
 
 def _register_tiny(name: str, kw: dict) -> None:
     @register_model(name)
-    def build(*, in_channels: int, num_classes: int, groups: int = 16, weight_standardization: bool = True,
-              pretrained: Optional[str] = None, trainable: str = "all", trainable_stages: int = 0) -> nn.Module:
+    def build(*, in_channels: int, num_classes: int, pretrained: Optional[str] = None, trainable: str = "all",
+              trainable_stages: int = 0) -> nn.Module:
         from timm.models.nfnet import NormFreeNet
 
         model = NormFreeNet(_tiny_cfg(**kw), num_classes=num_classes, in_chans=in_channels)

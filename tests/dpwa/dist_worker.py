@@ -1,8 +1,8 @@
 """Run by tests/dpwa/test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU):
 writes what each rank saw to OUT/rank{r}.pt for the test to check.
 
-    sum OUT    one logical batch, no noise: each rank's share, the released update, and rank 0's
-               single-process reference on the whole batch
+    sum OUT    one logical batch, no noise: each rank's share, the released update and diagnostics,
+               and rank 0's single-process reference on the whole batch
     noise OUT  many steps on examples with zero gradient: the released update is the noise alone
     close OUT  imports timm after init (as `dpwa finetune` does), broadcasts, closes: the threads
                of the process before and after (gloo's workers must be gone once closed)
@@ -42,8 +42,8 @@ def released_sum(world, model, x, y, idx, world_size):
     rec = Recorder(model.parameters())
     sgd = PrivateSGD(model, rec, noise_multiplier=0.0, clip_norm=0.5, expected_batch_size=40, world_size=world_size,
                      generator=secret_generator(0))
-    sgd.step((x[part], y[part]) for part in idx.split(16))
-    return rec.released[0]
+    stats = sgd.step((x[part], y[part]) for part in idx.split(16))
+    return rec.released[0], stats
 
 
 def threads():
@@ -67,10 +67,11 @@ def main(mode, out):
         seed = world.broadcast(1234 if world.main else None)  # rank 0's seed reaches every rank
         idx = next(poisson_batches(len(y), 0.2, torch.Generator().manual_seed(seed)))
         mine = world.shard(idx)
-        result = {"idx": idx, "mine": mine, "released": released_sum(world, model, x, y, mine, world.size)}
+        result = dict(zip(("released", "stats"), released_sum(world, model, x, y, mine, world.size)),
+                      idx=idx, mine=mine)
         if world.main:
             model, x, y = model_and_data()
-            result["single"] = released_sum(world, model, x, y, idx, 1)
+            result["single"], result["single_stats"] = released_sum(world, model, x, y, idx, 1)
     else:
         sigma, clip, b = 1.7, 0.8, 50
         model = nn.Linear(64, 10, bias=False).double()

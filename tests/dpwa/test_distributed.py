@@ -63,6 +63,11 @@ def test_two_processes_release_the_single_process_clipped_sum(tmp_path):
     assert len(r0["mine"]) and len(r1["mine"])
     torch.testing.assert_close(r0["released"], r0["single"], rtol=1e-12, atol=1e-15)
     assert torch.equal(r0["released"], r1["released"])  # every rank applies the same update
+    # the private diagnostics (train.private_diagnostics) are the whole batch's, not rank 0's share
+    for r in (r0, r1):
+        assert r["stats"]["private_batch_size_diagnostic"] == len(r0["idx"])
+        assert r["stats"]["private_batch_loss_diagnostic"] == pytest.approx(
+            r0["single_stats"]["private_batch_loss_diagnostic"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -189,15 +194,18 @@ def test_close_frees_the_process_group_before_interpreter_exit(tmp_path):
         assert r["after"] <= r["before"], r
 
 
-def test_nodes_whose_image_folders_differ_are_refused(tmp_path):
-    """Each node of a multi-node run may read its own copy of an image folder: one class's files
-    in another order share the labels' fingerprint, so the file names are compared too (an
-    example at index i on one node and i + 1 on another could be drawn twice in a step)."""
+def test_nodes_whose_copies_of_the_data_differ_in_order_are_refused(tmp_path):
+    """Each node of a multi-node run may read its own copy of the data: one class's examples in
+    another order share the labels' fingerprint, so the examples are compared too, in order
+    (an example at index i on one node and i + 1 on another could be drawn twice in a step).
+    Image folders by their files' names (wherever the folder lies), arrays by their pixels."""
     import dataclasses
     from types import SimpleNamespace
 
+    import torch
+
     from dpwa.config import ConfigError
-    from dpwa.data import ImageFiles
+    from dpwa.data import ImageFiles, Split, content_digest
     from dpwa.distributed import World
     from dpwa.train import _agree_on_data
 
@@ -210,18 +218,17 @@ def test_nodes_whose_image_folders_differ_are_refused(tmp_path):
         def gather(self, obj):
             return [obj, self.replies.pop(0)]
 
+    labels = torch.tensor([0, 0, 1, 1])
     files = [f"/data/train/{c}/{n}.jpg" for c in ("cat", "dog") for n in ("a", "b")]
-    mine = SimpleNamespace(source=SimpleNamespace(fingerprint="n4-x"),
-                           train=SimpleNamespace(x=ImageFiles(files, 8, root="/data/train")))
-    swapped = ImageFiles([files[1], files[0], *files[2:]], 8, root="/mnt/copy/train")  # same labels
-    same = ImageFiles([f.replace("/data", "/mnt/copy") for f in files], 8, root="/mnt/copy/train")
-
-    def names_hash(x):
-        import hashlib
-        return hashlib.sha256("\n".join(x.names()).encode()).hexdigest()[:16]
-
-    _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", names_hash(same)]), mine)  # another root, same files
-    with pytest.raises(ConfigError, match="the 2 ranks disagree on the training image files"):
-        _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", names_hash(swapped)]), mine)
-    with pytest.raises(ConfigError, match="disagree on the training data"):
-        _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-y"]), mine)
+    pixels = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).view(4, 3, 2, 2)
+    for x, swapped, same in (
+            (ImageFiles(files, 8, root="/data/train"),  # same labels, two files swapped; another root
+             ImageFiles([files[1], files[0], *files[2:]], 8, root="/mnt/copy/train"),
+             ImageFiles([f.replace("/data", "/mnt/copy") for f in files], 8, root="/mnt/copy/train")),
+            (pixels, pixels[[1, 0, 2, 3]], pixels.clone())):  # an npz whose class was shuffled on one node
+        mine = SimpleNamespace(source=SimpleNamespace(fingerprint="n4-x", content=content_digest(Split(x, labels))))
+        _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", content_digest(Split(same, labels))]), mine)
+        with pytest.raises(ConfigError, match=r"the 2 ranks disagree on the training examples \(their order"):
+            _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", content_digest(Split(swapped, labels))]), mine)
+        with pytest.raises(ConfigError, match="disagree on the training data"):
+            _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-y"]), mine)

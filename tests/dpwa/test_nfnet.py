@@ -342,3 +342,14 @@ def test_finetuning_from_a_run_folders_weights_carries_that_runs_releases(tmp_pa
     save_file(load_file(weights(public)), tmp_path / "stripped.safetensors")
     code, report = run("finetune", f"model.pretrained={tmp_path / 'stripped.safetensors'}")
     assert code == 0 and report["private"] is True
+
+
+@pytest.mark.parametrize("kw", [{"groups": 3}, {"weight_standardization": False}])
+def test_groupnorm_and_ws_settings_on_an_nf_model_are_warned_of_not_ignored(kw):
+    """An NF model has neither GroupNorm nor a WS switch: model.groups=3 built the same model
+    in silence (design: an intent typed wrong is not ignored)."""
+    from dpwa.models import create_model
+
+    key, value = next(iter(kw.items()))
+    with pytest.warns(UserWarning, match=rf"model.{key}={value} has no effect on this model"):
+        create_model("nf_micro", in_channels=3, num_classes=5, **kw)

@@ -178,3 +178,14 @@ def test_tensorboard_scalars_are_written_when_installed(tmp_path):
                                        "privacy.noise_seed=1", *SMALL]), ledger_path=str(tmp_path / "l"),
                    progress=False)
     assert list((Path(report["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_new_ledger_is_announced_where_a_misspelt_path_would_make_one(tmp_path, capsys):
+    """A typo in --ledger trained under a fresh, budgetless ledger in silence."""
+    typo = tmp_path / "ledgr" / "ledger.sqlite"
+    args = ["train", str(QUICK), f"out_dir={tmp_path / 'runs'}", "train.steps=2", *SMALL, "--ledger", str(typo),
+            "--no-progress"]
+    assert main(args) == 0
+    assert f"dpwa: creating a new ledger at {typo}" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "creating a new ledger" not in capsys.readouterr().err
