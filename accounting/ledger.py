@@ -287,6 +287,7 @@ class Ledger:
             raise InvalidParameterError(f"Expected a lock timeout >= 0 seconds, got {timeout=}")
         self.timeout = timeout
         self._conn: Optional[sqlite3.Connection] = None
+        self._joined = False  # inside `held`: the calls join its transaction
         if self.path.exists():
             if self.path.is_dir():
                 raise LedgerError(f"Ledger path {self.path} is a directory, expected an SQLite file")
@@ -396,7 +397,7 @@ class Ledger:
         budget check and the insert it guards cannot interleave with another process. Inside
         `held`, the calls join its transaction."""
         conn = self._require_conn()
-        if conn.in_transaction:  # within `held`: one transaction, committed when it ends
+        if self._joined:  # within `held`: one transaction, committed when it ends
             yield conn
             return
         with self._locked_errors():
@@ -407,7 +408,12 @@ class Ledger:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:  # (a COMMIT that fails may leave the transaction open)
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def _upgrade(self, conn: sqlite3.Connection) -> None:
         """Bring an older file to version 3 inside the caller's write transaction: add
@@ -863,15 +869,29 @@ class Ledger:
         Recorded spend never goes down (see `commit`). `session`: the caller's `claim`."""
         return self._update_spent(run_id, spent, new_status="reserved", session=session)
 
-    def claim(self, run_id: str) -> str:
+    def claim(self, run_id: str, *, holding: Optional[Sequence[Event]] = None) -> str:
         """Make the caller the one session of a reserved run, and return its token for
         `progress`, `held`, `checkpointed` and `commit`: any session that claimed it before is
         refused from now on (SessionLostError). Two copies of a run folder, resumed at once
         (or a requeue on another host, where a folder lock does not reach), would otherwise
-        both release under the one reservation; the one that claimed last goes on."""
+        both release under the one reservation; the one that claimed last goes on.
+
+        `holding`: the releases the caller's checkpoint holds. A claim from a checkpoint older
+        than the newest one recorded (`checkpointed`) is refused in the same transaction,
+        leaving the claim of the session that wrote it in place (RunStateError)."""
         token = secrets.token_hex(16)
         with self._transaction() as conn:
             self._reserved_run(conn, run_id, "can be claimed")
+            if holding is not None:
+                have = {e.with_count(0): e.count for e in merge(holding)}
+                row = conn.execute("SELECT counts FROM run_checkpoints WHERE run_id=?", (run_id,)).fetchone()
+                newer = [e for e in (events_from_json_list(json.loads(row[0])) if row else [])
+                         if have.get(e.with_count(0), 0) < e.count]
+                if newer:
+                    raise RunStateError(
+                        f"its checkpoint holds {have.get(newer[0].with_count(0), 0)} of the {newer[0].count} "
+                        f"releases of the run's newest checkpoint, written while this resume started: resume the "
+                        "folder with the newest checkpoint")
             conn.execute("INSERT OR REPLACE INTO run_sessions VALUES (?, ?)", (run_id, token))
         return token
 
@@ -884,7 +904,11 @@ class Ledger:
         with self._transaction() as conn:
             self._check_session(conn, run_id, session)
             self._reserved_run(conn, run_id, "can record spend")
-            yield
+            self._joined = True
+            try:
+                yield
+            finally:
+                self._joined = False
 
     def _check_session(self, conn: sqlite3.Connection, run_id: str, session: str) -> None:
         """First, so that a session whose run another one took over and committed hears why."""

@@ -19,7 +19,7 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be read: truncated, not a torch file, or holding pickled code."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -28,13 +28,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """`state` into `path`, whole or not at all (a failure, disk full, leaves no temporary file)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -194,8 +194,8 @@ class PrivacyConfig:
                  f"privacy.noise_multiplier must be finite and >= {MIN_NOISE_MULTIPLIER:g} (the accountants' floor), "
                  f"got {self.noise_multiplier}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
-        _require(self.noise_seed is None or 0 <= self.noise_seed < 2**63,  # (and noise_seed + 7, + 11: 64 bits)
-                 f"privacy.noise_seed must be in [0, 2**63) or null, got {self.noise_seed}")
+        _require(self.noise_seed is None or -2**63 <= self.noise_seed < 2**64 - 16,  # (noise_seed + 7, + 11)
+                 f"privacy.noise_seed must be in [-2**63, 2**64 - 16) or null, got {self.noise_seed}")
         _require(self.clip_norm > 0, f"privacy.clip_norm must be > 0, got {self.clip_norm}")
         _known("privacy.engine", self.engine, "dpwa.engines", "ENGINES")
         _require(self.accountant in ("rdp", "prv", "pld"),
@@ -570,10 +570,10 @@ class TrainConfig:
                  f"train.device must be cpu, cuda, cuda:N or auto; got {self.device!r}")
         _require(self.dist_backend in ("auto", "gloo", "nccl"),
                  f"train.dist_backend must be auto, gloo or nccl; got {self.dist_backend!r}")
-        _require(0 < self.dist_timeout_s <= 604800, f"train.dist_timeout_s must be in (0, 604800] (a week; "
-                 f"torch.distributed's timeout overflows far above it), got {self.dist_timeout_s}")
-        # seeds torch.manual_seed and the public sampling generator (seed + 1): 64 bits, with room
-        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
+        _require(self.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        # seeds torch.manual_seed and the public sampling generator (seed + 1): what torch takes
+        # (-2**63 .. 2**64 - 1), with room for the offsets
+        _require(-2**63 <= self.seed < 2**64 - 16, f"train.seed must be in [-2**63, 2**64 - 16), got {self.seed}")
 
 
 @dataclass(frozen=True)

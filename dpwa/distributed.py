@@ -154,7 +154,11 @@ def world_from_env(backend: str = "auto", device: str = "cpu", timeout_s: float 
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         _bind_group_defaults_before_init()
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except OverflowError:
+            raise ConfigError(f"train.dist_timeout_s={timeout_s:g} is more than torch.distributed can wait for; "
+                              "give a shorter timeout (a day is 86400)") from None
     return World(rank=rank, size=size, local_rank=local, backend=backend)
 
 

@@ -22,13 +22,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from accounting import Gaussian, PoissonGaussian, epsilon
 
-from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import CheckpointError, fsync_dir, atomic_write_text, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .errors import RefusalError, UsageError
 
@@ -146,6 +146,8 @@ class RunFolder:
                 raise RunFolderInUseError(
                     f"{self.path} is in use by another dpwa process (resuming it beside that one would release "
                     "twice under its one reservation): wait for it to end, or stop it, then resume") from None
+            for left in self.path.glob(f"{STAGED}*"):  # a killed session's, never published
+                left.unlink(missing_ok=True)
             yield
         finally:
             os.close(fd)
@@ -185,8 +187,37 @@ class RunFolder:
         lines = path.read_text().splitlines() if path.exists() else []
         return [json.loads(line) for line in lines if _row_step(line) != math.inf]
 
+    def stage_state(self, state: dict[str, Any]) -> list[Path]:
+        """The checkpoint, written whole to its staged name (`publish` puts it in place)."""
+        path = self.path / f"{STAGED}{self.checkpoint_path.name}"
+        save_checkpoint(state, path)
+        return [path]
+
     def save_state(self, state: dict[str, Any]) -> None:
-        save_checkpoint(state, self.checkpoint_path)
+        self.publish(self.stage_state(state))
+
+    def stage_final(self, model: torch.nn.Module, carried: Sequence[dict[str, Any]], report: dict[str, Any],
+                    curves: Callable[[Path], Any]) -> list[Path]:
+        """The finished run's files under their staged names: the last iterate, with the runs it
+        carries (this one first) in the file's header, so that a copy of the file outside this
+        folder still carries them (`pretrained_runs`); report.json; `curves(path)` draws curves.png."""
+        weights, text, png = (self.path / f"{STAGED}{name}" for name in ("weights.safetensors", "report.json",
+                                                                           "curves.png"))
+        save_weights(model, weights, metadata={CARRIED: json.dumps(list(carried))})
+        atomic_write_text(text, json.dumps(report, indent=2))
+        curves(png)
+        return [weights, text, png]
+
+    def publish(self, staged: Sequence[Path]) -> None:
+        """Staged files into their places (renames: each whole, at once)."""
+        for path in staged:
+            os.replace(path, self.path / path.name[len(STAGED):])
+        fsync_dir(self.path)
+
+    @staticmethod
+    def discard(staged: Sequence[Path]) -> None:
+        for path in staged:
+            path.unlink(missing_ok=True)
 
     def load_state(self) -> Optional[dict[str, Any]]:
         """The last checkpoint, or None (killed before its first one). CheckpointError
@@ -209,14 +240,6 @@ class RunFolder:
         if own is not None and own != run_id:
             raise CheckpointError(f"{self.checkpoint_path} is the checkpoint of run {own!r}, not of this folder's run "
                                   f"{run_id!r} (run.json): restore the folder's own checkpoint")
-
-    def save_weights(self, model: torch.nn.Module, carried: Sequence[dict[str, Any]]) -> None:
-        """The last iterate, with the runs it carries (this one first) in the file's header:
-        a copy of the file outside this folder still carries them (`pretrained_runs`)."""
-        save_weights(model, self.path / "weights.safetensors", metadata={CARRIED: json.dumps(list(carried))})
-
-    def write_report(self, report: dict[str, Any]) -> None:
-        atomic_write_text(self.path / "report.json", json.dumps(report, indent=2))
 
 
 @dataclasses.dataclass
@@ -268,6 +291,10 @@ _CARRIED_KEYS = ("run_id", "dataset", "ledger", "private")
 # The key under which weights.safetensors (its header) and checkpoint.pt record the released
 # runs their weights carry: the run itself and its "built_on", as `carried_runs` lists them.
 CARRIED = "dpwa.carried"
+# What a session writes before the ledger lets it publish (`RunFolder.publish`, inside
+# `Ledger.held`): the files under this prefix until then, so that the ledger's lock is held only
+# for the renames, not for the writes.
+STAGED = ".staged-"
 
 
 def pretrained_runs(pretrained: Optional[str]) -> list[dict[str, Any]]:

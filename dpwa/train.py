@@ -27,7 +27,7 @@ import time
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .alloc import retain_freed_memory
 from .threads import set_threads  # before torch: it sets OMP_WAIT_POLICY=PASSIVE for OpenMP to read
@@ -36,7 +36,7 @@ import torch
 
 from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, noise_multiplier_for,
                         sample_rate_and_steps)
-from accounting.errors import AccountantFailedError, AccountingError, LedgerError
+from accounting.errors import AccountantFailedError, AccountingError, LedgerError, RunStateError
 from accounting.events import merge
 from accounting.ledger import check_delta_below_1_over_n, default_ledger_path
 
@@ -496,6 +496,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     # a resumed run's ledger is the one its run.json names (unless --ledger moves it), and is never
     # created: a new, empty file would only say that the run is not in it
     where = ledger_path or (folder.meta().get("ledger") if resume is not None else None) or p.ledger
+    if private and world.main and resume is not None and not Path(where or default_ledger_path()).expanduser().exists():
+        raise _resume_error(folder.path, run_id, f"the ledger it was charged to, {where or default_ledger_path()}, "
+                            "does not exist (moved, or on another machine): give --ledger PATH of the ledger that "
+                            "holds the run")
     if private and world.main and opts.announce and not Path(where or default_ledger_path()).expanduser().exists():
         print(f"dpwa: creating a new ledger at {Path(where or default_ledger_path()).expanduser()} (no budget "
               "and no other run's spend: if you meant an existing one, stop and give --ledger)", file=sys.stderr)
@@ -565,9 +569,20 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         # then, once it is on disk, that it holds them: an older copy of the run can no longer resume
         held = spent()
         ledger.progress(run_id, held, session=session[0])
-        with ledger.held(run_id, session[0]):  # no other session's claim between the file and its record
-            folder.save_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra})
-            ledger.checkpointed(run_id, held, session=session[0])
+        publish(folder.stage_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra}),
+                lambda: ledger.checkpointed(run_id, held, session=session[0]))
+
+    def publish(staged: list[Path], record: Callable[[], Any]) -> None:
+        """Written files into place and their record in the ledger, in one short ledger
+        transaction that finds this session still holding the run (`Ledger.held`: no other
+        session's claim can fall between them); files of a session that lost the run are deleted."""
+        try:
+            with ledger.held(run_id, session[0]):
+                folder.publish(staged)
+                record()
+        except BaseException:
+            folder.discard(staged)
+            raise
 
     held_rows: list[dict[str, Any]] = []
     final: Optional[dict[str, Any]] = None  # a resumed run's released final validation accuracies
@@ -582,12 +597,15 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
 
-        def claim() -> Optional[str]:  # the check, then the claim, then the check again: a session
-            # that checkpointed between the two is seen by the second (its writes are `held`)
+        def claim() -> Optional[str]:  # the check with its message, then the claim, which checks
+            # again in its own transaction (a session checkpointing between the two is not stopped)
             if why := _older_checkpoint(ledger, run_id, spent(), saved is not None):
                 return why
-            session[0] = ledger.claim(run_id)
-            return _older_checkpoint(ledger, run_id, spent(), saved is not None)
+            try:
+                session[0] = ledger.claim(run_id, holding=spent() if saved is not None else [])
+            except RunStateError as e:
+                return str(e)
+            return None
 
         behind = world.on_main(claim)
         if behind:
@@ -730,12 +748,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
                   **{f"{cfg.train.eval_split}_{name}": r for name, r in results.items()},
                   **_counts_report(cfg, plan, state, probe_s, wall0), "threads": dataclasses.asdict(thread_choice),
                   "allocator": allocator}
-        with ledger.held(run_id, session[0]):  # written only by the session that holds the run
-            folder.save_weights(model, carried)  # the last iterate: model.pretrained can read it
-            folder.write_report(report)
-            draw_curves(folder.rows(), folder.path / "curves.png", title=f"{run_id} ({dataset})",
-                        final={name: r["accuracy"] for name, r in results.items()})
-            ledger.commit(run_id, spent(), session=session[0])
+        accuracies = {name: r["accuracy"] for name, r in results.items()}
+        staged = folder.stage_final(model, carried, report, lambda png: draw_curves(  # the last iterate, the
+            folder.rows(), png, title=f"{run_id} ({dataset})", final=accuracies))  # report and the curves
+        publish(staged, lambda: ledger.commit(run_id, spent(), session=session[0]))
         finished = {**report, "run_dir": str(folder.path)}
         try:
             return world.broadcast(finished)

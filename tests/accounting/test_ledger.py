@@ -631,6 +631,13 @@ def test_only_the_last_session_to_claim_a_run_records_its_spend(tmp_path):
         led.progress("r1", [ev(steps=100)], session=first)
     with pytest.raises(RunStateError, match="committed"):  # a caller without a session (a query): as before
         led.progress("r1", [ev(steps=100)])
+    Ledger(path).reserve(run_id="r3", dataset="d", fingerprint=FP, events=[ev(steps=10)])
+    live = Ledger(path).claim("r3")
+    Ledger(path).checkpointed("r3", [ev(steps=8)], session=live)
+    with pytest.raises(RunStateError, match="holds 4 of the 8 releases of the run's newest checkpoint"):
+        Ledger(path).claim("r3", holding=[ev(steps=4)])  # a stale copy: refused, the live claim kept
+    Ledger(path).progress("r3", [ev(steps=9)], session=live)
+    Ledger(path).claim("r3", holding=[ev(steps=8)])
     with sqlite3.connect(path) as conn:  # a file from before the table gains it on a write
         conn.execute("DROP TABLE run_sessions")
     Ledger(path).reserve(run_id="r2", dataset="d", fingerprint=FP, events=[ev(steps=10)])

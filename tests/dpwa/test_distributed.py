@@ -232,3 +232,14 @@ def test_nodes_whose_copies_of_the_data_differ_in_order_are_refused(tmp_path):
             _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-x", content_digest(Split(swapped, labels))]), mine)
         with pytest.raises(ConfigError, match="disagree on the training data"):
             _agree_on_data(TwoNodes(rank=0, size=2, replies=["n4-y"]), mine)
+
+
+def test_a_timeout_past_what_torch_distributed_takes_is_a_config_error(monkeypatch):
+    """train.dist_timeout_s=1e20 was an OverflowError traceback on every rank."""
+    from dpwa.config import ConfigError
+    from dpwa.distributed import world_from_env
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="train.dist_timeout_s=1e\\+20 is more than torch.distributed can wait for"):
+        world_from_env("gloo", "cpu", 1e20)

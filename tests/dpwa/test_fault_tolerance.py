@@ -202,14 +202,14 @@ def test_the_ledger_records_a_checkpoints_releases_before_it_is_saved(tmp_path, 
 
     led = tmp_path / "l.sqlite"
     seen = []
-    save = RunFolder.save_state
+    save = RunFolder.stage_state
 
     def recording(self, state):
         run_id = json.loads((self.path / "run.json").read_text())["run_id"]
         seen.append((sum(e.steps for e in Ledger(led).run(run_id).spent), state["mechanism"]["released"]))
         return save(self, state)
 
-    monkeypatch.setattr(RunFolder, "save_state", recording)
+    monkeypatch.setattr(RunFolder, "stage_state", recording)
     train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=str(led), progress=False)
     assert len(seen) >= 2 and all(recorded == released for recorded, released in seen), seen
 
@@ -406,14 +406,14 @@ def test_a_fresh_run_holds_its_folder_so_a_resume_beside_it_is_refused(tmp_path,
 
 def test_of_two_copies_resumed_at_once_only_the_last_to_claim_the_run_writes(tmp_path, monkeypatch):
     """Two copies of a reserved folder (on two hosts, where a folder lock does not reach) resumed
-    at once both passed every check and released to the end under one reservation (12 + 8
-    releases, 12 counted). Now the copy resumed second claims the run in the ledger; the first
-    stops at its next checkpoint without writing, as if killed, and what it released since its
-    last checkpoint never reaches the disk."""
+    at once both passed every check and trained to the end under one reservation. Now the copy
+    resumed second claims the run in the ledger; the first stops at its next checkpoint with
+    SessionLostError, writing nothing (what it released since its last checkpoint never reaches
+    the disk), and the copy, resumed again, finishes the run: one charge of 12 releases."""
     import shutil
 
     from accounting import SessionLostError
-    from dpwa.run_folder import MetricsLog, RunFolder
+    from dpwa.run_folder import STAGED, MetricsLog, RunFolder
 
     led = str(tmp_path / "l.sqlite")
     stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=led, progress=False,
@@ -423,20 +423,25 @@ def test_of_two_copies_resumed_at_once_only_the_last_to_claim_the_run_writes(tmp
     shutil.copytree(first, copy)
     real, other = MetricsLog.write, []
 
-    def copy_resumed_at_step_6(self, row):
-        if row["step"] == 6 and Path(self.file.name).parent == first and not other:
-            other.append(train(resume=copy, ledger_path=led, progress=False))  # runs to the end
+    def copy_resumed_at_step_5(self, row):
+        if row["step"] == 5 and Path(self.file.name).parent == first and not other:
+            # the copy claims the run and trains steps 5-6 beside it, its run still reserved
+            other.append(train(resume=copy, ledger_path=led, progress=False, stop_after=6))
         return real(self, row)
 
-    monkeypatch.setattr(MetricsLog, "write", copy_resumed_at_step_6)
+    monkeypatch.setattr(MetricsLog, "write", copy_resumed_at_step_5)
     with pytest.raises(SessionLostError, match="resumed by another session"):
-        train(resume=first, ledger_path=led, progress=False)
+        train(resume=first, ledger_path=led, progress=False)  # its checkpoint at step 8 is refused
+    assert other[0]["stopped_at"] == 6
     (run,) = Ledger(led).runs()
-    assert run.status == "committed" and run.spent[0].steps == other[0]["releases"] == 12
-    folder = RunFolder(first)  # the first session wrote nothing after its claim was taken
+    assert run.status == "reserved" and run.spent[0].steps <= 8
+    folder = RunFolder(first)  # the first session wrote nothing after the copy claimed the run
     assert folder.load_state()["step"] == 4 and [r["step"] for r in folder.rows()] == [1, 2, 3, 4]
-    assert not (first / "weights.safetensors").exists() and not (first / "report.json").exists()
-    assert (copy / "weights.safetensors").exists()
+    assert not (first / "weights.safetensors").exists() and not list(first.glob(f"{STAGED}*"))
+    monkeypatch.setattr(MetricsLog, "write", real)
+    assert train(resume=copy, ledger_path=led, progress=False)["releases"] == 12
+    (run,) = Ledger(led).runs()
+    assert run.status == "committed" and run.spent[0].steps == 12
 
 
 def test_another_runs_checkpoint_copied_into_a_folder_is_refused(tmp_path, capsys):
@@ -480,8 +485,26 @@ def test_a_resume_uses_the_ledger_its_run_json_names_and_creates_none(tmp_path, 
     stopped = train(load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}"]), ledger_path=led, progress=False,
                     stop_after=6)
     elsewhere = tmp_path / "other.sqlite"
-    assert main(["train", "--resume", stopped["run_dir"], "--ledger", str(elsewhere), "--no-progress"]) == 1
-    assert "No run" in capsys.readouterr().err and not elsewhere.exists()
+    assert main(["train", "--resume", stopped["run_dir"], "--ledger", str(elsewhere), "--no-progress"]) == 2
+    assert f"the ledger it was charged to, {elsewhere}, does not exist" in capsys.readouterr().err
+    assert not elsewhere.exists()
     monkeypatch.setenv("DPWA_LEDGER", str(elsewhere))
     assert train(resume=Path(stopped["run_dir"]), progress=False)["releases"] == 12
     assert not elsewhere.exists() and Ledger(led).runs()[0].status == "committed"
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A disk that fills mid-write left a half checkpoint.pt.tmp behind (atomic_write_text's
+    files did not)."""
+    import errno
+
+    import dpwa.checkpoint as checkpoint
+
+    def half_then_full(state, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
+    assert list(tmp_path.iterdir()) == []

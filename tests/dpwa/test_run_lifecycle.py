@@ -120,17 +120,23 @@ def test_a_run_killed_between_its_last_step_and_its_report_gets_it_back(tmp_path
     cfg = load_config(QUICK, [f"out_dir={tmp_path / 'runs'}", "train.steps=6", "train.checkpoint_every=3",
                               "privacy.noise_seed=1", *SMALL])
 
-    def killed(self, report):
-        raise KeyboardInterrupt  # as a kill would: no cleanup, no commit
+    import os
 
-    monkeypatch.setattr(RunFolder, "write_report", killed)
+    def killed(self, staged):
+        if any(p.name.endswith("report.json") for p in staged):
+            os.replace(staged[0], self.path / "weights.safetensors")  # the first rename done, then
+            raise KeyboardInterrupt  # a kill: no cleanup, no commit
+        return publish(self, staged)
+
+    publish = RunFolder.publish
+    monkeypatch.setattr(RunFolder, "publish", killed)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, ledger_path=str(led), progress=False)
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "runs").iterdir()
     (run,) = Ledger(led).runs()
     assert run.status == "reserved" and not (run_dir / "report.json").exists()
-    assert (run_dir / "weights.safetensors").exists()  # written before the report and the commit
+    assert (run_dir / "weights.safetensors").exists()  # put in place before the report and the commit
     report = train(resume=run_dir, ledger_path=str(led), progress=False)
     (run,) = Ledger(led).runs()
     assert run.status == "committed" and run.spent[0].steps == 6 and report["releases"] == 6
