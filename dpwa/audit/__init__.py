@@ -75,6 +75,7 @@ def audit(mech: Mechanism, *, delta: float, accountant: str = "prv", canaries: i
     # Tests fixed in advance: false-positive rates that at least 5 expected out-canaries can show.
     fprs = tuple(f for f in _FPRS if f * len(run.scores) / 2 >= 5)
     thresholds = null_thresholds(mech, fprs, seed=seed)
-    bounds = (clopper_pearson_bound(inside, outside, delta=delta, confidence=confidence, thresholds=thresholds),
+    bounds = (clopper_pearson_bound(inside, outside, delta=delta, confidence=confidence, thresholds=thresholds,
+                                    seed=seed),
               one_run_bound(run.scores, run.included, delta=delta, confidence=confidence))
     return Audit(mech, delta, accountant, claimed, bounds, run)

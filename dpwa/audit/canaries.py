@@ -32,6 +32,7 @@ the claimed mechanism.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Callable, Optional
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..privacy import PrivateSGD, poisson_batches, secret_generator
+from ..privacy import PrivateSGD, keyed_state, poisson_batches
 from ..rows import Tiling
 
 __all__ = ["Mechanism", "CanaryRun", "canary_run", "probe_sgd", "null_thresholds"]
@@ -110,6 +111,19 @@ def probe_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, mech: Mechanis
                       sample_rate=mech.sample_rate, physical_batch_size=mech.physical_batch_size)
 
 
+#: the audit's independent streams, one per purpose (`stream`)
+COINS, NOISE, BATCHES, NULL = range(4)
+
+
+def stream(seed: int, purpose: int) -> torch.Generator:
+    """A CPU generator for one purpose of the audit with `seed`: its whole mt19937 state from a
+    hash of both (`keyed_state`). `manual_seed(seed + purpose)` kept only the seed's low 32 bits
+    (seeds 0 and 2**32 gave one audit), and one audit's noise stream was the next seed's coins,
+    and its null simulation drew from its own coins' stream."""
+    key = hashlib.sha256(b"dpwa audit seed " + seed.to_bytes(8, "little", signed=True)).digest()
+    return keyed_state(torch.Generator(), key, purpose)
+
+
 def _log_likelihood_ratio(z: torch.Tensor, mech: Mechanism) -> torch.Tensor:
     """log of p(z | in) / p(z | out) for one step under the claimed sigma and q."""
     q, s2 = mech.sample_rate, mech.noise_multiplier ** 2
@@ -121,7 +135,7 @@ def null_thresholds(mech: Mechanism, fprs: tuple[float, ...], *, samples: int = 
     """Score thresholds with false-positive rates `fprs` under the claimed mechanism, from
     simulated out-canaries (z ~ N(0, sigma^2) at every step): tests fixed before the audit
     sees any score, so choosing the best of them costs only a Bonferroni split."""
-    g = torch.Generator().manual_seed(seed)
+    g = stream(seed, NULL)
     total = torch.zeros(samples, dtype=torch.float64)
     for start in range(0, mech.steps, 256):
         t = min(256, mech.steps - start)
@@ -148,7 +162,7 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
     """
     if canaries < 4:
         raise ValueError(f"need at least 4 canaries, got {canaries}")
-    rng = torch.Generator().manual_seed(seed)
+    rng = stream(seed, COINS)
     n_base = canaries // 2 if base_examples is None else base_examples
     included = torch.rand(canaries, generator=rng) < 0.5
     members = included.nonzero().flatten()  # canary j is coordinate base_dims + j
@@ -179,7 +193,7 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
     observer = _Observer(model.parameters())
     q = mech.sample_rate
     expected_b = q * n
-    sgd = make_sgd(model, observer, mech, expected_b, secret_generator(seed + 1))
+    sgd = make_sgd(model, observer, mech, expected_b, stream(seed, NOISE))
     unit = (1.0 if mech.rescale_to_unit else c) / expected_b  # one clipped canary in the released gradient
     u = torch.tensor([-1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
     scores = torch.zeros(canaries, dtype=torch.float64)
@@ -190,7 +204,7 @@ def canary_run(mech: Mechanism, *, canaries: int = 1000, base_examples: Optional
 
     observer.on_release = score
     batches = poisson_batches(n, sample_rate_used if sample_rate_used is not None else q,
-                              torch.Generator().manual_seed(seed + 2))
+                              stream(seed, BATCHES))
     t0 = time.time()
     for _ in range(mech.steps):
         idx = next(batches)

@@ -5,8 +5,9 @@ augmult K, clipping engine and physical batch) once with white-box gradient cana
 prints two lower bounds on epsilon, each with its confidence, next to the accountant's
 epsilon: Clopper-Pearson over independent canaries, and Steinke et al.'s one-run audit.
 A lower bound above the accountant's epsilon means the implementation leaks more than
-claimed: the command then exits with code 1. The audit reads no private data and charges
-no ledger (only the training set's size, for q = B/N).
+claimed: the command then exits with code 3 (VIOLATION), a code no failure uses (bad input
+exits 2, a failed run 1), so that a CI gate cannot read a crash as a leak. The audit reads no
+private data and charges no ledger (only the training set's size, for q = B/N).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import argparse
 from pathlib import Path
 
 from ._format import print_json
+
+#: the exit code of an audit whose lower bound exceeds the accountant's epsilon
+VIOLATION = 3
 
 EXAMPLES = """examples:
   dpwa audit configs/quickstart.yaml
@@ -53,6 +57,7 @@ def run(a: argparse.Namespace) -> int:
     cfg = load_config(a.config, a.overrides)
     if not cfg.privacy.enabled:
         raise InvalidParameterError("privacy.enabled=false: a non-private run has no guarantee to audit")
+    _check_memory(a.canaries, cfg)
 
     from dpwa.audit import Mechanism, audit
     from dpwa.data import load_data
@@ -73,7 +78,31 @@ def run(a: argparse.Namespace) -> int:
         print_json({"config": str(a.config), "name": cfg.name, **result.to_dict()})
     else:
         _print(cfg.name, result)
-    return 1 if result.violated else 0
+    return VIOLATION if result.violated else 0
+
+
+def _check_memory(canaries: int, cfg) -> None:
+    """Refuse an audit whose physical chunk cannot fit: every chunk carries every canary's
+    coordinate (physical batch x K views x (16 + m) float64 inputs, and as many per-example
+    gradient entries per class), which for 3e6 canaries asked ~18 GB and was an allocator's
+    traceback, or the out-of-memory killer."""
+    import os
+
+    from accounting.errors import InvalidParameterError
+
+    rows = cfg.train.physical_batch_size * cfg.augmult.k
+    need = 3 * rows * (16 + canaries) * 8  # inputs, and two classes' per-example gradients
+    try:
+        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: no check
+        return
+    if need > have / 2:
+        fits = max(100, int(have / 2 / (3 * rows * 8)) - 16)
+        raise InvalidParameterError(
+            f"--canaries={canaries} needs ~{need / 2**30:.1f} GiB per physical chunk (train.physical_batch_size="
+            f"{cfg.train.physical_batch_size} x augmult.k={cfg.augmult.k} rows of {16 + canaries} float64 values, "
+            f"and their gradients), more than half of the {have / 2**30:.1f} GiB available: use --canaries <= "
+            f"{fits}, or a smaller train.physical_batch_size")
 
 
 def _print(name: str, r) -> None:

@@ -124,3 +124,21 @@ def test_bad_arguments_are_refused():
             one_run_bound([1.0, 0.0], [True, False], **kw)
         with pytest.raises(ValueError, match="delta must be in|confidence must be in"):
             clopper_pearson_bound([1.0] * 4, [0.0] * 4, **kw)
+
+
+def test_the_adaptive_threshold_is_tested_only_on_the_half_it_was_not_chosen_on():
+    """Choosing the threshold on the canaries it is then tested on biases the bound upward
+    (the mutant still passed every other test): the counts reported are the other half's."""
+    rng = np.random.default_rng(3)
+    inside, outside = rng.normal(1.0, 1.0, 301), rng.normal(0.0, 1.0, 299)
+    b = clopper_pearson_bound(inside, outside, delta=1e-5, seed=11)
+    d = b.detail
+    assert d["rule"] == "chosen on the other half of the canaries" and d["tests"] == 1
+    halving = np.random.default_rng(11)
+    pin, pout = halving.permutation(301), halving.permutation(299)
+    test_in, test_out = inside[pin[150:]], outside[pout[149:]]
+    choose_in, choose_out = inside[pin[:150]], outside[pout[:149]]
+    assert (d["in"], d["out"]) == (151, 150)
+    assert d["true_positives"] == int((test_in >= d["threshold"]).sum())
+    assert d["false_positives"] == int((test_out >= d["threshold"]).sum())
+    assert d["threshold"] in set(choose_in) | set(choose_out)  # a score of the choosing half

@@ -141,12 +141,13 @@ def test_canaries_are_exact_dirac_gradients():
         return no_noise(model, Recorder(model.parameters()), m, b, g)
 
     run = canary_run(mech, canaries=40, base_examples=30, make_sgd=noiseless)
+    from dpwa.audit.canaries import BATCHES, stream
     from dpwa.privacy import poisson_batches
 
     members = np.flatnonzero(run.included)
     n = 30 + len(members)
     expected_b = mech.sample_rate * n
-    batches = poisson_batches(n, mech.sample_rate, torch.Generator().manual_seed(2))
+    batches = poisson_batches(n, mech.sample_rate, stream(0, BATCHES))
     u = torch.tensor([-1.0, 1.0], dtype=torch.float64) / 2 ** 0.5
     for released in seen:
         idx = next(batches).numpy()
@@ -173,3 +174,14 @@ def test_the_results_script_runs_every_mechanism(tmp_path):
     rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "canaries |" not in line]
     assert len(rows) == 2 + len(BUGS) + 1
     assert any("FiLM-Ensemble" in r for r in rows)
+
+
+def test_every_seed_and_purpose_has_its_own_stream():
+    """manual_seed kept 32 bits (seeds 0 and 2**32 were one audit), and seed + 1, seed + 2 made
+    one audit's noise the next seed's coins."""
+    from dpwa.audit.canaries import BATCHES, COINS, NOISE, NULL, stream
+
+    draws = {(seed, purpose): tuple(torch.rand(4, generator=stream(seed, purpose)).tolist())
+             for seed in (0, 1, 2, 2 ** 32) for purpose in (COINS, NOISE, BATCHES, NULL)}
+    assert len(set(draws.values())) == len(draws)
+    assert torch.equal(torch.rand(4, generator=stream(7, NOISE)), torch.rand(4, generator=stream(7, NOISE)))

@@ -29,3 +29,27 @@ def test_audit_json(capsys):
     assert {b["method"] for b in report["bounds"]} == {"clopper-pearson", "one-run"}
     assert all(b["confidence"] == 0.9 and 0 <= b["epsilon"] <= report["claimed_epsilon"] for b in report["bounds"])
     assert report["canaries"] == 300
+
+
+def test_a_violation_exits_3_and_a_failure_never_does(monkeypatch, capsys):
+    """Exit 1 was both VIOLATION and any failure (an accountant's, an allocator's): a CI gate on
+    it read a crash as a leak."""
+    import functools
+
+    import dpwa.audit
+    from tests.audit.test_planted_bugs import no_noise
+
+    with monkeypatch.context() as m:  # the planted bug "noise switched off", through the CLI
+        m.setattr(dpwa.audit, "canary_run", functools.partial(dpwa.audit.canary_run, make_sgd=no_noise))
+        assert main(["audit", QUICK, *SMALL]) == 3
+    assert "VIOLATION" in capsys.readouterr().out
+    # the PRV accountant cannot discretise sigma 0.3 over these steps: a failure, exit 1
+    code = main(["audit", QUICK, *SMALL, "privacy.epsilon=null", "privacy.noise_multiplier=0.3"])
+    assert code == 1, capsys.readouterr()
+
+
+def test_canaries_past_the_memory_are_refused_by_name(capsys):
+    """3e6 canaries asked ~18 GB per chunk: an allocator's traceback or the out-of-memory killer."""
+    assert main(["audit", QUICK, "--canaries", "1000000000000"]) == 2
+    err = capsys.readouterr().err
+    assert "--canaries=1000000000000 needs ~" in err and "use --canaries <=" in err and "Traceback" not in err
