@@ -18,8 +18,9 @@ examples before any privacy is charged, on every path it may take at run time (`
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from .errors import EngineError
@@ -56,18 +57,28 @@ _CHUNKED = "in chunks of 2 examples, as large batches run"
 _LEAN = "in its lean mode, which it switches to when the fast one would not fit in memory"
 
 
-def _fast(memory: str, max_chunk: int | None = None) -> Callable[[nn.Module], FastEngine]:
-    return lambda model: FastEngine(model, memory=memory, max_chunk=max_chunk)
+_REDONE = "every other example redone alone, as one whose norm cancels in rounding is"
+
+
+def _every_other(norms2: torch.Tensor, terms2: object) -> torch.Tensor:
+    return torch.arange(len(norms2), device=norms2.device) % 2 == 0
+
+
+def _fast(memory: str, max_chunk: int | None = None, **kw: Any) -> Callable[[nn.Module], FastEngine]:
+    return lambda model: FastEngine(model, memory=memory, max_chunk=max_chunk, **kw)
 
 
 register_engine("dpwa-fast", _fast("auto"), paths={
     "privacy.engine=dpwa-fast": _fast("fast"),
     f"privacy.engine=dpwa-fast ({_CHUNKED})": _fast("fast", 2),
     f"privacy.engine=dpwa-fast ({_LEAN})": _fast("lean"),
-    f"privacy.engine=dpwa-fast ({_LEAN}, {_CHUNKED})": _fast("lean", 2)})
+    f"privacy.engine=dpwa-fast ({_LEAN}, {_CHUNKED})": _fast("lean", 2),
+    f"privacy.engine=dpwa-fast ({_REDONE})": _fast("fast", redo=_every_other),
+    f"privacy.engine=dpwa-fast ({_LEAN}, {_REDONE})": _fast("lean", redo=_every_other)})
 register_engine("dpwa-lean", _fast("lean"), paths={
     "privacy.engine=dpwa-lean": _fast("lean"),
-    f"privacy.engine=dpwa-lean ({_CHUNKED})": _fast("lean", 2)})
+    f"privacy.engine=dpwa-lean ({_CHUNKED})": _fast("lean", 2),
+    f"privacy.engine=dpwa-lean ({_REDONE})": _fast("lean", redo=_every_other)})
 register_engine("torch-func", TorchFuncEngine)
 register_engine("opacus-hooks", lambda model: OpacusEngine(model, functorch=False))
 register_engine("opacus-functorch", lambda model: OpacusEngine(model, functorch=True))

@@ -28,7 +28,7 @@ go, so peak memory is a non-private step's plus one layer's rule, at the cost of
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -140,17 +140,22 @@ class FastEngine:
         max_chunk: at most this many examples per chunk wherever a layer's rule runs in chunks
             at large batches (a CPU's instantiating and elementwise rules, dpwa-lean's norms):
             the probe sets 2, so that its 4 examples take the chunked code large batches take.
+        redo: which examples are redone alone (`_alone`), from the batch's squared norms and
+            terms2 (default `cancels`: those whose norm is rounding noise). The probe passes
+            every other one, so that the path a cancelling example takes mid-run, and its sum
+            with the others, is checked on the model before any privacy is spent.
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "auto", memory: str = "fast",
-                 max_chunk: Optional[int] = None) -> None:
+                 max_chunk: Optional[int] = None,
+                 redo: Callable[[torch.Tensor, Any], torch.Tensor] = cancels) -> None:
         if mode not in ("auto", "ghost", "instantiate"):
             raise ValueError(f"mode must be auto, ghost or instantiate, got {mode!r}")
         if memory not in ("fast", "lean", "auto"):
             raise ValueError(f"memory must be fast, lean or auto, got {memory!r}")
         if max_chunk is not None and max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-        self.model, self.mode, self.memory, self.max_chunk = model, mode, memory, max_chunk
+        self.model, self.mode, self.memory, self.max_chunk, self.redo = model, mode, memory, max_chunk, redo
         self.name = "dpwa-lean" if memory == "lean" else "dpwa-fast"
         self.names = {m: n for n, m in model.named_modules()}
         self.layers: dict[nn.Module, dict[str, nn.Parameter]] = {}
@@ -254,7 +259,7 @@ class FastEngine:
         for part in hooks.norms2:
             norms2 += part
         terms2 = sum(hooks.terms2)
-        alone = cancels(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
+        alone = self.redo(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
         norms = torch.sqrt(torch.clamp(norms2, min=0))
         exact: dict[nn.Parameter, torch.Tensor] = {}  # their clipped gradients, summed as they come
         for i in alone:

@@ -396,6 +396,25 @@ def test_dpwa_fast_is_probed_in_its_lean_mode_too(monkeypatch):
     probe(model, FUNC, **kw)  # the planted bug is dpwa's alone
 
 
+def test_dpwa_fast_is_probed_with_examples_redone_alone_too(monkeypatch):
+    """An example whose norm cancels in rounding is redone alone mid-run (`FastEngine._alone`,
+    through torch.func), a path random probe inputs never take by themselves: a bug there, or
+    a model torch.func cannot run, met the run after its reservation. The probe redoes every
+    other example on one path, so a bug planted in it alone is refused, named."""
+    real = FastEngine._alone
+
+    def doubled(self, *a):
+        clipped, norms = real(self, *a)
+        return {p: 2 * v for p, v in clipped.items()}, norms
+
+    monkeypatch.setattr(FastEngine, "_alone", doubled)
+    model, kw = build("timm_std_conv")
+    with pytest.raises(ProbeError, match=r"^privacy.engine=dpwa-fast \(every other example redone alone, as one whose "
+                                         r"norm cancels in rounding is\) is not exact on this model.*wrong clipped"):
+        probe(model, FAST, **kw)
+    probe(model, FUNC, **kw)  # the planted bug is dpwa's alone
+
+
 def test_dpwa_fast_is_probed_in_chunks_too(monkeypatch):
     """At large batches a CPU runs a layer's instantiating rule in cache-sized chunks of
     examples (`rules.Chunks`), which the probe's 4 examples would not need; the probe runs a
