@@ -9,6 +9,7 @@ The resolved config is what a run folder's `config.yaml` holds.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -44,6 +45,12 @@ FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without i
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _unused(key: str, value: Any, needs: str) -> None:
+    """A setting whose feature is off: warned of, not refused (a run folder's config.yaml from
+    before this check may hold one, and must still load), and not ignored in silence."""
+    warnings.warn(f"{key}={value} has no effect without {needs}", UserWarning, stacklevel=4)
 
 
 def _require_finite(section: str, cfg: Any) -> None:
@@ -146,6 +153,8 @@ class ModelConfig:
         _require(self.film_members == 0 or self.film_members >= 2,
                  f"model.film_members must be 0 (a single model) or >= 2, got {self.film_members}")
         _require(self.film_gain >= 0, f"model.film_gain must be >= 0, got {self.film_gain}")
+        if self.film_members < 2 and self.film_gain != 1.0:
+            _unused("model.film_gain", self.film_gain, "model.film_members >= 2 (a FiLM-Ensemble)")
         _require(self.input_norm in ("group", "private"),
                  f"model.input_norm must be one of group, private; got {self.input_norm!r}")
         _require(self.trainable in ("all", "head", "stages"),
@@ -506,6 +515,11 @@ class AveragingConfig:
                  f"got {self.swag_rank}")
         _require(self.swag_scale > 0, f"averaging.swag_scale must be > 0, got {self.swag_scale}")
         _require(self.swag_samples >= 1, f"averaging.swag_samples must be >= 1, got {self.swag_samples}")
+        if self.swa_every and not (self.swa or self.swag):
+            _unused("averaging.swa_every", self.swa_every, "averaging.swa or averaging.swag")
+        for key, default in (("swag_rank", 20), ("swag_scale", 0.5), ("swag_samples", 30)):
+            if not self.swag and getattr(self, key) != default:
+                _unused(f"averaging.{key}", getattr(self, key), "averaging.swag=true")
 
 
 @dataclass(frozen=True)

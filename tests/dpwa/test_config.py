@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +207,14 @@ def test_a_config_without_groups_or_ws_gets_each_models_paper_defaults():
     assert any(isinstance(m, WSConv2d) for m in wrn.modules())
     with pytest.raises(ModelError, match=r"model.groups=16 does not divide .*243"):
         create_model("scatter_cnn", in_channels=243, num_classes=10, groups=16)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["averaging.swa_every=2"], "averaging.swa_every=2 has no effect without averaging.swa or averaging.swag"),
+    (["averaging.swag_rank=5"], "averaging.swag_rank=5 has no effect without averaging.swag=true"),
+    (["model.film_gain=2"], "model.film_gain=2.0 has no effect without model.film_members >= 2"),
+])
+def test_a_setting_whose_feature_is_off_is_warned_of(overrides, needle):
+    """They were accepted and did nothing (design: an intent typed wrong is not ignored)."""
+    with pytest.warns(UserWarning, match=re.escape(needle)):
+        load_config(CONFIGS[0], overrides)
