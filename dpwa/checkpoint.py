@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -27,18 +27,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """`state` into `path`, whole or not at all (a failure, disk full, leaves no temporary file)."""
+def _write_whole(path: Path, mode: str, write: Callable[[Any], Any]) -> None:
+    """`write(f)` into `path`, whole or not at all: a temporary file, fsynced, then renamed; a
+    failure (disk full, a kill's KeyboardInterrupt) leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """`state` into `path`, whole or not at all."""
+    _write_whole(path, "wb", lambda f: torch.save(state, f))
     fsync_dir(path.parent)
 
 
@@ -51,17 +57,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """`text` into `path`, whole or not at all; a failure (disk full) leaves no temporary file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    """`text` into `path`, whole or not at all."""
+    _write_whole(path, "w", lambda f: f.write(text))
 
 
 def save_weights(model: torch.nn.Module, path: Path, metadata: Optional[dict[str, str]] = None) -> None:
