@@ -28,7 +28,7 @@ import torch
 
 from accounting import Gaussian, PoissonGaussian, epsilon
 
-from .checkpoint import CheckpointError, fsync_dir, atomic_write_text, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import CheckpointError, atomic_write_text, fsync_dir, load_checkpoint, save_checkpoint, save_weights
 from .config import ConfigError, RunConfig, config_from_yaml_text, config_to_yaml
 from .errors import RefusalError, UsageError
 
@@ -192,9 +192,6 @@ class RunFolder:
         path = self.path / f"{STAGED}{self.checkpoint_path.name}"
         save_checkpoint(state, path)
         return [path]
-
-    def save_state(self, state: dict[str, Any]) -> None:
-        self.publish(self.stage_state(state))
 
     def stage_final(self, model: torch.nn.Module, carried: Sequence[dict[str, Any]], report: dict[str, Any],
                     curves: Callable[[Path], Any]) -> list[Path]:

@@ -508,3 +508,13 @@ def test_a_failed_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space left"):
         checkpoint.save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_public_run_resumes_too(tmp_path):
+    """A public-data run has no ledger (`_NoLedger`): its resume took the private path's claim
+    arguments, and failed."""
+    cfg = load_config(QUICK, [*TINY, f"out_dir={tmp_path / 'runs'}", "privacy.enabled=false", "data.public=true"])
+    stopped = train(cfg, progress=False, stop_after=6)
+    report = train(resume=Path(stopped["run_dir"]), progress=False)
+    assert report["private"] is False and report["steps"] == 12
+    assert (Path(stopped["run_dir"]) / "weights.safetensors").exists()
