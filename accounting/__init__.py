@@ -14,7 +14,7 @@ from .accountants import ACCOUNTANTS, DEFAULT_ACCOUNTANT, delta, epsilon
 from .calibrate import epsilon_for, noise_multiplier_for, sample_rate_and_steps, steps_for
 from .errors import (AccountantFailedError, AccountingError, BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError,
                      InvalidParameterError, LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError,
-                     SessionLostError, UnknownRunError)
+                     SessionLostError, StaleCheckpointError, UnknownRunError)
 from .events import MIN_NOISE_MULTIPLIER, Event, Gaussian, PoissonGaussian, event_from_dict, merge
 from .ledger import DatasetRecord, Ledger, RunRecord, check_delta_below_1_over_n, default_ledger_path, fingerprint
 
@@ -26,5 +26,5 @@ __all__ = [
     "AccountingError", "AccountantFailedError", "InvalidParameterError", "DeltaAboveOneOverNError", "BudgetExceededError",
     "DatasetMismatchError",
     "LedgerError", "LedgerCorruptError", "LedgerLockedError", "RunStateError", "SessionLostError",
-    "UnknownRunError",
+    "StaleCheckpointError", "UnknownRunError",
 ]

@@ -83,3 +83,12 @@ class RunStateError(LedgerError):
 
 class SessionLostError(RunStateError):
     """Another session took over a reserved run (`Ledger.claim`): this one must stop writing."""
+
+
+class StaleCheckpointError(RunStateError):
+    """A resume's checkpoint holds fewer releases than the run's newest recorded one
+    (`Ledger.claim(holding=)`): `held` of the `newest` event's count."""
+
+    def __init__(self, message: str, *, held: int, newest: "object") -> None:
+        super().__init__(message)
+        self.held, self.newest = held, newest

@@ -54,7 +54,7 @@ from . import memo as _memo
 from .accountants import DEFAULT_ACCOUNTANT, check_delta, check_accountant, epsilon
 from .errors import (BudgetExceededError, DatasetMismatchError, DeltaAboveOneOverNError, InvalidParameterError,
                      LedgerCorruptError, LedgerError, LedgerLockedError, RunStateError, SessionLostError,
-                     UnknownRunError)
+                     StaleCheckpointError, UnknownRunError)
 from .events import Event, events_from_json_list, merge
 
 __all__ = ["Ledger", "DatasetRecord", "RunRecord", "fingerprint", "fingerprint_size", "default_ledger_path",
@@ -878,7 +878,7 @@ class Ledger:
 
         `holding`: the releases the caller's checkpoint holds. A claim from a checkpoint older
         than the newest one recorded (`checkpointed`) is refused in the same transaction,
-        leaving the claim of the session that wrote it in place (RunStateError)."""
+        leaving the claim of the session that wrote it in place (StaleCheckpointError)."""
         token = secrets.token_hex(16)
         with self._transaction() as conn:
             self._reserved_run(conn, run_id, "can be claimed")
@@ -888,10 +888,10 @@ class Ledger:
                 newer = [e for e in (events_from_json_list(json.loads(row[0])) if row else [])
                          if have.get(e.with_count(0), 0) < e.count]
                 if newer:
-                    raise RunStateError(
-                        f"its checkpoint holds {have.get(newer[0].with_count(0), 0)} of the {newer[0].count} "
-                        f"releases of the run's newest checkpoint, written while this resume started: resume the "
-                        "folder with the newest checkpoint")
+                    held = have.get(newer[0].with_count(0), 0)
+                    raise StaleCheckpointError(
+                        f"its checkpoint holds {held} of the {newer[0].count} releases of the run's newest "
+                        "checkpoint: resume the folder with the newest checkpoint", held=held, newest=newer[0])
             conn.execute("INSERT OR REPLACE INTO run_sessions VALUES (?, ?)", (run_id, token))
         return token
 

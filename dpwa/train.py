@@ -36,7 +36,7 @@ import torch
 
 from accounting import (Event, Gaussian, Ledger, PoissonGaussian, epsilon, noise_multiplier_for,
                         sample_rate_and_steps)
-from accounting.errors import AccountantFailedError, AccountingError, LedgerError, RunStateError
+from accounting.errors import AccountantFailedError, AccountingError, LedgerError, StaleCheckpointError
 from accounting.events import merge
 from accounting.ledger import check_delta_below_1_over_n, default_ledger_path
 
@@ -160,12 +160,9 @@ class _NoLedger:
 
     def progress(self, run_id: str, events: Any, session: Any = None) -> None: ...
 
-    def checkpointed(self, run_id: str, events: Any, session: Any = None) -> None: ...
+    def checkpointed(self, run_id: str, events: Any) -> None: ...
 
-    def checkpointed_events(self, run_id: str) -> list:
-        return []
-
-    def commit(self, run_id: str, events: Any, session: Any = None) -> None: ...
+    def commit(self, run_id: str, events: Any) -> None: ...
 
     def release(self, run_id: str, reason: str) -> None: ...
 
@@ -299,17 +296,13 @@ def _check_resume_data(folder: RunFolder, run: Any, ledger: Any, source: Source)
                          f"the run started on; run {run.run_id!r} stays reserved (counted in full)")
 
 
-def _older_checkpoint(ledger: Any, run_id: str, held: list, found: bool) -> Optional[str]:
-    """Why the checkpoint is older than the newest one the run wrote (None if it is not): a copy
-    of the folder made earlier, or a rolled-back file. Resuming it would release again what the
-    newer checkpoint released, under a reservation that counts each release once."""
-    have = {e.with_count(0): e.count for e in held} if found else {}
-    newest = [e for e in ledger.checkpointed_events(run_id) if have.get(e.with_count(0), 0) < e.count]
-    if not newest:
-        return None
-    e = newest[0]
-    return (f"it holds {have.get(e.with_count(0), 0)} of the {e.count} {type(e).__name__} releases (noise multiplier "
-            f"{e.noise_multiplier:g}) that the run's "
+def _older_checkpoint(e: StaleCheckpointError) -> str:
+    """Why the checkpoint is older than the newest one the run wrote (`Ledger.claim` found it):
+    a copy of the folder made earlier, or a rolled-back file. Resuming it would release again
+    what the newer checkpoint released, under a reservation that counts each release once."""
+    newest = e.newest
+    return (f"it holds {e.held} of the {newest.count} {type(newest).__name__} releases (noise multiplier "
+            f"{newest.noise_multiplier:g}) that the run's "
             "newest checkpoint held (the ledger recorded it): this is an older copy of the run, or a rolled-back "
             "file, and resuming it would release past what the ledger counts. Resume the folder with the newest "
             "checkpoint")
@@ -495,14 +488,15 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
     averagers = averagers if world.main else {}  # averages are post-processing: rank 0 keeps them
     # a resumed run's ledger is the one its run.json names (unless --ledger moves it), and is never
     # created: a new, empty file would only say that the run is not in it
-    where = ledger_path or (folder.meta().get("ledger") if resume is not None else None) or p.ledger
-    if private and world.main and resume is not None and not Path(where or default_ledger_path()).expanduser().exists():
-        raise _resume_error(folder.path, run_id, f"the ledger it was charged to, {where or default_ledger_path()}, "
-                            "does not exist (moved, or on another machine): give --ledger PATH of the ledger that "
-                            "holds the run")
-    if private and world.main and opts.announce and not Path(where or default_ledger_path()).expanduser().exists():
-        print(f"dpwa: creating a new ledger at {Path(where or default_ledger_path()).expanduser()} (no budget "
-              "and no other run's spend: if you meant an existing one, stop and give --ledger)", file=sys.stderr)
+    where = Path(ledger_path or (folder.meta().get("ledger") if resume is not None else None) or p.ledger
+                 or default_ledger_path()).expanduser()
+    if private and world.main and not where.exists():
+        if resume is not None:
+            raise _resume_error(folder.path, run_id, f"the ledger it was charged to, {where}, does not exist (moved, "
+                                "or on another machine): give --ledger PATH of the ledger that holds the run")
+        if opts.announce:
+            print(f"dpwa: creating a new ledger at {where} (no budget and no other run's spend: if you meant an "
+                  "existing one, stop and give --ledger)", file=sys.stderr)
     ledger: Any = Ledger(where, create=resume is None) if private and world.main else _NoLedger()
     # what the run writes that the guarantee does not cover (warned, and listed in the report)
     outside = {flag: what for flag, what, on in (
@@ -513,9 +507,10 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
 
     # 2. Rank 0 reserves the whole plan (or finds the reservation of the run being resumed) and
     #    makes the run folder, which it holds (`RunFolder.hold`) until the session ends; a refusal
-    #    stops every rank. Its session token (`Ledger.claim`) is taken after the checkpoint is
-    #    known to be the newest: rank 0 writes checkpoints and the final weights only while it
-    #    holds the run, so of two copies of a folder resumed at once only the last to claim goes on.
+    #    stops every rank. It claims the run (`Ledger.claim`; a resume's claim is refused from a
+    #    checkpoint older than the newest recorded one): rank 0 writes checkpoints and the final
+    #    weights only while it holds the run, so of two copies of a folder resumed at once only the
+    #    last to claim goes on.
     session: list[Any] = [None]
 
     def reserve() -> None:
@@ -570,12 +565,13 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         held = spent()
         ledger.progress(run_id, held, session=session[0])
         publish(folder.stage_state({**state.state_dict(), CARRIED: json.dumps(carried), **extra}),
-                lambda: ledger.checkpointed(run_id, held, session=session[0]))
+                lambda: ledger.checkpointed(run_id, held))
 
     def publish(staged: list[Path], record: Callable[[], Any]) -> None:
         """Written files into place and their record in the ledger, in one short ledger
-        transaction that finds this session still holding the run (`Ledger.held`: no other
-        session's claim can fall between them); files of a session that lost the run are deleted."""
+        transaction that finds this session still holding the run (`Ledger.held`, which checked
+        the claim: `record` need not again, and no other session's claim can fall between them);
+        files of a session that lost the run are deleted."""
         try:
             with ledger.held(run_id, session[0]):
                 folder.publish(staged)
@@ -597,14 +593,11 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
             why = str(e) if str(folder.checkpoint_path) in str(e) else f"{folder.checkpoint_path}: {e}"
             raise _resume_error(folder.path, run_id, why) from None
 
-        def claim() -> Optional[str]:  # the check with its message, then the claim, which checks
-            # again in its own transaction (a session checkpointing between the two is not stopped)
-            if why := _older_checkpoint(ledger, run_id, spent(), saved is not None):
-                return why
+        def claim() -> Optional[str]:  # refused, in the claim's own transaction, from an older checkpoint
             try:
                 session[0] = ledger.claim(run_id, holding=spent() if saved is not None else [])
-            except RunStateError as e:
-                return str(e)
+            except StaleCheckpointError as e:
+                return _older_checkpoint(e)
             return None
 
         behind = world.on_main(claim)
@@ -751,7 +744,7 @@ def _session(cfg: RunConfig, world: World, run_id: str, opts: Options, stop: lis
         accuracies = {name: r["accuracy"] for name, r in results.items()}
         staged = folder.stage_final(model, carried, report, lambda png: draw_curves(  # the last iterate, the
             folder.rows(), png, title=f"{run_id} ({dataset})", final=accuracies))  # report and the curves
-        publish(staged, lambda: ledger.commit(run_id, spent(), session=session[0]))
+        publish(staged, lambda: ledger.commit(run_id, spent()))
         finished = {**report, "run_dir": str(folder.path)}
         try:
             return world.broadcast(finished)
