@@ -420,7 +420,7 @@ class LandscapeSpec:
     """What `landscape_run` computes; validated at construction (a LandscapeError, exit 2)."""
 
     dims: int = 2
-    method: str = "raw"                        # the centre theta: raw (last iterate) | ema | polyak | swa
+    method: Optional[str] = None               # the centre theta: raw (last iterate; None) | ema | polyak | swa
     between: Optional[tuple[str, str]] = None  # direction from one method's weights to another's
     to: Optional[str] = None                   # direction to the same method of another run folder
     pca: bool = False                          # principal directions of the saved trajectory
@@ -440,15 +440,15 @@ class LandscapeSpec:
             raise LandscapeError(f"--dims must be 1 or 2, got {self.dims}")
         if sum([self.between is not None, self.to is not None, self.pca]) > 1:
             raise LandscapeError("choose one kind of direction: --between, --to or --pca (default: random)")
-        for name in (self.method, *(self.between or ())):
+        if self.between is not None and (len(self.between) != 2 or self.between[0] == self.between[1]):
+            raise LandscapeError(f"--between takes two different methods, got {list(self.between)}")
+        if self.between is not None and self.method is not None:
+            raise LandscapeError(f"--method {self.method} with --between {' '.join(self.between)}: the centre is FROM "
+                                 f"({self.between[0]}); drop --method")
+        for name in (self.centre, *(self.between or ())):
             if name not in SINGLE_WEIGHT_METHODS:
                 raise LandscapeError(f"{name!r}: a landscape is centred on one weight vector; choose from "
                                      f"{list(SINGLE_WEIGHT_METHODS)}")
-        if self.between is not None and self.method != "raw":
-            raise LandscapeError(f"method {self.method!r} with between {list(self.between)}: the centre is "
-                                 f"between[0]; leave method at its default")
-        if self.between is not None and (len(self.between) != 2 or self.between[0] == self.between[1]):
-            raise LandscapeError(f"--between takes two different methods, got {list(self.between)}")
         if not 1 <= len(self.points) <= self.dims or min(self.points) < 2:
             raise LandscapeError(f"--points takes {'NX' if self.dims == 1 else 'NX [NY]'}, each >= 2; got "
                                  f"{list(self.points)}")
@@ -464,6 +464,11 @@ class LandscapeSpec:
                                  f"got {self.seed}")
         if not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
             raise LandscapeError(f"--seed must lie in -2**63 <= seed < 2**64, got {self.seed}")
+
+    @property
+    def centre(self) -> str:
+        """The weights the landscape is centred on: FROM of --between, else --method (raw)."""
+        return self.between[0] if self.between else self.method or "raw"
 
     @property
     def kind(self) -> str:
@@ -572,7 +577,7 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
     if spec.split == "val" and run.data.val is None:
         raise LandscapeError("--split val: the run's config has data.val_size=0, so there is no validation split")
     device = _device(run.cfg.train.device)
-    centre = spec.between[0] if spec.between else spec.method
+    centre = spec.centre
     model = copy.deepcopy(_member(run, centre, run_dir)).to(device).eval()  # its own tensors: nothing shared
     origin, gen = state_of(model), torch.Generator().manual_seed(spec.seed)
     info: dict[str, Any] = {}
@@ -598,10 +603,10 @@ def landscape_run(run_dir: Path, spec: LandscapeSpec, *, out: Optional[Path] = N
             other = load_run(Path(spec.to))
             if why := curve_problem(other.cfg, Path(spec.to)):
                 raise LandscapeError(f"--to {spec.to}: {why}")
-            target = state_of(_member(other, spec.method, Path(spec.to)))
+            target = state_of(_member(other, centre, Path(spec.to)))
             info["to"] = {"run_dir": str(spec.to), "run_id": other.meta["run_id"], "step": other.step,
                           "epsilon": other.epsilon}
-            labels[0] = f"{spec.method}: this run -> {other.meta['run_id']}"
+            labels[0] = f"{centre}: this run -> {other.meta['run_id']}"
         towards = target_direction(origin, target)
         if not any(bool(d.any()) for d in towards.values()):  # a flat, meaningless surface along x
             raise LandscapeError(f"the direction {labels[0]} is zero: both ends are the same weights")

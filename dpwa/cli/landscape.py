@@ -76,10 +76,7 @@ def _spec(a: argparse.Namespace):
     r = a.range
     if r is not None and len(r) not in (2, 4):
         raise LandscapeError(f"--range takes XMIN XMAX [YMIN YMAX], got {len(r)} values")
-    if a.between and a.method is not None:
-        raise LandscapeError(f"--method {a.method} with --between {' '.join(a.between)}: the centre is FROM "
-                             f"({a.between[0]}); drop --method")
-    return LandscapeSpec(dims=a.dims, method=a.method or "raw", between=tuple(a.between) if a.between else None,
+    return LandscapeSpec(dims=a.dims, method=a.method, between=tuple(a.between) if a.between else None,
                          to=str(a.to) if a.to else None, pca=a.pca, x_range=tuple(r[:2]) if r else None,
                          y_range=tuple(r[2:]) if r and len(r) == 4 else None, points=tuple(a.points), split=a.split,
                          examples=a.examples, seed=a.seed, batch_size=a.batch_size,
