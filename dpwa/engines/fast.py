@@ -258,7 +258,7 @@ class FastEngine:
         norms2 = torch.zeros(rows.examples, dtype=losses.dtype, device=losses.device)
         for part in hooks.norms2:
             norms2 += part
-        terms2 = sum(hooks.terms2)
+        terms2 = sum(hooks.terms2) if hooks.terms2 else torch.zeros_like(norms2)
         alone = self.redo(norms2, terms2).nonzero().flatten().tolist()  # their norm is rounding noise
         norms = torch.sqrt(torch.clamp(norms2, min=0))
         exact: dict[nn.Parameter, torch.Tensor] = {}  # their clipped gradients, summed as they come
@@ -452,7 +452,7 @@ class _HookPass:
         self.engine, self.rows, self.lean = engine, rows, lean
         self.handles: list = []
         self.norms2: list[torch.Tensor] = []
-        self.terms2: list[torch.Tensor] = []  # the rules' `terms2`, for `cancels`
+        self.terms2: list[torch.Tensor] = []  # the rules' `terms2` (those that give one), for `cancels`
         self.rules: list = []
         self.done: set[int] = set()
 
@@ -466,11 +466,12 @@ class _HookPass:
             else:
                 rule = self.engine._rule(rec, go, self.rows)
                 norms2 = rule.norms2()
-                terms2 = terms2_of(rule, norms2)
+                terms2 = getattr(rule, "terms2", None)  # the fast mode: ghost norm's alone
                 self.rules.append(rule)  # it holds what its clipped sum still needs
             rec.x = rec.out = None  # autograd frees its own references as it goes: so may we
             self.norms2.append(norms2)
-            self.terms2.append(terms2)
+            if terms2 is not None:
+                self.terms2.append(terms2)
         return fire
 
     def remove(self) -> None:

@@ -452,7 +452,7 @@ class DenseRule:
         # `terms2`: all of it in dpwa-lean; in the fast mode only ghost norm's (below, free from
         # its Gram matrices' diagonals), as an instantiated gradient's norm and clipped sum are of
         # one tensor, and a standardised one's projection (sq against its norm)
-        self.terms2 = self._terms2() if self.rec.lean else go.new_zeros(b)
+        self.terms2 = self._terms2() if self.rec.lean else None
         fast = not self.rec.lean
         total = torch.zeros(b, dtype=go.dtype, device=go.device)
         if self.m.bias is not None and self.m.bias.requires_grad:
@@ -854,7 +854,8 @@ class Chunks:
 
     def norms2(self) -> torch.Tensor:
         norms2 = [rule.norms2() for rule in self.rules]
-        self.terms2 = torch.cat([terms2_of(rule, n) for rule, n in zip(self.rules, norms2)])
+        given = any(getattr(rule, "terms2", None) is not None for rule in self.rules)  # the fast mode: often none
+        self.terms2 = torch.cat([terms2_of(rule, n) for rule, n in zip(self.rules, norms2)]) if given else None
         return torch.cat(norms2)
 
     def clipped_sum(self, c: torch.Tensor) -> dict[str, torch.Tensor]:
